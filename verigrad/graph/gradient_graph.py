@@ -1,0 +1,157 @@
+"""The gradient graph: an explicit ``nn.Module`` x ↦ v(x) = ∂o/∂x built from ordinary ops.
+
+Forward pass z_k = W_k a_{k−1} + b_k, a_k = σ(z_k); then the backward pass
+g_L = ∂o/∂z_L (one-hot e_c for o = z_c; softmax(z_L) − e_c for o = CE(z_L, c)),
+g_{k−1} = W_kᵀ (σ'(z_k) ⊙ g_k), down to v = g_0. The weights are the same
+``nn.Parameter`` in both passes, so a parameter box perturbs them consistently.
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from verigrad.graph import ops
+from verigrad.models.network import ActKind, Activation, Conv2d, Linear, Network, Reshape, conv_transpose
+
+
+class Output(str, Enum):
+    """The scalar o whose input gradient is the explanation."""
+
+    LOGIT = "logit"  # o = z_c (captum's Saliency before its abs)
+    LOSS = "loss"  # o = softmax cross-entropy at class c
+
+
+def output_seed(logits: torch.Tensor, target: torch.Tensor, output: Output) -> torch.Tensor:
+    """∂o/∂z_L: e_c for the logit, softmax(z) − e_c for the cross-entropy loss."""
+    onehot = F.one_hot(target, logits.shape[1]).to(logits.dtype)
+    if Output(output) == Output.LOGIT:
+        return onehot
+    return torch.softmax(logits, dim=1) - onehot
+
+
+def saliency(net: Network, x: torch.Tensor, target: torch.Tensor, output: Output = Output.LOGIT) -> torch.Tensor:
+    """Reference explanation by autograd (signed saliency ∂o/∂x), per sample class ``target``."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = net.forward(x)
+        if Output(output) == Output.LOGIT:
+            o = logits.gather(1, target[:, None]).sum()
+        else:
+            o = F.cross_entropy(logits, target, reduction="sum")
+        (g,) = torch.autograd.grad(o, x)
+    return g
+
+
+def _act_grad(layer: Activation, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    k = layer.kind
+    if k == ActKind.RELU:
+        return ops.relu_grad(z, g)
+    if k == ActKind.LEAKY_RELU:
+        return ops.leaky_relu_grad(z, g, layer.param)
+    if k == ActKind.SOFTPLUS:
+        return ops.softplus_grad(z, g, layer.param)
+    if k == ActKind.SIGMOID:
+        return ops.sigmoid_grad(z, g)
+    if k == ActKind.TANH:
+        return ops.tanh_grad(z, g)
+    raise ValueError(f"layer {layer.name!r}: no gradient rule for activation {k}")
+
+
+def _act_forward(layer: Activation, z: torch.Tensor) -> torch.Tensor:
+    if layer.kind == ActKind.SOFTPLUS:
+        return ops.softplus(z, layer.param)
+    return layer.forward(z)
+
+
+class GradientGraph(nn.Module):
+    """x ↦ ∂o/∂x for one class ``target`` (every sample of a batch shares it).
+
+    Parameters are registered as ``w{i}`` / ``b{i}`` for layer i (see ``param_names``).
+    With o = z_c and a Linear last layer, the backward pass starts from the row W_L[c],
+    held as ``seed_row`` (a buffer, or a parameter when ``seed_row_parameter`` — used when
+    the last layer's weights are in a parameter box; the logits themselves are never needed).
+    """
+
+    def __init__(
+        self,
+        net: Network,
+        target: int,
+        output: Output = Output.LOGIT,
+        seed_row_parameter: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0 <= target < net.num_classes:
+            raise ValueError(f"target class {target} out of range for {net.num_classes} classes")
+        self.net = net
+        self.target = int(target)
+        self.output = Output(output)
+        self.param_names: dict[str, tuple[str, str]] = {}
+        for i, layer in enumerate(net.layers):
+            if isinstance(layer, (Linear, Conv2d)):
+                self.register_parameter(f"w{i}", nn.Parameter(layer.weight.detach().clone(), requires_grad=False))
+                self.register_parameter(f"b{i}", nn.Parameter(layer.bias.detach().clone(), requires_grad=False))
+                self.param_names[layer.name] = (f"w{i}", f"b{i}")
+        last = net.layers[-1]
+        self._row_seed = self.output == Output.LOGIT and isinstance(last, Linear)
+        if self._row_seed:
+            row = last.weight[self.target : self.target + 1].detach().clone()
+            if seed_row_parameter:
+                self.register_parameter("seed_row", nn.Parameter(row, requires_grad=False))
+            else:
+                self.register_buffer("seed_row", row)
+        else:
+            onehot = F.one_hot(torch.tensor([self.target]), net.num_classes).to(net.dtype)
+            self.register_buffer("onehot", onehot.to(net.device))
+
+    def _affine_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        layer = self.net.layers[i]
+        w, b = getattr(self, f"w{i}"), getattr(self, f"b{i}")
+        if isinstance(layer, Linear):
+            return F.linear(x, w, b)
+        return F.conv2d(x, w, b, layer.stride, layer.padding)
+
+    def _affine_backward(self, i: int, g: torch.Tensor) -> torch.Tensor:
+        layer = self.net.layers[i]
+        w = getattr(self, f"w{i}")
+        if isinstance(layer, Linear):
+            return torch.matmul(g, w)
+        in_shape = self.net.shapes[i]
+        return conv_transpose(g, w, layer.stride, layer.padding, layer.output_padding(in_shape), in_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = self.net.layers
+        n = len(layers)
+        stop = n - 1 if self._row_seed else n
+        pre: dict[int, torch.Tensor] = {}
+        h = x
+        for i in range(stop):
+            layer = layers[i]
+            if isinstance(layer, Activation):
+                pre[i] = h
+                h = _act_forward(layer, h)
+            elif isinstance(layer, Reshape):
+                h = layer.forward(h)
+            else:
+                h = self._affine_forward(i, h)
+        if self._row_seed:
+            g = self.seed_row.expand(x.shape[0], -1) if self.seed_row.shape[0] != x.shape[0] else self.seed_row
+        else:
+            logits = h.reshape(h.shape[0], -1)
+            if self.output == Output.LOGIT:
+                g = self.onehot.expand(x.shape[0], -1)
+            else:
+                g = torch.softmax(logits, dim=1) - self.onehot
+            g = g.reshape(g.shape[0], *self.net.shapes[-1])
+            g = self._affine_backward(n - 1, g)
+        for i in range(n - 2, -1, -1):
+            layer = layers[i]
+            if isinstance(layer, Activation):
+                g = _act_grad(layer, pre[i], g)
+            elif isinstance(layer, Reshape):
+                g = layer.backward(g, self.net.shapes[i])
+            else:
+                g = self._affine_backward(i, g)
+        return g
