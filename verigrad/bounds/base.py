@@ -10,6 +10,11 @@ class BoundsError(ValueError):
     """Bounds that violate lower <= upper (an engine bug, never a user error)."""
 
 
+class EngineUnsupported(Exception):
+    """An engine cannot bound this configuration (e.g. auto_LiRPA and perturbed conv
+    weights). The pipeline falls back to ``ibp`` and records why."""
+
+
 @dataclass(frozen=True, eq=False)
 class Bounds:
     """Elementwise bounds lower <= v <= upper on a tensor v (batch dimension first).
