@@ -64,3 +64,51 @@ def box_points(box: Bounds, n_interior: int, n_corners: int, seed: int = 0) -> t
     bits = torch.randint(0, 2, (n_corners, *lo.shape), generator=gen).to(lo.dtype)
     corners = lo + bits * (up - lo)
     return torch.cat([box.center[0:1], interior, corners])
+
+
+def sample_network(net: Network, params, gen: torch.Generator, corner: bool) -> Network:
+    """A network whose boxed parameters are drawn uniformly from ``params`` (or at a random
+    corner of it); other layers unchanged."""
+    from verigrad.models.network import Conv2d, Linear
+
+    def draw(b: Bounds) -> torch.Tensor:
+        u = torch.rand(b.lower.shape, generator=gen, dtype=b.lower.dtype)
+        if corner:
+            u = (u > 0.5).to(u.dtype)
+        return b.lower + u * (b.upper - b.lower)
+
+    layers = []
+    for l in net.layers:
+        box = params.get(l.name) if params is not None else None
+        if box is None:
+            layers.append(l)
+        elif isinstance(l, Linear):
+            layers.append(Linear(l.name, draw(box.weight), draw(box.bias), l.perturbable))
+        else:
+            assert isinstance(l, Conv2d)
+            layers.append(Conv2d(l.name, draw(box.weight), draw(box.bias), l.stride, l.padding, l.perturbable))
+    return Network(tuple(layers), net.input_shape, net.source)
+
+
+def assert_contains_true_gradients(bounds: Bounds, net: Network, box: Bounds, target: torch.Tensor, output,
+                                   params=None, n: int = 500, seed: int = 0, tol: float = 1e-9) -> int:
+    """Sample the centre, n interior points and n corners of the input box (and, with a
+    parameter box, parameters at random interior points / corners) and check autograd's
+    gradient lies in ``bounds`` (batch size 1). Returns the number of points checked."""
+    from verigrad.graph.gradient_graph import saliency
+
+    pts = box_points(box, n, n, seed)
+    lo, up = bounds.lower[0], bounds.upper[0]
+    scale = tol * (1 + torch.maximum(lo.abs(), up.abs()))
+    if params is None:
+        v = saliency(net, pts, target.expand(len(pts)), output)
+        bad = (v < lo - scale) | (v > up + scale)
+        assert not bool(bad.any()), f"{int(bad.reshape(len(pts), -1).any(1).sum())} of {len(pts)} true gradients outside the bounds; max excess {float(torch.maximum(lo - v, v - up).max())}"
+        return len(pts)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for k in range(len(pts)):
+        sub = sample_network(net, params, gen, corner=bool(k % 2)) if k else net
+        v = saliency(sub, pts[k : k + 1], target[:1], output)[0]
+        bad = (v < lo - scale) | (v > up + scale)
+        assert not bool(bad.any()), f"point {k}: true gradient outside bounds by {float(torch.maximum(lo - v, v - up).max())}"
+    return len(pts)
