@@ -1,0 +1,93 @@
+"""Bound engines on the explanation, behind one registry.
+
+Every engine maps (network, input box, classes, output, parameter box) to the same
+:class:`Bounds` over v = ∂o/∂x. ``ibp`` is ours; ``crown`` / ``alpha-crown`` run through the
+auto_LiRPA adapter (imported lazily, so IBP works without auto_LiRPA installed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from verigrad.bounds.base import Bounds, BoundsError, EngineResult, EngineUnsupported
+from verigrad.bounds.ibp import Product, ibp_bounds
+from verigrad.graph.gradient_graph import Output
+from verigrad.models.network import Network
+
+if TYPE_CHECKING:
+    from verigrad.perturbation import ParamBox
+
+__all__ = [
+    "Bounds", "BoundsError", "EngineResult", "EngineUnsupported", "EngineOptions", "Method",
+    "Product", "compute_bounds", "ibp_bounds",
+]
+
+
+class Method(str, Enum):
+    IBP = "ibp"
+    CROWN = "crown"
+    ALPHA_CROWN = "alpha-crown"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Engine settings a spec can change; defaults live here and in the spec schema only."""
+
+    product: Product = Product.MIDPOINT_RADIUS
+    alpha_iterations: int = 20
+    alpha_lr: float = 0.1
+
+
+Engine = Callable[[Network, Bounds, torch.Tensor, Output, "ParamBox | None", EngineOptions], EngineResult]
+
+
+def _ibp(net, box, target, output, params, opts: EngineOptions) -> EngineResult:
+    return ibp_bounds(net, box, target, output, params, product=opts.product)
+
+
+def _lirpa(alpha: bool) -> Engine:
+    def run(net, box, target, output, params, opts: EngineOptions) -> EngineResult:
+        from verigrad.bounds import lirpa  # auto_LiRPA is heavy and optional for IBP-only use
+
+        crown_opts = lirpa.CrownOptions(alpha_iterations=opts.alpha_iterations, alpha_lr=opts.alpha_lr)
+        return lirpa.crown_bounds(net, box, target, output, params, alpha=alpha, options=crown_opts)
+
+    return run
+
+
+ENGINES: dict[Method, Engine] = {
+    Method.IBP: _ibp,
+    Method.CROWN: _lirpa(alpha=False),
+    Method.ALPHA_CROWN: _lirpa(alpha=True),
+}
+
+
+def compute_bounds(
+    method: Method | str,
+    net: Network,
+    box: Bounds,
+    target: torch.Tensor,
+    output: Output = Output.LOGIT,
+    params: ParamBox | None = None,
+    options: EngineOptions = EngineOptions(),
+) -> EngineResult:
+    """Bounds on the explanation over the box with engine ``method``.
+
+    When an engine cannot handle the configuration (:class:`EngineUnsupported`, e.g. perturbed
+    conv weights under auto_LiRPA) the run falls back to ``ibp``; the result records it in
+    ``actual_method`` and ``notes``.
+    """
+    try:
+        m = Method(method)
+    except ValueError:
+        raise ValueError(f"unknown bound method {method!r}; choose from {[x.value for x in Method]}") from None
+    try:
+        return ENGINES[m](net, box, target, output, params, options)
+    except EngineUnsupported as why:
+        res = ENGINES[Method.IBP](net, box, target, output, params, options)
+        return EngineResult(
+            res.bounds, m.value, (f"{m.value} unsupported here ({why}); fell back to ibp",) + res.notes, "ibp"
+        )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from verigrad.bounds.base import Bounds, EngineResult
 from verigrad.graph.gradient_graph import Output
 from verigrad.models.network import Activation, Conv2d, Linear, Network, Reshape, conv_transpose
-from verigrad.perturbation import ParamBox
+
+if TYPE_CHECKING:  # perturbation imports bounds.base: a runtime import would be circular
+    from verigrad.perturbation import ParamBox
 
 # elements of a broadcast product tensor per chunk in the exact rule (memory cap, ~64 MB in float64 with the 4 endpoint products)
 _EXACT_CHUNK = 2_000_000

@@ -1,0 +1,355 @@
+"""Properties: hand-computed cases, exactness, and soundness of every worst case by sampling."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from verigrad.bounds.base import Bounds
+from verigrad.properties import (
+    RULES,
+    Property,
+    PropertyResult,
+    Verdict,
+    cosine,
+    decide,
+    evaluate,
+    make_target,
+    metric,
+    normalize_map,
+    normalized_bounds,
+    rule_for,
+    worst_case,
+)
+from verigrad.spec import FileTarget, GaussianTarget, Kind, Metric, Normalize, SquareTarget
+
+F64 = torch.float64
+TOL = 1e-9
+LP = [Metric.L1, Metric.L2, Metric.LINF]
+# every metric × kind × normalization that the spec allows (cosine only without normalization)
+COMBOS = [(k, m, n) for k in Kind for m in LP for n in Normalize] + [(k, Metric.COSINE, Normalize.NONE) for k in Kind]
+COMBO_IDS = [f"{k.value}-{m.value}-{n.value}" for k, m, n in COMBOS]
+
+
+def t64(*rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=F64)
+
+
+def prop(kind: Kind, m: Metric, n: Normalize = Normalize.NONE, target: torch.Tensor | None = None,
+         threshold: float = 0.5) -> Property:
+    return Property("p", kind, m, threshold, n, target if kind == Kind.TARGETED else None)
+
+
+# ----------------------------------------------------------------------------------------
+# hand-computed cases
+
+L, U = t64([-1.0, 0.5, 2.0]), t64([1.0, 1.0, 3.0])
+BOX = Bounds(L, U)
+V0 = t64([0.0, 0.75, 2.5])
+T = torch.tensor([0.0, 0.0, 1.0], dtype=F64)
+
+
+@pytest.mark.parametrize("m,expected", [(Metric.L1, 1.75), (Metric.L2, math.sqrt(1 + 0.0625 + 0.25)),
+                                        (Metric.LINF, 1.0)])
+def test_untargeted_lp_by_hand(m, expected):
+    # farthest endpoints from v0 = (0, .75, 2.5): deviations (1, .25, .5)
+    assert worst_case(prop(Kind.UNTARGETED, m), V0, BOX).item() == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("m,expected", [(Metric.L1, 1.5), (Metric.L2, math.sqrt(1.25)), (Metric.LINF, 1.0)])
+def test_targeted_lp_by_hand(m, expected):
+    # clip(t, l, u) = (0, .5, 2): distances (0, .5, 1)
+    assert worst_case(prop(Kind.TARGETED, m, target=T), V0, BOX).item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_targeted_cosine_by_hand():
+    # cos(v, e3) = v3/‖v‖ is largest at v = (0, .5, 3): 3/√9.25, and the bound is exact here
+    w = worst_case(prop(Kind.TARGETED, Metric.COSINE, target=T), V0, BOX).item()
+    assert w == pytest.approx(3 / math.sqrt(9.25), abs=1e-12)
+
+
+def test_untargeted_cosine_by_hand():
+    # a 1-D box of positive values: the direction never changes, cos = 1
+    p = prop(Kind.UNTARGETED, Metric.COSINE)
+    assert worst_case(p, t64([2.0]), Bounds(t64([1.0]), t64([3.0]))).item() == pytest.approx(1.0)
+    # v0 = (1, 0), v ∈ [1, 1] × [−1, 1]: min cos = 1/√2 at v = (1, ±1); sound and not trivial
+    w = worst_case(p, t64([1.0, 0.0]), Bounds(t64([1.0, -1.0]), t64([1.0, 1.0]))).item()
+    assert 0.0 < w <= 1 / math.sqrt(2) + 1e-12
+    # a box containing 0 with v0 = e1 and a negative side: the trivial bound −1 is allowed, never NaN
+    w = worst_case(p, t64([1.0, 0.0]), Bounds(t64([-1.0, -1.0]), t64([1.0, 1.0])))
+    assert w.item() == pytest.approx(-1.0)
+
+
+def test_cosine_concrete():
+    a, b = t64([1.0, 0.0]), t64([1.0, 1.0])
+    assert cosine(a, b).item() == pytest.approx(1 / math.sqrt(2))
+    assert cosine(a, t64([0.0, 0.0])).item() == 0.0  # convention: 0 with a zero map, not NaN
+
+
+def test_normalize_map_by_hand():
+    v = t64([3.0, -4.0])
+    torch.testing.assert_close(normalize_map(v, Normalize.L1), t64([3 / 7, -4 / 7]))
+    torch.testing.assert_close(normalize_map(v, Normalize.L2), t64([0.6, -0.8]))
+    torch.testing.assert_close(normalize_map(v, Normalize.MAX), t64([0.75, -1.0]))
+    torch.testing.assert_close(normalize_map(t64([0.0, 0.0]), Normalize.L2), t64([0.0, 0.0]))
+
+
+def test_normalized_bounds_by_hand():
+    # v ∈ [1, 2] × [1, 1], l1: N_0 = v0/(v0 + 1) ∈ [1/2, 2/3], N_1 = 1/(v0 + 1) ∈ [1/3, 1/2]
+    nb = normalized_bounds(Bounds(t64([1.0, 1.0]), t64([2.0, 1.0])), Normalize.L1)
+    torch.testing.assert_close(nb.lower, t64([0.5, 1 / 3]))
+    torch.testing.assert_close(nb.upper, t64([2 / 3, 0.5]))
+    # a box containing 0: bounded by [−1, 1], no NaN
+    nb = normalized_bounds(Bounds(t64([-1.0, 0.0]), t64([1.0, 0.0])), Normalize.MAX)
+    torch.testing.assert_close(nb.lower, t64([-1.0, 0.0]))
+    torch.testing.assert_close(nb.upper, t64([1.0, 0.0]))
+
+
+def test_decide_and_result():
+    p = prop(Kind.UNTARGETED, Metric.L2, threshold=1.0)
+    assert decide(p, torch.tensor([0.5, 1.0, 1.5, float("nan")])) == [
+        Verdict.CERTIFIED, Verdict.CERTIFIED, Verdict.UNKNOWN, Verdict.UNKNOWN]
+    q = prop(Kind.TARGETED, Metric.L2, target=T, threshold=1.0)
+    assert decide(q, torch.tensor([0.5, 1.5])) == [Verdict.UNKNOWN, Verdict.CERTIFIED]
+    c = prop(Kind.UNTARGETED, Metric.COSINE, threshold=0.9)
+    assert decide(c, torch.tensor([0.95, 0.5])) == [Verdict.CERTIFIED, Verdict.UNKNOWN]
+    (r,) = evaluate(q, V0, BOX)
+    assert isinstance(r, PropertyResult) and r.verdict == Verdict.CERTIFIED
+    d = r.to_dict()
+    assert d["verdict"] == "certified" and d["worst_case"] == pytest.approx(math.sqrt(1.25))
+    assert ">=" in d["direction"] and d["threshold"] == 1.0
+    assert set(Verdict) == {Verdict.CERTIFIED, Verdict.FALSIFIED, Verdict.UNKNOWN}
+
+
+def test_registry_and_errors():
+    assert set(RULES) == {(k, m) for k in Kind for m in Metric}
+    with pytest.raises(ValueError, match="no property rule.*'hamming'"):
+        rule_for("untargeted", "hamming")
+    with pytest.raises(ValueError, match="scale-invariant"):
+        Property("c", "untargeted", "cosine", 0.5, "l2")
+    with pytest.raises(ValueError, match="target map"):
+        Property("t", "targeted", "l2", 0.5)
+    with pytest.raises(ValueError, match="target map"):
+        Property("u", "untargeted", "l2", 0.5, target=T)
+    with pytest.raises(ValueError, match="differ"):
+        worst_case(prop(Kind.UNTARGETED, Metric.L2), V0[:, :2], BOX)
+
+
+# ----------------------------------------------------------------------------------------
+# soundness by sampling
+
+
+def random_box(gen: torch.Generator, n: int, style: str) -> Bounds:
+    """One box (batch 1): mixed coordinate types (straddling 0, one-signed, points), all
+    straddling, 0 as a vertex, a point, or a tiny box."""
+    c = torch.randn(n, generator=gen, dtype=F64) * 2
+    r = torch.rand(n, generator=gen, dtype=F64) * 1.5
+    if style == "straddle":  # every coordinate contains 0: ‖v‖ can vanish
+        lo, up = -torch.rand(n, generator=gen, dtype=F64), torch.rand(n, generator=gen, dtype=F64)
+    elif style == "touch":  # 0 is a corner: ‖v‖ vanishes only at one vertex
+        sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).to(F64)
+        lo, up = torch.minimum(sign * r, torch.zeros_like(r)), torch.maximum(sign * r, torch.zeros_like(r))
+    elif style == "point":
+        lo = up = c
+    elif style == "tiny":
+        lo, up = c - 1e-4 * r, c + 1e-4 * r
+    else:  # mixed: some points, some straddling, some one-signed
+        kind = torch.randint(0, 4, (n,), generator=gen)
+        r = torch.where(kind == 0, torch.zeros_like(r), r)
+        c = torch.where(kind == 1, torch.zeros_like(c), c)
+        lo, up = c - r, c + r
+    return Bounds(lo[None], up[None])
+
+
+def sample_points(gen: torch.Generator, box: Bounds, n_uniform: int = 1000) -> torch.Tensor:
+    """Uniform points, every corner, and points whose coordinates are each at l, u, 0 (when
+    inside) or uniform — the places where normalized and cosine extremes sit."""
+    lo, up = box.lower[0], box.upper[0]
+    n = lo.numel()
+    uni = lo + torch.rand(n_uniform, n, generator=gen, dtype=F64) * (up - lo)
+    bits = torch.tensor(list(itertools.product([0.0, 1.0], repeat=n)), dtype=F64)
+    corners = lo + bits * (up - lo)
+    choice = torch.randint(0, 4, (500, n), generator=gen)
+    zero = torch.zeros_like(lo).clamp(lo, up).expand(500, n)
+    mixed = torch.where(choice == 0, lo.expand(500, n), torch.where(choice == 1, up.expand(500, n),
+                        torch.where(choice == 2, zero, uni[:500])))
+    return torch.cat([uni, corners, mixed, zero[:1]])
+
+
+def random_target(gen: torch.Generator, box: Bounds, i: int) -> torch.Tensor:
+    n = box.shape[1]
+    if i % 5 == 0:  # inside the box: distance 0 attainable
+        return (box.lower[0] + torch.rand(n, generator=gen, dtype=F64) * box.width[0])
+    if i % 7 == 0:
+        return torch.zeros(n, dtype=F64)
+    return torch.randn(n, generator=gen, dtype=F64) * 2
+
+
+@pytest.mark.parametrize("kind,m,norm", COMBOS, ids=COMBO_IDS)
+def test_worst_case_is_sound(kind, m, norm):
+    gen = torch.Generator().manual_seed(1234)
+    for i, style in enumerate(["mixed"] * 24 + ["straddle"] * 6 + ["touch"] * 6 + ["point"] * 3 + ["tiny"] * 3):
+        n = [1, 2, 3, 6][i % 4]
+        box = random_box(gen, n, style)
+        v0 = box.lower + torch.rand(box.shape, generator=gen, dtype=F64) * box.width
+        p = prop(kind, m, norm, target=random_target(gen, box, i))
+        w = worst_case(p, v0, box)
+        assert w.shape == (1,) and not torch.isnan(w).any()
+        pts = sample_points(gen, box)
+        vals = metric(p, v0.expand_as(pts), pts)
+        assert not torch.isnan(vals).any()
+        # untargeted ℓp and targeted cosine: worst = an upper bound of the max; else of the min
+        if (kind == Kind.UNTARGETED) != (m == Metric.COSINE):
+            worst_seen = vals.max()
+            assert worst_seen <= w.item() + TOL, (style, n, worst_seen.item(), w.item())
+        else:
+            worst_seen = vals.min()
+            assert worst_seen >= w.item() - TOL, (style, n, worst_seen.item(), w.item())
+
+
+@pytest.mark.parametrize("kind,m,norm", COMBOS, ids=COMBO_IDS)
+def test_zero_width_bounds_give_the_concrete_value(kind, m, norm):
+    gen = torch.Generator().manual_seed(7)
+    v0 = torch.randn(4, 5, dtype=F64, generator=gen)
+    v0[1, 2] = 0.0
+    p = prop(kind, m, norm, target=torch.randn(5, dtype=F64, generator=gen))
+    torch.testing.assert_close(worst_case(p, v0, Bounds.point(v0)), metric(p, v0, v0), rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("m", LP)
+def test_lp_worst_cases_are_attained(m):
+    """Without normalization the ℓp worst cases are exact: the untargeted one at the corner
+    farthest from v0, the targeted one at clip(t, l, u)."""
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        box = random_box(gen, 6, "mixed")
+        v0 = box.lower + torch.rand(box.shape, generator=gen, dtype=F64) * box.width
+        corner = torch.where((box.lower - v0).abs() >= (box.upper - v0).abs(), box.lower, box.upper)
+        p = prop(Kind.UNTARGETED, m)
+        torch.testing.assert_close(worst_case(p, v0, box), metric(p, v0, corner), rtol=0, atol=1e-12)
+        t = torch.randn(6, dtype=F64, generator=gen) * 2
+        q = prop(Kind.TARGETED, m, target=t)
+        nearest = torch.minimum(torch.maximum(t[None], box.lower), box.upper)
+        torch.testing.assert_close(worst_case(q, v0, box), metric(q, v0, nearest), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", [Normalize.L1, Normalize.L2, Normalize.MAX])
+def test_normalized_bounds_are_exact_per_coordinate(norm):
+    """Each bound of N(v)_i is attained: v_i at its endpoint, every other coordinate at the
+    point of its interval with the smallest (or largest) magnitude."""
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(40):
+        box = random_box(gen, 5, "mixed")
+        nb = normalized_bounds(box, norm)
+        lo, up = box.lower[0], box.upper[0]
+        small = torch.zeros_like(lo).clamp(lo, up)  # argmin |v_j|
+        big = torch.where(lo.abs() >= up.abs(), lo, up)  # argmax |v_j|
+        for i in range(5):
+            for end, bound, sign in ((up, nb.upper, 1), (lo, nb.lower, -1)):
+                # shrinking the rest pushes N_i away from 0; growing it pulls it towards 0
+                towards_extreme = (end[i] * sign) >= 0
+                v = (small if towards_extreme else big).clone()
+                v[i] = end[i]
+                got = normalize_map(v[None], norm)[0, i]
+                if v.abs().sum() == 0:
+                    continue  # N(0) = 0 is a convention, not a limit
+                assert got.item() == pytest.approx(bound[0, i].item(), abs=1e-12)
+
+
+def test_normalized_bounds_tighter_than_interval_division():
+    """The dependence-aware bounds lie inside plain interval division v_i / [n_lo, n_hi]."""
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(50):
+        box = random_box(gen, 6, "mixed")
+        amin = torch.zeros_like(box.lower).clamp(box.lower, box.upper).abs()
+        amax = torch.maximum(box.lower.abs(), box.upper.abs())
+        n_lo, n_hi = amin.norm(), amax.norm()
+        if n_lo == 0:
+            continue
+        q = torch.stack([box.lower / n_lo, box.lower / n_hi, box.upper / n_lo, box.upper / n_hi])
+        nb = normalized_bounds(box, Normalize.L2)
+        assert (nb.lower >= q.min(0).values - 1e-12).all() and (nb.upper <= q.max(0).values + 1e-12).all()
+
+
+def test_cosine_bound_is_second_order_near_v0():
+    """For a small box around v0 the untargeted cosine bound loses O(r²), not O(r)."""
+    gen = torch.Generator().manual_seed(11)
+    v0 = torch.randn(1, 50, dtype=F64, generator=gen)
+    p = prop(Kind.UNTARGETED, Metric.COSINE)
+    gap = [1 - worst_case(p, v0, Bounds(v0 - r, v0 + r)).item() for r in (1e-2, 1e-3)]
+    assert gap[1] < gap[0] / 50  # quadratic: ~100× smaller for a 10× smaller box
+
+
+def test_worst_case_runs_in_float64():
+    v0 = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
+    box = Bounds(v0 - 0.1, v0 + 0.1)
+    for kind, m, norm in COMBOS:
+        p = prop(kind, m, norm, target=torch.ones(5))
+        assert worst_case(p, v0, box).dtype == F64
+
+
+def test_batch_and_image_shapes():
+    gen = torch.Generator().manual_seed(2)
+    v0 = torch.randn(3, 1, 4, 4, dtype=F64, generator=gen)
+    box = Bounds(v0 - 0.1, v0 + 0.1)
+    t = make_target(SquareTarget(position=(0, 0), size=2, value=1.0), (1, 4, 4))
+    for kind, m, norm in COMBOS:
+        p = prop(kind, m, norm, target=t)
+        w = worst_case(p, v0, box)
+        assert w.shape == (3,)
+        # batch invariance: each sample alone gives the same worst case
+        for b in range(3):
+            torch.testing.assert_close(worst_case(p, v0[b:b + 1], box[b:b + 1]), w[b:b + 1])
+
+
+# ----------------------------------------------------------------------------------------
+# target maps
+
+
+def test_gaussian_target():
+    m = make_target(GaussianTarget(center=(14.0, 10.0), sigma=3.0, amplitude=2.0), (3, 28, 28))
+    assert m.shape == (3, 28, 28) and m.dtype == F64
+    for c in range(3):
+        assert divmod(int(m[c].argmax()), 28) == (14, 10)
+    assert m.max().item() == pytest.approx(2.0)
+    assert m[0, 14, 13].item() == pytest.approx(2.0 * math.exp(-9 / 18))
+    torch.testing.assert_close(m[0], m[2])
+    flat = make_target(GaussianTarget(center=(5.0,), sigma=1.0), (12,))
+    assert flat.shape == (12,) and int(flat.argmax()) == 5
+    with pytest.raises(ValueError, match="needs 2"):
+        make_target(GaussianTarget(center=(5.0,), sigma=1.0), (1, 8, 8))
+
+
+def test_square_target():
+    m = make_target(SquareTarget(position=(0, 0), size=5, value=1.0), (1, 28, 28))
+    assert m.shape == (1, 28, 28) and m.sum().item() == 25 and m[0, 4, 4] == 1 and m[0, 5, 5] == 0
+    m = make_target(SquareTarget(position=(23, 20), size=5, value=-2.0), (2, 28, 28))
+    assert m[1, 23:28, 20:25].eq(-2).all() and m.sum().item() == -2 * 25 * 2
+    flat = make_target(SquareTarget(position=(3,), size=2, value=1.0), (10,))
+    assert flat.tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="does not fit"):
+        make_target(SquareTarget(position=(25, 0), size=5, value=1.0), (1, 28, 28))
+
+
+def test_file_target(tmp_path):
+    arr = np.random.default_rng(0).normal(size=(1, 6, 6))
+    f = tmp_path / "t.npy"
+    np.save(f, arr)
+    m = make_target(FileTarget(path=f), (1, 6, 6))
+    np.testing.assert_array_equal(m.numpy(), arr)
+    with pytest.raises(ValueError, match=r"t\.npy.*\(1, 6, 6\).*\(1, 5, 5\)"):
+        make_target(FileTarget(path=f), (1, 5, 5))
+
+
+def test_property_from_spec(tmp_path):
+    from verigrad.spec import PropertySpec
+
+    entry = PropertySpec(name="blob", kind=Kind.TARGETED, metric=Metric.L2, threshold=0.5,
+                         normalize=Normalize.L2, target=GaussianTarget(center=(2.0, 2.0), sigma=1.0))
+    p = Property.from_spec(entry, (1, 5, 5))
+    assert p.name == "blob" and p.target is not None and p.target.shape == (1, 5, 5)
+    assert "N(v)" in evaluate(p, torch.zeros(1, 1, 5, 5, dtype=F64),
+                              Bounds.point(torch.ones(1, 1, 5, 5, dtype=F64)))[0].direction

@@ -1,0 +1,480 @@
+"""Properties of explanations and their sound worst cases over coordinate bounds.
+
+An explanation v (shape (B, *S)) is known to lie in a box l ≤ v ≤ u. A property compares
+v with the original explanation v0 (untargeted) or with a target map t (targeted):
+
+  untargeted ℓp      max_v ‖N(v) − N(v0)‖_p ≤ δ     (worst case: an upper bound of the max)
+  untargeted cosine  min_v cos(v0, v)      ≥ δ     (worst case: a lower bound of the min)
+  targeted ℓp        min_v ‖N(v) − N(t)‖_p ≥ δ     (worst case: a lower bound of the min)
+  targeted cosine    max_v cos(v, t)       ≤ δ     (worst case: an upper bound of the max)
+
+N is the optional normalization v / ‖v‖_q (q = 1, 2, ∞; N(0) = 0 by convention). Every
+``worst_case`` is sound: no v in the box does worse. Without normalization the ℓp worst
+cases are exact. ``decide`` turns a worst case into a verdict; ``falsified`` is reserved for
+attacks, which find a concrete v violating the property.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from verigrad.bounds.base import Bounds
+from verigrad.spec import (
+    FileTarget,
+    GaussianTarget,
+    Kind,
+    Metric,
+    Normalize,
+    PropertySpec,
+    SquareTarget,
+    TargetSpec,
+)
+
+
+class Verdict(str, Enum):
+    CERTIFIED = "certified"  # the sound worst case satisfies the property
+    FALSIFIED = "falsified"  # a concrete counterexample was found (attacks)
+    UNKNOWN = "unknown"  # neither
+
+
+class Direction(str, Enum):
+    """How the worst case must compare with the threshold for a certificate."""
+
+    AT_MOST = "<="
+    AT_LEAST = ">="
+
+
+# ----------------------------------------------------------------------------------------
+# Target maps
+
+
+def make_target(target: TargetSpec, shape: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The target map of one sample (shape ``shape``, the per-sample explanation shape).
+
+    Coordinates are (row, col) on the last two dims, the same map for every channel; a flat
+    (1-D) shape uses the index as its single coordinate.
+    """
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        raise ValueError("target map: the explanation shape must have at least one dimension")
+    spatial = shape[-2:] if len(shape) >= 2 else shape
+    if isinstance(target, FileTarget):
+        arr = np.load(Path(target.path), allow_pickle=False)
+        if tuple(arr.shape) != shape:
+            raise ValueError(
+                f"target file {target.path}: shape {tuple(arr.shape)} differs from the per-sample "
+                f"explanation shape {shape}"
+            )
+        return torch.as_tensor(arr, dtype=dtype).clone()
+    if isinstance(target, GaussianTarget):
+        if len(target.center) != len(spatial):
+            raise ValueError(
+                f"gaussian target: center {list(target.center)} has {len(target.center)} coordinate(s), "
+                f"the map's spatial shape {spatial} needs {len(spatial)}"
+            )
+        grids = torch.meshgrid(*[torch.arange(n, dtype=dtype) for n in spatial], indexing="ij")
+        sq = sum((g - c) ** 2 for g, c in zip(grids, target.center))
+        m = target.amplitude * torch.exp(-sq / (2 * target.sigma**2))
+    elif isinstance(target, SquareTarget):
+        if len(target.position) != len(spatial):
+            raise ValueError(
+                f"square target: position {list(target.position)} has {len(target.position)} coordinate(s), "
+                f"the map's spatial shape {spatial} needs {len(spatial)}"
+            )
+        if any(p + target.size > n for p, n in zip(target.position, spatial)):
+            raise ValueError(
+                f"square target: a square of size {target.size} at {list(target.position)} does not fit "
+                f"in the map's spatial shape {spatial}"
+            )
+        m = torch.zeros(spatial, dtype=dtype)
+        m[tuple(slice(p, p + target.size) for p in target.position)] = target.value
+    else:
+        raise TypeError(f"unknown target spec {type(target).__name__}")
+    return m.expand(shape).clone()
+
+
+# ----------------------------------------------------------------------------------------
+# Property
+
+
+@dataclass(frozen=True, eq=False)
+class Property:
+    """One property to decide (see the module docstring for the four forms).
+
+    ``target`` is the per-sample target map (shape S, or (B, *S) for one map per sample);
+    required for targeted properties, forbidden for untargeted ones.
+    """
+
+    name: str
+    kind: Kind
+    metric: Metric
+    threshold: float
+    normalize: Normalize = Normalize.NONE
+    target: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        # accept plain strings for the enums (direct construction, tests)
+        object.__setattr__(self, "kind", Kind(self.kind))
+        object.__setattr__(self, "metric", Metric(self.metric))
+        object.__setattr__(self, "normalize", Normalize(self.normalize))
+        if self.metric == Metric.COSINE:
+            if self.normalize != Normalize.NONE:
+                raise ValueError(f"property {self.name!r}: normalize must be none for cosine (scale-invariant)")
+            if not -1.0 <= self.threshold <= 1.0:
+                raise ValueError(f"property {self.name!r}: cosine threshold must be in [-1, 1], got {self.threshold}")
+        if (self.kind == Kind.TARGETED) != (self.target is not None):
+            raise ValueError(f"property {self.name!r}: a target map is required for targeted properties "
+                             f"and not allowed for untargeted ones")
+
+    @staticmethod
+    def from_spec(entry: PropertySpec, shape: Sequence[int], dtype: torch.dtype = torch.float64,
+                  device: torch.device | str | None = None) -> "Property":
+        """Build from a validated spec entry; ``shape`` is the per-sample explanation shape."""
+        target = None if entry.target is None else make_target(entry.target, shape, dtype).to(device)
+        assert entry.name is not None  # load_spec fills default names
+        return Property(entry.name, entry.kind, entry.metric, entry.threshold, entry.normalize, target)
+
+    @property
+    def rule(self) -> "PropertyRule":
+        return rule_for(self.kind, self.metric)
+
+
+@dataclass(frozen=True)
+class PropertyResult:
+    """The outcome of one property on one sample."""
+
+    name: str
+    verdict: Verdict
+    worst_case: float
+    threshold: float
+    direction: str  # e.g. "max ‖v − v0‖_2 <= threshold"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "verdict": self.verdict.value, "worst_case": self.worst_case,
+                "threshold": self.threshold, "direction": self.direction}
+
+
+# ----------------------------------------------------------------------------------------
+# Normalization and its exact per-coordinate bounds
+
+_P = {Metric.L1: 1.0, Metric.L2: 2.0, Metric.LINF: math.inf}
+_NORM_P = {Normalize.L1: 1.0, Normalize.L2: 2.0, Normalize.MAX: math.inf}
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def _pnorm(x: torch.Tensor, p: float) -> torch.Tensor:
+    """‖x‖_p over the last dim."""
+    return torch.linalg.vector_norm(x, ord=p, dim=-1)
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, with 0 where den == 0 (callers only divide 0 by 0 there: N(0) = 0)."""
+    zero = den == 0
+    return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
+
+
+def normalize_map(v: torch.Tensor, how: Normalize | str) -> torch.Tensor:
+    """N(v) = v / ‖v‖_q per sample (q = 1, 2, ∞ for l1, l2, max); N(0) = 0; none: v."""
+    how = Normalize(how)
+    if how == Normalize.NONE:
+        return v
+    f = _flat(v)
+    n = _pnorm(f, _NORM_P[how])[:, None]
+    return _safe_div(f, n.expand_as(f)).reshape(v.shape)
+
+
+def _leave_one_out(x: torch.Tensor, op: str) -> torch.Tensor:
+    """For each i the sum (op='sum') or max (op='max') of x_j over j ≠ i (last dim; x ≥ 0),
+    from prefix and suffix scans so that no large term is subtracted back out."""
+    zero = torch.zeros_like(x[..., :1])
+    if op == "sum":
+        pre = torch.cat([zero, torch.cumsum(x, -1)[..., :-1]], -1)
+        suf = torch.cat([torch.flip(torch.cumsum(torch.flip(x, [-1]), -1), [-1])[..., 1:], zero], -1)
+        return pre + suf
+    pre = torch.cat([zero, torch.cummax(x, -1).values[..., :-1]], -1)
+    suf = torch.cat([torch.flip(torch.cummax(torch.flip(x, [-1]), -1).values, [-1])[..., 1:], zero], -1)
+    return torch.maximum(pre, suf)
+
+
+def _abs_range(b: Bounds) -> tuple[torch.Tensor, torch.Tensor]:
+    """min and max of |v_i| over [l_i, u_i] (min is 0 when the interval contains 0)."""
+    lo, up = b.lower, b.upper
+    amin = torch.where(lo > 0, lo, torch.where(up < 0, -up, torch.zeros_like(lo)))
+    return amin, torch.maximum(lo.abs(), up.abs())
+
+
+def normalized_bounds(bounds: Bounds, how: Normalize | str) -> Bounds:
+    """Exact per-coordinate bounds of N(v)_i = v_i / ‖v‖_q over the box.
+
+    Write ‖v‖_q = D(|v_i|, R_i) with R_i the rest: Σ_{j≠i}|v_j| (q=1, D = a + R),
+    Σ_{j≠i} v_j² (q=2, D = √(a² + R)), max_{j≠i}|v_j| (q=∞, D = max(a, R)). For fixed R,
+    v_i / D(|v_i|, R) is non-decreasing in v_i, and for fixed v_i it moves away from 0 as R
+    shrinks; (v_i, R_i) ranges over [l_i, u_i] × [R_lo, R_hi], so
+      max N_i = u_i / D(|u_i|, R_lo) if u_i ≥ 0 else u_i / D(|u_i|, R_hi),
+      min N_i = l_i / D(|l_i|, R_lo) if l_i ≤ 0 else l_i / D(|l_i|, R_hi).
+    This keeps the dependence between v_i and ‖v‖ that interval division would lose, and
+    needs no ‖v‖ > 0: a box containing 0 gives values in [−1, 1], never NaN.
+    """
+    how = Normalize(how)
+    if how == Normalize.NONE:
+        return bounds
+    shape = bounds.shape
+    b = Bounds(_flat(bounds.lower), _flat(bounds.upper))
+    amin, amax = _abs_range(b)
+    if how == Normalize.L1:
+        r_lo, r_hi = _leave_one_out(amin, "sum"), _leave_one_out(amax, "sum")
+
+        def den(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return a + r
+    elif how == Normalize.L2:
+        r_lo, r_hi = _leave_one_out(amin**2, "sum"), _leave_one_out(amax**2, "sum")
+
+        def den(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return torch.sqrt(a**2 + r)
+    else:
+        r_lo, r_hi = _leave_one_out(amin, "max"), _leave_one_out(amax, "max")
+
+        def den(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return torch.maximum(a, r)
+
+    lo, up = b.lower, b.upper
+    hi = torch.where(up >= 0, _safe_div(up, den(up.abs(), r_lo)), _safe_div(up, den(up.abs(), r_hi)))
+    low = torch.where(lo <= 0, _safe_div(lo, den(lo.abs(), r_lo)), _safe_div(lo, den(lo.abs(), r_hi)))
+    # |N_i| ≤ 1 for every q ≥ 1; the clamp only removes rounding beyond it
+    hi, low = hi.clamp(-1.0, 1.0), low.clamp(-1.0, 1.0)
+    low = torch.minimum(low, hi)  # rounding must not invert a point interval
+    return Bounds(low.reshape(shape), hi.reshape(shape))
+
+
+# ----------------------------------------------------------------------------------------
+# Concrete metrics
+
+
+def _target_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The target as (B, n) in ref's dtype: a per-sample map is shared by the whole batch."""
+    t = t.to(dtype=ref.dtype, device=ref.device)
+    if t.shape == ref.shape[1:]:
+        t = t.expand(ref.shape)
+    if t.shape != ref.shape:
+        raise ValueError(f"target map of shape {tuple(t.shape)} does not match explanations of shape {tuple(ref.shape)}")
+    return _flat(t)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos(a, b) = a·b / (‖a‖₂‖b‖₂) per row of (B, n) tensors; 0 if either is 0."""
+    num = (a * b).sum(-1)
+    den = _pnorm(a, 2.0) * _pnorm(b, 2.0)
+    return _safe_div(num, den).clamp(-1.0, 1.0)
+
+
+def _lp_metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    ref = prop.target if prop.kind == Kind.TARGETED else v0
+    assert ref is not None
+    other = _target_like(ref, v) if prop.kind == Kind.TARGETED else _flat(ref.expand_as(v))
+    a = _flat(normalize_map(other.reshape(v.shape), prop.normalize))
+    return _pnorm(_flat(normalize_map(v, prop.normalize)) - a, _P[prop.metric])
+
+
+def _cos_metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    ref = _target_like(prop.target, v) if prop.kind == Kind.TARGETED else _flat(v0.expand_as(v))  # type: ignore[arg-type]
+    return cosine(ref, _flat(v))
+
+
+# ----------------------------------------------------------------------------------------
+# Worst cases
+
+
+def _untargeted_lp_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+    """max over the box of ‖N(v) − N(v0)‖_p ≤ ‖max(|L − a|, |U − a|)‖_p with [L, U] the
+    bounds of N(v) and a = N(v0): each coordinate at its endpoint farthest from a_i.
+    Exact without normalization (the maximiser is a corner of the box)."""
+    nb = normalized_bounds(bounds, prop.normalize)
+    a = _flat(normalize_map(v0, prop.normalize))
+    far = torch.maximum((_flat(nb.lower) - a).abs(), (_flat(nb.upper) - a).abs())
+    return _pnorm(far, _P[prop.metric])
+
+
+def _targeted_lp_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+    """min over the box of ‖N(v) − N(t)‖_p ≥ ‖clip(N(t), L, U) − N(t)‖_p: the nearest point
+    of the box [L, U] to N(t), coordinate by coordinate. Exact without normalization."""
+    nb = normalized_bounds(bounds, prop.normalize)
+    t = _target_like(prop.target, bounds.lower)  # type: ignore[arg-type]
+    t = _flat(normalize_map(t.reshape(bounds.shape), prop.normalize))
+    near = torch.minimum(torch.maximum(t, _flat(nb.lower)), _flat(nb.upper))
+    return _pnorm(near - t, _P[prop.metric])
+
+
+def _norm2_range(b: Bounds) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact min and max of ‖v‖₂ over the box (rows of (B, n))."""
+    amin, amax = _abs_range(b)
+    return _pnorm(amin, 2.0), _pnorm(amax, 2.0)
+
+
+def cosine_lower_bound(a: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+    """A lower bound of min_{v ∈ box} cos(a, v), rows of (B, n); the max of three sound bounds:
+
+    A (ratio): s = Σ min(a_i l_i, a_i u_i) ≤ a·v and ‖v‖ ∈ [n_lo, n_hi]:
+       cos ≥ s / (‖a‖ n_hi) if s ≥ 0, else s / (‖a‖ n_lo) (−1 when n_lo = 0);
+    B (linear in v̂): cos = â·v̂ with v̂ = v/‖v‖ ∈ [L, U] (normalized_bounds, l2):
+       cos ≥ Σ min(â_i L_i, â_i U_i);
+    C (chord, only when 0 ∉ box): both unit, cos = 1 − ½‖v̂ − â‖² ≥ 1 − ½ Σ max((L−â)², (U−â)²).
+       C is second order in the box size, where A and B lose first-order terms.
+    cos(a, 0) = 0 by convention; a = 0 gives 0.
+    """
+    b = Bounds(_flat(bounds.lower), _flat(bounds.upper))
+    na = _pnorm(a, 2.0)
+    n_lo, n_hi = _norm2_range(b)
+    s = torch.minimum(a * b.lower, a * b.upper).sum(-1)
+    ratio = torch.where(
+        s >= 0,
+        _safe_div(s, na * n_hi),  # s ≥ 0 and n_hi = 0 only for s = 0
+        torch.where(n_lo > 0, s / (na * torch.where(n_lo > 0, n_lo, torch.ones_like(n_lo))), -torch.ones_like(s)),
+    )
+    nb = normalized_bounds(b, Normalize.L2)
+    ahat = _safe_div(a, na[:, None].expand_as(a))
+    lin = torch.minimum(ahat * nb.lower, ahat * nb.upper).sum(-1)
+    far2 = torch.maximum((nb.lower - ahat) ** 2, (nb.upper - ahat) ** 2).sum(-1)
+    chord = torch.where(n_lo > 0, 1.0 - far2 / 2, -torch.ones_like(s))
+    best = torch.maximum(torch.maximum(ratio, lin), chord)
+    return torch.where(na > 0, best, torch.zeros_like(best)).clamp(-1.0, 1.0)
+
+
+def cosine_upper_bound(t: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+    """An upper bound of max_{v ∈ box} cos(v, t), rows of (B, n); the min of the mirrored bounds:
+
+    A: s = Σ max(t_i l_i, t_i u_i) ≥ t·v: cos ≤ s / (‖t‖ n_hi) if s ≤ 0, else s / (‖t‖ n_lo)
+       (+1 when n_lo = 0);
+    B: cos ≤ Σ max(t̂_i L_i, t̂_i U_i);
+    C: for v ≠ 0, cos = 1 − ½‖v̂ − t̂‖² ≤ 1 − ½ Σ (clip(t̂, L, U) − t̂)². It also covers
+       v = 0 (cos = 0): then 0 ∈ [L, U], so the distance is ≤ ‖t̂‖ = 1 and C ≥ ½.
+    """
+    b = Bounds(_flat(bounds.lower), _flat(bounds.upper))
+    nt = _pnorm(t, 2.0)
+    n_lo, n_hi = _norm2_range(b)
+    s = torch.maximum(t * b.lower, t * b.upper).sum(-1)
+    ratio = torch.where(
+        s <= 0,
+        _safe_div(s, nt * n_hi),
+        torch.where(n_lo > 0, s / (nt * torch.where(n_lo > 0, n_lo, torch.ones_like(n_lo))), torch.ones_like(s)),
+    )
+    nb = normalized_bounds(b, Normalize.L2)
+    that = _safe_div(t, nt[:, None].expand_as(t))
+    lin = torch.maximum(that * nb.lower, that * nb.upper).sum(-1)
+    near = torch.minimum(torch.maximum(that, nb.lower), nb.upper)
+    chord = 1.0 - ((near - that) ** 2).sum(-1) / 2
+    best = torch.minimum(torch.minimum(ratio, lin), chord)
+    return torch.where(nt > 0, best, torch.zeros_like(best)).clamp(-1.0, 1.0)
+
+
+def _untargeted_cos_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+    return cosine_lower_bound(_flat(v0.expand(bounds.shape)), bounds)
+
+
+def _targeted_cos_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+    return cosine_upper_bound(_target_like(prop.target, bounds.lower), bounds)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class PropertyRule:
+    """How one (kind, metric) is measured, bounded and decided."""
+
+    metric: Callable[[Property, torch.Tensor, torch.Tensor], torch.Tensor]
+    worst_case: Callable[[Property, torch.Tensor, Bounds], torch.Tensor]
+    direction: Direction  # certified iff worst_case <direction> threshold
+    text: str  # "{n}" is replaced by the normalization suffix, "{p}" by the metric
+
+
+RULES: dict[tuple[Kind, Metric], PropertyRule] = {}
+for _m in (Metric.L1, Metric.L2, Metric.LINF):
+    RULES[(Kind.UNTARGETED, _m)] = PropertyRule(_lp_metric, _untargeted_lp_worst, Direction.AT_MOST,
+                                                "max ‖{v} − {v0}‖_{p}")
+    RULES[(Kind.TARGETED, _m)] = PropertyRule(_lp_metric, _targeted_lp_worst, Direction.AT_LEAST,
+                                              "min ‖{v} − {t}‖_{p}")
+RULES[(Kind.UNTARGETED, Metric.COSINE)] = PropertyRule(_cos_metric, _untargeted_cos_worst, Direction.AT_LEAST,
+                                                       "min cos(v0, v)")
+RULES[(Kind.TARGETED, Metric.COSINE)] = PropertyRule(_cos_metric, _targeted_cos_worst, Direction.AT_MOST,
+                                                     "max cos(v, t)")
+
+
+def rule_for(kind: Kind | str, metric_name: Metric | str) -> PropertyRule:
+    """The registered rule, or a clear error naming what exists."""
+    try:
+        key = (Kind(kind), Metric(metric_name))
+    except ValueError:
+        key = None
+    if key is None or key not in RULES:
+        have = ", ".join(f"{k.value}/{m.value}" for k, m in RULES)
+        raise ValueError(f"no property rule for kind {kind!r} and metric {metric_name!r} (available: {have})")
+    return RULES[key]
+
+
+def direction_text(prop: Property) -> str:
+    """E.g. 'max ‖N(v) − N(v0)‖_2 <= 0.5 (N = l2 normalization)'."""
+    rule = prop.rule
+    wrap = (lambda s: s) if prop.normalize == Normalize.NONE else (lambda s: f"N({s})")
+    p = {Metric.L1: "1", Metric.L2: "2", Metric.LINF: "∞", Metric.COSINE: ""}[prop.metric]
+    body = rule.text.format(v=wrap("v"), v0=wrap("v0"), t=wrap("t"), p=p)
+    suffix = "" if prop.normalize == Normalize.NONE else f" (N = {prop.normalize.value} normalization)"
+    return f"{body} {rule.direction.value} {prop.threshold:g}{suffix}"
+
+
+# ----------------------------------------------------------------------------------------
+# Public functions
+
+
+def from_spec(entry: PropertySpec, shape: Sequence[int], dtype: torch.dtype = torch.float64,
+              device: torch.device | str | None = None) -> Property:
+    """Property.from_spec as a function (one Property per spec entry)."""
+    return Property.from_spec(entry, shape, dtype, device)
+
+
+def metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The concrete value (B,) for explanations v (perturbed) against v0 (original) —
+    deviation, distance or similarity; targeted properties use the target, not v0."""
+    return prop.rule.metric(prop, v0, v)
+
+
+def worst_case(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+    """The sound worst case (B,) of ``metric(prop, v0, v)`` over all v in ``bounds``,
+    computed in float64 whatever the bounds' dtype (float32 rounding in sums of squares
+    would be of the order of the margins being certified)."""
+    if v0.shape != bounds.shape:
+        raise ValueError(f"property {prop.name!r}: v0 of shape {tuple(v0.shape)} and bounds of shape "
+                         f"{tuple(bounds.shape)} differ")
+    v0, bounds = v0.to(torch.float64), bounds.to(torch.float64)
+    return prop.rule.worst_case(prop, v0, bounds)
+
+
+def decide(prop: Property, worst: torch.Tensor) -> list[Verdict]:
+    """certified where the worst case satisfies the property, else unknown (NaN: unknown)."""
+    t = prop.threshold
+    ok = worst <= t if prop.rule.direction == Direction.AT_MOST else worst >= t
+    return [Verdict.CERTIFIED if bool(o) else Verdict.UNKNOWN for o in ok.reshape(-1)]
+
+
+def evaluate(prop: Property, v0: torch.Tensor, bounds: Bounds) -> list[PropertyResult]:
+    """worst_case and decide for each sample of the batch."""
+    worst = worst_case(prop, v0, bounds)
+    text = direction_text(prop)
+    return [PropertyResult(prop.name, verdict, float(w), prop.threshold, text)
+            for verdict, w in zip(decide(prop, worst), worst.reshape(-1))]
+
+
+__all__ = [
+    "Verdict", "Direction", "Property", "PropertyResult", "PropertyRule", "RULES", "rule_for",
+    "from_spec", "make_target", "normalize_map", "normalized_bounds", "cosine", "cosine_lower_bound",
+    "cosine_upper_bound", "metric", "worst_case", "decide", "evaluate", "direction_text",
+]

@@ -1,0 +1,840 @@
+"""The YAML run specification: one declarative schema, validated, resolved and dumpable.
+
+Every key is declared once, on a frozen dataclass field (``_opt(check, default)``): its
+type, range, choices and default live in that declaration and nowhere else. Loading walks
+the dataclasses, rejects unknown keys, fills defaults, resolves paths against the spec
+file's directory and raises :class:`SpecError` naming the file, the key path
+(``properties[1].threshold``) and what was expected. ``dump_spec`` writes the resolved
+spec (every default filled in, absolute paths) so that a run can be reproduced from it.
+
+There is no global config object: the loaded :class:`Spec` is passed to whoever needs it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import yaml
+
+from verigrad.bounds import Method, Product
+from verigrad.graph.gradient_graph import Output
+from verigrad.perturbation import ParamMode
+
+
+class SpecError(ValueError):
+    """An invalid spec: ``source`` (file or '<dict>'), ``key`` (e.g. 'properties[1].threshold',
+    '' for the whole document) and ``message`` (what was expected, what was found)."""
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        self.source, self.key, self.message = source, key, message
+        super().__init__(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+
+
+# ----------------------------------------------------------------------------------------
+# Choices (str Enums: the value is what appears in YAML and on the command line)
+
+
+class DatasetName(str, Enum):
+    MNIST_SAMPLE = "mnist_sample"
+
+
+class ExplanationMethod(str, Enum):
+    SALIENCY = "saliency"
+
+
+class TargetClass(str, Enum):
+    """Which class's output is explained (an int in the spec picks a fixed class)."""
+
+    PREDICTED = "predicted"
+    LABEL = "label"
+
+
+class Norm(str, Enum):
+    LINF = "inf"
+
+
+class Kind(str, Enum):
+    UNTARGETED = "untargeted"  # stay close to the original explanation
+    TARGETED = "targeted"  # stay far from an attacker's target map
+
+
+class Metric(str, Enum):
+    L1 = "l1"
+    L2 = "l2"
+    LINF = "linf"
+    COSINE = "cosine"
+
+
+class Normalize(str, Enum):
+    NONE = "none"
+    L1 = "l1"
+    L2 = "l2"
+    MAX = "max"
+
+
+class TargetType(str, Enum):
+    GAUSSIAN = "gaussian"
+    SQUARE = "square"
+    FILE = "file"
+
+
+BoundMethod = Method  # one enum for engine names, owned by verigrad.bounds
+
+
+class Dtype(str, Enum):
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+
+
+class Combine(str, Enum):
+    NONE = "none"
+    INTERSECT = "intersect"
+
+
+IbpProduct = Product  # the interval × interval rule, owned by verigrad.bounds.ibp
+
+
+class Device(str, Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+    AUTO = "auto"
+
+
+# ----------------------------------------------------------------------------------------
+# Schema machinery
+
+
+class _Invalid(Exception):
+    """Raised by checks and section validators; ``key`` is relative to the current path
+    ('' = this value, 'end', '[1].name')."""
+
+    def __init__(self, message: str, key: str = "", type_error: bool = False) -> None:
+        super().__init__(message)
+        # type_error: a plain "expected <what>, got <value>" that a wrapper may rephrase
+        self.message, self.key, self.type_error = message, key, type_error
+
+
+@dataclass(frozen=True)
+class _At:
+    """Where in the document a value sits, plus what resolving it needs."""
+
+    source: str
+    base_dir: Path
+    path: str = ""
+
+    def join(self, rel: str) -> "_At":
+        if not rel:
+            return self
+        if rel.startswith("[") or not self.path:
+            return dataclasses.replace(self, path=self.path + rel)
+        return dataclasses.replace(self, path=f"{self.path}.{rel}")
+
+    def error(self, message: str, rel: str = "") -> SpecError:
+        return SpecError(self.source, self.join(rel).path, message)
+
+
+def _show(v: Any) -> str:
+    """A found value as the user wrote it (YAML spelling), truncated."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, Enum):
+        v = v.value
+    if isinstance(v, str):
+        return repr(v)
+    if isinstance(v, Mapping):
+        s = "a mapping {" + ", ".join(map(str, list(v)[:5])) + ("...}" if len(v) > 5 else "}")
+        return s
+    s = str(list(v) if isinstance(v, tuple) else v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _expected(what: str, got: Any) -> _Invalid:
+    return _Invalid(f"expected {what}, got {_show(got)}", type_error=True)
+
+
+class Check:
+    """Parses one YAML value (raising _Invalid) and dumps it back to plain YAML data."""
+
+    what: str = "a value"
+
+    def parse(self, value: Any, at: _At) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def dump(self, value: Any) -> Any:
+        return value
+
+
+def _range_text(gt=None, ge=None, lt=None, le=None) -> str:
+    parts = [f"> {gt}" if gt is not None else "", f">= {ge}" if ge is not None else "",
+             f"< {lt}" if lt is not None else "", f"<= {le}" if le is not None else ""]
+    if ge is not None and le is not None and gt is None and lt is None:
+        return f"in [{ge}, {le}]"
+    return " and ".join(p for p in parts if p)
+
+
+def _in_range(x: float, gt=None, ge=None, lt=None, le=None) -> bool:
+    return not ((gt is not None and not x > gt) or (ge is not None and not x >= ge)
+                or (lt is not None and not x < lt) or (le is not None and not x <= le))
+
+
+@dataclass(frozen=True)
+class Num(Check):
+    """A finite real number (ints accepted, bools rejected) in an optional range."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        r = _range_text(self.gt, self.ge, self.lt, self.le)
+        return f"a number {r}" if r else "a number"
+
+    def parse(self, value: Any, at: _At) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _expected(self.what, value)
+        if not _in_range(float(value), self.gt, self.ge, self.lt, self.le):
+            raise _expected(self.what, value)
+        return float(value)
+
+
+@dataclass(frozen=True)
+class Int(Check):
+    gt: int | None = None
+    ge: int | None = None
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        r = _range_text(self.gt, self.ge)
+        return f"an int {r}" if r else "an int"
+
+    def parse(self, value: Any, at: _At) -> int:
+        # YAML writes 3.0 for some tools; accept integral floats but not 3.5 or true
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not _in_range(value, self.gt, self.ge):
+            raise _expected(self.what, value)
+        return value
+
+
+@dataclass(frozen=True)
+class Bool(Check):
+    what: str = "true or false"
+
+    def parse(self, value: Any, at: _At) -> bool:
+        if not isinstance(value, bool):
+            raise _expected(self.what, value)
+        return value
+
+
+@dataclass(frozen=True)
+class Str(Check):
+    what: str = "a non-empty string"
+
+    def parse(self, value: Any, at: _At) -> str:
+        if not isinstance(value, str) or not value:
+            raise _expected(self.what, value)
+        return value
+
+
+@dataclass(frozen=True)
+class Const(Check):
+    """Exactly one literal string (e.g. layers: all)."""
+
+    value: str
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        return repr(self.value)
+
+    def parse(self, value: Any, at: _At) -> str:
+        if value != self.value:
+            raise _expected(self.what, value)
+        return value
+
+
+@dataclass(frozen=True)
+class Choice(Check):
+    """One value of a str Enum. ``aliases`` map other YAML spellings (e.g. .inf) to values."""
+
+    enum: type[Enum]
+    aliases: tuple[tuple[Any, str], ...] = ()
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        return "one of " + " | ".join(str(m.value) for m in self.enum)
+
+    def parse(self, value: Any, at: _At) -> Enum:
+        if isinstance(value, self.enum):
+            return value
+        for alias, target in self.aliases:
+            if not isinstance(value, bool) and value == alias:
+                value = target
+        try:
+            return self.enum(value)
+        except (ValueError, TypeError):
+            raise _expected(self.what, value) from None
+
+    def dump(self, value: Enum) -> str:
+        return value.value
+
+
+@dataclass(frozen=True)
+class Nullable(Check):
+    inner: Check
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        return f"{self.inner.what} or null"
+
+    def parse(self, value: Any, at: _At) -> Any:
+        if value is None:
+            return None
+        try:
+            return self.inner.parse(value, at)
+        except _Invalid as e:
+            if e.type_error and not e.key:
+                raise _expected(self.what, value) from None  # say that null is allowed too
+            raise
+
+    def dump(self, value: Any) -> Any:
+        return None if value is None else self.inner.dump(value)
+
+
+@dataclass(frozen=True)
+class OneOf(Check):
+    """The first alternative that accepts the value."""
+
+    options: tuple[Check, ...]
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        return " or ".join(o.what for o in self.options)
+
+    def parse(self, value: Any, at: _At) -> Any:
+        for o in self.options:
+            try:
+                return o.parse(value, at)
+            except _Invalid:
+                pass
+        raise _expected(self.what, value)
+
+    def dump(self, value: Any) -> Any:
+        if isinstance(value, Enum):
+            return value.value
+        if isinstance(value, tuple):
+            return [v.value if isinstance(v, Enum) else v for v in value]
+        return value
+
+
+@dataclass(frozen=True)
+class ListOf(Check):
+    """A YAML list, stored as a tuple. ``post`` checks the whole list (may raise _Invalid
+    with a key like '[2].name') and may return a rewritten tuple."""
+
+    item: Check
+    min_len: int = 0
+    max_len: int | None = None
+    unique: bool = False
+    post: Callable[[tuple], tuple] | None = None
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        n = (f"{self.min_len}" if self.max_len == self.min_len
+             else f"at least {self.min_len}" if self.max_len is None
+             else f"{self.min_len} to {self.max_len}")
+        return f"a list of {n} item(s), each {self.item.what}"
+
+    def parse(self, value: Any, at: _At) -> tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _expected(self.what, value)
+        if len(value) < self.min_len or (self.max_len is not None and len(value) > self.max_len):
+            raise _Invalid(f"expected {self.what}, got {len(value)} item(s)")
+        out = []
+        for i, v in enumerate(value):
+            out.append(_parse_at(self.item, v, at.join(f"[{i}]")))
+        if self.unique:
+            seen: dict[Any, int] = {}
+            for i, v in enumerate(out):
+                if v in seen:
+                    raise _Invalid(f"duplicate entry {_show(v)} (also at [{seen[v]}])", f"[{i}]")
+                seen[v] = i
+        result = tuple(out)
+        return self.post(result) if self.post is not None else result
+
+    def dump(self, value: tuple) -> list:
+        return [self.item.dump(v) for v in value]
+
+
+@dataclass(frozen=True)
+class PathCheck(Check):
+    """A path relative to the spec file's directory, resolved to an absolute Path."""
+
+    suffixes: tuple[str, ...] = ()
+    must_exist: bool = True
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        return "a path" + (f" ending in {' or '.join(self.suffixes)}" if self.suffixes else "")
+
+    def parse(self, value: Any, at: _At) -> Path:
+        if isinstance(value, Path):
+            value = str(value)
+        if not isinstance(value, str) or not value:
+            raise _expected(self.what, value)
+        p = Path(value).expanduser()
+        p = (p if p.is_absolute() else at.base_dir / p).resolve()
+        if self.suffixes and p.suffix.lower() not in self.suffixes:
+            raise _expected(self.what, value)
+        if self.must_exist and not p.is_file():
+            raise _Invalid(f"file not found: {value!r} (resolved to {p})")
+        return p
+
+    def dump(self, value: Path) -> str:
+        return str(value)
+
+
+def _parse_at(check: Check, value: Any, at: _At) -> Any:
+    """Run a check, turning its _Invalid into a SpecError at the right key path."""
+    try:
+        return check.parse(value, at)
+    except _Invalid as e:
+        raise at.error(e.message, e.key) from None
+
+
+_MISSING = dataclasses.MISSING
+
+
+def _opt(check: Check, default: Any = _MISSING, doc: str = "") -> Any:
+    """Declare one spec key: its check, its default written as in YAML (absent = required)
+    and a doc line. A default goes through the same check as a user's value (so a default
+    path resolves against the spec's directory and a default section fills its own
+    defaults); constructing the dataclass directly gets it parsed relative to the cwd."""
+    meta = {"check": check, "doc": doc, "default": default}
+    if default is _MISSING:
+        return field(metadata=meta)
+    return field(default_factory=lambda: check.parse(default, _At("<default>", Path.cwd())), metadata=meta)
+
+
+def _schema_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "check" in f.metadata]
+
+
+@dataclass(frozen=True)
+class Section(Check):
+    """A mapping parsed into the frozen dataclass ``cls``. Unknown keys are rejected; a
+    ``validate()`` method on ``cls`` checks relations between keys (raising _Invalid)."""
+
+    cls: type
+    optional: bool = False  # null/absent means "not given" (None) instead of "all defaults"
+    extra_keys: tuple[str, ...] = ()  # keys handled by a wrapper (Tagged's type), listed as allowed
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        return "a mapping" + (" or null" if self.optional else "")
+
+    def parse(self, value: Any, at: _At) -> Any:
+        if value is None:
+            if self.optional:
+                return None
+            value = {}
+        if isinstance(value, self.cls):
+            value = _dump_section(value)  # re-validate a programmatic object
+        if not isinstance(value, Mapping):
+            raise _expected(self.what, value)
+        fields = _schema_fields(self.cls)
+        names = [f.name for f in fields]
+        for key in value:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                allowed = ", ".join([*self.extra_keys, *names])
+                raise at.error(f"unknown key {str(key)!r} (allowed: {allowed}){hint}", str(key))
+        kwargs = {}
+        for f in fields:
+            if f.name in value:
+                kwargs[f.name] = _parse_at(f.metadata["check"], value[f.name], at.join(f.name))
+            elif f.metadata["default"] is not _MISSING:
+                kwargs[f.name] = _parse_at(f.metadata["check"], f.metadata["default"], at.join(f.name))
+            else:
+                raise at.error(f"missing required key ({f.metadata['check'].what})", f.name)
+        obj = self.cls(**kwargs)
+        validate = getattr(obj, "validate", None)
+        if validate is not None:
+            try:
+                validate()
+            except _Invalid as e:
+                raise at.error(e.message, e.key) from None
+        return obj
+
+    def dump(self, value: Any) -> Any:
+        return None if value is None else _dump_section(value)
+
+
+def _dump_section(obj: Any) -> dict:
+    return {f.name: f.metadata["check"].dump(getattr(obj, f.name)) for f in _schema_fields(type(obj))}
+
+
+@dataclass(frozen=True)
+class Tagged(Check):
+    """A mapping whose ``type`` key picks the dataclass that parses the rest."""
+
+    enum: type[Enum]
+    classes: tuple[tuple[Enum, type], ...]
+    tag: str = "type"
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        return f"a mapping with {self.tag}: " + " | ".join(str(m.value) for m in self.enum)
+
+    def parse(self, value: Any, at: _At) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = self.dump(value)
+        if not isinstance(value, Mapping):
+            raise _expected(self.what, value)
+        if self.tag not in value:
+            raise at.error(f"missing required key ({Choice(self.enum).what})", self.tag)
+        kind = _parse_at(Choice(self.enum), value[self.tag], at.join(self.tag))
+        cls = dict(self.classes)[kind]
+        rest = {k: v for k, v in value.items() if k != self.tag}
+        return Section(cls, extra_keys=(self.tag,)).parse(rest, at)
+
+    def dump(self, value: Any) -> Any:
+        if value is None:
+            return None
+        tag = next(k for k, c in self.classes if isinstance(value, c))
+        return {self.tag: tag.value, **_dump_section(value)}
+
+
+# ----------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True, kw_only=True)
+class NormalizationSpec:
+    """Input normalization (x − mean) / std per channel, applied inside the model."""
+
+    mean: tuple[float, ...] = _opt(ListOf(Num(), min_len=1))
+    std: tuple[float, ...] = _opt(ListOf(Num(gt=0), min_len=1))
+
+    def validate(self) -> None:
+        if len(self.mean) != len(self.std):
+            raise _Invalid(f"expected as many values as mean ({len(self.mean)}), got {len(self.std)}", "std")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    path: Path = _opt(PathCheck((".onnx", ".pt", ".pth")), doc="ONNX or TorchScript model")
+    input_shape: tuple[int, ...] | None = _opt(Nullable(ListOf(Int(gt=0), min_len=1)), None,
+                                               "per-sample shape; null = read from the model file")
+    input_range: tuple[float, float] | None = _opt(Nullable(ListOf(Num(), 2, 2)), (0.0, 1.0),
+                                                   "input domain [lo, hi]; null = unbounded")
+    normalization: NormalizationSpec | None = _opt(Section(NormalizationSpec, optional=True), None)
+
+    def validate(self) -> None:
+        if self.input_range is not None and not self.input_range[0] < self.input_range[1]:
+            raise _Invalid(f"expected [lo, hi] with lo < hi, got {_show(self.input_range)}", "input_range")
+        if self.normalization is not None and self.input_shape is not None and len(self.input_shape) > 1:
+            n, c = len(self.normalization.mean), self.input_shape[0]
+            if n not in (1, c):
+                raise _Invalid(f"expected 1 or {c} values (one per channel of input_shape), got {n}",
+                               "normalization.mean")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    dataset: DatasetName | None = _opt(Nullable(Choice(DatasetName)), None, "built-in data set")
+    path: Path | None = _opt(Nullable(PathCheck((".npz",))), None, ".npz with arrays x and y")
+    start: int = _opt(Int(ge=0), 0)
+    end: int | None = _opt(Nullable(Int(ge=1)), None, "exclusive; null = to the end")
+
+    def validate(self) -> None:
+        if (self.dataset is None) == (self.path is None):
+            got = "both" if self.dataset is not None else "neither"
+            raise _Invalid(f"expected exactly one of 'dataset' or 'path', got {got}")
+        if self.end is not None and not self.end > self.start:
+            raise _Invalid(f"expected an int > start ({self.start}) or null, got {self.end}", "end")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExplanationSpec:
+    method: ExplanationMethod = _opt(Choice(ExplanationMethod), ExplanationMethod.SALIENCY)
+    output: Output = _opt(Choice(Output), Output.LOGIT, "o = logit z_c or the cross-entropy loss")
+    target: Union[TargetClass, int] = _opt(OneOf((Choice(TargetClass), Int(ge=0))), TargetClass.PREDICTED,
+                                           "class c: predicted, label, or a fixed index")
+    abs: bool = _opt(Bool(), False, "display only: bounds are on the signed map")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputPerturbationSpec:
+    norm: Norm = _opt(Choice(Norm, aliases=((math.inf, "inf"),)), Norm.LINF)
+    epsilon: float = _opt(Num(ge=0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParamPerturbationSpec:
+    mode: ParamMode = _opt(Choice(ParamMode), ParamMode.RELATIVE)
+    gamma: float = _opt(Num(ge=0))
+    layers: Union[str, tuple[str, ...]] = _opt(OneOf((Const("all"), ListOf(Str(), min_len=1, unique=True))), "all")
+    include_bias: bool = _opt(Bool(), True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerturbationSpec:
+    input: InputPerturbationSpec | None = _opt(Section(InputPerturbationSpec, optional=True), None)
+    parameters: ParamPerturbationSpec | None = _opt(Section(ParamPerturbationSpec, optional=True), None)
+
+    def validate(self) -> None:
+        if self.input is None and self.parameters is None:
+            raise _Invalid("expected at least one of 'input' or 'parameters'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GaussianTarget:
+    """amplitude · exp(−‖p − center‖² / (2σ²)) over (row, col) of the last two dims."""
+
+    center: tuple[float, ...] = _opt(ListOf(Num(), 1, 2), doc="(row, col); (index,) for flat maps")
+    sigma: float = _opt(Num(gt=0))
+    amplitude: float = _opt(Num(), 1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SquareTarget:
+    """``value`` on rows [r, r+size) × cols [c, c+size) of the last two dims, 0 elsewhere."""
+
+    position: tuple[int, ...] = _opt(ListOf(Int(ge=0), 1, 2), doc="top-left (row, col)")
+    size: int = _opt(Int(gt=0))
+    value: float = _opt(Num(), 1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileTarget:
+    path: Path = _opt(PathCheck((".npy",)), doc="array with the per-sample explanation shape")
+
+
+TargetSpec = Union[GaussianTarget, SquareTarget, FileTarget]
+_TARGET = Tagged(TargetType, ((TargetType.GAUSSIAN, GaussianTarget), (TargetType.SQUARE, SquareTarget),
+                              (TargetType.FILE, FileTarget)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PropertySpec:
+    """One property. untargeted ℓp: max ‖v − v0‖ ≤ threshold; untargeted cosine: min cos ≥
+    threshold; targeted ℓp: min ‖v − t‖ ≥ threshold; targeted cosine: max cos(v, t) ≤ threshold."""
+
+    name: str | None = _opt(Nullable(Str()), None, "default p{i}_{kind}_{metric}")
+    kind: Kind = _opt(Choice(Kind))
+    metric: Metric = _opt(Choice(Metric))
+    threshold: float = _opt(Num())
+    normalize: Normalize = _opt(Choice(Normalize), Normalize.NONE, "normalize maps before comparing")
+    target: TargetSpec | None = _opt(Nullable(_TARGET), None, "targeted only")
+
+    def validate(self) -> None:
+        if self.metric == Metric.COSINE:
+            if not -1.0 <= self.threshold <= 1.0:
+                raise _Invalid(f"expected a number in [-1, 1] for metric cosine, got {_show(self.threshold)}",
+                               "threshold")
+            if self.normalize != Normalize.NONE:
+                raise _Invalid(
+                    f"expected none for metric cosine, got {_show(self.normalize)}: cosine similarity is "
+                    "scale-invariant, so normalizing the maps first changes nothing", "normalize")
+        elif not self.threshold > 0:
+            raise _Invalid(f"expected a number > 0, got {_show(self.threshold)}", "threshold")
+        if self.kind == Kind.TARGETED and self.target is None:
+            raise _Invalid("missing required key for kind targeted (a target map: gaussian | square | file)",
+                           "target")
+        if self.kind == Kind.UNTARGETED and self.target is not None:
+            raise _Invalid("expected null: a target map is only used by kind targeted", "target")
+
+
+def _name_properties(props: tuple) -> tuple:
+    """Fill default names p{i}_{kind}_{metric} and require names to be unique."""
+    out, seen = [], {}
+    for i, p in enumerate(props):
+        if p.name is None:
+            p = dataclasses.replace(p, name=f"p{i}_{p.kind.value}_{p.metric.value}")
+        if p.name in seen:
+            raise _Invalid(f"duplicate property name {p.name!r} (also properties[{seen[p.name]}])", f"[{i}].name")
+        seen[p.name] = i
+        out.append(p)
+    return tuple(out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IbpSpec:
+    product: IbpProduct = _opt(Choice(IbpProduct), IbpProduct.MIDPOINT_RADIUS, "interval × interval rule")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlphaCrownSpec:
+    iterations: int = _opt(Int(gt=0), 20)
+    lr: float = _opt(Num(gt=0), 0.1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BoundsSpec:
+    methods: tuple[BoundMethod, ...] = _opt(ListOf(Choice(BoundMethod), min_len=1, unique=True),
+                                            (BoundMethod.IBP, BoundMethod.CROWN))
+    dtype: Dtype = _opt(Choice(Dtype), Dtype.FLOAT64)
+    combine: Combine = _opt(Choice(Combine), Combine.NONE, "intersect the bounds of all methods")
+    ibp: IbpSpec = _opt(Section(IbpSpec), {})
+    alpha_crown: AlphaCrownSpec = _opt(Section(AlphaCrownSpec), {})
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneralSpec:
+    device: Device = _opt(Choice(Device), Device.CPU)
+    seed: int = _opt(Int(ge=0), 0)
+    results: Path = _opt(PathCheck(must_exist=False), "results", "output directory")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Spec:
+    """A whole, validated run specification (build with load_spec / spec_from_dict)."""
+
+    model: ModelSpec = _opt(Section(ModelSpec))
+    data: DataSpec = _opt(Section(DataSpec))
+    explanation: ExplanationSpec = _opt(Section(ExplanationSpec), {})
+    perturbation: PerturbationSpec = _opt(Section(PerturbationSpec))
+    properties: tuple[PropertySpec, ...] = _opt(ListOf(Section(PropertySpec), min_len=1, post=_name_properties))
+    bounds: BoundsSpec = _opt(Section(BoundsSpec), {})
+    general: GeneralSpec = _opt(Section(GeneralSpec), {})
+    # where it came from (for messages); not part of the spec's identity
+    source: str = field(default="<dict>", compare=False)
+
+    def to_dict(self) -> dict:
+        """The resolved spec as plain YAML/JSON data (enums as values, absolute paths)."""
+        return _dump_section(self)
+
+    def hash(self) -> str:
+        """sha256 of the canonical JSON of the resolved spec: equal specs hash equal."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------
+# Public entry points
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    out: dict = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in out:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        out[key] = loader.construct_object(value_node, deep=deep)
+    return out
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+# YAML 1.1 reads 1e-2 (no dot) as a string; users mean a number (epsilon: 1e-3)
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def spec_from_dict(d: Any, source: str = "<dict>", base_dir: str | Path | None = None) -> Spec:
+    """Validate a parsed document; relative paths resolve against ``base_dir`` (default: cwd)."""
+    at = _At(source, Path(base_dir if base_dir is not None else Path.cwd()).resolve())
+    if not isinstance(d, Mapping):
+        raise at.error(f"expected a mapping with sections {', '.join(f.name for f in _schema_fields(Spec))}, "
+                       f"got {_show(d)}")
+    spec = Section(Spec).parse(d, at)
+    return dataclasses.replace(spec, source=source)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a YAML spec file; paths in it are relative to its directory."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError(str(p), "", f"cannot read spec file: {e.strerror or e}") from None
+    try:
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unknown position"
+        raise SpecError(str(p), "", f"YAML error at {where}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise SpecError(str(p), "", f"YAML error: {e}") from None
+    return spec_from_dict(doc, source=str(p), base_dir=p.resolve().parent)
+
+
+def dump_spec(spec: Spec) -> str:
+    """The resolved spec as YAML (all defaults, absolute paths); load_spec reads it back
+    to an equal Spec."""
+    header = f"# resolved verigrad spec (from {spec.source}); sha256 {spec.hash()}\n"
+    return header + yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def apply_overrides(
+    spec: Spec,
+    methods: Sequence[str | BoundMethod] | None = None,
+    epsilon: float | None = None,
+    gamma: float | None = None,
+    device: str | Device | None = None,
+    dtype: str | Dtype | None = None,
+    start: int | None = None,
+    end: int | None = None,
+    results: str | Path | None = None,
+    seed: int | None = None,
+    set_keys: Mapping[str, Any] | None = None,
+) -> Spec:
+    """A new Spec with command-line values replacing the file's (precedence defaults < YAML
+    < command line), re-validated as a whole. ``set_keys`` maps dotted key paths
+    ('bounds.combine') to values. ``epsilon``/``gamma`` create their perturbation section
+    when the file has none (with that section's defaults). Relative paths given here resolve
+    against the current directory."""
+    d = spec.to_dict()
+    changes: dict[str, Any] = {}
+    for key, val in (("bounds.methods", None if methods is None else [getattr(m, "value", m) for m in methods]),
+                     ("perturbation.input.epsilon", epsilon), ("perturbation.parameters.gamma", gamma),
+                     ("general.device", device), ("bounds.dtype", dtype), ("data.start", start),
+                     ("data.end", end), ("general.seed", seed),
+                     ("general.results", None if results is None else str(results))):
+        if val is not None:
+            changes[key] = getattr(val, "value", val)
+    changes.update(set_keys or {})
+    for dotted, val in changes.items():
+        node = d
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node, dict):
+                raise SpecError(f"{spec.source} (command-line overrides)", dotted, "not a mapping on this path")
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        if not isinstance(node, dict):
+            raise SpecError(f"{spec.source} (command-line overrides)", dotted, "not a mapping on this path")
+        node[parts[-1]] = val
+    return spec_from_dict(d, source=f"{spec.source} (with command-line overrides)", base_dir=Path.cwd())
+
+
+__all__ = [
+    "SpecError", "Spec", "ModelSpec", "NormalizationSpec", "DataSpec", "ExplanationSpec",
+    "InputPerturbationSpec", "ParamPerturbationSpec", "PerturbationSpec", "PropertySpec",
+    "GaussianTarget", "SquareTarget", "FileTarget", "TargetSpec", "BoundsSpec", "IbpSpec",
+    "AlphaCrownSpec", "GeneralSpec", "DatasetName", "ExplanationMethod", "TargetClass", "Norm",
+    "Kind", "Metric", "Normalize", "TargetType", "BoundMethod", "Dtype", "Combine", "IbpProduct",
+    "Device", "load_spec", "spec_from_dict", "dump_spec", "apply_overrides",
+]
