@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine (Python 3.11, pip, gcc): `make demo` and `make test`.
+# CPU torch is pinned by constraints.txt; use your own with `make CONSTRAINTS=my.txt ...`
+# (e.g. a CUDA build), or CONSTRAINTS=/dev/null for no pin.
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= constraints.txt
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.verigrad-installed
+DEMO_SPEC ?= specs/demo.yaml
+
+.PHONY: install demo test compare bench clean
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test]'
+	# auto-lirpa 0.3's metadata pins torch<1.13 (unresolvable on Python 3.11); its real
+	# needs are declared in setup.cfg, so install it without dependencies.
+	$(PY) -m pip install -q --no-deps auto-lirpa==0.3
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# exit code 3 (some property unknown) is an expected outcome of the demo, not a failure
+demo: $(STAMP)
+	$(VENV)/bin/verigrad verify $(DEMO_SPEC); code=$$?; [ $$code -eq 0 ] || [ $$code -eq 3 ]
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+compare: $(STAMP)
+	$(VENV)/bin/verigrad compare $(DEMO_SPEC); code=$$?; [ $$code -eq 0 ] || [ $$code -eq 3 ]
+
+bench: $(STAMP)
+	$(PY) tools/bench_bounds.py
+
+clean:
+	rm -rf $(VENV) results *.egg-info

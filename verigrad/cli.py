@@ -1,0 +1,114 @@
+"""``verigrad`` command line: parses arguments and calls the library, nothing more."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from verigrad.bounds import Method
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from verigrad.data import DataError
+    from verigrad.models.network import ModelError
+    from verigrad.spec import SpecError
+    from verigrad.verify import SetupError
+
+    return (SpecError, ModelError, DataError, SetupError)
+
+
+def _load(spec_path: str, methods, epsilon, start, end, device, dtype):
+    from verigrad.spec import apply_overrides, load_spec
+
+    spec = load_spec(spec_path)
+    return apply_overrides(spec, methods=list(methods) or None, epsilon=epsilon, start=start, end=end,
+                           device=device, dtype=dtype)
+
+
+def _overrides(f):
+    for opt in reversed([
+        click.option("--method", "methods", multiple=True, type=click.Choice([m.value for m in Method]),
+                     help="bound engine(s) to run, replacing bounds.methods (repeatable)"),
+        click.option("--epsilon", type=float, help="replace perturbation.input.epsilon"),
+        click.option("--start", type=int, help="replace data.start"),
+        click.option("--end", type=int, help="replace data.end"),
+        click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), help="replace general.device"),
+        click.option("--dtype", type=click.Choice(["float32", "float64"]), help="replace bounds.dtype"),
+        click.option("--out", type=click.Path(dir_okay=False), help="results JSON (default: RESULTS/<spec>.json)"),
+        click.option("--bounds-npz", type=click.Path(dir_okay=False),
+                     help="bound maps .npz (default: RESULTS/<spec>.npz)"),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _run(spec_path, methods, epsilon, start, end, device, dtype, out, bounds_npz, dump_config, table):
+    from verigrad import reports
+    from verigrad.spec import dump_spec
+    from verigrad.verify import prepare, verify
+
+    try:
+        spec = _load(spec_path, methods, epsilon, start, end, device, dtype)
+        if dump_config:
+            click.echo(dump_spec(spec), nl=False)
+            sys.exit(0)
+        problem = prepare(spec)
+    except _bad_input_errors() as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(int(reports.ExitCode.BAD_INPUT))
+    stem = Path(spec_path).stem
+    json_path = Path(out) if out else spec.general.results / f"{stem}.json"
+    npz_path = Path(bounds_npz) if bounds_npz else json_path.with_suffix(".npz")
+    writer = reports.ResultWriter(problem, json_path, npz_path)
+
+    def progress(r):
+        writer(r)
+        status = "ERROR" if r.error else " ".join(f"{k}={v.value}" for k, v in r.verdicts.items())
+        click.echo(f"[{r.index}] {status}", err=True)
+
+    results = verify(problem, on_instance=progress)
+    doc = writer.finish()
+    click.echo(table(problem, results))
+    for r in results:
+        if r.error:
+            kind = "INTERNAL ERROR" if r.internal_error else "error"
+            click.echo(f"{kind} on input {r.index}: {r.error}", err=True)
+    click.echo(f"results: {json_path}  bounds: {npz_path}", err=True)
+    sys.exit(doc["summary"]["exit_code"])
+
+
+@click.group()
+@click.version_option(package_name="verigrad")
+def main() -> None:
+    """Certify how far a network's saliency map can move over an input / parameter box."""
+
+
+@main.command()
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+@_overrides
+@click.option("--dump-config", is_flag=True, help="print the resolved spec (with overrides) and exit")
+def verify(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, dump_config):
+    """Bound the explanation of every input of SPEC and decide its properties.
+
+    Exit code: 0 all certified, 1 some falsified, 2 bad input, 3 some unknown,
+    4 an instance failed.
+    """
+    from verigrad.reports import verify_table
+
+    _run(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, dump_config, verify_table)
+
+
+@main.command()
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+@_overrides
+def compare(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz):
+    """Run ibp, crown and alpha-crown on SPEC and compare widths, verdicts and times."""
+    from verigrad.reports import compare_table
+
+    methods = methods or tuple(m.value for m in Method)
+    _run(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, False, compare_table)
+
+
+if __name__ == "__main__":
+    main()

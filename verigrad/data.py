@@ -1,0 +1,175 @@
+"""Datasets to certify on: built-in samples shipped with the package, or a user's ``.npz``.
+
+A dataset is a pair ``(x, y)``: ``x`` a float tensor of shape (N, *input_shape) and ``y`` a
+long tensor of N class labels. A user file is an ``.npz`` archive holding arrays named ``x``
+and ``y`` (``numpy.savez(path, x=..., y=...)``). Every problem with a file is reported as a
+:class:`DataError` naming the file and what is wrong, so the CLI can show it as is.
+"""
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["BUILTIN_DATASETS", "DataError", "BuiltinDataset", "load_dataset", "describe"]
+
+
+class DataError(ValueError):
+    """A dataset that cannot be loaded: unknown name, unreadable file, bad arrays or range."""
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    """A dataset shipped as package data under :mod:`verigrad.datasets`."""
+
+    name: str
+    resource: str  # file name inside the verigrad.datasets package
+    description: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    # The valid input range: certified boxes are clipped to it (MNIST pixels are in [0, 1]).
+    domain: tuple[float, float]
+
+
+_REGISTRY: dict[str, BuiltinDataset] = {
+    "mnist_sample": BuiltinDataset(
+        name="mnist_sample",
+        resource="mnist_sample.npz",
+        description=(
+            "100 real MNIST test images, 10 per class, labels interleaved 0..9; pixels in [0, 1]; "
+            "held out from the training of examples/models/*.onnx"
+        ),
+        input_shape=(1, 28, 28),
+        num_classes=10,
+        domain=(0.0, 1.0),
+    ),
+}
+
+BUILTIN_DATASETS: tuple[str, ...] = tuple(sorted(_REGISTRY))
+
+
+def builtin(name: str) -> BuiltinDataset:
+    """The registry entry for a built-in dataset name."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise DataError(
+            f"unknown built-in dataset {name!r}; available: {', '.join(BUILTIN_DATASETS)}"
+        ) from None
+
+
+def describe(name: str | None = None) -> str:
+    """One line per built-in dataset (or just ``name``'s): name, shape, classes, description."""
+    names = [builtin(name).name] if name is not None else list(BUILTIN_DATASETS)
+    lines = []
+    for n in names:
+        d = _REGISTRY[n]
+        shape = "×".join(map(str, d.input_shape))
+        lines.append(f"{n}: inputs {shape} in [{d.domain[0]:g}, {d.domain[1]:g}], "
+                     f"{d.num_classes} classes; {d.description}")
+    return "\n".join(lines)
+
+
+def load_dataset(
+    name: str | None = None,
+    path: str | Path | None = None,
+    start: int = 0,
+    end: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load samples ``start:end`` of a built-in dataset (``name``) or an ``.npz`` file (``path``).
+
+    Exactly one of ``name`` and ``path`` must be given. ``end=None`` means the last sample;
+    unlike Python slicing, a range that does not fit the data is an error, not silently
+    shortened, so a certificate never covers fewer samples than asked for.
+
+    Returns ``x`` as a float tensor (float64 kept if the file stores float64, float32
+    otherwise) and ``y`` as an int64 tensor; both are fresh, contiguous copies.
+
+    Raises:
+        DataError: unknown name, missing or unreadable file, missing ``x`` or ``y``, length
+            mismatch, non-integer or negative labels, non-finite inputs, bad range.
+    """
+    if (name is None) == (path is None):
+        raise DataError("give exactly one of a built-in dataset name and an .npz path")
+    if name is not None:
+        entry = builtin(name)
+        label = f"built-in dataset {name!r}"
+        ref = resources.files("verigrad.datasets").joinpath(entry.resource)
+        # as_file gives a real path even if the package is installed zipped.
+        with resources.as_file(ref) as real:
+            x, y = _read_npz(Path(real), label)
+    else:
+        p = Path(path)  # type: ignore[arg-type]
+        label = str(p)
+        x, y = _read_npz(p, label)
+
+    n = x.shape[0]
+    stop = n if end is None else end
+    if not (isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer))):
+        raise DataError(f"{label}: start and end must be integers, got {start!r} and {end!r}")
+    if start < 0 or stop > n or start >= stop:
+        raise DataError(
+            f"{label}: sample range {start}:{stop} is out of range; the dataset has {n} samples "
+            f"(need 0 <= start < end <= {n})"
+        )
+    xs = torch.from_numpy(np.ascontiguousarray(x[start:stop]))
+    ys = torch.from_numpy(np.ascontiguousarray(y[start:stop]).astype(np.int64))
+    return xs, ys
+
+
+def _read_npz(path: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate the ``x`` / ``y`` arrays of an .npz archive."""
+    if not path.exists():
+        raise DataError(f"{label}: no such file")
+    if not path.is_file():
+        raise DataError(f"{label}: not a file")
+    try:
+        # allow_pickle=False: a data file must never be able to run code on load.
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{label}: cannot read it as an .npz archive ({exc})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        # np.load also reads a bare .npy array: it has no x/y names to go by.
+        raise DataError(f"{label}: is a single .npy array, expected an .npz archive with arrays 'x' and 'y'")
+    with archive:
+        missing = [k for k in ("x", "y") if k not in archive.files]
+        if missing:
+            raise DataError(
+                f"{label}: missing array(s) {', '.join(repr(k) for k in missing)}; the archive has "
+                f"{archive.files or 'no arrays'} (save with numpy.savez(path, x=..., y=...))"
+            )
+        try:
+            x, y = archive["x"], archive["y"]
+        except (ValueError, OSError, zipfile.BadZipFile) as exc:
+            # object arrays need pickle, which is refused; a truncated member fails here too.
+            raise DataError(f"{label}: cannot read arrays 'x'/'y' ({exc})") from None
+
+    if x.ndim < 2:
+        raise DataError(f"{label}: 'x' must have shape (N, *input_shape), got {x.shape}")
+    if y.ndim != 1:
+        raise DataError(f"{label}: 'y' must be one label per sample, shape (N,), got {y.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise DataError(f"{label}: length mismatch: 'x' has {x.shape[0]} samples, 'y' has {y.shape[0]}")
+    if x.shape[0] == 0:
+        raise DataError(f"{label}: the dataset is empty")
+    # bool labels are rejected too (np.bool_ is not a numpy integer type): likely a mask.
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{label}: 'y' must hold integer class labels, got dtype {y.dtype}")
+    if y.min() < 0:
+        raise DataError(f"{label}: 'y' has negative labels (min {int(y.min())})")
+    if np.issubdtype(x.dtype, np.floating):
+        if x.dtype != np.float64:
+            x = x.astype(np.float32)  # float16 too: torch bound engines work in 32/64 bits
+    elif np.issubdtype(x.dtype, np.integer):
+        # Raw integers (e.g. uint8 pixels) are taken at face value, not rescaled: the
+        # model's input domain is the user's to state, and guessing 1/255 could be wrong.
+        x = x.astype(np.float32)
+    else:
+        raise DataError(f"{label}: 'x' must be numeric, got dtype {x.dtype}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{label}: 'x' contains NaN or infinite values")
+    return x, y

@@ -1,0 +1,217 @@
+"""Results as data: the JSON document (schema ``verigrad.results/1``, see docs/results-schema.md),
+bound maps as ``.npz``, and the text tables the CLI prints.
+
+Writers are incremental: after every instance the JSON and npz files are rewritten
+atomically, so nothing already computed is lost if a later instance fails or the run dies.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from verigrad.properties import Property, Verdict, direction_text
+from verigrad.verify import COMBINED, InstanceResult, Problem
+
+SCHEMA = "verigrad.results/1"
+
+
+class ExitCode(IntEnum):
+    """Process exit codes of ``verigrad verify`` (CI acts on them)."""
+
+    CERTIFIED = 0  # every property certified on every instance
+    FALSIFIED = 1  # some property falsified
+    BAD_INPUT = 2  # invalid spec, model or data
+    UNKNOWN = 3  # some property neither certified nor falsified
+    ERROR = 4  # an instance failed (including a detected soundness failure)
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    import verigrad
+
+    out = {"verigrad": verigrad.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        from importlib.metadata import version
+
+        out["auto_LiRPA"] = version("auto-LiRPA")
+    except Exception:  # noqa: BLE001 - optional dependency, absent is fine
+        out["auto_LiRPA"] = "not installed"
+    return out
+
+
+def exit_code(results: Sequence[InstanceResult]) -> ExitCode:
+    if any(r.error is not None for r in results):
+        return ExitCode.ERROR
+    verdicts = [v for r in results for v in r.verdicts.values()]
+    if Verdict.FALSIFIED in verdicts:
+        return ExitCode.FALSIFIED
+    if Verdict.UNKNOWN in verdicts:
+        return ExitCode.UNKNOWN
+    return ExitCode.CERTIFIED
+
+
+def summary(problem: Problem, results: Sequence[InstanceResult]) -> dict:
+    """Per engine: instances run, mean width, mean time, and per property the counts of each
+    verdict; plus the overall counts over the best-of-engines verdicts."""
+    ok = [r for r in results if r.error is None]
+    engines: dict[str, dict] = {}
+    names = [p.name for p in problem.properties]
+    for r in ok:
+        for e in r.engines:
+            s = engines.setdefault(e.method, {"instances": 0, "width_sum": 0.0, "time_sum": 0.0,
+                                              "fallbacks": 0, "properties": {}})
+            s["instances"] += 1
+            s["width_sum"] += e.mean_width
+            s["time_sum"] += e.time_s
+            s["fallbacks"] += e.actual_method != e.method and e.method != COMBINED
+            for pr in e.properties:
+                c = s["properties"].setdefault(pr.name, {v.value: 0 for v in Verdict})
+                c[pr.verdict.value] += 1
+    per_engine = {
+        m: {
+            "instances": s["instances"],
+            "mean_width": s["width_sum"] / s["instances"],
+            "time_per_instance_s": s["time_sum"] / s["instances"],
+            "fallbacks_to_ibp": s["fallbacks"],
+            "properties": s["properties"],
+        }
+        for m, s in engines.items()
+    }
+    overall = {n: {v.value: sum(r.verdicts.get(n) == v for r in ok) for v in Verdict} for n in names}
+    return {
+        "instances": len(results),
+        "errors": sum(r.error is not None for r in results),
+        "per_engine": per_engine,
+        "per_property": overall,
+        "exit_code": int(exit_code(results)),
+    }
+
+
+def _describe(p: Property) -> dict:
+    return {"name": p.name, "kind": p.kind.value, "metric": p.metric.value, "threshold": p.threshold,
+            "normalize": p.normalize.value, "direction": direction_text(p)}
+
+
+def results_document(problem: Problem, results: Sequence[InstanceResult], started: str, complete: bool) -> dict:
+    spec = problem.spec
+    return {
+        "schema": SCHEMA,
+        "complete": complete,
+        "started": started,
+        "spec": {"source": spec.source, "sha256": spec.hash(), "resolved": spec.to_dict()},
+        "versions": versions(),
+        "device": str(problem.device),
+        "dtype": str(problem.dtype).replace("torch.", ""),
+        "methods": [m.value for m in problem.methods],
+        "properties": [_describe(p) for p in problem.properties],
+        "instances": [r.to_dict() for r in results],
+        "summary": summary(problem, results),
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def npz_arrays(results: Sequence[InstanceResult]) -> dict[str, np.ndarray]:
+    """Keys ``i{index}/explanation`` (the map at the box centre) and
+    ``i{index}/{engine}/lower`` / ``upper`` (same shape as the input)."""
+    out: dict[str, np.ndarray] = {}
+    for r in results:
+        if r.explanation is not None:
+            out[f"i{r.index}/explanation"] = r.explanation.numpy()
+        for e in r.engines:
+            out[f"i{r.index}/{e.method}/lower"] = e.bounds.lower[0].detach().cpu().numpy()
+            out[f"i{r.index}/{e.method}/upper"] = e.bounds.upper[0].detach().cpu().numpy()
+    return out
+
+
+@dataclass
+class ResultWriter:
+    """Rewrites the JSON (and npz) after every instance; call ``finish`` at the end."""
+
+    problem: Problem
+    json_path: Path
+    npz_path: Path | None
+    results: list[InstanceResult] = field(default_factory=list)
+    started: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def __call__(self, r: InstanceResult) -> None:
+        self.results.append(r)
+        self._write(complete=False)
+
+    def finish(self) -> dict:
+        return self._write(complete=True)
+
+    def _write(self, complete: bool) -> dict:
+        doc = results_document(self.problem, self.results, self.started, complete)
+        _atomic_write(self.json_path, lambda p: Path(p).write_text(json.dumps(doc, indent=1)))
+        if self.npz_path is not None:
+            arrays = npz_arrays(self.results)
+            _atomic_write(self.npz_path, lambda p: np.savez_compressed(open(p, "wb"), **arrays))
+        return doc
+
+
+# ---------------------------------------------------------------------------------------
+# Text tables
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def verify_table(problem: Problem, results: Sequence[InstanceResult]) -> str:
+    """One row per instance × engine: prediction, then per property the verdict and the
+    certified worst-case value."""
+    names = [p.name for p in problem.properties]
+    header = ["input", "label", "pred", "engine", "time(s)", "width"] + names
+    rows = []
+    for r in results:
+        if r.error is not None:
+            rows.append([str(r.index), str(r.label), "-", "ERROR", "-", "-", r.error.splitlines()[-1][:80]])
+            continue
+        for e in r.engines:
+            eng = e.method if e.actual_method == e.method or e.method == COMBINED else f"{e.method}->{e.actual_method}"
+            cells = [f"{pr.verdict.value} {pr.worst_case:.4g}" for pr in e.properties]
+            rows.append([str(r.index), str(r.label), str(r.prediction), eng, f"{e.time_s:.3f}",
+                         f"{e.mean_width:.4g}"] + cells)
+    return _table(header, rows)
+
+
+def compare_table(problem: Problem, results: Sequence[InstanceResult]) -> str:
+    """Per engine: mean width, width ratio against ibp, time per instance, certified fraction
+    per property."""
+    s = summary(problem, results)["per_engine"]
+    names = [p.name for p in problem.properties]
+    base = s.get("ibp", {}).get("mean_width")
+    header = ["engine", "mean width", "width/ibp", "time/inst (s)", "fallbacks"] + [f"cert {n}" for n in names]
+    rows = []
+    for m, e in s.items():
+        ratio = f"{e['mean_width'] / base:.4f}" if base else "-"
+        fr = []
+        for n in names:
+            c = e["properties"].get(n, {})
+            tot = sum(c.values()) or 1
+            fr.append(f"{c.get('certified', 0) / tot:.2f}")
+        rows.append([m, f"{e['mean_width']:.4g}", ratio, f"{e['time_per_instance_s']:.3f}", str(e["fallbacks_to_ibp"])] + fr)
+    return _table(header, rows)
