@@ -13,7 +13,7 @@ import verigrad.verify as vmod
 from verigrad.bounds import Bounds, EngineResult
 from verigrad.cli import main
 from verigrad.reports import SCHEMA, ExitCode, ResultWriter
-from verigrad.spec import load_spec, spec_from_dict
+from verigrad.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 FC = str(ROOT / "examples/models/mnist_fc.onnx")

@@ -9,7 +9,6 @@ Interval × interval (parameter boxes) uses either
 """
 from __future__ import annotations
 
-import math
 from enum import Enum
 from typing import TYPE_CHECKING, Callable
 

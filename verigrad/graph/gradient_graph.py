@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from verigrad.graph import ops
-from verigrad.models.network import ActKind, Activation, Conv2d, Linear, Network, Reshape, conv_transpose
+from verigrad.models.network import ActKind, Activation, Conv2d, Linear, Network, Reshape
 
 
 class Output(str, Enum):
@@ -60,6 +60,34 @@ def _act_grad(layer: Activation, z: torch.Tensor, g: torch.Tensor) -> torch.Tens
     raise ValueError(f"layer {layer.name!r}: no gradient rule for activation {k}")
 
 
+def _conv_backward(g: torch.Tensor, weight: torch.Tensor, layer: Conv2d, in_shape: tuple[int, ...],
+                   embed: torch.Tensor | None) -> torch.Tensor:
+    """Wᵀ g for a zero-padded conv, as ops auto_LiRPA 0.3 can bound: a transposed conv with
+    padding 0 and output_padding 0 (its ConvTranspose asserts both); when the stride leaves
+    input rows the forward never read (``layer.output_padding``), a second transposed conv with
+    the constant kernel ``embed`` (identity at its top-left tap) appends those zero rows — a
+    Pad node would reach auto_LiRPA in a form it cannot read; then the crop of the padding.
+    Equal to ``network.conv_transpose``."""
+    _, h, w = in_shape
+    ph, pw = layer.padding
+    full = F.conv_transpose2d(g, weight, None, layer.stride, 0)
+    if embed is not None:
+        full = F.conv_transpose2d(full, embed)
+    return full[:, :, ph : ph + h, pw : pw + w]
+
+
+def _zero_row_embedding(layer: Conv2d, in_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """Kernel E (C, C, 1 + e_h, 1 + e_w) with E[c, c, 0, 0] = 1: conv_transpose2d(t, E) is t
+    followed by e_h zero rows and e_w zero columns."""
+    eh, ew = layer.output_padding(in_shape)
+    if eh == 0 and ew == 0:
+        return None
+    c = in_shape[0]
+    e = torch.zeros(c, c, 1 + eh, 1 + ew, dtype=layer.weight.dtype, device=layer.weight.device)
+    e[torch.arange(c), torch.arange(c), 0, 0] = 1
+    return e
+
+
 def _act_forward(layer: Activation, z: torch.Tensor) -> torch.Tensor:
     if layer.kind == ActKind.SOFTPLUS:
         return ops.softplus(z, layer.param)
@@ -94,6 +122,10 @@ class GradientGraph(nn.Module):
                 self.register_parameter(f"w{i}", nn.Parameter(layer.weight.detach().clone(), requires_grad=False))
                 self.register_parameter(f"b{i}", nn.Parameter(layer.bias.detach().clone(), requires_grad=False))
                 self.param_names[layer.name] = (f"w{i}", f"b{i}")
+            if isinstance(layer, Conv2d):
+                embed = _zero_row_embedding(layer, net.shapes[i])
+                if embed is not None:
+                    self.register_buffer(f"embed{i}", embed)
         last = net.layers[-1]
         self._row_seed = self.output == Output.LOGIT and isinstance(last, Linear)
         if self._row_seed:
@@ -105,6 +137,12 @@ class GradientGraph(nn.Module):
         else:
             onehot = F.one_hot(torch.tensor([self.target]), net.num_classes).to(net.dtype)
             self.register_buffer("onehot", onehot.to(net.device))
+
+    @property
+    def uses_row_seed(self) -> bool:
+        """True when the backward pass starts from the row W_L[c] (logit output, Linear last
+        layer); ``forward`` then accepts per-sample seed rows."""
+        return self._row_seed
 
     def _affine_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
         layer = self.net.layers[i]
@@ -119,9 +157,12 @@ class GradientGraph(nn.Module):
         if isinstance(layer, Linear):
             return torch.matmul(g, w)
         in_shape = self.net.shapes[i]
-        return conv_transpose(g, w, layer.stride, layer.padding, layer.output_padding(in_shape), in_shape)
+        return _conv_backward(g, w, layer, in_shape, getattr(self, f"embed{i}", None))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seed: torch.Tensor | None = None) -> torch.Tensor:
+        """v = ∂o/∂x for each sample of x. ``seed`` (row-seed graphs only): per-sample rows
+        (B, n) replacing ``seed_row`` — a bound engine passes it as a second input so that it is
+        batched like x (and can carry its own box when the last layer is perturbed)."""
         layers = self.net.layers
         n = len(layers)
         stop = n - 1 if self._row_seed else n
@@ -136,8 +177,10 @@ class GradientGraph(nn.Module):
                 h = layer.forward(h)
             else:
                 h = self._affine_forward(i, h)
+        if seed is not None and not self._row_seed:
+            raise ValueError("a seed can only be given to a row-seed graph (logit output, Linear last layer)")
         if self._row_seed:
-            g = self.seed_row.expand(x.shape[0], -1) if self.seed_row.shape[0] != x.shape[0] else self.seed_row
+            g = self.seed_row.expand(x.shape[0], -1) if seed is None else seed
         else:
             logits = h.reshape(h.shape[0], -1)
             if self.output == Output.LOGIT:

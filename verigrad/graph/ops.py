@@ -10,9 +10,39 @@ import torch
 import torch.nn.functional as F
 
 
+class ReluGrad(torch.autograd.Function):
+    """h = 1[z > 0] · g as ONE traced node.
+
+    Written as a plain expression, the tracer would emit Greater/Cast/Mul and a bound engine
+    would see a comparison of a perturbed tensor; as a Function with an ONNX ``symbolic`` it
+    appears as the single custom node ``verigrad::ReluGrad(z, g)`` that the auto_LiRPA adapter
+    relaxes jointly in (z, g). Autograd semantics are those of the plain expression:
+    ∂h/∂g = 1[z > 0], ∂h/∂z = 0 (almost everywhere)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        mask = (z > 0).to(g.dtype)
+        ctx.save_for_backward(mask)
+        return mask * g
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        # no gradient to z, as for the plain expression (the comparison is not differentiable)
+        return None, mask * grad
+
+    @staticmethod
+    def symbolic(graph, z, g):  # ONNX export hook used by the tracer of bound engines
+        out = graph.op("verigrad::ReluGrad", z, g)
+        out.setType(g.type())  # same shape and dtype as g (spares the exporter's shape inference)
+        return out
+
+
 def relu_grad(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """1[z > 0] · g."""
-    return (z > 0).to(g.dtype) * g
+    """1[z > 0] · g (one custom node when traced, see :class:`ReluGrad`)."""
+    if z.shape != g.shape:  # keep the broadcasting of the plain expression
+        z, g = torch.broadcast_tensors(z, g)
+    return ReluGrad.apply(z, g)
 
 
 def leaky_relu_grad(z: torch.Tensor, g: torch.Tensor, slope: float) -> torch.Tensor:

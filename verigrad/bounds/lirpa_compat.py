@@ -1,0 +1,156 @@
+"""Compatibility shim: make auto_LiRPA 0.3 (written for torch 1.12 / numpy 1) import and
+run on torch 2.13 / 2.14 and numpy 2.
+
+Use :func:`import_auto_lirpa` instead of ``import auto_LiRPA``: it applies the fixes that
+must precede the import, imports the package, then patches its classes. Idempotent.
+
+Fixes (field notes §3):
+1. ``torch.onnx.symbolic_helper._set_opset_version`` was removed: re-created as a setter of
+   the TorchScript exporter's ``GLOBALS.export_onnx_opset_version``.
+2. ``torch._C.Node`` lost ``__getitem__`` (attribute access by name): re-added through the
+   typed getter named by ``node.kindOf(name)``.
+3. ``nn.Module._named_members`` is now called with ``remove_duplicate=``; auto_LiRPA's
+   override does not accept it: wrapped to accept and drop the keyword.
+4. torch 2.14 gives clamp a zero gradient AT its bounds. auto_LiRPA clamps ReLU alphas that
+   start exactly at 0 or 1, so alpha-CROWN would silently stay equal to CROWN. Detected at
+   import; when present, the clamp used on alphas is replaced by one whose gradient passes
+   (alphas are projected into [0, 1] after every step anyway, so values are unchanged).
+5. numpy 2 removed ``numpy.lib.arraysetops``: aliased to a module providing ``isin``.
+"""
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+_DONE = False
+# names of the fixes applied in this process (for diagnostics and tests)
+APPLIED: list[str] = []
+
+
+def clamp_blocks_gradient_at_bounds() -> bool:
+    """True when d clamp(x, 0, 1)/dx is 0 at x = 0 or x = 1 (torch 2.14 behaviour)."""
+    x = torch.tensor([0.0, 1.0], requires_grad=True)
+    with torch.enable_grad():
+        x.clamp(0.0, 1.0).sum().backward()
+    assert x.grad is not None
+    return bool((x.grad == 0).any())
+
+
+def passthrough_clamp(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Value clamp(x, lo, hi) with gradient 1 everywhere (straight-through): an alpha that
+    sits exactly on a bound can still move inward."""
+    return x + (x.clamp(lo, hi) - x).detach()
+
+
+def _fix_opset_setter() -> None:
+    import torch.onnx.symbolic_helper as sh
+
+    if hasattr(sh, "_set_opset_version"):
+        return
+    try:
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:  # older layouts kept GLOBALS here
+        from torch.onnx._globals import GLOBALS  # type: ignore[no-redef]
+
+    def _set_opset_version(opset_version: int) -> None:
+        GLOBALS.export_onnx_opset_version = opset_version
+
+    sh._set_opset_version = _set_opset_version  # type: ignore[attr-defined]
+    APPLIED.append("opset_setter")
+
+
+def _fix_node_getitem() -> None:
+    node_cls = torch._C.Node
+    if hasattr(node_cls, "__getitem__"):
+        return
+
+    def __getitem__(self: Any, key: str) -> Any:
+        # kindOf gives the attribute's type tag ('i', 'f', 's', 't', 'is', ...); the node
+        # has a getter method of that name
+        return getattr(self, self.kindOf(key))(key)
+
+    node_cls.__getitem__ = __getitem__  # type: ignore[attr-defined]
+    APPLIED.append("node_getitem")
+
+
+def _fix_numpy_arraysetops() -> None:
+    try:
+        import numpy.lib.arraysetops  # noqa: F401
+        return
+    except ImportError:
+        pass
+    mod = types.ModuleType("numpy.lib.arraysetops")
+    mod.isin = np.isin  # type: ignore[attr-defined]
+    sys.modules["numpy.lib.arraysetops"] = mod
+    APPLIED.append("numpy_arraysetops")
+
+
+def _fix_named_members(bounded_module_cls: type) -> None:
+    orig: Callable[..., Any] = bounded_module_cls._named_members
+    if getattr(orig, "_verigrad_wrapped", False):
+        return
+
+    def _named_members(self: Any, get_members_fn: Any, prefix: str = "", recurse: bool = True,
+                       remove_duplicate: bool = True) -> Any:
+        # auto_LiRPA's override always removes duplicates, which is what callers ask for by default
+        return orig(self, get_members_fn, prefix, recurse)
+
+    _named_members._verigrad_wrapped = True  # type: ignore[attr-defined]
+    bounded_module_cls._named_members = _named_members
+    APPLIED.append("named_members")
+
+
+def _relu_mask_alpha_passthrough(lower: torch.Tensor, upper: torch.Tensor, lb_lower_d: torch.Tensor | None,
+                                 ub_lower_d: torch.Tensor | None):
+    """BoundRelu's alpha masking (stable neurons get slope 1 or 0, unstable ones alpha),
+    with the straight-through clamp so gradients reach alphas sitting at 0 or 1."""
+    lower_mask = (lower >= 0).to(lower.dtype)
+    upper_mask = upper <= 0
+    zero_coeffs = upper_mask.all()
+    unstable = (1.0 - lower_mask) * (1.0 - upper_mask.to(upper.dtype))
+    if lb_lower_d is not None:
+        lb_lower_d = passthrough_clamp(lb_lower_d, 0.0, 1.0) * unstable + lower_mask
+    if ub_lower_d is not None:
+        ub_lower_d = passthrough_clamp(ub_lower_d, 0.0, 1.0) * unstable + lower_mask
+    return lb_lower_d, ub_lower_d, zero_coeffs
+
+
+def _fix_alpha_clamp(bound_relu_cls: type, force: bool = False) -> None:
+    if not (force or clamp_blocks_gradient_at_bounds()):
+        return
+    if getattr(bound_relu_cls._relu_mask_alpha, "_verigrad_wrapped", False):
+        return
+    fn = staticmethod(_relu_mask_alpha_passthrough)
+    _relu_mask_alpha_passthrough._verigrad_wrapped = True  # type: ignore[attr-defined]
+    bound_relu_cls._relu_mask_alpha = fn
+    APPLIED.append("alpha_clamp")
+
+
+def import_auto_lirpa() -> types.ModuleType:
+    """Apply the fixes and return the ``auto_LiRPA`` package (idempotent)."""
+    global _DONE
+    if _DONE:
+        return sys.modules["auto_LiRPA"]
+    _fix_opset_setter()
+    _fix_node_getitem()
+    _fix_numpy_arraysetops()
+    # auto_LiRPA decorates helpers with torch.jit.script (deprecated in torch 2.x) and calls
+    # warnings.simplefilter('once') at import, which would change the filters of the whole
+    # process: import under catch_warnings (restores the filters), drop the jit deprecations
+    # and pass any other warning on
+    with warnings.catch_warnings(record=True) as caught:
+        import auto_LiRPA
+        from auto_LiRPA.operators import BoundRelu
+    for w in caught:
+        if not (issubclass(w.category, DeprecationWarning) and "torch.jit.script" in str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    _fix_named_members(auto_LiRPA.BoundedModule)
+    _fix_alpha_clamp(BoundRelu)
+    _DONE = True
+    return auto_LiRPA
