@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import ACT_IDS, ACTS, box_points, random_cnn, random_mlp
+from tests.helpers import ACT_IDS, ACTS, box_points, random_cnn, random_mlp, sample_network
 from verigrad.bounds.base import Bounds, EngineUnsupported
 from verigrad.bounds.lirpa import CrownOptions, crown_bounds
 from verigrad.bounds.lirpa_compat import (
@@ -14,7 +14,8 @@ from verigrad.bounds.lirpa_compat import (
     clamp_blocks_gradient_at_bounds,
     passthrough_clamp,
 )
-from verigrad.bounds.lirpa_ops import relu_grad_planes, softmax_interval, softplus_exact, softplus_planes
+from verigrad.bounds.ibp import softmax_bounds as softmax_interval
+from verigrad.bounds.lirpa_ops import relu_grad_planes, softplus_exact, softplus_planes
 from verigrad.graph.gradient_graph import GradientGraph, Output, saliency
 from verigrad.models.network import ActKind, Activation, Conv2d, Linear, Network, Reshape
 from verigrad.perturbation import LayerParamBox, ParamBox, input_box, param_box
@@ -38,24 +39,6 @@ def _assert_contains(bounds: Bounds, v: torch.Tensor, tol: float = TOL) -> None:
     below = (lo - v).clamp(min=0).max().item()
     above = (v - up).clamp(min=0).max().item()
     assert below <= tol and above <= tol, f"gradient leaves the bounds by {max(below, above):.3e}"
-
-
-def _sample_network(net: Network, params: ParamBox, gen: torch.Generator, corner: bool) -> Network:
-    """A network with every boxed parameter drawn inside its box (uniform, or a random corner)."""
-
-    def draw(b: Bounds) -> torch.Tensor:
-        u = torch.rand(b.lower.shape, generator=gen, dtype=b.lower.dtype)
-        if corner:
-            u = (u > 0.5).to(u.dtype)
-        return b.lower + u * (b.upper - b.lower)
-
-    layers = []
-    for layer in net.layers:
-        if isinstance(layer, Linear) and layer.name in params:
-            lb = params.layers[layer.name]
-            layer = Linear(layer.name, draw(lb.weight), draw(lb.bias))
-        layers.append(layer)
-    return Network(tuple(layers), net.input_shape, net.source)
 
 
 # ---------------------------------------------------------------- input boxes
@@ -209,7 +192,7 @@ def _check_param_box(net, box, params, target, output, n_nets=40, n_points=25, a
     gen = torch.Generator().manual_seed(21)
     pts = box_points(box, n_points // 2, n_points - n_points // 2 - 1, seed=22)
     for k in range(n_nets):
-        sampled = _sample_network(net, params, gen, corner=k % 2 == 1)
+        sampled = sample_network(net, params, gen, corner=k % 2 == 1)
         _assert_contains(res.bounds, saliency(sampled, pts, target.expand(pts.shape[0]), output))
     return res
 

@@ -181,15 +181,17 @@ def _affine_backward(
     return _bilinear_midrad(lambda a, m: conv_transpose(a, m, layer.stride, layer.padding, op, in_shape), g, w)
 
 
-def softmax_bounds(lo: torch.Tensor, up: torch.Tensor) -> Interval:
-    """p_i = softmax(z)_i over z ∈ [lo, up]: p_i is increasing in z_i and decreasing in z_j,
-    so p_i ≥ sigmoid(l_i − LSE_{j≠i} u_j) and p_i ≤ sigmoid(u_i − LSE_{j≠i} l_j) (tight)."""
-    k = lo.shape[1]
+def softmax_bounds(lo: torch.Tensor, up: torch.Tensor, dim: int = 1) -> Interval:
+    """p_i = softmax(z)_i over z ∈ [lo, up] (along ``dim``): p_i is increasing in z_i and
+    decreasing in z_j, so p_i ≥ sigmoid(l_i − LSE_{j≠i} u_j) and p_i ≤ sigmoid(u_i − LSE_{j≠i} l_j)
+    (tight: each end is attained at a corner)."""
+    lo_m, up_m = lo.movedim(dim, -1), up.movedim(dim, -1)
+    k = lo_m.shape[-1]
     eye = torch.eye(k, dtype=torch.bool, device=lo.device)
     neg_inf = torch.tensor(float("-inf"), dtype=lo.dtype, device=lo.device)
-    others_u = torch.logsumexp(torch.where(eye, neg_inf, up[:, None, :]), dim=2)
-    others_l = torch.logsumexp(torch.where(eye, neg_inf, lo[:, None, :]), dim=2)
-    return torch.sigmoid(lo - others_u), torch.sigmoid(up - others_l)
+    others_u = torch.logsumexp(torch.where(eye, neg_inf, up_m.unsqueeze(-2)), dim=-1)
+    others_l = torch.logsumexp(torch.where(eye, neg_inf, lo_m.unsqueeze(-2)), dim=-1)
+    return torch.sigmoid(lo_m - others_u).movedim(-1, dim), torch.sigmoid(up_m - others_l).movedim(-1, dim)
 
 
 def ibp_bounds(

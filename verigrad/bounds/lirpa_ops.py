@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from verigrad.bounds.lirpa_compat import import_auto_lirpa
+from verigrad.bounds.ibp import softmax_bounds
 
 import_auto_lirpa()
 from auto_LiRPA.operators import Bound, BoundActivation, BoundOptimizableActivation  # noqa: E402
@@ -212,24 +213,9 @@ class BoundSoftplusRelaxed(BoundActivation):
         self.add_linear_relaxation(mask=None, type="upper", k=uk, x0=torch.zeros_like(ub), y0=ub)
 
 
-def softmax_interval(lo: Tensor, hi: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """Exact elementwise range of softmax over the box [lo, hi]: p_i = 1 / (1 + Σ_{j≠i} e^{z_j − z_i})
-    is increasing in z_i and decreasing in every z_j, so its minimum takes z_i = lo_i and the
-    others at hi (maximum: the reverse). Evaluated as exp(z_i − logsumexp(...)) for stability."""
-    lo_m, hi_m = lo.movedim(dim, -1), hi.movedim(dim, -1)
-    n = lo_m.shape[-1]
-    eye = torch.eye(n, dtype=torch.bool, device=lo.device)
-    # row i of the (…, n, n) matrix: the logits with entry i replaced
-    worst = torch.where(eye, lo_m.unsqueeze(-2), hi_m.unsqueeze(-2))
-    best = torch.where(eye, hi_m.unsqueeze(-2), lo_m.unsqueeze(-2))
-    p_lo = torch.exp(lo_m - torch.logsumexp(worst, dim=-1))
-    p_hi = torch.exp(hi_m - torch.logsumexp(best, dim=-1))
-    return p_lo.movedim(-1, dim), p_hi.movedim(-1, dim).clamp(max=1.0)
-
-
 class BoundSoftmaxBox(Bound):
     """``onnx::Softmax`` (the cross-entropy seed softmax(z) − e_c) relaxed by constant planes:
-    the exact range of each p_i over the logit box (softmax_interval). Sound and exact at a point;
+    the exact range of each p_i over the logit box (ibp.softmax_bounds). Sound and exact at a point;
     it ignores the correlation between logits. auto_LiRPA 0.3's own Softmax is rewritten with
     ReduceMax, which it cannot bound backward."""
 
@@ -243,10 +229,10 @@ class BoundSoftmaxBox(Bound):
 
     def interval_propagate(self, *v: Any) -> tuple[Tensor, Tensor]:
         lo, hi = v[0]
-        return softmax_interval(lo, hi, self.axis)
+        return softmax_bounds(lo, hi, self.axis)
 
     def bound_backward(self, last_lA: Any, last_uA: Any, x: Any, **kwargs: Any) -> Any:
-        p_lo, p_hi = softmax_interval(x.lower, x.upper, self.axis)
+        p_lo, p_hi = softmax_bounds(x.lower, x.upper, self.axis)
 
         def bias(A: Any, lower: bool) -> Tensor | float:
             if A is None:
