@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from verigrad import properties as props
-from verigrad.bounds import Bounds, EngineOptions, Method, compute_bounds
+from verigrad.bounds import Bounds, BoundsError, EngineOptions, Method, compute_bounds
 from verigrad.data import load_dataset
 from verigrad.graph.gradient_graph import Output, saliency
 from verigrad.models import load_model
@@ -228,7 +228,8 @@ def verify(
         try:
             r = verify_instance(problem, i)
         except Exception as e:  # noqa: BLE001 - isolate one instance's failure, report it
-            internal = isinstance(e, SoundnessError) or not isinstance(e, (ValueError, KeyError))
+            # inverted bounds or a centre outside them are verigrad bugs, whatever their base class
+            internal = isinstance(e, (SoundnessError, BoundsError)) or not isinstance(e, (ValueError, KeyError))
             detail = "".join(traceback.format_exception_only(type(e), e)).strip()
             r = InstanceResult(i + problem.spec.data.start, int(problem.y[i]), error=detail, internal_error=internal)
         out.append(r)
