@@ -301,19 +301,6 @@ class Network:
                 new.append(l)
         return Network(tuple(new), self.input_shape, self.source)
 
-    def to_torch(self) -> torch.nn.Module:
-        """An equivalent ``nn.Sequential`` (for autograd references and exports)."""
-        return _TorchChain(self)
-
-
-class _TorchChain(torch.nn.Module):
-    def __init__(self, net: Network) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.forward(x)
-
 
 def chain(layers: Sequence[Layer], input_shape: Sequence[int], source: str = "<module>") -> Network:
     """Build a :class:`Network`, validating shapes layer by layer."""
