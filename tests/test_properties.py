@@ -30,7 +30,8 @@ F64 = torch.float64
 TOL = 1e-9
 LP = [Metric.L1, Metric.L2, Metric.LINF]
 # every metric × kind × normalization that the spec allows (cosine only without normalization)
-COMBOS = [(k, m, n) for k in Kind for m in LP for n in Normalize] + [(k, Metric.COSINE, Normalize.NONE) for k in Kind]
+MKINDS = [Kind.UNTARGETED, Kind.TARGETED]  # the kinds that compare maps with a metric
+COMBOS = [(k, m, n) for k in MKINDS for m in LP for n in Normalize] + [(k, Metric.COSINE, Normalize.NONE) for k in MKINDS]
 COMBO_IDS = [f"{k.value}-{m.value}-{n.value}" for k, m, n in COMBOS]
 
 
@@ -125,7 +126,8 @@ def test_decide_and_result():
 
 
 def test_registry_and_errors():
-    assert set(RULES) == {(k, m) for k in Kind for m in Metric}
+    assert set(RULES) == {(k, m) for k in MKINDS for m in Metric} | {(Kind.TOPK, None), (Kind.SIGN, None),
+                                                                     (Kind.FEATURE_BOUND, None)}
     with pytest.raises(ValueError, match="no property rule.*'hamming'"):
         rule_for("untargeted", "hamming")
     with pytest.raises(ValueError, match="scale-invariant"):
@@ -353,3 +355,147 @@ def test_property_from_spec(tmp_path):
     assert p.name == "blob" and p.target is not None and p.target.shape == (1, 5, 5)
     assert "N(v)" in evaluate(p, torch.zeros(1, 1, 5, 5, dtype=F64),
                               Bounds.point(torch.ones(1, 1, 5, 5, dtype=F64)))[0].direction
+
+
+# ----------------------------------------------------------------------------------------
+# top-k, sign, feature bound
+
+
+def rank_prop(kind: str, threshold: float, k=None, features=None) -> Property:
+    return Property("r", kind, None, threshold, k=k, features=features)
+
+
+def test_topk_by_hand():
+    # |v0| = (3, 2, .5, .1): top-2 = {0, 1}. |v| ranges: [2.5,3.5], [0,2.5], [0,1], [.1,.1].
+    # feature 0: rivals with a⁺ ≥ 2.5 besides itself: feature 1 (2.5) → 1 ≤ k−1: guaranteed.
+    # feature 1: a⁻ = 0, every other feature can tie: not guaranteed. Worst overlap = 1/2.
+    v0 = t64([3.0, -2.0, 0.5, 0.1])
+    box = Bounds(t64([2.5, -2.5, -1.0, 0.1]), t64([3.5, 0.0, 0.5, 0.1]))
+    p = rank_prop("topk", 0.5, k=2)
+    assert worst_case(p, v0, box).item() == 0.5
+    assert decide(p, worst_case(p, v0, box)) == [Verdict.CERTIFIED]
+    # attained: v = (3, 0, 1, .1) has top-2 {0, 2}
+    assert metric(p, v0, t64([3.0, 0.0, -1.0, 0.1])).item() == 0.5
+    assert metric(p, v0, v0).item() == 1.0
+
+
+def test_sign_and_feature_bound_by_hand():
+    v0 = t64([1.0, -1.0, 0.0, 2.0])
+    box = Bounds(t64([0.0, -2.0, 0.0, 1.0]), t64([2.0, 0.5, 0.0, 3.0]))
+    # feature 0 can reach 0 (flip: sign 0 ≠ 1), 1 can reach +.5, 2 is pinned at 0, 3 stays > 0
+    assert worst_case(rank_prop("sign", 0.0, features=None), v0, box).item() == 2
+    assert worst_case(rank_prop("sign", 0.0, features=(2, 3)), v0, box).item() == 0
+    assert metric(rank_prop("sign", 0.0), v0, t64([0.0, 0.5, 0.0, 1.0])).item() == 2
+    # max |v_i| over {1, 3}: max(2, .5, 1, 3) = 3
+    fb = rank_prop("feature_bound", 2.0, features=(1, 3))
+    assert worst_case(fb, v0, box).item() == 3.0 and metric(fb, v0, v0).item() == 2.0
+    assert "sign flips of 2 feature(s) <= 0" in direction_text_for(rank_prop("sign", 0.0, features=(2, 3)))
+    assert "max |v_i| over 2 feature(s) <= 2" in direction_text_for(fb)
+    assert "min top-3 overlap(v, v0) >= 0.5" in direction_text_for(rank_prop("topk", 0.5, k=3))
+
+
+def direction_text_for(p: Property) -> str:
+    from verigrad.properties import direction_text
+
+    return direction_text(p)
+
+
+@pytest.mark.parametrize("kind", ["topk", "sign", "feature_bound"])
+def test_rank_and_feature_worst_cases_are_sound_by_sampling(kind):
+    gen = torch.Generator().manual_seed(7)
+    for i, style in enumerate(["mixed"] * 20 + ["straddle"] * 5 + ["touch"] * 5 + ["point"] * 3 + ["tiny"] * 3):
+        n = [1, 2, 3, 6][i % 4]
+        box = random_box(gen, n, style)
+        if i % 6 == 0:  # ties: repeated magnitudes in v0 and in the box
+            box = Bounds(box.lower.round(), box.upper.round())
+        v0 = box.lower + torch.rand(box.shape, generator=gen, dtype=F64) * box.width
+        if kind == "topk":
+            p = rank_prop(kind, 1.0, k=[1, n, max(1, n // 2)][i % 3])
+        else:
+            feats = None if i % 2 else tuple(sorted(set(torch.randint(0, n, (2,), generator=gen).tolist())))
+            p = rank_prop(kind, 1.0, features=feats)
+        w = worst_case(p, v0, box)
+        vals = metric(p, v0.expand(len(pts := sample_points(gen, box)), -1), pts)
+        if p.rule.direction.value == ">=":
+            assert bool((vals >= w - 1e-12).all()), (kind, i, float(vals.min()), float(w))
+        else:
+            assert bool((vals <= w + 1e-12).all()), (kind, i, float(vals.max()), float(w))
+        # zero-width bounds at v0 give the concrete value
+        assert worst_case(p, v0, Bounds(v0, v0)).item() == pytest.approx(metric(p, v0, v0).item())
+
+
+@pytest.mark.parametrize("kind", ["sign", "feature_bound"])
+def test_sign_and_feature_worst_cases_are_attained(kind):
+    """Exact: the worst corner (each coordinate at its worst endpoint, 0 where reachable) attains it."""
+    gen = torch.Generator().manual_seed(3)
+    for i in range(30):
+        box = random_box(gen, 5, "mixed")
+        v0 = box.lower + torch.rand(box.shape, generator=gen, dtype=F64) * box.width
+        p = rank_prop(kind, 1.0)
+        lo, up = box.lower, box.upper
+        if kind == "sign":
+            zero = torch.zeros_like(lo).clamp(lo, up)
+            worst_v = torch.where(v0 > 0, torch.minimum(lo, zero).where(lo <= 0, lo),
+                                  torch.where(v0 < 0, torch.maximum(up, zero).where(up >= 0, up),
+                                              torch.where(lo < 0, lo, up)))
+        else:
+            worst_v = torch.where(lo.abs() > up.abs(), lo, up)
+        assert metric(p, v0, worst_v).item() == pytest.approx(worst_case(p, v0, box).item())
+
+
+def test_topk_set_unchanged_is_exact():
+    """Threshold 1: when the bound says the top-k set can change, a point of the box changes it
+    (the weakest member of K at its smallest |v|, the strongest outsider at its largest)."""
+    gen = torch.Generator().manual_seed(11)
+    seen_change = 0
+    for i in range(200):
+        n, k = 6, 1 + i % 5
+        box = random_box(gen, n, "mixed" if i % 2 else "tiny")
+        v0 = box.lower + torch.rand(box.shape, generator=gen, dtype=F64) * box.width
+        p = rank_prop("topk", 1.0, k=k)
+        w = worst_case(p, v0, box).item()
+        amin = torch.where(box.lower > 0, box.lower, torch.where(box.upper < 0, -box.upper, 0 * box.lower))
+        amax = torch.maximum(box.lower.abs(), box.upper.abs())
+        K = v0.abs().topk(k, dim=1).indices[0]
+        inK = torch.zeros(n, dtype=torch.bool)
+        inK[K] = True
+        set_can_change = k < n and float(amin[0][inK].min()) <= float(amax[0][~inK].max())
+        assert (w < 1.0) == set_can_change
+        if set_can_change and float(amin[0][inK].min()) < float(amax[0][~inK].max()):
+            i_weak = int(torch.nonzero(inK)[amin[0][inK].argmin()])
+            j_strong = int(torch.nonzero(~inK)[amax[0][~inK].argmax()])
+            v = v0.clone()
+            v[0, i_weak] = torch.where(box.lower[0, i_weak] > 0, box.lower[0, i_weak],
+                                       torch.where(box.upper[0, i_weak] < 0, box.upper[0, i_weak], 0.0))
+            v[0, j_strong] = torch.where(box.lower[0, j_strong].abs() > box.upper[0, j_strong].abs(),
+                                         box.lower[0, j_strong], box.upper[0, j_strong])
+            assert metric(p, v0, v).item() < 1.0
+            seen_change += 1
+    assert seen_change > 10
+
+
+def test_gap_ratio_by_hand():
+    from verigrad.properties import gap_ratio
+
+    assert gap_ratio(prop(Kind.UNTARGETED, Metric.L2), 2.0, 0.5) == 4.0
+    assert gap_ratio(prop(Kind.UNTARGETED, Metric.COSINE), 0.6, 0.9) == pytest.approx(4.0)
+    assert gap_ratio(prop(Kind.TARGETED, Metric.L2, target=T), 0.5, 1.5) == pytest.approx(3.0)
+    assert gap_ratio(prop(Kind.TARGETED, Metric.COSINE, target=T), 0.5, -0.5) == pytest.approx(3.0)
+    assert gap_ratio(rank_prop("topk", 0.5, k=2), 0.0, 0.5) == pytest.approx(2.0)
+    assert gap_ratio(rank_prop("sign", 0.0), 3.0, 0.0) is None  # the attack moved nothing
+    assert gap_ratio(rank_prop("feature_bound", 1.0), 0.3, 0.2) == pytest.approx(1.5)
+
+
+def test_rank_property_construction_errors():
+    with pytest.raises(ValueError, match="takes no metric"):
+        Property("x", "topk", "l2", 0.5, k=2)
+    with pytest.raises(ValueError, match="needs a metric"):
+        Property("x", "untargeted", None, 0.5)
+    with pytest.raises(ValueError, match="k"):
+        Property("x", "topk", None, 0.5)
+    with pytest.raises(ValueError, match="overlap fraction"):
+        Property("x", "topk", None, 1.5, k=2)
+    with pytest.raises(ValueError, match="features"):
+        Property("x", "topk", None, 0.5, k=2, features=(1,))
+    with pytest.raises(ValueError, match="normalize"):
+        Property("x", "sign", None, 0.0, "l2")

@@ -243,6 +243,25 @@ def test_apply_overrides_revalidates(workdir):
     # names and cosine + normalize
     ({"properties.[1].name": "dev_l2"}, r"properties\[1\].name", r"duplicate property name 'dev_l2' \(also properties\[0\]\)"),
     ({"properties.[1].normalize": "l2"}, r"properties\[1\].normalize", "expected none for metric cosine, got 'l2': cosine similarity is scale-invariant"),
+    # rank / feature kinds
+    ({"properties.[0].metric": DELETE}, r"properties\[0\].metric", "missing required key for kind untargeted"),
+    ({"properties.[0].kind": "topk"}, r"properties\[0\].metric", "expected null for kind topk"),
+    ({"properties.[0]": {"kind": "topk", "threshold": 0.5}}, r"properties\[0\].k", "missing required key for kind topk"),
+    ({"properties.[0]": {"kind": "topk", "k": 0, "threshold": 0.5}}, r"properties\[0\].k", "expected an int >= 1 or null, got 0"),
+    ({"properties.[0]": {"kind": "topk", "k": 5, "threshold": 1.5}}, r"properties\[0\].threshold", r"in \(0, 1\]"),
+    ({"properties.[0].k": 3}, r"properties\[0\].k", "only used by kind topk"),
+    ({"properties.[0]": {"kind": "sign", "threshold": 0}}, r"properties\[0\].features", "missing required key for kind sign"),
+    ({"properties.[0]": {"kind": "sign", "features": [1, 1], "threshold": 0}}, r"properties\[0\].features\[1\]", "duplicate entry"),
+    ({"properties.[0]": {"kind": "sign", "features": "some", "threshold": 0}}, r"properties\[0\].features", "expected 'all' or a list"),
+    ({"properties.[0]": {"kind": "sign", "features": "all", "threshold": -1}}, r"properties\[0\].threshold", "allowed sign flips"),
+    ({"properties.[0]": {"kind": "feature_bound", "features": [3], "threshold": 0}}, r"properties\[0\].threshold", "expected a number > 0"),
+    ({"properties.[0]": {"kind": "feature_bound", "features": [3], "threshold": 1, "normalize": "l2"}}, r"properties\[0\].normalize", "expected none for kind feature_bound"),
+    ({"properties.[0].features": [1]}, r"properties\[0\].features", "only used by kinds sign and feature_bound"),
+    # attack section
+    ({"attack": {"order": "sometimes"}}, "attack.order", "expected one of before | after | both | skip"),
+    ({"attack": {"methods": ["pgd", "fgsm"]}}, r"attack.methods\[1\]", "expected one of pgd | targeted"),
+    ({"attack": {"steps": 0}}, "attack.steps", "expected an int > 0, got 0"),
+    ({"attack": {"step_size": 0}}, "attack.step_size", "expected a number > 0, got 0"),
 ])
 def test_bad_spec_errors(workdir, changes, key, message):
     err = error_for(workdir, edited(**changes))
@@ -288,3 +307,22 @@ def test_spec_error_is_a_value_error():
     assert issubclass(SpecError, ValueError)
     e = SpecError("f.yaml", "a.b", "expected x, got y")
     assert str(e) == "f.yaml: a.b: expected x, got y" and e.key == "a.b"
+
+
+def test_rank_feature_kinds_and_attack_section_load_and_round_trip(workdir):
+    d = edited(**{"properties": [
+        {"kind": "topk", "k": 10, "threshold": 0.8},
+        {"kind": "sign", "features": [0, 5, 7], "threshold": 0},
+        {"kind": "feature_bound", "features": "all", "threshold": 0.1},
+        {"kind": "untargeted", "metric": "l2", "threshold": 1.0},
+    ]})
+    d["attack"] = {"order": "both", "methods": ["pgd", "ifia"], "steps": 5, "seed": 3}
+    s = load_spec(write(workdir, d))
+    names = [p.name for p in s.properties]
+    assert names == ["p0_topk", "p1_sign", "p2_feature_bound", "p3_untargeted_l2"]
+    assert s.properties[0].k == 10 and s.properties[1].features == (0, 5, 7) and s.properties[2].features == "all"
+    assert s.attack.order.value == "both" and [m.value for m in s.attack.methods] == ["pgd", "ifia"]
+    dumped = write(workdir, yaml.safe_load(dump_spec(s)), "dumped.yaml")
+    assert load_spec(dumped).hash() == s.hash()
+    default = load_spec(write(workdir, edited(), "plain.yaml"))
+    assert default.attack.order.value == "after" and default.attack.methods == "auto"

@@ -18,12 +18,13 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     return (SpecError, ModelError, DataError, SetupError)
 
 
-def _load(spec_path: str, methods, epsilon, start, end, device, dtype):
+def _load(spec_path: str, methods, epsilon, start, end, device, dtype, attack_order=None):
     from verigrad.spec import apply_overrides, load_spec
 
     spec = load_spec(spec_path)
     return apply_overrides(spec, methods=list(methods) or None, epsilon=epsilon, start=start, end=end,
-                           device=device, dtype=dtype)
+                           device=device, dtype=dtype,
+                           set_keys={"attack.order": attack_order} if attack_order else None)
 
 
 def _overrides(f):
@@ -38,26 +39,33 @@ def _overrides(f):
         click.option("--out", type=click.Path(dir_okay=False), help="results JSON (default: RESULTS/<spec>.json)"),
         click.option("--bounds-npz", type=click.Path(dir_okay=False),
                      help="bound maps .npz (default: RESULTS/<spec>.npz)"),
+        click.option("--attack-order", type=click.Choice(["before", "after", "both", "skip"]),
+                     help="replace attack.order"),
     ]):
         f = opt(f)
     return f
 
 
-def _run(spec_path, methods, epsilon, start, end, device, dtype, out, bounds_npz, dump_config, table):
+def _run(spec_path, methods, epsilon, start, end, device, dtype, out, bounds_npz, dump_config, table,
+         attack_order=None, attack_only=False):
+    import dataclasses
+
     from verigrad import reports
     from verigrad.spec import dump_spec
     from verigrad.verify import prepare, verify
 
     try:
-        spec = _load(spec_path, methods, epsilon, start, end, device, dtype)
+        spec = _load(spec_path, methods, epsilon, start, end, device, dtype, attack_order)
         if dump_config:
             click.echo(dump_spec(spec), nl=False)
             sys.exit(0)
-        problem = prepare(spec)
+        problem = prepare(spec, methods=() if attack_only else None)
+        if attack_only:
+            problem = dataclasses.replace(problem, empirical=True)
     except _bad_input_errors() as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(int(reports.ExitCode.BAD_INPUT))
-    stem = Path(spec_path).stem
+    stem = Path(spec_path).stem + (".attack" if attack_only else "")
     json_path = Path(out) if out else spec.general.results / f"{stem}.json"
     npz_path = Path(bounds_npz) if bounds_npz else json_path.with_suffix(".npz")
     writer = reports.ResultWriter(problem, json_path, npz_path)
@@ -74,6 +82,8 @@ def _run(spec_path, methods, epsilon, start, end, device, dtype, out, bounds_npz
         if r.error:
             kind = "INTERNAL ERROR" if r.internal_error else "error"
             click.echo(f"{kind} on input {r.index}: {r.error}", err=True)
+    if writer.witnesses:
+        click.echo(f"witnesses: {writer.witness_dir} (check one with: verigrad replay FILE)", err=True)
     click.echo(f"results: {json_path}  bounds: {npz_path}", err=True)
     sys.exit(doc["summary"]["exit_code"])
 
@@ -88,26 +98,69 @@ def main() -> None:
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False))
 @_overrides
 @click.option("--dump-config", is_flag=True, help="print the resolved spec (with overrides) and exit")
-def verify(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, dump_config):
-    """Bound the explanation of every input of SPEC and decide its properties.
+def verify(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, attack_order, dump_config):
+    """Bound the explanation of every input of SPEC, attack what is left, decide its properties.
 
     Exit code: 0 all certified, 1 some falsified, 2 bad input, 3 some unknown,
-    4 an instance failed.
+    4 an instance failed (including certified-and-falsified, a soundness failure).
     """
     from verigrad.reports import verify_table
 
-    _run(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, dump_config, verify_table)
+    _run(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, dump_config, verify_table,
+         attack_order)
 
 
 @main.command()
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False))
 @_overrides
-def compare(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz):
-    """Run ibp, crown and alpha-crown on SPEC and compare widths, verdicts and times."""
+def compare(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, attack_order):
+    """Run ibp, crown and alpha-crown on SPEC and compare widths, verdicts, times and the
+    certificate–attack gap (attacks run on every property unless --attack-order says otherwise)."""
     from verigrad.reports import compare_table
 
     methods = methods or tuple(m.value for m in Method)
-    _run(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, False, compare_table)
+    _run(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, False, compare_table,
+         attack_order or "both")
+
+
+@main.command()
+@click.argument("spec", type=click.Path(exists=True, dir_okay=False))
+@_overrides
+def attack(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, attack_order):
+    """Attack every property of SPEC (no bounds) and measure empirical robustness: similarity of
+    attacked and randomly perturbed explanations (PCC, SSIM, MSE, cosine, top-k, Kendall τ)
+    and max-sensitivity. Writes RESULTS/<spec>.attack.json. Exit 1 if some property was
+    falsified, 3 otherwise."""
+    from verigrad.reports import attack_table
+
+    _run(spec, (), epsilon, start, end, device, dtype, out, bounds_npz, False, attack_table, "both",
+         attack_only=True)
+
+
+@main.command()
+@click.argument("witness", type=click.Path(exists=True, dir_okay=False))
+def replay(witness):
+    """Re-check a WITNESS .npz in float64 from its model, data and embedded spec.
+
+    Exit code: 0 the witness violates its property at a point in the box (confirmed),
+    1 it does not, 2 the file or what it names cannot be read.
+    """
+    from verigrad.verify import replay as replay_witness
+
+    try:
+        r = replay_witness(witness)
+    except (ValueError, OSError, *_bad_input_errors()) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    ok = lambda b: "yes" if b else "NO"  # noqa: E731
+    click.echo(f"witness {r.path}: property {r.property!r} on input {r.index}")
+    click.echo(f"  same input as the data set: {ok(r.same_input)}; same explained class: {ok(r.same_target)}")
+    click.echo(f"  inside the box: {ok(r.in_box)}")
+    click.echo(f"  value (float64, autograd): {r.value:.10g} (stored {r.stored_value:.10g}); "
+               f"property: {r.direction}")
+    click.echo(f"  violated: {ok(r.violated)}")
+    click.echo("CONFIRMED: a counterexample" if r.confirmed else "NOT CONFIRMED")
+    sys.exit(0 if r.confirmed else 1)
 
 
 if __name__ == "__main__":

@@ -113,16 +113,38 @@ class Property:
 
     name: str
     kind: Kind
-    metric: Metric
+    metric: Metric | None
     threshold: float
     normalize: Normalize = Normalize.NONE
     target: torch.Tensor | None = None
+    k: int | None = None  # topk: how many features
+    features: tuple[int, ...] | None = None  # sign / feature_bound: flat indices; None = all
 
     def __post_init__(self) -> None:
         # accept plain strings for the enums (direct construction, tests)
         object.__setattr__(self, "kind", Kind(self.kind))
-        object.__setattr__(self, "metric", Metric(self.metric))
+        object.__setattr__(self, "metric", None if self.metric is None else Metric(self.metric))
         object.__setattr__(self, "normalize", Normalize(self.normalize))
+        if self.features is not None:
+            object.__setattr__(self, "features", tuple(int(i) for i in self.features))
+        metric_kind = self.kind in (Kind.UNTARGETED, Kind.TARGETED)
+        if metric_kind == (self.metric is None):
+            raise ValueError(f"property {self.name!r}: kind {self.kind.value} "
+                             + ("needs a metric" if metric_kind else "takes no metric"))
+        if not metric_kind and self.normalize != Normalize.NONE:
+            raise ValueError(f"property {self.name!r}: normalize applies to untargeted/targeted kinds only")
+        if (self.kind == Kind.TOPK) != (self.k is not None) or (self.k is not None and self.k < 1):
+            raise ValueError(f"property {self.name!r}: k (>= 1) is required for kind topk and only there")
+        if self.kind == Kind.TOPK and not 0 < self.threshold <= 1:
+            raise ValueError(f"property {self.name!r}: topk threshold is an overlap fraction in (0, 1]")
+        if self.kind == Kind.SIGN and not self.threshold >= 0:
+            raise ValueError(f"property {self.name!r}: sign threshold (allowed flips) must be >= 0")
+        if self.kind == Kind.FEATURE_BOUND and not self.threshold > 0:
+            raise ValueError(f"property {self.name!r}: feature_bound threshold must be > 0")
+        if self.features is not None and self.kind not in (Kind.SIGN, Kind.FEATURE_BOUND):
+            raise ValueError(f"property {self.name!r}: features are used by kinds sign and feature_bound only")
+        if self.features is not None and (not self.features or min(self.features) < 0):
+            raise ValueError(f"property {self.name!r}: features must be non-empty flat indices >= 0")
         if self.metric == Metric.COSINE:
             if self.normalize != Normalize.NONE:
                 raise ValueError(f"property {self.name!r}: normalize must be none for cosine (scale-invariant)")
@@ -138,7 +160,15 @@ class Property:
         """Build from a validated spec entry; ``shape`` is the per-sample explanation shape."""
         target = None if entry.target is None else make_target(entry.target, shape, dtype).to(device)
         assert entry.name is not None  # load_spec fills default names
-        return Property(entry.name, entry.kind, entry.metric, entry.threshold, entry.normalize, target)
+        n = math.prod(int(s) for s in shape)
+        if entry.k is not None and entry.k > n:
+            raise ValueError(f"property {entry.name!r}: k = {entry.k} exceeds the {n} features of the map")
+        features = None if entry.features in (None, "all") else tuple(entry.features)  # type: ignore[arg-type]
+        if features is not None and max(features) >= n:
+            raise ValueError(f"property {entry.name!r}: feature index {max(features)} out of range for a map "
+                             f"of {n} features (flat indices 0..{n - 1})")
+        return Property(entry.name, entry.kind, entry.metric, entry.threshold, entry.normalize, target,
+                        entry.k, features)
 
     @property
     def rule(self) -> "PropertyRule":
@@ -384,49 +414,152 @@ def _targeted_cos_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> tor
 
 
 # ----------------------------------------------------------------------------------------
+# Rank and feature properties (no metric, no normalization)
+
+
+def _feature_cols(prop: Property) -> slice | list[int]:
+    return slice(None) if prop.features is None else list(prop.features)
+
+
+def _topk_metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """|topk(|v|) ∩ topk(|v0|)| / k (ties broken by torch.topk)."""
+    k = int(prop.k)  # type: ignore[arg-type]
+    a0, a = _flat(v0.expand_as(v)).abs(), _flat(v).abs()
+    in_k = torch.zeros_like(a0).scatter(1, a0.topk(k, dim=1).indices, 1.0)
+    return in_k.gather(1, a.topk(k, dim=1).indices).sum(1) / k
+
+
+def _topk_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+    """A lower bound of the min top-k overlap over the box. With [a_i⁻, a_i⁺] the range of |v_i|:
+    i ∈ K = topk(|v0|) stays in the top-k of every v if #{j ≠ i : a_j⁺ ≥ a_i⁻} ≤ k − 1 (only
+    those j can tie or beat i; ties are counted against us, so any tie-breaking is covered);
+    the bound is the count of such i over k. With threshold 1 it certifies exactly
+    min_{i∈K} a_i⁻ > max_{j∉K} a_j⁺ ("the top-k set never changes")."""
+    k = int(prop.k)  # type: ignore[arg-type]
+    b = Bounds(_flat(bounds.lower), _flat(bounds.upper))
+    amin, amax = _abs_range(b)
+    n = amax.shape[1]
+    idx = _flat(v0).abs().topk(k, dim=1).indices
+    sorted_max = torch.sort(amax, dim=1).values
+    rivals = n - torch.searchsorted(sorted_max, amin.gather(1, idx).contiguous(), side="left")  # includes i
+    return ((rivals - 1) <= k - 1).to(amax.dtype).sum(1) / k
+
+
+def _sign_metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Number of chosen features with sign(v_i) ≠ sign(v0_i) (0 is its own sign)."""
+    f = _feature_cols(prop)
+    s0, s1 = torch.sign(_flat(v0.expand_as(v))[:, f]), torch.sign(_flat(v)[:, f])
+    return (s0 != s1).to(v.dtype).sum(1)
+
+
+def _sign_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+    """Exact max flips over the box (coordinates move independently): v0_i > 0 can flip iff
+    l_i ≤ 0; v0_i < 0 iff u_i ≥ 0; v0_i = 0 iff l_i < 0 or u_i > 0."""
+    f = _feature_cols(prop)
+    a0, lo, up = _flat(v0)[:, f], _flat(bounds.lower)[:, f], _flat(bounds.upper)[:, f]
+    can = torch.where(a0 > 0, lo <= 0, torch.where(a0 < 0, up >= 0, (lo < 0) | (up > 0)))
+    return can.to(lo.dtype).sum(1)
+
+
+def _feature_metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """max |v_i| over the chosen features."""
+    return _flat(v)[:, _feature_cols(prop)].abs().amax(1)
+
+
+def _feature_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+    """Exact: max over the chosen features of max(|l_i|, |u_i|)."""
+    f = _feature_cols(prop)
+    return torch.maximum(_flat(bounds.lower)[:, f].abs(), _flat(bounds.upper)[:, f].abs()).amax(1)
+
+
+# ----------------------------------------------------------------------------------------
+# Gap ratios: how loose a certified worst case c is against the worst attacked value a,
+# oriented so that it is ≥ 1 when both are right and 1 when the certificate is tight
+
+
+def _ratio(num: float, den: float) -> float | None:
+    if not (math.isfinite(num) and math.isfinite(den)) or den <= 0:
+        return None
+    return num / den
+
+
+def _gap_deviation(c: float, a: float) -> float | None:  # max deviation ≤ δ (values ≥ 0)
+    return _ratio(c, a)
+
+
+def _gap_from_one(c: float, a: float) -> float | None:  # min similarity ≥ δ (values ≤ 1)
+    return _ratio(1.0 - c, 1.0 - a)
+
+
+def _gap_distance(c: float, a: float) -> float | None:  # min distance to the target ≥ δ
+    return _ratio(a, c)
+
+
+def _gap_from_minus_one(c: float, a: float) -> float | None:  # max cos to the target ≤ δ (values ≥ −1)
+    return _ratio(1.0 + c, 1.0 + a)
+
+
+# ----------------------------------------------------------------------------------------
 # Registry
 
 
 @dataclass(frozen=True)
 class PropertyRule:
-    """How one (kind, metric) is measured, bounded and decided."""
+    """How one (kind, metric) is measured, bounded, decided and compared with attacks."""
 
     metric: Callable[[Property, torch.Tensor, torch.Tensor], torch.Tensor]
     worst_case: Callable[[Property, torch.Tensor, Bounds], torch.Tensor]
     direction: Direction  # certified iff worst_case <direction> threshold
-    text: str  # "{n}" is replaced by the normalization suffix, "{p}" by the metric
+    text: str  # placeholders {v} {v0} {t} {p} {k} {nf}
+    gap: Callable[[float, float], float | None]  # (certified, attacked) → ratio ≥ 1, 1 = tight
 
 
-RULES: dict[tuple[Kind, Metric], PropertyRule] = {}
+RULES: dict[tuple[Kind, Metric | None], PropertyRule] = {}
 for _m in (Metric.L1, Metric.L2, Metric.LINF):
     RULES[(Kind.UNTARGETED, _m)] = PropertyRule(_lp_metric, _untargeted_lp_worst, Direction.AT_MOST,
-                                                "max ‖{v} − {v0}‖_{p}")
+                                                "max ‖{v} − {v0}‖_{p}", _gap_deviation)
     RULES[(Kind.TARGETED, _m)] = PropertyRule(_lp_metric, _targeted_lp_worst, Direction.AT_LEAST,
-                                              "min ‖{v} − {t}‖_{p}")
+                                              "min ‖{v} − {t}‖_{p}", _gap_distance)
 RULES[(Kind.UNTARGETED, Metric.COSINE)] = PropertyRule(_cos_metric, _untargeted_cos_worst, Direction.AT_LEAST,
-                                                       "min cos(v0, v)")
+                                                       "min cos(v0, v)", _gap_from_one)
 RULES[(Kind.TARGETED, Metric.COSINE)] = PropertyRule(_cos_metric, _targeted_cos_worst, Direction.AT_MOST,
-                                                     "max cos(v, t)")
+                                                     "max cos(v, t)", _gap_from_minus_one)
+RULES[(Kind.TOPK, None)] = PropertyRule(_topk_metric, _topk_worst, Direction.AT_LEAST,
+                                        "min top-{k} overlap(v, v0)", _gap_from_one)
+RULES[(Kind.SIGN, None)] = PropertyRule(_sign_metric, _sign_worst, Direction.AT_MOST,
+                                        "sign flips of {nf}", _gap_deviation)
+RULES[(Kind.FEATURE_BOUND, None)] = PropertyRule(_feature_metric, _feature_worst, Direction.AT_MOST,
+                                                 "max |v_i| over {nf}", _gap_deviation)
 
 
-def rule_for(kind: Kind | str, metric_name: Metric | str) -> PropertyRule:
+def rule_for(kind: Kind | str, metric_name: Metric | str | None) -> PropertyRule:
     """The registered rule, or a clear error naming what exists."""
     try:
-        key = (Kind(kind), Metric(metric_name))
+        key = (Kind(kind), None if metric_name is None else Metric(metric_name))
     except ValueError:
         key = None
     if key is None or key not in RULES:
-        have = ", ".join(f"{k.value}/{m.value}" for k, m in RULES)
+        have = ", ".join(k.value + (f"/{m.value}" if m is not None else "") for k, m in RULES)
         raise ValueError(f"no property rule for kind {kind!r} and metric {metric_name!r} (available: {have})")
     return RULES[key]
+
+
+def gap_ratio(prop: Property, certified: float, attacked: float) -> float | None:
+    """How loose the certificate is against the strongest attack: ≥ 1 when both are right,
+    1 = tight, None when undefined (e.g. the attack did not move the value at all).
+    Deviations (ℓp untargeted, sign flips, feature bound): c / a; similarities bounded by 1
+    (untargeted cosine, top-k overlap): (1 − c) / (1 − a); targeted ℓp: a / c; targeted
+    cosine: (1 + c) / (1 + a)."""
+    return prop.rule.gap(float(certified), float(attacked))
 
 
 def direction_text(prop: Property) -> str:
     """E.g. 'max ‖N(v) − N(v0)‖_2 <= 0.5 (N = l2 normalization)'."""
     rule = prop.rule
     wrap = (lambda s: s) if prop.normalize == Normalize.NONE else (lambda s: f"N({s})")
-    p = {Metric.L1: "1", Metric.L2: "2", Metric.LINF: "∞", Metric.COSINE: ""}[prop.metric]
-    body = rule.text.format(v=wrap("v"), v0=wrap("v0"), t=wrap("t"), p=p)
+    p = {Metric.L1: "1", Metric.L2: "2", Metric.LINF: "∞", Metric.COSINE: "", None: ""}[prop.metric]
+    nf = "all features" if prop.features is None else f"{len(prop.features)} feature(s)"
+    body = rule.text.format(v=wrap("v"), v0=wrap("v0"), t=wrap("t"), p=p, k=prop.k, nf=nf)
     suffix = "" if prop.normalize == Normalize.NONE else f" (N = {prop.normalize.value} normalization)"
     return f"{body} {rule.direction.value} {prop.threshold:g}{suffix}"
 
@@ -476,5 +609,5 @@ def evaluate(prop: Property, v0: torch.Tensor, bounds: Bounds) -> list[PropertyR
 __all__ = [
     "Verdict", "Direction", "Property", "PropertyResult", "PropertyRule", "RULES", "rule_for",
     "from_spec", "make_target", "normalize_map", "normalized_bounds", "cosine", "cosine_lower_bound",
-    "cosine_upper_bound", "metric", "worst_case", "decide", "evaluate", "direction_text",
+    "cosine_upper_bound", "metric", "worst_case", "decide", "evaluate", "direction_text", "gap_ratio",
 ]

@@ -14,10 +14,11 @@ import tempfile
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from verigrad.attacks import save_witness
 from verigrad.properties import Property, Verdict, direction_text
 from verigrad.verify import COMBINED, InstanceResult, Problem
 
@@ -91,19 +92,37 @@ def summary(problem: Problem, results: Sequence[InstanceResult]) -> dict:
     return {
         "instances": len(results),
         "errors": sum(r.error is not None for r in results),
+        "internal_errors": sum(r.internal_error for r in results),
         "per_engine": per_engine,
         "per_property": overall,
+        "gap": gap_summary(problem, results),
         "exit_code": int(exit_code(results)),
     }
 
 
+def gap_summary(problem: Problem, results: Sequence[InstanceResult]) -> dict:
+    """Per property: the median gap ratio (certified worst / attacked worst, oriented so that
+    1 = tight; see ``properties.gap_ratio``) over instances where both exist, and how many."""
+    out = {}
+    for p in problem.properties:
+        ratios = [r.gap[p.name]["ratio"] for r in results if p.name in r.gap and r.gap[p.name]["ratio"] is not None]
+        out[p.name] = {"instances": len(ratios), "median_ratio": float(np.median(ratios)) if ratios else None}
+    return out
+
+
 def _describe(p: Property) -> dict:
-    return {"name": p.name, "kind": p.kind.value, "metric": p.metric.value, "threshold": p.threshold,
-            "normalize": p.normalize.value, "direction": direction_text(p)}
+    return {"name": p.name, "kind": p.kind.value, "metric": None if p.metric is None else p.metric.value,
+            "threshold": p.threshold, "normalize": p.normalize.value, "direction": direction_text(p)}
 
 
-def results_document(problem: Problem, results: Sequence[InstanceResult], started: str, complete: bool) -> dict:
+def results_document(problem: Problem, results: Sequence[InstanceResult], started: str, complete: bool,
+                     witnesses: Mapping[tuple[int, str], str] | None = None) -> dict:
+    """The whole JSON document; ``witnesses`` maps (index, property) to a witness file path."""
     spec = problem.spec
+    instances = [r.to_dict() for r in results]
+    for doc in instances:
+        for name, a in doc["attacks"].items():
+            a["witness"] = (witnesses or {}).get((doc["index"], name))
     return {
         "schema": SCHEMA,
         "complete": complete,
@@ -114,9 +133,16 @@ def results_document(problem: Problem, results: Sequence[InstanceResult], starte
         "dtype": str(problem.dtype).replace("torch.", ""),
         "methods": [m.value for m in problem.methods],
         "properties": [_describe(p) for p in problem.properties],
-        "instances": [r.to_dict() for r in results],
+        "attack": {"order": problem.attack_order.value,
+                   "methods": "auto" if problem.attack_methods is None else [m.value for m in problem.attack_methods],
+                   "options": dict(problem.attack_options.__dict__)},
+        "instances": instances,
         "summary": summary(problem, results),
     }
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -153,16 +179,32 @@ class ResultWriter:
     npz_path: Path | None
     results: list[InstanceResult] = field(default_factory=list)
     started: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    witnesses: dict[tuple[int, str], str] = field(default_factory=dict)
+
+    @property
+    def witness_dir(self) -> Path:
+        """``<results>.witnesses/`` beside the JSON file."""
+        return self.json_path.with_name(self.json_path.stem + ".witnesses")
 
     def __call__(self, r: InstanceResult) -> None:
         self.results.append(r)
+        for name, a in r.attacks.items():
+            if a.witness is not None:
+                path = self.witness_dir / f"i{r.index}_{_safe_name(name)}.npz"
+                save_witness(path, a.witness, self._witness_meta(r.index))
+                self.witnesses[(r.index, name)] = str(path)
         self._write(complete=False)
+
+    def _witness_meta(self, index: int) -> dict:
+        spec = self.problem.spec
+        return {"index": index, "spec_source": spec.source, "spec_sha256": spec.hash(), "spec": spec.to_dict(),
+                "versions": versions()}
 
     def finish(self) -> dict:
         return self._write(complete=True)
 
     def _write(self, complete: bool) -> dict:
-        doc = results_document(self.problem, self.results, self.started, complete)
+        doc = results_document(self.problem, self.results, self.started, complete, self.witnesses)
         _atomic_write(self.json_path, lambda p: Path(p).write_text(json.dumps(doc, indent=1)))
         if self.npz_path is not None:
             arrays = npz_arrays(self.results)
@@ -195,6 +237,14 @@ def verify_table(problem: Problem, results: Sequence[InstanceResult]) -> str:
             cells = [f"{pr.verdict.value} {pr.worst_case:.4g}" for pr in e.properties]
             rows.append([str(r.index), str(r.label), str(r.prediction), eng, f"{e.time_s:.3f}",
                          f"{e.mean_width:.4g}"] + cells)
+        if r.attacks:
+            cells = []
+            for n in names:
+                a = r.attacks.get(n)
+                cells.append("-" if a is None or a.value is None else
+                             f"{'falsified' if a.violated else 'held'} {a.value:.4g}")
+            rows.append([str(r.index), str(r.label), str(r.prediction), "attack",
+                         f"{sum(a.time_s for a in r.attacks.values()):.3f}", "-"] + cells)
     return _table(header, rows)
 
 
@@ -205,6 +255,7 @@ def compare_table(problem: Problem, results: Sequence[InstanceResult]) -> str:
     names = [p.name for p in problem.properties]
     base = s.get("ibp", {}).get("mean_width")
     header = ["engine", "mean width", "width/ibp", "time/inst (s)", "fallbacks"] + [f"cert {n}" for n in names]
+    header += [f"gap {n}" for n in names]
     rows = []
     for m, e in s.items():
         ratio = f"{e['mean_width'] / base:.4f}" if base else "-"
@@ -213,5 +264,62 @@ def compare_table(problem: Problem, results: Sequence[InstanceResult]) -> str:
             c = e["properties"].get(n, {})
             tot = sum(c.values()) or 1
             fr.append(f"{c.get('certified', 0) / tot:.2f}")
-        rows.append([m, f"{e['mean_width']:.4g}", ratio, f"{e['time_per_instance_s']:.3f}", str(e["fallbacks_to_ibp"])] + fr)
-    return _table(header, rows)
+        gaps = [_median_gap(problem, results, m, n) for n in names]
+        rows.append([m, f"{e['mean_width']:.4g}", ratio, f"{e['time_per_instance_s']:.3f}", str(e["fallbacks_to_ibp"])]
+                    + fr + gaps)
+    return _table(header, rows) + "\n" + GAP_NOTE
+
+
+GAP_NOTE = ("gap = median over inputs of (this engine's certified worst case) / (worst value any attack "
+            "reached), oriented so that 1 is tight (see properties.gap_ratio); '-' where attacks did not run "
+            "(attack.order: both measures it everywhere)")
+
+
+def _median_gap(problem: Problem, results: Sequence[InstanceResult], engine: str, name: str) -> str:
+    from verigrad.properties import gap_ratio
+
+    prop = next(p for p in problem.properties if p.name == name)
+    ratios = []
+    for r in results:
+        a = r.attacks.get(name)
+        run = next((e for e in r.engines if e.method == engine), None)
+        if a is None or a.value is None or run is None:
+            continue
+        cert = next(pr.worst_case for pr in run.properties if pr.name == name)
+        g = gap_ratio(prop, cert, a.value)
+        if g is not None:
+            ratios.append(g)
+    return f"{float(np.median(ratios)):.3g}" if ratios else "-"
+
+
+def attack_table(problem: Problem, results: Sequence[InstanceResult]) -> str:
+    """``verigrad attack``: per input and property, the strongest attack, its value and the
+    similarity of the attacked explanation to the original; then per input the
+    random-perturbation PCC at each noise level and the max-sensitivity."""
+    header = ["input", "property", "attack", "value", "status", "pcc", "ssim", "kendall_tau", "topk"]
+    rows = []
+    for r in results:
+        if r.error is not None:
+            rows.append([str(r.index), "ERROR", r.error.splitlines()[-1][:80]])
+            continue
+        for n, a in r.attacks.items():
+            sim = a.similarity
+            f = lambda k: f"{sim[k]:.3f}" if k in sim else "-"  # noqa: E731
+            rows.append([str(r.index), n, a.attack or "-", "-" if a.value is None else f"{a.value:.4g}",
+                         "-" if a.value is None else ("falsified" if a.violated else "held"),
+                         f("pcc"), f("ssim"), f("kendall_tau"), f("topk_intersection")])
+    out = [_table(header, rows)]
+    emp_rows = []
+    levels: list[str] = []
+    for r in results:
+        e = r.empirical
+        if not e:
+            continue
+        rp = e.get("random_perturbation", {})
+        levels = list(rp)
+        ms = e.get("max_sensitivity")
+        emp_rows.append([str(r.index)] + [f"{rp[lv]['pcc']:.3f}" for lv in levels]
+                        + ["-" if ms is None else f"{ms:.4g}"])
+    if emp_rows:
+        out.append(_table(["input"] + [f"pcc@ν={lv}" for lv in levels] + ["max-sensitivity"], emp_rows))
+    return "\n\n".join(out)

@@ -64,6 +64,12 @@ class Norm(str, Enum):
 class Kind(str, Enum):
     UNTARGETED = "untargeted"  # stay close to the original explanation
     TARGETED = "targeted"  # stay far from an attacker's target map
+    TOPK = "topk"  # the top-k features by |v| stay (mostly) the top-k
+    SIGN = "sign"  # chosen features keep their sign
+    FEATURE_BOUND = "feature_bound"  # |attribution| of chosen features stays small
+
+
+METRIC_KINDS = (Kind.UNTARGETED, Kind.TARGETED)  # the kinds that compare maps with a metric
 
 
 class Metric(str, Enum):
@@ -106,6 +112,25 @@ class Device(str, Enum):
     CPU = "cpu"
     CUDA = "cuda"
     AUTO = "auto"
+
+
+class AttackOrder(str, Enum):
+    """When attacks run relative to bounding."""
+
+    BEFORE = "before"  # attack every property first; bound unless all are falsified
+    AFTER = "after"  # bound first; attack only properties left unknown
+    BOTH = "both"  # bound and attack everything (needed for the certificate–attack gap)
+    SKIP = "skip"  # never attack
+
+
+class AttackMethod(str, Enum):
+    """Attacks by name (the registry in verigrad.attacks maps each to its function)."""
+
+    PGD = "pgd"  # ℓ∞ PGD on the property's own metric
+    TARGETED = "targeted"  # Dombrowski et al. 2019: towards the target map, output kept
+    IFIA = "ifia"  # Ghorbani et al.: top-k mass of the original map, signed steps
+    LEVINE_TOPK = "levine_topk"  # Levine et al.: ℓ2 steps on top-k, backtracking on class change
+    PARAMS = "params"  # Heo et al.-style weight manipulation inside the parameter box
 
 
 # ----------------------------------------------------------------------------------------
@@ -326,8 +351,9 @@ class OneOf(Check):
         for o in self.options:
             try:
                 return o.parse(value, at)
-            except _Invalid:
-                pass
+            except _Invalid as e:
+                if not e.type_error:  # the right shape with a bad detail (e.g. a duplicate): say that
+                    raise
         raise _expected(self.what, value)
 
     def dump(self, value: Any) -> Any:
@@ -631,16 +657,40 @@ _TARGET = Tagged(TargetType, ((TargetType.GAUSSIAN, GaussianTarget), (TargetType
 @dataclass(frozen=True, kw_only=True)
 class PropertySpec:
     """One property. untargeted ℓp: max ‖v − v0‖ ≤ threshold; untargeted cosine: min cos ≥
-    threshold; targeted ℓp: min ‖v − t‖ ≥ threshold; targeted cosine: max cos(v, t) ≤ threshold."""
+    threshold; targeted ℓp: min ‖v − t‖ ≥ threshold; targeted cosine: max cos(v, t) ≤ threshold;
+    topk: min top-k overlap fraction ≥ threshold; sign: sign flips among ``features`` ≤
+    threshold; feature_bound: max |v_i| over ``features`` ≤ threshold."""
 
-    name: str | None = _opt(Nullable(Str()), None, "default p{i}_{kind}_{metric}")
+    name: str | None = _opt(Nullable(Str()), None, "default p{i}_{kind}_{metric} (p{i}_{kind} without metric)")
     kind: Kind = _opt(Choice(Kind))
-    metric: Metric = _opt(Choice(Metric))
+    metric: Metric | None = _opt(Nullable(Choice(Metric)), None, "untargeted and targeted only (required there)")
     threshold: float = _opt(Num())
-    normalize: Normalize = _opt(Choice(Normalize), Normalize.NONE, "normalize maps before comparing")
+    normalize: Normalize = _opt(Choice(Normalize), Normalize.NONE, "normalize maps before comparing (ℓp only)")
     target: TargetSpec | None = _opt(Nullable(_TARGET), None, "targeted only")
+    k: int | None = _opt(Nullable(Int(ge=1)), None, "topk only: how many features")
+    features: Union[str, tuple[int, ...], None] = _opt(
+        Nullable(OneOf((Const("all"), ListOf(Int(ge=0), min_len=1, unique=True)))), None,
+        "sign and feature_bound only: 'all' or flat indices into the per-sample map")
 
     def validate(self) -> None:
+        k = self.kind
+        if k in METRIC_KINDS and self.metric is None:
+            raise _Invalid(f"missing required key for kind {k.value} ({Choice(Metric).what})", "metric")
+        if k not in METRIC_KINDS:
+            if self.metric is not None:
+                raise _Invalid(f"expected null for kind {k.value} (it has its own measure), got "
+                               f"{_show(self.metric)}", "metric")
+            if self.normalize != Normalize.NONE:
+                raise _Invalid(f"expected none for kind {k.value}, got {_show(self.normalize)}", "normalize")
+        if (k == Kind.TOPK) != (self.k is not None):
+            raise _Invalid("missing required key for kind topk (an int >= 1)" if k == Kind.TOPK
+                           else f"expected null: k is only used by kind topk, got {_show(self.k)}", "k")
+        wants_features = k in (Kind.SIGN, Kind.FEATURE_BOUND)
+        if wants_features != (self.features is not None):
+            raise _Invalid(f"missing required key for kind {k.value} ('all' or a list of flat indices)"
+                           if wants_features else
+                           f"expected null: features are only used by kinds sign and feature_bound, got "
+                           f"{_show(self.features)}", "features")
         if self.metric == Metric.COSINE:
             if not -1.0 <= self.threshold <= 1.0:
                 raise _Invalid(f"expected a number in [-1, 1] for metric cosine, got {_show(self.threshold)}",
@@ -649,21 +699,30 @@ class PropertySpec:
                 raise _Invalid(
                     f"expected none for metric cosine, got {_show(self.normalize)}: cosine similarity is "
                     "scale-invariant, so normalizing the maps first changes nothing", "normalize")
+        elif k == Kind.TOPK:
+            if not 0 < self.threshold <= 1:
+                raise _Invalid(f"expected a number in (0, 1] (the minimum overlap fraction) for kind topk, got "
+                               f"{_show(self.threshold)}", "threshold")
+        elif k == Kind.SIGN:
+            if not self.threshold >= 0:
+                raise _Invalid(f"expected a number >= 0 (allowed sign flips) for kind sign, got "
+                               f"{_show(self.threshold)}", "threshold")
         elif not self.threshold > 0:
             raise _Invalid(f"expected a number > 0, got {_show(self.threshold)}", "threshold")
-        if self.kind == Kind.TARGETED and self.target is None:
+        if k == Kind.TARGETED and self.target is None:
             raise _Invalid("missing required key for kind targeted (a target map: gaussian | square | file)",
                            "target")
-        if self.kind == Kind.UNTARGETED and self.target is not None:
+        if k != Kind.TARGETED and self.target is not None:
             raise _Invalid("expected null: a target map is only used by kind targeted", "target")
 
 
 def _name_properties(props: tuple) -> tuple:
-    """Fill default names p{i}_{kind}_{metric} and require names to be unique."""
+    """Fill default names p{i}_{kind}_{metric} (p{i}_{kind}) and require names to be unique."""
     out, seen = [], {}
     for i, p in enumerate(props):
         if p.name is None:
-            p = dataclasses.replace(p, name=f"p{i}_{p.kind.value}_{p.metric.value}")
+            suffix = f"_{p.metric.value}" if p.metric is not None else ""
+            p = dataclasses.replace(p, name=f"p{i}_{p.kind.value}{suffix}")
         if p.name in seen:
             raise _Invalid(f"duplicate property name {p.name!r} (also properties[{seen[p.name]}])", f"[{i}].name")
         seen[p.name] = i
@@ -693,6 +752,29 @@ class BoundsSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AttackSpec:
+    """Falsification: attacks search the same box the certificate covers; a witness counts
+    only after re-evaluation at float64 with autograd on the real network."""
+
+    order: AttackOrder = _opt(Choice(AttackOrder), AttackOrder.AFTER, "before | after | both | skip")
+    methods: Union[str, tuple[AttackMethod, ...]] = _opt(
+        OneOf((Const("auto"), ListOf(Choice(AttackMethod), min_len=1, unique=True))), "auto",
+        "auto = every attack that applies to the property and the threat set")
+    steps: int = _opt(Int(gt=0), 40)
+    restarts: int = _opt(Int(gt=0), 2, "the first start is the box centre, later ones random")
+    step_size: float = _opt(Num(gt=0), 0.25, "per step, as a fraction of the box half-width")
+    seed: int | None = _opt(Nullable(Int(ge=0)), None, "null = general.seed")
+    surrogate_beta: float | None = _opt(Nullable(Num(gt=0)), 10.0,
+                                        "softplus β replacing relu while attacking; null = none")
+    output_weight: float = _opt(Num(ge=0), 1.0, "penalty on ‖logits − logits0‖² (targeted, params)")
+    keep_class: bool = _opt(Bool(), True, "levine_topk backtracks steps that change the class")
+    noise_levels: tuple[float, ...] = _opt(ListOf(Num(ge=0), min_len=1), (0.01, 0.05, 0.1),
+                                           "ν for random-perturbation similarity (verigrad attack)")
+    noise_samples: int = _opt(Int(gt=0), 8)
+    sensitivity_samples: int = _opt(Int(gt=0), 8, "draws for max-sensitivity (verigrad attack)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class GeneralSpec:
     device: Device = _opt(Choice(Device), Device.CPU)
     seed: int = _opt(Int(ge=0), 0)
@@ -709,6 +791,7 @@ class Spec:
     perturbation: PerturbationSpec = _opt(Section(PerturbationSpec))
     properties: tuple[PropertySpec, ...] = _opt(ListOf(Section(PropertySpec), min_len=1, post=_name_properties))
     bounds: BoundsSpec = _opt(Section(BoundsSpec), {})
+    attack: AttackSpec = _opt(Section(AttackSpec), {})
     general: GeneralSpec = _opt(Section(GeneralSpec), {})
     # where it came from (for messages); not part of the spec's identity
     source: str = field(default="<dict>", compare=False)
@@ -834,7 +917,7 @@ __all__ = [
     "SpecError", "Spec", "ModelSpec", "NormalizationSpec", "DataSpec", "ExplanationSpec",
     "InputPerturbationSpec", "ParamPerturbationSpec", "PerturbationSpec", "PropertySpec",
     "GaussianTarget", "SquareTarget", "FileTarget", "TargetSpec", "BoundsSpec", "IbpSpec",
-    "AlphaCrownSpec", "GeneralSpec", "DatasetName", "ExplanationMethod", "TargetClass", "Norm",
+    "AlphaCrownSpec", "AttackSpec", "AttackOrder", "AttackMethod", "GeneralSpec", "DatasetName", "ExplanationMethod", "TargetClass", "Norm",
     "Kind", "Metric", "Normalize", "TargetType", "BoundMethod", "Dtype", "Combine", "IbpProduct",
     "Device", "load_spec", "spec_from_dict", "dump_spec", "apply_overrides",
 ]

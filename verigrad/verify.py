@@ -15,14 +15,16 @@ from typing import Callable, Sequence
 import torch
 
 from verigrad import properties as props
+from verigrad.attacks import AttackOptions, AttackOutcome, ParamThreat, Point, Threat, attack_property
+from verigrad.attacks import evaluate_point, load_witness
 from verigrad.bounds import Bounds, BoundsError, EngineOptions, Method, compute_bounds
 from verigrad.data import load_dataset
 from verigrad.graph.gradient_graph import Output, saliency
 from verigrad.models import load_model
 from verigrad.models.network import Network
-from verigrad.perturbation import ParamBox, input_box, param_box
-from verigrad.properties import Property, PropertyResult, Verdict
-from verigrad.spec import Combine, Device, Spec, TargetClass
+from verigrad.perturbation import ParamBox, param_box
+from verigrad.properties import Direction, Property, PropertyResult, Verdict
+from verigrad.spec import AttackMethod, AttackOrder, Combine, Device, Spec, TargetClass, spec_from_dict
 
 COMBINED = "combined"
 
@@ -51,6 +53,10 @@ class Problem:
     options: EngineOptions
     device: torch.device
     dtype: torch.dtype
+    attack_order: AttackOrder = AttackOrder.SKIP
+    attack_options: AttackOptions = field(default_factory=AttackOptions)
+    attack_methods: tuple[AttackMethod, ...] | None = None  # None: every applicable attack
+    empirical: bool = False  # also measure random-perturbation similarity and max-sensitivity
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,10 @@ class InstanceResult:
     explanation: torch.Tensor | None = field(default=None, repr=False, compare=False)
     error: str | None = None
     internal_error: bool = False
+    attacks: dict[str, AttackOutcome] = field(default_factory=dict, compare=False)
+    # per property: the tightest certified worst case, the worst attacked value, their ratio
+    gap: dict[str, dict] = field(default_factory=dict)
+    empirical: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -101,6 +111,9 @@ class InstanceResult:
             "internal_error": self.internal_error,
             "verdicts": {k: v.value for k, v in self.verdicts.items()},
             "engines": {e.method: e.to_dict() for e in self.engines},
+            "attacks": {k: a.to_dict() for k, a in self.attacks.items()},
+            "gap": self.gap,
+            "empirical": self.empirical,
         }
 
 
@@ -115,7 +128,8 @@ def resolve_device(device: Device | str) -> torch.device:
 
 
 def prepare(spec: Spec, methods: Sequence[Method | str] | None = None) -> Problem:
-    """Load model, data, boxes and properties for ``spec`` (raises on bad input)."""
+    """Load model, data, boxes and properties for ``spec`` (raises on bad input).
+    ``methods`` replaces the spec's engines; an empty sequence runs none (attacks only)."""
     device = resolve_device(spec.general.device)
     dtype = torch.float64 if spec.bounds.dtype.value == "float64" else torch.float32
     m = spec.model
@@ -140,14 +154,20 @@ def prepare(spec: Spec, methods: Sequence[Method | str] | None = None) -> Proble
         except KeyError as e:
             raise SetupError(f"perturbation.parameters.layers: {e.args[0]}") from None
     properties = tuple(props.from_spec(p, net.input_shape, dtype, device) for p in spec.properties)
-    chosen = tuple(Method(getattr(mm, "value", mm)) for mm in (methods or spec.bounds.methods))
+    chosen = tuple(Method(getattr(mm, "value", mm)) for mm in (spec.bounds.methods if methods is None else methods))
     options = EngineOptions(
         product=spec.bounds.ibp.product.value,
         alpha_iterations=spec.bounds.alpha_crown.iterations,
         alpha_lr=spec.bounds.alpha_crown.lr,
     )
+    a = spec.attack
+    attack_options = AttackOptions(steps=a.steps, restarts=a.restarts, step_size=a.step_size,
+                                   seed=spec.general.seed if a.seed is None else a.seed,
+                                   surrogate_beta=a.surrogate_beta, output_weight=a.output_weight,
+                                   keep_class=a.keep_class)
+    attack_methods = None if a.methods == "auto" else tuple(a.methods)
     return Problem(spec, net, x.to(device=device, dtype=dtype), y.to(device), properties, params, chosen,
-                   options, device, dtype)
+                   options, device, dtype, AttackOrder(a.order), attack_options, attack_methods)
 
 
 def _target_class(problem: Problem, pred: int, label: int) -> int:
@@ -180,8 +200,70 @@ def _engine_run(method: str, actual: str, dt: float, notes, bounds: Bounds, prob
                      _decide_all(problem, v0, bounds), bounds)
 
 
+def threat_for(problem: Problem, i: int, target: int) -> Threat:
+    """The box of input ``i`` as an attack threat (the same box the engines bound)."""
+    spec = problem.spec
+    pin, pp = spec.perturbation.input, spec.perturbation.parameters
+    domain = tuple(spec.model.input_range) if spec.model.input_range is not None else None
+    param = None
+    if pp is not None:
+        param = ParamThreat(pp.gamma, pp.mode, None if pp.layers == "all" else tuple(pp.layers), pp.include_bias)
+    return Threat(problem.net, problem.x[i : i + 1], target, Output(spec.explanation.output),
+                  pin.epsilon if pin is not None else 0.0, domain, param)  # type: ignore[arg-type]
+
+
+def _run_attacks(problem: Problem, threat: Threat, i: int, which: Sequence[Property]) -> dict[str, AttackOutcome]:
+    opts = AttackOptions(**{**problem.attack_options.__dict__, "seed": problem.attack_options.seed + i})
+    return {p.name: attack_property(threat, p, opts, problem.attack_methods) for p in which}
+
+
+def _tightest(prop: Property, runs: Sequence[EngineRun], k: int) -> float | None:
+    vals = [r.properties[k].worst_case for r in runs]
+    if not vals:
+        return None
+    return min(vals) if prop.rule.direction == Direction.AT_MOST else max(vals)
+
+
+def _conflicts(problem: Problem, runs: Sequence[EngineRun], attacks: dict[str, AttackOutcome]) -> list[str]:
+    """Certified by an engine yet violated by a float64 witness: one of them is wrong."""
+    out = []
+    for k, p in enumerate(problem.properties):
+        a = attacks.get(p.name)
+        if a is None or not a.violated:
+            continue
+        for r in runs:
+            pr = r.properties[k]
+            if pr.verdict == Verdict.CERTIFIED:
+                out.append(f"property {p.name!r}: {r.method} certified worst case {pr.worst_case:.6g} "
+                           f"({pr.direction}) but attack {a.attack} reached {a.value:.6g} at a point in the box")
+    return out
+
+
+def _empirical(problem: Problem, threat: Threat) -> dict:
+    """Random-perturbation similarity (σ = (x_max − x_min)·ν) and max-sensitivity at radius ε."""
+    from verigrad.metrics import max_sensitivity, random_perturbation_similarity
+
+    a = problem.attack_options
+    t = threat.target_tensor
+
+    def explain(xb: torch.Tensor) -> torch.Tensor:
+        return saliency(problem.net, xb, t.expand(xb.shape[0]), threat.output)
+
+    spec = problem.spec.attack
+    rps = random_perturbation_similarity(explain, threat.x[0], list(spec.noise_levels), spec.noise_samples,
+                                         threat.domain, a.seed)
+    out = {"random_perturbation": {str(k): v for k, v in rps.items()}}
+    if threat.epsilon > 0:
+        out["max_sensitivity"] = max_sensitivity(explain, threat.x[0], threat.epsilon, spec.sensitivity_samples,
+                                                 threat.domain, a.seed)
+        out["max_sensitivity_radius"] = threat.epsilon
+    return out
+
+
 def verify_instance(problem: Problem, i: int) -> InstanceResult:
-    """Bound and decide one input (index ``i`` into the loaded data)."""
+    """Bound, attack (per ``problem.attack_order``) and decide one input (index ``i`` into
+    the loaded data). A property certified by an engine and violated by a witness is a
+    soundness failure: the instance then carries an internal error and no verdicts."""
     spec = problem.spec
     x = problem.x[i : i + 1]
     label = int(problem.y[i])
@@ -191,13 +273,16 @@ def verify_instance(problem: Problem, i: int) -> InstanceResult:
     t = torch.tensor([target], device=problem.device)
     output = Output(spec.explanation.output)
     v0 = saliency(problem.net, x, t, output)
-    pin = spec.perturbation.input
-    domain = tuple(spec.model.input_range) if spec.model.input_range is not None else None
-    box = input_box(x, pin.epsilon if pin is not None else 0.0, domain)
+    threat = threat_for(problem, i, target)
+    order = problem.attack_order
+    attacks: dict[str, AttackOutcome] = {}
+    if order in (AttackOrder.BEFORE, AttackOrder.BOTH):
+        attacks = _run_attacks(problem, threat, i, problem.properties)
+    all_falsified = order == AttackOrder.BEFORE and all(a.violated for a in attacks.values()) and bool(attacks)
     runs: list[EngineRun] = []
-    for m in problem.methods:
+    for m in (() if all_falsified else problem.methods):
         start = time.perf_counter()
-        res = compute_bounds(m, problem.net, box, t, output, problem.params, problem.options)
+        res = compute_bounds(m, problem.net, threat.box, t, output, problem.params, problem.options)
         if problem.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - start
@@ -209,12 +294,29 @@ def verify_instance(problem: Problem, i: int) -> InstanceResult:
             b = b.intersect(r.bounds)
         runs.append(_engine_run(COMBINED, "+".join(r.method for r in runs), sum(r.time_s for r in runs),
                                 ("intersection of " + ", ".join(r.method for r in runs),), b, problem, v0))
-    verdicts = {}
+    certified = {p.name: any(r.properties[k].verdict == Verdict.CERTIFIED for r in runs)
+                 for k, p in enumerate(problem.properties)}
+    if order == AttackOrder.AFTER:
+        attacks = _run_attacks(problem, threat, i, [p for p in problem.properties if not certified[p.name]])
+    gap = {}
     for k, p in enumerate(problem.properties):
-        vs = [r.properties[k].verdict for r in runs]
-        verdicts[p.name] = Verdict.CERTIFIED if Verdict.CERTIFIED in vs else (
-            Verdict.FALSIFIED if Verdict.FALSIFIED in vs else Verdict.UNKNOWN)
-    return InstanceResult(i + spec.data.start, label, pred, target, tuple(runs), verdicts, v0[0].detach().cpu())
+        a, cert = attacks.get(p.name), _tightest(p, runs, k)
+        if a is not None and a.value is not None and cert is not None:
+            gap[p.name] = {"certified": cert, "attacked": a.value, "ratio": props.gap_ratio(p, cert, a.value)}
+    empirical = _empirical(problem, threat) if problem.empirical else {}
+    base = dict(index=i + spec.data.start, label=label, prediction=pred, target=target, engines=tuple(runs),
+                explanation=v0[0].detach().cpu(), attacks=attacks, gap=gap, empirical=empirical)
+    conflicts = _conflicts(problem, runs, attacks)
+    if conflicts:
+        msg = ("SoundnessError: certified and falsified at once — a verigrad bug, please report it: "
+               + "; ".join(conflicts))
+        return InstanceResult(**base, error=msg, internal_error=True)
+    verdicts = {}
+    for p in problem.properties:
+        a = attacks.get(p.name)
+        verdicts[p.name] = (Verdict.CERTIFIED if certified[p.name] else
+                            Verdict.FALSIFIED if a is not None and a.violated else Verdict.UNKNOWN)
+    return InstanceResult(**base, verdicts=verdicts)
 
 
 def verify(
@@ -236,3 +338,58 @@ def verify(
         if on_instance is not None:
             on_instance(r)
     return out
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """``verigrad replay``: each check a witness must pass to stand as a counterexample."""
+
+    path: str
+    property: str
+    index: int
+    same_input: bool  # x0 is the data set's input at ``index``
+    same_target: bool  # the explained class is the one the spec picks at x0
+    in_box: bool  # the adversarial input and parameters lie in the spec's box (exactly)
+    value: float  # the property's metric at the witness, float64 autograd on the real network
+    stored_value: float
+    threshold: float
+    direction: str
+    violated: bool
+
+    @property
+    def confirmed(self) -> bool:
+        return self.same_input and self.same_target and self.in_box and self.violated
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "confirmed": self.confirmed}
+
+
+def replay(path: str) -> ReplayResult:
+    """Re-check a witness file from the model, data and spec it names, in float64 (nothing
+    from the search is trusted but the point itself)."""
+    w = load_witness(path)
+    meta = w.meta
+    try:
+        spec_dict, index, name = meta["spec"], int(meta["index"]), str(meta["property"])
+    except KeyError as e:
+        raise ValueError(f"{path}: witness metadata lacks {e.args[0]!r}") from None
+    spec_dict = {**spec_dict, "data": {**spec_dict["data"], "start": index, "end": index + 1},
+                 "bounds": {**spec_dict["bounds"], "dtype": "float64"}}
+    spec = spec_from_dict(spec_dict, source=f"{path} (embedded spec)")
+    problem = prepare(spec, methods=())
+    by_name = {p.name: p for p in problem.properties}
+    if name not in by_name:
+        raise ValueError(f"{path}: the embedded spec has no property {name!r}")
+    prop = by_name[name]
+    x0 = problem.x[0:1]
+    same_input = x0.shape == w.x0.shape and bool(torch.equal(x0.cpu(), w.x0))
+    with torch.no_grad():
+        pred = int(problem.net.forward(x0).argmax(dim=1))
+    target = _target_class(problem, pred, int(problem.y[0]))
+    threat = threat_for(problem, 0, int(meta["target"]))
+    dev = problem.device
+    point = Point(w.x.to(dev), {n: (a.to(dev), b.to(dev)) for n, (a, b) in w.params.items()})
+    in_box = threat.contains(point) if point.x.shape == threat.x.shape else False
+    ev = evaluate_point(threat, prop, point)
+    return ReplayResult(str(path), name, index, same_input, target == int(meta["target"]), in_box, ev.value,
+                        float(meta["value"]), prop.threshold, props.direction_text(prop), ev.violated and in_box)

@@ -8,6 +8,7 @@ g_{k−1} = W_kᵀ (σ'(z_k) ⊙ g_k), down to v = g_0. The weights are the same
 from __future__ import annotations
 
 from enum import Enum
+from typing import Mapping, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,16 +33,56 @@ def output_seed(logits: torch.Tensor, target: torch.Tensor, output: Output) -> t
     return torch.softmax(logits, dim=1) - onehot
 
 
-def saliency(net: Network, x: torch.Tensor, target: torch.Tensor, output: Output = Output.LOGIT) -> torch.Tensor:
-    """Reference explanation by autograd (signed saliency ∂o/∂x), per sample class ``target``."""
-    x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        logits = net.forward(x)
-        if Output(output) == Output.LOGIT:
-            o = logits.gather(1, target[:, None]).sum()
+ParamOverride = Mapping[str, Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _smooth(layer: Activation, z: torch.Tensor, beta: float | None) -> torch.Tensor:
+    """σ(z), or for a piecewise-linear σ with ``beta`` its softplus(β) surrogate:
+    relu → softplus_β, leaky_relu(a) → a·z + (1 − a)·softplus_β(z). The surrogate has a
+    non-zero second derivative, which gradient-based explanation attacks need."""
+    if beta is not None and layer.kind == ActKind.RELU:
+        return ops.softplus(z, beta)
+    if beta is not None and layer.kind == ActKind.LEAKY_RELU:
+        return layer.param * z + (1.0 - layer.param) * ops.softplus(z, beta)
+    return layer.forward(z)
+
+
+def logits(net: Network, x: torch.Tensor, params: ParamOverride | None = None,
+           smooth_beta: float | None = None) -> torch.Tensor:
+    """The network's logits (B, classes), with the weights and biases of the layers named in
+    ``params`` replaced (name → (weight, bias)) and, with ``smooth_beta``, piecewise-linear
+    activations replaced by their softplus surrogate (see ``_smooth``)."""
+    h = x
+    for layer in net.layers:
+        if isinstance(layer, (Linear, Conv2d)):
+            w, b = params[layer.name] if params is not None and layer.name in params else (layer.weight, layer.bias)
+            h = F.linear(h, w, b) if isinstance(layer, Linear) else F.conv2d(h, w, b, layer.stride, layer.padding)
+        elif isinstance(layer, Activation):
+            h = _smooth(layer, h, smooth_beta)
         else:
-            o = F.cross_entropy(logits, target, reduction="sum")
-        (g,) = torch.autograd.grad(o, x)
+            h = layer.forward(h)
+    return h.reshape(h.shape[0], -1)
+
+
+def saliency(net: Network, x: torch.Tensor, target: torch.Tensor, output: Output = Output.LOGIT, *,
+             params: ParamOverride | None = None, smooth_beta: float | None = None,
+             create_graph: bool = False) -> torch.Tensor:
+    """Reference explanation by autograd (signed saliency ∂o/∂x), per sample class ``target``.
+
+    ``params`` / ``smooth_beta`` as in :func:`logits`. With ``create_graph`` the result is
+    differentiable with respect to x and the overriding parameters (attacks use this); x is
+    then used as given (it must require grad), otherwise a detached copy is taken."""
+    if not create_graph:
+        x = x.detach().clone().requires_grad_(True)
+    elif not x.requires_grad:
+        raise ValueError("saliency(create_graph=True) needs an input that requires grad")
+    with torch.enable_grad():
+        z = logits(net, x, params, smooth_beta)
+        if Output(output) == Output.LOGIT:
+            o = z.gather(1, target[:, None]).sum()
+        else:
+            o = F.cross_entropy(z, target, reduction="sum")
+        (g,) = torch.autograd.grad(o, x, create_graph=create_graph)
     return g
 
 

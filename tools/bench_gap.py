@@ -1,0 +1,105 @@
+"""The certificate–attack gap on the shipped models (a benchmark, not a test).
+
+For each model and ε, on the first N sample images, every engine bounds the explanation and
+every attack searches the same box (``attack.order: both``). Per engine and property it
+prints the fraction of inputs certified by that engine, falsified (a float64 witness in the
+box), and left unknown, and the median gap ratio (certified worst case / attacked worst
+case, oriented so that 1 = tight; see ``verigrad.properties.gap_ratio``).
+
+Properties (scale-free, so one threshold serves every model):
+  l2n   untargeted ℓ2 on l2-normalised maps: ‖v/‖v‖ − v0/‖v0‖‖₂ ≤ 0.3
+  cos   untargeted cosine: cos(v0, v) ≥ 0.9
+  top   top-20 overlap ≥ 0.5 (by |v|)
+
+    python tools/bench_gap.py                        # fc, cnn, softplus at ε 0.001, 0.003, 0.01
+    python tools/bench_gap.py --models fc --eps 0.01 --n 10 --json gap.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from verigrad import properties as props
+from verigrad.properties import Verdict
+from verigrad.spec import spec_from_dict
+from verigrad.verify import prepare, verify_instance
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    "fc": ROOT / "examples/models/mnist_fc.onnx",
+    "cnn": ROOT / "examples/models/mnist_cnn.onnx",
+    "softplus": ROOT / "examples/models/mnist_softplus.onnx",
+}
+PROPERTIES = [
+    {"name": "l2n", "kind": "untargeted", "metric": "l2", "normalize": "l2", "threshold": 0.3},
+    {"name": "cos", "kind": "untargeted", "metric": "cosine", "threshold": 0.9},
+    {"name": "top", "kind": "topk", "k": 20, "threshold": 0.5},
+]
+
+
+def run(model: str, eps: float, n: int, methods: list[str], steps: int, restarts: int) -> dict:
+    spec = spec_from_dict({
+        "model": {"path": str(MODELS[model])},
+        "data": {"dataset": "mnist_sample", "start": 0, "end": n},
+        "perturbation": {"input": {"epsilon": eps}},
+        "properties": PROPERTIES,
+        "bounds": {"methods": methods, "dtype": "float32"},
+        "attack": {"order": "both", "steps": steps, "restarts": restarts},
+    })
+    problem = prepare(spec)
+    t0 = time.perf_counter()
+    results = [verify_instance(problem, i) for i in range(n)]
+    errors = [r.error for r in results if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{model} ε={eps}: {errors[0]}")
+    out: dict = {"model": model, "eps": eps, "n": n, "time_s": time.perf_counter() - t0, "engines": {}}
+    for m in methods:
+        per = {}
+        for k, p in enumerate(problem.properties):
+            cert = fals = 0
+            ratios = []
+            for r in results:
+                e = next(e for e in r.engines if e.method == m)
+                pr, a = e.properties[k], r.attacks[p.name]
+                cert += pr.verdict == Verdict.CERTIFIED
+                fals += a.violated
+                g = props.gap_ratio(p, pr.worst_case, a.value)
+                if g is not None:
+                    ratios.append(g)
+            per[p.name] = {"certified": cert / n, "falsified": fals / n, "unknown": (n - cert - fals) / n,
+                           "median_gap": statistics.median(ratios) if ratios else None}
+        out["engines"][m] = per
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--eps", nargs="+", type=float, default=[0.001, 0.003, 0.01])
+    ap.add_argument("--n", type=int, default=10)
+    ap.add_argument("--methods", nargs="+", default=["ibp", "crown"])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--restarts", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    rows = []
+    print("| model | ε | engine | property | certified | falsified | unknown | median gap |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model in a.models:
+        for eps in a.eps:
+            res = run(model, eps, a.n, a.methods, a.steps, a.restarts)
+            rows.append(res)
+            for m, per in res["engines"].items():
+                for name, c in per.items():
+                    gap = "-" if c["median_gap"] is None else f"{c['median_gap']:.3g}"
+                    print(f"| {model} | {eps:g} | {m} | {name} | {c['certified']:.2f} | {c['falsified']:.2f} | "
+                          f"{c['unknown']:.2f} | {gap} |", flush=True)
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

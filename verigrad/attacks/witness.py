@@ -1,0 +1,130 @@
+"""Witnesses: a concrete (input, parameters) in the box at which a property fails, judged
+only in float64 with autograd on the real network, and stored as ``.npz``.
+
+A witness file holds arrays ``x0`` (the original input), ``x`` (the adversarial input),
+``v0`` / ``v`` (the explanations there), ``param/{layer}/weight|bias`` (the adversarial
+values of boxed parameters) with ``dparam/{layer}/weight|bias`` (their change), and
+``meta``: a JSON string with the property, attack, class, value, threshold, the similarity
+metrics of v against v0, the data index and the resolved spec — everything
+``verigrad replay`` needs to re-check it from the model file and the data alone.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from verigrad import properties as props
+from verigrad.graph.gradient_graph import saliency
+from verigrad.properties import Property, Verdict
+
+from verigrad.attacks.threat import Point, Threat
+
+WITNESS_SCHEMA = "verigrad.witness/1"
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluation:
+    """A point judged in float64: the projected point, whether it lies in the box, the
+    explanations and the property's metric value, and whether that value violates it."""
+
+    point: Point
+    in_box: bool
+    v0: torch.Tensor
+    v: torch.Tensor
+    value: float
+    violated: bool
+
+
+def evaluate_point(threat: Threat, prop: Property, point: Point) -> Evaluation:
+    """Re-evaluate ``point`` on the real network in float64: the threat box is rebuilt in
+    float64 from its definition, the point clipped into it (removing rounding from a float32
+    search), containment checked exactly, and v0, v computed by autograd."""
+    t64 = threat.astype(torch.float64)
+    p = t64.project(point.to(torch.float64)).detach()
+    in_box = t64.contains(p)
+    target = t64.target_tensor
+    v0 = saliency(t64.net, t64.x, target, t64.output)
+    v = saliency(t64.net, p.x, target, t64.output, params=p.params or None)
+    value = props.metric(prop, v0, v)
+    violated = in_box and props.decide(prop, value)[0] != Verdict.CERTIFIED
+    return Evaluation(p, in_box, v0, v, float(value[0]), violated)
+
+
+@dataclass(frozen=True, eq=False)
+class Witness:
+    """A confirmed violation of property ``property`` found by ``attack``."""
+
+    property: str
+    attack: str
+    target: int
+    x0: torch.Tensor
+    point: Point
+    base_params: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    v0: torch.Tensor
+    v: torch.Tensor
+    value: float
+    threshold: float
+    direction: str
+    similarity: dict[str, float] = field(default_factory=dict)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"x0": self.x0.cpu().numpy(), "x": self.point.x.cpu().numpy(), "v0": self.v0.cpu().numpy(),
+               "v": self.v.cpu().numpy()}
+        for name, (w, b) in self.point.params.items():
+            w0, b0 = self.base_params[name]
+            out[f"param/{name}/weight"] = w.cpu().numpy()
+            out[f"param/{name}/bias"] = b.cpu().numpy()
+            out[f"dparam/{name}/weight"] = (w - w0).cpu().numpy()
+            out[f"dparam/{name}/bias"] = (b - b0).cpu().numpy()
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        return {"property": self.property, "attack": self.attack, "target": self.target, "value": self.value,
+                "threshold": self.threshold, "direction": self.direction, "similarity": self.similarity,
+                "max_input_change": float((self.point.x - self.x0).abs().max()),
+                "param_layers": sorted(self.point.params)}
+
+
+def save_witness(path: str | Path, witness: Witness, extra: dict[str, Any]) -> Path:
+    """Write the witness; ``extra`` (index, spec, versions) is merged into ``meta``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"schema": WITNESS_SCHEMA, **witness.meta(), **extra}
+    with open(path, "wb") as f:
+        np.savez_compressed(f, meta=np.array(json.dumps(meta)), **witness.arrays())
+    return path
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedWitness:
+    meta: dict[str, Any]
+    x0: torch.Tensor
+    x: torch.Tensor
+    params: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    v: torch.Tensor
+
+
+def load_witness(path: str | Path) -> LoadedWitness:
+    """Read a witness file (float64 tensors); ValueError if it is not one."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+    if "meta" not in arrays:
+        raise ValueError(f"{path}: not a verigrad witness (no 'meta' entry)")
+    meta = json.loads(str(arrays["meta"]))
+    if meta.get("schema") != WITNESS_SCHEMA:
+        raise ValueError(f"{path}: unsupported witness schema {meta.get('schema')!r} (expected {WITNESS_SCHEMA})")
+    missing = [k for k in ("x0", "x", "v") if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: witness lacks arrays {missing}")
+    t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+    params = {n: (t(arrays[f"param/{n}/weight"]), t(arrays[f"param/{n}/bias"])) for n in meta.get("param_layers", [])}
+    return LoadedWitness(meta, t(arrays["x0"]), t(arrays["x"]), params, t(arrays["v"]))
