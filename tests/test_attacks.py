@@ -151,6 +151,30 @@ def test_parameter_attack_moves_weights_inside_the_box_only():
     assert float(b[0]) > 0 and torch.equal(out.witness.point.x, th.x)
 
 
+def test_joint_attack_moves_input_and_weights_and_replays_through_the_pipeline(tmp_path):
+    """Input and parameter boxes together: the params attack moves both, the witness lies in
+    both boxes, and replay re-checks the stored weights."""
+    spec = _spec(tmp_path, perturbation={"input": {"epsilon": 0.01},
+                                         "parameters": {"gamma": 0.02, "layers": ["/fc3/Gemm"]}},
+                 properties=[{"name": "l2", "kind": "untargeted", "metric": "l2", "threshold": 0.3}],
+                 attack={"order": "before", "methods": ["params"], "steps": 10, "restarts": 1},
+                 data={"dataset": "mnist_sample", "start": 2, "end": 3})
+    problem = vmod.prepare(load_spec(spec))
+    r = vmod.verify_instance(problem, 0)
+    a = r.attacks["l2"]
+    assert a.violated and a.attack == "params", a
+    w = a.witness
+    (wt, bs), = w.point.params.values()
+    assert float((w.point.x - w.x0).abs().max()) > 0 and not torch.equal(wt, w.base_params["/fc3/Gemm"][0])
+    writer = ResultWriter(problem, tmp_path / "j.json", None)
+    writer(r)
+    (path,) = writer.witnesses.values()
+    rr = _run("replay", path)
+    assert rr.exit_code == 0, rr.output
+    z = dict(np.load(path))
+    assert "dparam//fc3/Gemm/weight" in z and float(np.abs(z["dparam//fc3/Gemm/weight"]).max()) > 0
+
+
 def test_attacks_are_reproducible_with_a_seed():
     net = random_mlp(ActKind.SOFTPLUS, 2.0, sizes=(6, 8, 3), seed=3)
     th = Threat(net, torch.rand(1, 6, dtype=F64), 0, Output.LOGIT, 0.2, None)

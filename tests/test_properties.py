@@ -499,3 +499,16 @@ def test_rank_property_construction_errors():
         Property("x", "topk", None, 0.5, k=2, features=(1,))
     with pytest.raises(ValueError, match="normalize"):
         Property("x", "sign", None, 0.0, "l2")
+
+
+@pytest.mark.parametrize("m,norm", [(Metric.L1, Normalize.L1), (Metric.L2, Normalize.L2), (Metric.LINF, Normalize.MAX)])
+def test_normalized_deviation_never_exceeds_the_triangle_bound(m, norm):
+    # a box straddling 0 everywhere: the per-coordinate bound alone would exceed 2
+    box = Bounds(-torch.ones(1, 50, dtype=F64), torch.ones(1, 50, dtype=F64))
+    v0 = torch.full((1, 50), 0.1, dtype=F64)
+    w = worst_case(prop(Kind.UNTARGETED, m, norm), v0, box).item()
+    assert w == pytest.approx(2.0)
+    far = torch.maximum((normalized_bounds(box, norm).lower - normalize_map(v0, norm)).abs(),
+                        (normalized_bounds(box, norm).upper - normalize_map(v0, norm)).abs())
+    per_coordinate = torch.linalg.vector_norm(far, ord={Metric.L1: 1, Metric.L2: 2, Metric.LINF: math.inf}[m])
+    assert per_coordinate > 2 if m != Metric.LINF else per_coordinate == 2

@@ -330,7 +330,11 @@ def _untargeted_lp_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> to
     nb = normalized_bounds(bounds, prop.normalize)
     a = _flat(normalize_map(v0, prop.normalize))
     far = torch.maximum((_flat(nb.lower) - a).abs(), (_flat(nb.upper) - a).abs())
-    return _pnorm(far, _P[prop.metric])
+    worst = _pnorm(far, _P[prop.metric])
+    if prop.normalize != Normalize.NONE and _NORM_P[prop.normalize] == _P[prop.metric]:
+        # ‖N(v)‖_p ≤ 1 when N normalizes in the metric's own norm: triangle inequality
+        worst = torch.minimum(worst, 1.0 + _pnorm(a, _P[prop.metric]))
+    return worst
 
 
 def _targeted_lp_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:

@@ -186,6 +186,12 @@ class ResultWriter:
         """``<results>.witnesses/`` beside the JSON file."""
         return self.json_path.with_name(self.json_path.stem + ".witnesses")
 
+    def __post_init__(self) -> None:
+        # witnesses of an earlier run of the same results file would be mistaken for this run's
+        if self.witness_dir.is_dir():
+            for old in self.witness_dir.glob("i*_*.npz"):
+                old.unlink()
+
     def __call__(self, r: InstanceResult) -> None:
         self.results.append(r)
         for name, a in r.attacks.items():
