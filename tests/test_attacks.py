@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 import verigrad.verify as vmod
-from tests.helpers import ACT_IDS, ACTS, random_cnn, random_mlp
+from tests.helpers import ACT_IDS, ACTS, box_points, random_cnn, random_mlp
 from verigrad import properties as props
 from verigrad.attacks import (
     ATTACKS,
@@ -213,8 +213,14 @@ def test_attacks_never_beat_the_certified_worst_case(act, param, arch):
         methods = [Method.IBP, Method.CROWN] if arch == "mlp" else [Method.IBP]
         bounds = [compute_bounds(m, net, th.box, th.target_tensor, Output.LOGIT, None).bounds for m in methods]
         v0 = saliency(net, x, th.target_tensor)
+        pts = box_points(th.box, 100, 100, seed)  # sampled explanations, independent of the attacks
+        v_pts = saliency(net, pts, th.target_tensor.expand(len(pts)))
         for prop in _props_for(v0, v0[0].numel()):
             cert = [float(props.worst_case(prop, v0, b)[0]) for b in bounds]
+            sampled = props.metric(prop, v0, v_pts)
+            for c in cert:
+                ok = sampled <= c + 1e-9 if prop.rule.direction == Direction.AT_MOST else sampled >= c - 1e-9
+                assert bool(ok.all()), f"{prop.name}: a sampled point beats the certified worst case {c}"
             out = attack_property(th, prop, AttackOptions(steps=8, restarts=2, seed=seed))
             for c in cert:
                 ok = out.value <= c + 1e-9 if prop.rule.direction == Direction.AT_MOST else out.value >= c - 1e-9
