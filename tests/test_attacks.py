@@ -101,6 +101,16 @@ def test_witness_is_rejudged_in_float64_not_trusted_from_float32():
     assert not evaluate_point(th, at, out.witness.point if out.witness else Point(th.x)).violated
 
 
+def test_a_nan_value_is_never_a_counterexample(monkeypatch):
+    import verigrad.attacks.witness as wmod
+
+    th = Threat(hinge_net(), torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, 0.1, None)
+    prop = Property("l2", "untargeted", "l2", 0.5)
+    monkeypatch.setattr(wmod.props, "metric", lambda p, v0, v: torch.full((v.shape[0],), float("nan"), dtype=F64))
+    ev = evaluate_point(th, prop, Point(th.box.upper))
+    assert ev.in_box and not ev.violated
+
+
 @pytest.mark.parametrize("kind,extra", [
     ("topk", {"k": 1, "threshold": 1.0}),
     ("sign", {"features": (0, 1), "threshold": 0.0}),

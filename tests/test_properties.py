@@ -512,3 +512,287 @@ def test_normalized_deviation_never_exceeds_the_triangle_bound(m, norm):
                         (normalized_bounds(box, norm).upper - normalize_map(v0, norm)).abs())
     per_coordinate = torch.linalg.vector_norm(far, ord={Metric.L1: 1, Metric.L2: 2, Metric.LINF: math.inf}[m])
     assert per_coordinate > 2 if m != Metric.LINF else per_coordinate == 2
+
+
+# ----------------------------------------------------------------------------------------
+# top-k, sign, feature bound: more hand cases, ties, exactness, sizes, NaN
+
+
+def adversarial_overlap(in_k: torch.Tensor, a: torch.Tensor, k: int) -> torch.Tensor:
+    """The smallest |topk(a) ∩ K| / k over EVERY tie-breaking of topk on the rows of a (N, n):
+    everything above the k-th value is in; the remaining slots go to tied outsiders first."""
+    tau = a.sort(dim=1, descending=True).values[:, k - 1:k]
+    above, tied = a > tau, a == tau
+    slots = k - above.sum(1)
+    tied_out = (tied & ~in_k).sum(1)
+    return ((above & in_k).sum(1) + (slots - tied_out).clamp(min=0)).to(F64) / k
+
+
+def k_set(a0: torch.Tensor, k: int, prefer_high_index: bool) -> torch.Tensor:
+    """A valid top-k set of the magnitudes a0 (n,), ties broken by index one way or the other."""
+    n = a0.numel()
+    order = sorted(range(n), key=lambda i: (-float(a0[i]), -i if prefer_high_index else i))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def brute_topk_worst(v0: torch.Tensor, box: Bounds, k: int) -> torch.Tensor:
+    """The count argument written out with explicit loops (j ≠ i), one sample at a time."""
+    lo, up = box.lower.reshape(box.shape[0], -1), box.upper.reshape(box.shape[0], -1)
+    out = []
+    for b in range(lo.shape[0]):
+        amin = [0.0 if l <= 0 <= u else min(abs(l), abs(u)) for l, u in zip(lo[b].tolist(), up[b].tolist())]
+        amax = [max(abs(l), abs(u)) for l, u in zip(lo[b].tolist(), up[b].tolist())]
+        K = v0.reshape(v0.shape[0], -1)[b].abs().topk(k).indices.tolist()
+        good = sum(1 for i in K if sum(1 for j in range(len(amax)) if j != i and amax[j] >= amin[i]) <= k - 1)
+        out.append(good / k)
+    return torch.tensor(out, dtype=F64)
+
+
+def test_topk_vectorised_count_matches_the_loops():
+    gen = torch.Generator().manual_seed(21)
+    for n, ks, rounded in ((40, (1, 3, 20, 40), False), (40, (1, 5, 39, 40), True), (300, (1, 30, 300), True)):
+        c = torch.randn(3, n, generator=gen, dtype=F64) * 3
+        r = torch.rand(3, n, generator=gen, dtype=F64) * 0.7
+        lo, up = c - r, c + r
+        if rounded:  # many exact ties between a⁺ and a⁻ (and inside v0)
+            lo, up = lo.floor(), up.ceil()
+        box = Bounds(lo, up)
+        v0 = (lo + up) / 2 if rounded else lo + torch.rand(3, n, generator=gen, dtype=F64) * (up - lo)
+        for k in ks:
+            p = rank_prop("topk", 1.0, k=k)
+            torch.testing.assert_close(worst_case(p, v0, box), brute_topk_worst(v0, box, k), rtol=0, atol=0)
+
+
+def test_topk_runs_on_cifar_sized_maps():
+    gen = torch.Generator().manual_seed(4)
+    v0 = torch.randn(4, 3, 32, 32, generator=gen, dtype=F64)
+    box = Bounds(v0 - 0.05, v0 + 0.05)
+    for k in (1, 100, 3072):
+        w = worst_case(rank_prop("topk", 1.0, k=k), v0, box)
+        assert w.shape == (4,) and w.dtype == F64 and bool(((w >= 0) & (w <= 1)).all())
+    assert worst_case(rank_prop("topk", 1.0, k=3072), v0, box).eq(1.0).all()  # k = n: nothing can leave
+
+
+def test_topk_is_sound_under_any_tie_breaking():
+    """Integer boxes and integer points: ties everywhere. The bound must hold against the most
+    adversarial tie-breaking of topk(|v|), and for either tie-breaking of K = topk(|v0|)."""
+    gen = torch.Generator().manual_seed(13)
+    n = 4
+    for trial in range(120):
+        a, b = torch.randint(-3, 4, (n,), generator=gen), torch.randint(-3, 4, (n,), generator=gen)
+        lo, up = torch.minimum(a, b).to(F64), torch.maximum(a, b).to(F64)
+        box = Bounds(lo[None], up[None])
+        grids = [torch.arange(int(l), int(u) + 1, dtype=F64) for l, u in zip(lo, up)]
+        pts = torch.cartesian_prod(*grids).reshape(-1, n)
+        pts = torch.cat([pts, sample_points(gen, box)])
+        v0 = pts[torch.randint(0, len(pts), (1,), generator=gen)]  # an integer point: ties in v0 too
+        for k in range(1, n + 1):
+            p = rank_prop("topk", 1.0, k=k)
+            w = worst_case(p, v0, box).item()
+            for prefer in (False, True):
+                K = k_set(v0[0].abs(), k, prefer)
+                seen = adversarial_overlap(K, pts.abs(), k).min().item()
+                assert seen >= w - 1e-12, (trial, k, prefer, lo.tolist(), up.tolist(), v0.tolist(), seen, w)
+            # torch's own tie-breaking in the concrete metric, too
+            assert metric(p, v0.expand_as(pts), pts).min().item() >= w - 1e-12
+
+
+def test_topk_tie_at_the_kth_place_is_counted_against_us():
+    # |v0| = (2, 2, 1), k = 1, a point box: whichever of 0, 1 torch.topk picks, the other ties
+    # with it, so no tie-breaking-independent guarantee exists: the bound is 0 while the
+    # concrete overlap (same tie-breaking twice) is 1. Sound, deliberately not exact.
+    v0 = t64([2.0, -2.0, 1.0])
+    p = rank_prop("topk", 1.0, k=1)
+    assert worst_case(p, v0, Bounds.point(v0)).item() == 0.0
+    assert metric(p, v0, v0).item() == 1.0
+    assert decide(p, worst_case(p, v0, Bounds.point(v0))) == [Verdict.UNKNOWN]
+    # k = 2 takes both tied features: the set {0, 1} is certain
+    assert worst_case(rank_prop("topk", 1.0, k=2), v0, Bounds.point(v0)).item() == 1.0
+
+
+def test_topk_by_hand_not_exact_below_one():
+    # |v0| = (5, 4, 1), k = 2, K = {0, 1}; |v_0| ∈ [0.5, 5], |v_1| ∈ [0.5, 4], |v_2| ∈ [1, 3].
+    # Feature 0: rivals j ≠ 0 with a⁺ ≥ 0.5: features 1 and 2 → 2 > k − 1: not guaranteed;
+    # feature 1 likewise. Bound 0, but feature 2 can displace only one of them at a time, so
+    # the true minimum overlap is 1/2: the count bound is sound, not exact, below 1.
+    v0 = t64([5.0, 4.0, 1.0])
+    box = Bounds(t64([0.5, 0.5, 1.0]), t64([5.0, 4.0, 3.0]))
+    p = rank_prop("topk", 0.5, k=2)
+    assert worst_case(p, v0, box).item() == 0.0
+    gen = torch.Generator().manual_seed(0)
+    pts = sample_points(gen, box)
+    assert metric(p, v0.expand_as(pts), pts).min().item() == 0.5
+
+
+def test_sign_by_hand_with_zeros_in_v0():
+    # v0 = (0, 0, 0, 0, 1, -1); intervals [−1, 0], [0, 1], [0, 0], [−2, −1], [0, 2], [−3, 0]:
+    # zero flips iff the interval leaves 0 on either side: features 0, 1, 3 → 3 (2 is pinned);
+    # v0 = 1 with l = 0 can reach 0 (sign 0 ≠ 1) → flips; v0 = −1 with u = 0 → flips. Total 5.
+    v0 = t64([0.0, 0.0, 0.0, 0.0, 1.0, -1.0])
+    box = Bounds(t64([-1.0, 0.0, 0.0, -2.0, 0.0, -3.0]), t64([0.0, 1.0, 0.0, -1.0, 2.0, 0.0]))
+    assert worst_case(rank_prop("sign", 0.0), v0, box).item() == 5
+    assert worst_case(rank_prop("sign", 0.0, features=(2,)), v0, box).item() == 0
+    assert worst_case(rank_prop("sign", 0.0, features=(2, 3)), v0, box).item() == 1
+    # attained at (−1, 1, 0, −2, 0, 0); a concrete point with only feature 3 moved: 1 flip
+    assert metric(rank_prop("sign", 0.0), v0, t64([-1.0, 1.0, 0.0, -2.0, 0.0, 0.0])).item() == 5
+    assert metric(rank_prop("sign", 0.0), v0, t64([0.0, 0.0, 0.0, -1.5, 1.0, -1.0])).item() == 1
+    assert decide(rank_prop("sign", 1.0, features=(2, 3)),
+                  worst_case(rank_prop("sign", 1.0, features=(2, 3)), v0, box)) == [Verdict.CERTIFIED]
+
+
+def test_feature_bound_by_hand():
+    # features (0, 2): |[−.3, .1]| ≤ .3, |[.05, .2]| ≤ .2 → worst .3; feature 1 (|−5|) is not chosen
+    v0 = t64([0.0, -4.0, 0.1])
+    box = Bounds(t64([-0.3, -5.0, 0.05]), t64([0.1, -3.0, 0.2]))
+    p = rank_prop("feature_bound", 0.25, features=(0, 2))
+    assert worst_case(p, v0, box).item() == pytest.approx(0.3, abs=1e-15)
+    assert metric(p, v0, v0).item() == pytest.approx(0.1)
+    assert decide(p, worst_case(p, v0, box)) == [Verdict.UNKNOWN]
+    assert decide(rank_prop("feature_bound", 0.3, features=(0, 2)), worst_case(p, v0, box)) == [Verdict.CERTIFIED]
+    assert worst_case(rank_prop("feature_bound", 1.0), v0, box).item() == 5.0  # all features
+
+
+RANK_PROPS = [("topk", {"k": 1}), ("topk", {"k": 2}), ("topk", {"k": 5}), ("sign", {}), ("sign", {"features": (1, 2)}),
+              ("feature_bound", {}), ("feature_bound", {"features": (0, 4)})]
+RANK_IDS = [f"{k}-{'-'.join(f'{a}{b}' for a, b in e.items()) or 'all'}" for k, e in RANK_PROPS]
+
+
+@pytest.mark.parametrize("kind,extra", RANK_PROPS, ids=RANK_IDS)
+def test_rank_zero_width_bounds_give_the_concrete_value(kind, extra):
+    gen = torch.Generator().manual_seed(7)
+    v0 = torch.randn(4, 5, dtype=F64, generator=gen)  # continuous: no tie at the k-th place
+    v0[1, 2] = 0.0
+    p = rank_prop(kind, 1.0, **extra)
+    torch.testing.assert_close(worst_case(p, v0, Bounds.point(v0)), metric(p, v0, v0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind,extra", RANK_PROPS, ids=RANK_IDS)
+def test_rank_batch_image_shapes_and_float64(kind, extra):
+    gen = torch.Generator().manual_seed(2)
+    v0 = torch.randn(3, 1, 2, 3, generator=gen)  # float32 in, float64 out
+    box = Bounds(v0 - 0.3, v0 + 0.3)
+    p = rank_prop(kind, 1.0, **extra)
+    w = worst_case(p, v0, box)
+    assert w.shape == (3,) and w.dtype == F64
+    for b in range(3):
+        torch.testing.assert_close(worst_case(p, v0[b:b + 1], box[b:b + 1]), w[b:b + 1])
+    # the metric accepts v0 as one sample (1, *S) or the per-sample shape S against a batch
+    pts = v0[:1] + 0.1 * torch.randn(6, 1, 2, 3, generator=gen)
+    torch.testing.assert_close(metric(p, v0[:1], pts), metric(p, v0[0], pts))
+    torch.testing.assert_close(metric(p, v0[:1], pts), metric(p, v0[:1].expand_as(pts), pts))
+
+
+@pytest.mark.parametrize("kind", ["sign", "feature_bound"])
+def test_sign_and_feature_worst_cases_are_attained_on_subsets_and_zeros(kind):
+    gen = torch.Generator().manual_seed(17)
+    for i in range(40):
+        box = random_box(gen, 6, ["mixed", "touch", "straddle"][i % 3])
+        v0 = box.lower + torch.rand(box.shape, generator=gen, dtype=F64) * box.width
+        v0[0, i % 6] = 0.0 if float(box.lower[0, i % 6]) <= 0 <= float(box.upper[0, i % 6]) else v0[0, i % 6]
+        feats = None if i % 2 else tuple(sorted(set(torch.randint(0, 6, (3,), generator=gen).tolist())))
+        p = rank_prop(kind, 1.0, features=feats)
+        lo, up = box.lower, box.upper
+        bits = torch.tensor(list(itertools.product([0.0, 1.0], repeat=6)), dtype=F64)
+        corners = lo + bits * (up - lo)
+        zero = torch.zeros_like(lo).clamp(lo, up)
+        # for sign a flip may need 0 itself (v0 > 0 with l = 0 is a corner anyway); add the
+        # corners with each coordinate at 0 where allowed, too
+        pts = torch.cat([corners, torch.where(bits.bool(), zero.expand_as(corners), corners)])
+        vals = metric(p, v0.expand_as(pts), pts)
+        assert vals.max().item() == worst_case(p, v0, box).item()
+
+
+def test_gap_ratio_more_cases():
+    from verigrad.properties import gap_ratio
+
+    unt, cos = prop(Kind.UNTARGETED, Metric.L1), prop(Kind.UNTARGETED, Metric.COSINE)
+    tl2, tcos = prop(Kind.TARGETED, Metric.L2, target=T), prop(Kind.TARGETED, Metric.COSINE, target=T)
+    top, sgn, fb = rank_prop("topk", 0.5, k=4), rank_prop("sign", 2.0), rank_prop("feature_bound", 1.0)
+    assert gap_ratio(unt, 1.0, 1.0) == 1.0  # tight
+    assert gap_ratio(sgn, 3, 1) == 3.0 and gap_ratio(sgn, 2, 2) == 1.0
+    assert gap_ratio(top, 0.25, 0.75) == pytest.approx(3.0)  # (1 − .25) / (1 − .75)
+    assert gap_ratio(top, 0.5, 0.5) == 1.0
+    assert gap_ratio(cos, 0.0, 0.5) == pytest.approx(2.0)
+    assert gap_ratio(tcos, 1.0, 0.0) == pytest.approx(2.0)  # (1 + 1) / (1 + 0)
+    assert gap_ratio(tl2, 0.25, 1.0) == pytest.approx(4.0)
+    # inconsistent (an attack beyond the certificate would be a soundness bug): < 1, reported
+    assert gap_ratio(fb, 0.1, 0.2) == pytest.approx(0.5)
+    # undefined: zero denominators, NaN, infinity
+    assert gap_ratio(fb, 0.3, 0.0) is None
+    assert gap_ratio(cos, 0.5, 1.0) is None and gap_ratio(top, 0.5, 1.0) is None  # attack moved nothing
+    assert gap_ratio(tl2, 0.0, 1.0) is None  # the certificate says nothing
+    assert gap_ratio(tcos, 0.5, -1.0) is None
+    assert gap_ratio(unt, float("nan"), 1.0) is None and gap_ratio(unt, 1.0, float("nan")) is None
+    assert gap_ratio(unt, float("inf"), 1.0) is None
+    # each rule declares its own
+    assert all(callable(r.gap) for r in RULES.values())
+
+
+def test_rank_property_size_and_value_errors():
+    from verigrad.spec import PropertySpec
+
+    v0 = torch.zeros(1, 4, dtype=F64)
+    box = Bounds.point(v0)
+    with pytest.raises(ValueError, match=r"'r'.*k = 5 exceeds the 4 features"):
+        worst_case(rank_prop("topk", 1.0, k=5), v0, box)
+    with pytest.raises(ValueError, match=r"'r'.*feature index 4 out of range.*0\.\.3"):
+        worst_case(rank_prop("sign", 0.0, features=(0, 4)), v0, box)
+    with pytest.raises(ValueError, match="feature index 7"):
+        metric(rank_prop("feature_bound", 1.0, features=(7,)), v0, v0)
+    with pytest.raises(ValueError, match="unique"):
+        rank_prop("sign", 0.0, features=(1, 1))
+    with pytest.raises(ValueError, match="unique"):
+        rank_prop("sign", 0.0, features=())
+    with pytest.raises(ValueError, match=">= 0"):
+        rank_prop("sign", -1.0)
+    with pytest.raises(ValueError, match="> 0"):
+        rank_prop("feature_bound", 0.0, features=(1,))
+    with pytest.raises(ValueError, match="k"):
+        rank_prop("topk", 1.0, k=0)
+    with pytest.raises(ValueError, match="k"):
+        rank_prop("topk", 1.0, k=True)
+    with pytest.raises(ValueError, match="k"):
+        rank_prop("sign", 0.0, k=2)
+    with pytest.raises(ValueError, match="target map"):
+        Property("x", "topk", None, 1.0, target=T, k=1)
+    assert rank_prop("topk", 1.0, k=2.0).k == 2
+    # from_spec: sizes against the map, 'all' → None
+    with pytest.raises(ValueError, match=r"'big'.*k = 26 exceeds the 25 features"):
+        Property.from_spec(PropertySpec(name="big", kind=Kind.TOPK, k=26, threshold=1.0), (1, 5, 5))
+    with pytest.raises(ValueError, match=r"'far'.*feature index 25 out of range"):
+        Property.from_spec(PropertySpec(name="far", kind=Kind.SIGN, features=(3, 25), threshold=0.0), (1, 5, 5))
+    p = Property.from_spec(PropertySpec(name="all", kind=Kind.FEATURE_BOUND, features="all", threshold=1.0), (1, 5, 5))
+    assert p.features is None and p.metric is None and p.k is None
+    p = Property.from_spec(PropertySpec(name="few", kind=Kind.SIGN, features=(3, 24), threshold=0.0), (1, 5, 5))
+    assert p.features == (3, 24)
+    assert Property.from_spec(PropertySpec(name="t", kind=Kind.TOPK, k=25, threshold=0.5), (1, 5, 5)).k == 25
+
+
+def test_nan_never_certifies_nor_falsifies():
+    v0 = t64([1.0, float("nan"), 2.0])
+    box = Bounds(t64([0.5, 0.0, 1.0]), t64([1.5, 1.0, 3.0]))
+    for p in (rank_prop("topk", 0.5, k=1), rank_prop("sign", 3.0), rank_prop("feature_bound", 10.0),
+              prop(Kind.UNTARGETED, Metric.COSINE, threshold=-1.0), prop(Kind.UNTARGETED, Metric.L2, threshold=10.0)):
+        w = worst_case(p, v0, box)
+        assert torch.isnan(w).all() and decide(p, w) == [Verdict.UNKNOWN], p
+    # a NaN target: the cosine bound's "t = 0" branch must not certify
+    tnan = t64([float("nan"), 0.0, 0.0])[0]
+    q = prop(Kind.TARGETED, Metric.COSINE, target=tnan, threshold=0.5)
+    assert decide(q, worst_case(q, t64([1.0, 1.0, 1.0]), box)) == [Verdict.UNKNOWN]
+    # a NaN explanation is no counterexample: the metric is NaN, not a count of flips
+    good = t64([1.0, 1.0, 2.0])
+    bad = t64([1.0, float("nan"), 2.0])
+    for p in (rank_prop("topk", 0.5, k=1), rank_prop("sign", 0.0), rank_prop("feature_bound", 10.0)):
+        assert torch.isnan(metric(p, good, bad)).all() and not torch.isnan(metric(p, good, good)).any()
+    # a NaN outside the chosen features does not matter to sign / feature_bound
+    assert metric(rank_prop("sign", 0.0, features=(0, 2)), good, bad).item() == 0.0
+
+
+def test_file_target_must_be_finite(tmp_path):
+    arr = np.zeros((1, 3, 3))
+    arr[0, 1, 1] = np.nan
+    np.save(tmp_path / "t.npy", arr)
+    with pytest.raises(ValueError, match="1 non-finite"):
+        make_target(FileTarget(path=tmp_path / "t.npy"), (1, 3, 3))

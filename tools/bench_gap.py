@@ -97,8 +97,28 @@ def main() -> None:
                     gap = "-" if c["median_gap"] is None else f"{c['median_gap']:.3g}"
                     print(f"| {model} | {eps:g} | {m} | {name} | {c['certified']:.2f} | {c['falsified']:.2f} | "
                           f"{c['unknown']:.2f} | {gap} |", flush=True)
+    print()
+    print(summary_table(rows, a.methods))
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
+
+
+def summary_table(rows: list[dict], methods: list[str]) -> str:
+    """One line per model, ε and property: certified fraction per engine, falsified and
+    unknown fractions (after every engine and attack), median gap per engine."""
+    fmt = lambda g: "-" if g is None else f"{g:.3g}"  # noqa: E731
+    head = (["model", "ε", "property"] + [f"certified {m}" for m in methods] + ["falsified", "unknown"]
+            + [f"median gap {m}" for m in methods])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        for p in PROPERTIES:
+            per = [r["engines"][m][p["name"]] for m in methods]
+            cert = [c["certified"] for c in per]
+            fals = per[0]["falsified"]
+            cells = ([r["model"], f"{r['eps']:g}", p["name"]] + [f"{c:.1f}" for c in cert]
+                     + [f"{fals:.1f}", f"{1 - max(cert) - fals:.1f}"] + [fmt(c["median_gap"]) for c in per])
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,37 @@
 """Properties of explanations and their sound worst cases over coordinate bounds.
 
 An explanation v (shape (B, *S)) is known to lie in a box l ≤ v ≤ u. A property compares
-v with the original explanation v0 (untargeted) or with a target map t (targeted):
+v with the original explanation v0 (untargeted, topk, sign) or with a target map t
+(targeted), or bounds v itself (feature_bound):
 
   untargeted ℓp      max_v ‖N(v) − N(v0)‖_p ≤ δ     (worst case: an upper bound of the max)
   untargeted cosine  min_v cos(v0, v)      ≥ δ     (worst case: a lower bound of the min)
   targeted ℓp        min_v ‖N(v) − N(t)‖_p ≥ δ     (worst case: a lower bound of the min)
   targeted cosine    max_v cos(v, t)       ≤ δ     (worst case: an upper bound of the max)
+  topk               min_v |topk(|v|) ∩ K| / k ≥ δ  (K = topk(|v0|); a lower bound of the min)
+  sign               max_v #{i ∈ F : sign v_i ≠ sign v0_i} ≤ δ   (exact)
+  feature_bound      max_v max_{i ∈ F} |v_i|  ≤ δ     (exact)
 
-N is the optional normalization v / ‖v‖_q (q = 1, 2, ∞; N(0) = 0 by convention). Every
-``worst_case`` is sound: no v in the box does worse. Without normalization the ℓp worst
-cases are exact. ``decide`` turns a worst case into a verdict; ``falsified`` is reserved for
-attacks, which find a concrete v violating the property.
+N is the optional normalization v / ‖v‖_q (q = 1, 2, ∞; N(0) = 0 by convention); F is the
+property's ``features`` (flat indices into the per-sample map, None = all). topk, sign
+and feature_bound rank / compare maps flattened per sample and take no metric and no
+normalization. Every ``worst_case`` is sound: no v in the box does worse. Without
+normalization the ℓp worst cases are exact. ``decide`` turns a worst case into a verdict;
+``falsified`` is reserved for attacks, which find a concrete v violating the property.
+A NaN in v0 (or in the target) gives a NaN worst case, which never certifies; a NaN in v
+gives a NaN metric for the rank and sign kinds, which never falsifies.
+
+``gap_ratio(prop, certified, attacked)`` says how loose a certificate is against the
+strongest attack, oriented so that it is ≥ 1 when both are right and 1 when the
+certificate is tight (each rule declares its own, ``PropertyRule.gap``):
+
+  deviations ≥ 0 (untargeted ℓp, sign flips, feature bound)     c / a
+  similarities ≤ 1 (untargeted cosine, top-k overlap)           (1 − c) / (1 − a)
+  targeted ℓp (a distance that must stay large)                 a / c
+  targeted cosine (a similarity ≥ −1 that must stay small)      (1 + c) / (1 + a)
+
+It is None when undefined: a zero or negative denominator (e.g. the attack did not move
+the value at all), or a non-finite input.
 """
 from __future__ import annotations
 
@@ -71,7 +91,11 @@ def make_target(target: TargetSpec, shape: Sequence[int], dtype: torch.dtype = t
                 f"target file {target.path}: shape {tuple(arr.shape)} differs from the per-sample "
                 f"explanation shape {shape}"
             )
-        return torch.as_tensor(arr, dtype=dtype).clone()
+        t = torch.as_tensor(arr, dtype=dtype).clone()
+        if not bool(torch.isfinite(t).all()):
+            # a NaN target would make the cosine bounds' "t = 0" branch certify anything
+            raise ValueError(f"target file {target.path}: {int((~torch.isfinite(t)).sum())} non-finite value(s)")
+        return t
     if isinstance(target, GaussianTarget):
         if len(target.center) != len(spatial):
             raise ValueError(
@@ -105,10 +129,15 @@ def make_target(target: TargetSpec, shape: Sequence[int], dtype: torch.dtype = t
 
 @dataclass(frozen=True, eq=False)
 class Property:
-    """One property to decide (see the module docstring for the four forms).
+    """One property to decide (see the module docstring for the forms).
 
-    ``target`` is the per-sample target map (shape S, or (B, *S) for one map per sample);
-    required for targeted properties, forbidden for untargeted ones.
+    ``metric`` is required for untargeted / targeted and None for topk / sign /
+    feature_bound. ``target`` is the per-sample target map (shape S, or (B, *S) for one map
+    per sample); required for targeted properties, forbidden otherwise. ``k`` (≥ 1) is
+    required for topk and forbidden otherwise. ``features`` is for sign / feature_bound
+    only: the resolved flat indices into the per-sample map, or None for all features (the
+    spec's ``features: all`` becomes None). Sizes (k ≤ n, indices < n) are checked against
+    the map by ``from_spec`` and again when a metric or worst case is computed.
     """
 
     name: str
@@ -133,7 +162,10 @@ class Property:
                              + ("needs a metric" if metric_kind else "takes no metric"))
         if not metric_kind and self.normalize != Normalize.NONE:
             raise ValueError(f"property {self.name!r}: normalize applies to untargeted/targeted kinds only")
-        if (self.kind == Kind.TOPK) != (self.k is not None) or (self.k is not None and self.k < 1):
+        if isinstance(self.k, float) and self.k.is_integer():
+            object.__setattr__(self, "k", int(self.k))  # as the spec's Int accepts 3.0
+        bad_k = self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1)
+        if (self.kind == Kind.TOPK) != (self.k is not None) or bad_k:
             raise ValueError(f"property {self.name!r}: k (>= 1) is required for kind topk and only there")
         if self.kind == Kind.TOPK and not 0 < self.threshold <= 1:
             raise ValueError(f"property {self.name!r}: topk threshold is an overlap fraction in (0, 1]")
@@ -143,8 +175,9 @@ class Property:
             raise ValueError(f"property {self.name!r}: feature_bound threshold must be > 0")
         if self.features is not None and self.kind not in (Kind.SIGN, Kind.FEATURE_BOUND):
             raise ValueError(f"property {self.name!r}: features are used by kinds sign and feature_bound only")
-        if self.features is not None and (not self.features or min(self.features) < 0):
-            raise ValueError(f"property {self.name!r}: features must be non-empty flat indices >= 0")
+        if self.features is not None and (not self.features or min(self.features) < 0
+                                          or len(set(self.features)) != len(self.features)):
+            raise ValueError(f"property {self.name!r}: features must be non-empty, unique flat indices >= 0")
         if self.metric == Metric.COSINE:
             if self.normalize != Normalize.NONE:
                 raise ValueError(f"property {self.name!r}: normalize must be none for cosine (scale-invariant)")
@@ -421,59 +454,118 @@ def _targeted_cos_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> tor
 # Rank and feature properties (no metric, no normalization)
 
 
-def _feature_cols(prop: Property) -> slice | list[int]:
+def _check_size(prop: Property, n: int) -> None:
+    """k and the feature indices must fit a map of n features (from_spec checks this for
+    spec entries; directly built properties are checked here)."""
+    if prop.k is not None and prop.k > n:
+        raise ValueError(f"property {prop.name!r}: k = {prop.k} exceeds the {n} features of the map")
+    if prop.features is not None and max(prop.features) >= n:
+        raise ValueError(f"property {prop.name!r}: feature index {max(prop.features)} out of range for a map "
+                         f"of {n} features (flat indices 0..{n - 1})")
+
+
+def _feature_cols(prop: Property, n: int) -> slice | list[int]:
+    _check_size(prop, n)
     return slice(None) if prop.features is None else list(prop.features)
 
 
+def _nan_rows(value: torch.Tensor, *maps: torch.Tensor) -> torch.Tensor:
+    """value (B,), NaN on the rows where any of the (B or 1, m) maps has a NaN: a NaN
+    explanation has no rank and no sign, so it must neither count as a flip nor as a
+    change of the top-k set (that would make a NaN a counterexample)."""
+    bad = torch.zeros_like(value, dtype=torch.bool)
+    for m in maps:
+        bad = bad | torch.isnan(m).any(1)
+    return torch.where(bad, torch.full_like(value, math.nan), value)
+
+
+def _v0_rows(v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """v0 as (1 or B, n) rows for explanations v (B, *S): v0 may be (B, *S), (1, *S) or S."""
+    return _flat(v0 if v0.dim() == v.dim() else v0[None])
+
+
+def _topk_set(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (B, k) of each row's k largest magnitudes (torch.topk's tie-breaking);
+    metric and worst_case both pick K = topk(|v0|) through here."""
+    return a.topk(k, dim=1).indices
+
+
 def _topk_metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """|topk(|v|) ∩ topk(|v0|)| / k (ties broken by torch.topk)."""
+    """|topk(|v|) ∩ K| / k with K = topk(|v0|), per sample (ties broken by torch.topk)."""
     k = int(prop.k)  # type: ignore[arg-type]
-    a0, a = _flat(v0.expand_as(v)).abs(), _flat(v).abs()
-    in_k = torch.zeros_like(a0).scatter(1, a0.topk(k, dim=1).indices, 1.0)
-    return in_k.gather(1, a.topk(k, dim=1).indices).sum(1) / k
+    a0, a = _v0_rows(v0, v).abs(), _flat(v).abs()
+    _check_size(prop, a.shape[1])
+    in_k = torch.zeros_like(a0, dtype=torch.bool).scatter(1, _topk_set(a0, k), True).expand_as(a)
+    value = in_k.gather(1, a.topk(k, dim=1).indices).sum(1).to(a.dtype) / k
+    return _nan_rows(value, a0.expand_as(a), a)
 
 
 def _topk_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
-    """A lower bound of the min top-k overlap over the box. With [a_i⁻, a_i⁺] the range of |v_i|:
-    i ∈ K = topk(|v0|) stays in the top-k of every v if #{j ≠ i : a_j⁺ ≥ a_i⁻} ≤ k − 1 (only
-    those j can tie or beat i; ties are counted against us, so any tie-breaking is covered);
-    the bound is the count of such i over k. With threshold 1 it certifies exactly
-    min_{i∈K} a_i⁻ > max_{j∉K} a_j⁺ ("the top-k set never changes")."""
+    """A sound lower bound of the min top-k overlap over the box.
+
+    With [a_i⁻, a_i⁺] the range of |v_i| over [l_i, u_i] (a_i⁻ = 0 when the interval
+    contains 0): i ∈ K = topk(|v0|) can leave the top-k of v only if at least k other j have
+    |v_j| ≥ |v_i| ≥ a_i⁻, so only j with a_j⁺ ≥ a_i⁻; hence i stays in the top-k of EVERY v in
+    the box, whatever the tie-breaking, if #{j ≠ i : a_j⁺ ≥ a_i⁻} ≤ k − 1 (ties are counted
+    against us). The bound is the number of such i over k. When v0 lies in the box these i
+    are in the top-k of v0 under any tie-breaking too, so the bound holds whichever K
+    torch.topk picked among tied features; ties at the k-th place of v0 itself count against
+    us (a point box with such a tie gets a bound below the concrete overlap).
+
+    It is a bound, not always the exact minimum: one outsider may be able to displace any one
+    of several members of K, but not all of them at the same v. With threshold 1 it is exact
+    (up to ties): "the top-k set never changes" is certified iff
+    min_{i∈K} a_i⁻ > max_{j∉K} a_j⁺, and otherwise the weakest member at a⁻ and the strongest
+    outsider at a⁺ change the set.
+
+    Vectorised: sort a⁺ once per sample; #{j : a_j⁺ ≥ a_i⁻} = n − searchsorted(a⁺, a_i⁻,
+    left), which counts i itself (a_i⁺ ≥ a_i⁻), hence the − 1. O(n log n + k log n).
+    """
     k = int(prop.k)  # type: ignore[arg-type]
     b = Bounds(_flat(bounds.lower), _flat(bounds.upper))
     amin, amax = _abs_range(b)
     n = amax.shape[1]
-    idx = _flat(v0).abs().topk(k, dim=1).indices
+    _check_size(prop, n)
+    idx = _topk_set(_flat(v0).abs(), k)  # K per sample, (B, k)
     sorted_max = torch.sort(amax, dim=1).values
-    rivals = n - torch.searchsorted(sorted_max, amin.gather(1, idx).contiguous(), side="left")  # includes i
-    return ((rivals - 1) <= k - 1).to(amax.dtype).sum(1) / k
+    at_least = n - torch.searchsorted(sorted_max, amin.gather(1, idx).contiguous(), side="left")
+    others = at_least - 1  # j = i is always among them: a_i⁺ ≥ a_i⁻
+    return (others <= k - 1).sum(1).to(amax.dtype) / k
 
 
 def _sign_metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Number of chosen features with sign(v_i) ≠ sign(v0_i) (0 is its own sign)."""
-    f = _feature_cols(prop)
-    s0, s1 = torch.sign(_flat(v0.expand_as(v))[:, f]), torch.sign(_flat(v)[:, f])
-    return (s0 != s1).to(v.dtype).sum(1)
+    """Number of chosen features with sign(v_i) ≠ sign(v0_i) (torch.sign: 0 is its own sign)."""
+    a = _flat(v)
+    f = _feature_cols(prop, a.shape[1])
+    a0 = _v0_rows(v0, v)[:, f].expand(a.shape[0], -1)
+    value = (torch.sign(a0) != torch.sign(a[:, f])).sum(1).to(a.dtype)
+    return _nan_rows(value, a0, a[:, f])
 
 
 def _sign_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
-    """Exact max flips over the box (coordinates move independently): v0_i > 0 can flip iff
-    l_i ≤ 0; v0_i < 0 iff u_i ≥ 0; v0_i = 0 iff l_i < 0 or u_i > 0."""
-    f = _feature_cols(prop)
-    a0, lo, up = _flat(v0)[:, f], _flat(bounds.lower)[:, f], _flat(bounds.upper)[:, f]
+    """Exact max flips over the box (coordinates move independently, each counts on its own):
+    v0_i > 0 can flip iff l_i ≤ 0 (v_i = 0 or < 0); v0_i < 0 iff u_i ≥ 0; v0_i = 0 iff
+    l_i < 0 or u_i > 0. The corner taking each flippable coordinate to the flipping
+    endpoint attains it."""
+    lo = _flat(bounds.lower)
+    f = _feature_cols(prop, lo.shape[1])
+    a0, lo, up = _flat(v0)[:, f], lo[:, f], _flat(bounds.upper)[:, f]
     can = torch.where(a0 > 0, lo <= 0, torch.where(a0 < 0, up >= 0, (lo < 0) | (up > 0)))
-    return can.to(lo.dtype).sum(1)
+    return can.sum(1).to(lo.dtype)
 
 
 def _feature_metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """max |v_i| over the chosen features."""
-    return _flat(v)[:, _feature_cols(prop)].abs().amax(1)
+    """max |v_i| over the chosen features (NaN propagates)."""
+    a = _flat(v)
+    return a[:, _feature_cols(prop, a.shape[1])].abs().amax(1)
 
 
 def _feature_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
-    """Exact: max over the chosen features of max(|l_i|, |u_i|)."""
-    f = _feature_cols(prop)
-    return torch.maximum(_flat(bounds.lower)[:, f].abs(), _flat(bounds.upper)[:, f].abs()).amax(1)
+    """Exact: max over the chosen features of max(|l_i|, |u_i|), attained at the endpoint of
+    largest magnitude."""
+    lo = _flat(bounds.lower)
+    f = _feature_cols(prop, lo.shape[1])
+    return torch.maximum(lo[:, f].abs(), _flat(bounds.upper)[:, f].abs()).amax(1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -592,7 +684,13 @@ def worst_case(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor
         raise ValueError(f"property {prop.name!r}: v0 of shape {tuple(v0.shape)} and bounds of shape "
                          f"{tuple(bounds.shape)} differ")
     v0, bounds = v0.to(torch.float64), bounds.to(torch.float64)
-    return prop.rule.worst_case(prop, v0, bounds)
+    worst = prop.rule.worst_case(prop, v0, bounds)
+    # a NaN in v0 (or the target) makes the property meaningless: never certify it (some
+    # bounds, e.g. the cosine ones' "a = 0" branch, would otherwise return a finite value)
+    bad = torch.isnan(_flat(v0)).any(1)
+    if prop.target is not None:
+        bad = bad | bool(torch.isnan(prop.target).any())
+    return torch.where(bad, torch.full_like(worst, math.nan), worst)
 
 
 def decide(prop: Property, worst: torch.Tensor) -> list[Verdict]:

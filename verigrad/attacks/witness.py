@@ -51,7 +51,8 @@ def evaluate_point(threat: Threat, prop: Property, point: Point) -> Evaluation:
     v0 = saliency(t64.net, t64.x, target, t64.output)
     v = saliency(t64.net, p.x, target, t64.output, params=p.params or None)
     value = props.metric(prop, v0, v)
-    violated = in_box and props.decide(prop, value)[0] != Verdict.CERTIFIED
+    # decide() calls NaN "not certified"; a NaN must never count as a counterexample
+    violated = in_box and bool(torch.isfinite(value).all()) and props.decide(prop, value)[0] != Verdict.CERTIFIED
     return Evaluation(p, in_box, v0, v, float(value[0]), violated)
 
 
