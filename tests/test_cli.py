@@ -84,6 +84,8 @@ def test_verify_unknown_exit_code_and_worst_case_reported(tmp_path):
     ({"model": {"path": "missing.onnx"}}, "model.path"),
     ({"explanation": {"target": 12}}, "explanation.target"),
     ({"perturbation": {"parameters": {"gamma": 0.1, "layers": ["nope"]}}}, "nope"),
+    ({"properties": [{"kind": "topk", "k": 1000, "threshold": 0.5}]}, "properties[0]: property 'p0_topk': k = 1000"),
+    ({"properties": [{"kind": "sign", "features": [784], "threshold": 0}]}, "feature index 784 out of range"),
 ])
 def test_bad_input_exit_2_names_key(tmp_path, edit, needle):
     spec = _spec(tmp_path)

@@ -694,12 +694,11 @@ def test_sign_and_feature_worst_cases_are_attained_on_subsets_and_zeros(kind):
         feats = None if i % 2 else tuple(sorted(set(torch.randint(0, 6, (3,), generator=gen).tolist())))
         p = rank_prop(kind, 1.0, features=feats)
         lo, up = box.lower, box.upper
-        bits = torch.tensor(list(itertools.product([0.0, 1.0], repeat=6)), dtype=F64)
-        corners = lo + bits * (up - lo)
+        bits = torch.tensor(list(itertools.product([False, True], repeat=6)))
+        corners = torch.where(bits, up, lo)  # exactly the endpoints (lo + bits·(u − l) may round out)
         zero = torch.zeros_like(lo).clamp(lo, up)
-        # for sign a flip may need 0 itself (v0 > 0 with l = 0 is a corner anyway); add the
-        # corners with each coordinate at 0 where allowed, too
-        pts = torch.cat([corners, torch.where(bits.bool(), zero.expand_as(corners), corners)])
+        # the exact worst cases sit at corners; also try 0 in place of the upper endpoints
+        pts = torch.cat([corners, torch.where(bits, zero.expand_as(corners), corners)])
         vals = metric(p, v0.expand_as(pts), pts)
         assert vals.max().item() == worst_case(p, v0, box).item()
 

@@ -257,6 +257,22 @@ def test_apply_overrides_revalidates(workdir):
     ({"properties.[0]": {"kind": "feature_bound", "features": [3], "threshold": 0}}, r"properties\[0\].threshold", "expected a number > 0"),
     ({"properties.[0]": {"kind": "feature_bound", "features": [3], "threshold": 1, "normalize": "l2"}}, r"properties\[0\].normalize", "expected none for kind feature_bound"),
     ({"properties.[0].features": [1]}, r"properties\[0\].features", "only used by kinds sign and feature_bound"),
+    ({"properties.[0].metric": None}, r"properties\[0\].metric", "missing required key for kind untargeted"),
+    ({"properties.[2].metric": DELETE}, r"properties\[2\].metric", "missing required key for kind targeted"),
+    ({"properties.[0]": {"kind": "topk", "k": 5, "threshold": 0}}, r"properties\[0\].threshold", r"in \(0, 1\]"),
+    ({"properties.[0]": {"kind": "topk", "k": 2.5, "threshold": 1}}, r"properties\[0\].k", "expected an int >= 1 or null, got 2.5"),
+    ({"properties.[0]": {"kind": "topk", "k": 2, "threshold": 1, "features": "all"}}, r"properties\[0\].features", "only used by kinds sign"),
+    ({"properties.[0]": {"kind": "topk", "k": 2, "threshold": 1, "target": {"type": "square", "position": [0, 0], "size": 2}}},
+     r"properties\[0\].target", "only used by kind targeted"),
+    ({"properties.[0]": {"kind": "sign", "features": [], "threshold": 0}}, r"properties\[0\].features", "expected a list of at least 1"),
+    ({"properties.[0]": {"kind": "sign", "features": [2, -1], "threshold": 0}}, r"properties\[0\].features\[1\]", "expected an int >= 0, got -1"),
+    ({"properties.[0]": {"kind": "sign", "features": "all", "threshold": 0, "k": 3}}, r"properties\[0\].k", "only used by kind topk"),
+    ({"properties.[0]": {"kind": "sign", "features": "all", "threshold": 0, "normalize": "max"}}, r"properties\[0\].normalize", "expected none for kind sign"),
+    ({"properties.[0]": {"kind": "sign", "features": "all", "threshold": 0, "metric": "cosine"}}, r"properties\[0\].metric", "expected null for kind sign"),
+    ({"properties.[0]": {"kind": "feature_bound", "threshold": 0.1}}, r"properties\[0\].features", "missing required key for kind feature_bound"),
+    ({"properties.[0]": {"kind": "feature_bound", "features": [0], "threshold": 0.1, "metric": "l2"}}, r"properties\[0\].metric", "expected null for kind feature_bound"),
+    ({"properties.[0]": {"kind": "feature_bound", "features": "all", "threshold": -0.5}}, r"properties\[0\].threshold", "expected a number > 0, got -0.5"),
+    ({"properties.[0]": {"kind": "rank", "threshold": 1}}, r"properties\[0\].kind", "expected one of untargeted | targeted | topk | sign | feature_bound"),
     # attack section
     ({"attack": {"order": "sometimes"}}, "attack.order", "expected one of before | after | both | skip"),
     ({"attack": {"methods": ["pgd", "fgsm"]}}, r"attack.methods\[1\]", "expected one of pgd | targeted"),
@@ -326,3 +342,25 @@ def test_rank_feature_kinds_and_attack_section_load_and_round_trip(workdir):
     assert load_spec(dumped).hash() == s.hash()
     default = load_spec(write(workdir, edited(), "plain.yaml"))
     assert default.attack.order.value == "after" and default.attack.methods == "auto"
+
+
+def test_each_rank_kind_alone_loads_dumps_nulls_and_round_trips(workdir):
+    props = [{"kind": "topk", "k": 1, "threshold": 1},          # threshold 1: the top-1 never changes
+             {"kind": "sign", "features": "all", "threshold": 0},  # 0 flips allowed
+             {"kind": "feature_bound", "features": [783], "threshold": 1e-3},
+             {"name": "mine", "kind": "topk", "k": 784, "threshold": 0.25, "metric": None, "features": None}]
+    s = load_spec(write(workdir, edited(**{"properties": props})))
+    assert [p.name for p in s.properties] == ["p0_topk", "p1_sign", "p2_feature_bound", "mine"]
+    assert all(p.metric is None and p.normalize is Normalize.NONE and p.target is None for p in s.properties)
+    assert s.properties[0].k == 1 and s.properties[0].features is None and s.properties[0].threshold == 1.0
+    assert s.properties[1].features == "all" and s.properties[1].k is None and s.properties[1].threshold == 0.0
+    assert s.properties[2].features == (783,)
+    dumped = yaml.safe_load(dump_spec(s))["properties"]
+    assert dumped[0] == {"name": "p0_topk", "kind": "topk", "metric": None, "threshold": 1.0, "normalize": "none",
+                         "target": None, "k": 1, "features": None}
+    assert dumped[1]["features"] == "all" and dumped[2]["features"] == [783]
+    s2 = load_spec(write(workdir, dump_spec(s), "again.yaml"))
+    assert s2 == s and s2.hash() == s.hash()
+    # the metric kinds dump k and features as null
+    plain = yaml.safe_load(dump_spec(load_spec(write(workdir, VALID, "plain.yaml"))))["properties"][0]
+    assert plain["metric"] == "l2" and plain["k"] is None and plain["features"] is None

@@ -153,7 +153,12 @@ def prepare(spec: Spec, methods: Sequence[Method | str] | None = None) -> Proble
             params = param_box(net, pp.gamma, pp.mode, layers, pp.include_bias)
         except KeyError as e:
             raise SetupError(f"perturbation.parameters.layers: {e.args[0]}") from None
-    properties = tuple(props.from_spec(p, net.input_shape, dtype, device) for p in spec.properties)
+    properties = []
+    for i, entry in enumerate(spec.properties):
+        try:
+            properties.append(props.from_spec(entry, net.input_shape, dtype, device))
+        except ValueError as e:  # k or feature indices that do not fit this model's map, a bad target
+            raise SetupError(f"properties[{i}]: {e}") from None
     chosen = tuple(Method(getattr(mm, "value", mm)) for mm in (spec.bounds.methods if methods is None else methods))
     options = EngineOptions(
         product=spec.bounds.ibp.product.value,
@@ -166,7 +171,7 @@ def prepare(spec: Spec, methods: Sequence[Method | str] | None = None) -> Proble
                                    surrogate_beta=a.surrogate_beta, output_weight=a.output_weight,
                                    keep_class=a.keep_class)
     attack_methods = None if a.methods == "auto" else tuple(a.methods)
-    return Problem(spec, net, x.to(device=device, dtype=dtype), y.to(device), properties, params, chosen,
+    return Problem(spec, net, x.to(device=device, dtype=dtype), y.to(device), tuple(properties), params, chosen,
                    options, device, dtype, AttackOrder(a.order), attack_options, attack_methods)
 
 
