@@ -185,6 +185,29 @@ def test_joint_attack_moves_input_and_weights_and_replays_through_the_pipeline(t
     assert "dparam//fc3/Gemm/weight" in z and float(np.abs(z["dparam//fc3/Gemm/weight"]).max()) > 0
 
 
+def test_levine_backtracking_keeps_the_class(monkeypatch):
+    """Every iterate the Levine attack accepts keeps the centre's predicted class; without
+    keep_class the same search leaves it (so the check is not vacuous)."""
+    import verigrad.attacks.search as smod
+
+    seen: list = []
+    real = smod._real_value
+    monkeypatch.setattr(smod, "_real_value", lambda th, p, v0, pt: seen.append(pt) or real(th, p, v0, pt))
+    changed = {True: 0, False: 0}
+    for seed in range(4):
+        net = random_mlp(ActKind.SOFTPLUS, 3.0, sizes=(8, 16, 3), seed=seed)
+        x = torch.rand(1, 8, generator=torch.Generator().manual_seed(seed), dtype=F64)
+        pred = int(net.forward(x).argmax(1))
+        th = Threat(net, x, pred, Output.LOGIT, 0.5, None)
+        prop = Property("top", "topk", None, 1.0, k=2)
+        v0 = saliency(net, x, th.target_tensor)
+        for keep in (True, False):
+            seen.clear()
+            run_attack("levine_topk", th, prop, v0, AttackOptions(steps=15, restarts=2, seed=seed, keep_class=keep))
+            changed[keep] += sum(smod._predicted(th, pt) != pred for pt in seen)
+    assert changed[True] == 0 and changed[False] > 0
+
+
 def test_attacks_are_reproducible_with_a_seed():
     net = random_mlp(ActKind.SOFTPLUS, 2.0, sizes=(6, 8, 3), seed=3)
     th = Threat(net, torch.rand(1, 6, dtype=F64), 0, Output.LOGIT, 0.2, None)
