@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import yaml
 
 from verigrad.bounds import Method, Product
+from verigrad.explanations import ExplanationMethod, IGRule
 from verigrad.graph.gradient_graph import Output
 from verigrad.perturbation import ParamMode
 
@@ -44,10 +45,6 @@ class SpecError(ValueError):
 
 class DatasetName(str, Enum):
     MNIST_SAMPLE = "mnist_sample"
-
-
-class ExplanationMethod(str, Enum):
-    SALIENCY = "saliency"
 
 
 class TargetClass(str, Enum):
@@ -594,12 +591,28 @@ class DataSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class IntegratedGradientsSpec:
+    """(x − b) ⊙ Σ_k w_k ∂o/∂x(b + α_k(x − b)), nodes and weights as captum builds them."""
+
+    steps: int = _opt(Int(ge=1), 50, "m quadrature nodes (captum's n_steps)")
+    rule: IGRule = _opt(Choice(IGRule), IGRule.GAUSS_LEGENDRE, "captum's method: gausslegendre | riemann_*")
+    baseline: float = _opt(Num(), 0.0, "constant baseline b")
+
+    def validate(self) -> None:
+        if self.rule != IGRule.GAUSS_LEGENDRE and self.steps < 2:
+            raise _Invalid(f"expected an int >= 2 for rule {self.rule.value}, got {self.steps}", "steps")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExplanationSpec:
-    method: ExplanationMethod = _opt(Choice(ExplanationMethod), ExplanationMethod.SALIENCY)
+    method: ExplanationMethod = _opt(Choice(ExplanationMethod), ExplanationMethod.SALIENCY,
+                                     "saliency | input_x_gradient | integrated_gradients | smoothgrad | "
+                                     "sparsified_smoothgrad")
     output: Output = _opt(Choice(Output), Output.LOGIT, "o = logit z_c or the cross-entropy loss")
     target: Union[TargetClass, int] = _opt(OneOf((Choice(TargetClass), Int(ge=0))), TargetClass.PREDICTED,
                                            "class c: predicted, label, or a fixed index")
     abs: bool = _opt(Bool(), False, "display only: bounds are on the signed map")
+    integrated_gradients: IntegratedGradientsSpec = _opt(Section(IntegratedGradientsSpec), {})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -917,7 +930,7 @@ __all__ = [
     "SpecError", "Spec", "ModelSpec", "NormalizationSpec", "DataSpec", "ExplanationSpec",
     "InputPerturbationSpec", "ParamPerturbationSpec", "PerturbationSpec", "PropertySpec",
     "GaussianTarget", "SquareTarget", "FileTarget", "TargetSpec", "BoundsSpec", "IbpSpec",
-    "AlphaCrownSpec", "AttackSpec", "AttackOrder", "AttackMethod", "GeneralSpec", "DatasetName", "ExplanationMethod", "TargetClass", "Norm",
+    "AlphaCrownSpec", "AttackSpec", "AttackOrder", "AttackMethod", "GeneralSpec", "DatasetName", "ExplanationMethod", "IntegratedGradientsSpec", "TargetClass", "Norm",
     "Kind", "Metric", "Normalize", "TargetType", "BoundMethod", "Dtype", "Combine", "IbpProduct",
     "Device", "load_spec", "spec_from_dict", "dump_spec", "apply_overrides",
 ]

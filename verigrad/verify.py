@@ -17,9 +17,11 @@ import torch
 from verigrad import properties as props
 from verigrad.attacks import AttackOptions, AttackOutcome, ParamThreat, Point, Threat, attack_property
 from verigrad.attacks import evaluate_point, load_witness
-from verigrad.bounds import Bounds, BoundsError, EngineOptions, Method, compute_bounds
+from verigrad.bounds import Bounds, BoundsError, EngineOptions, Method
 from verigrad.data import load_dataset
-from verigrad.graph.gradient_graph import Output, saliency
+from verigrad.explanations import Explainer, ExplanationMethod, explain, explanation_bounds
+from verigrad.graph.gradient_graph import Output
+from verigrad.guarantees import Guarantee
 from verigrad.models import load_model
 from verigrad.models.network import Network
 from verigrad.perturbation import ParamBox, param_box
@@ -57,6 +59,7 @@ class Problem:
     attack_options: AttackOptions = field(default_factory=AttackOptions)
     attack_methods: tuple[AttackMethod, ...] | None = None  # None: every applicable attack
     empirical: bool = False  # also measure random-perturbation similarity and max-sensitivity
+    explainer: Explainer = field(default_factory=Explainer)
 
 
 @dataclass(frozen=True)
@@ -71,11 +74,15 @@ class EngineRun:
     notes: tuple[str, ...]
     properties: tuple[PropertyResult, ...]
     bounds: Bounds = field(repr=False, compare=False)
+    guarantee: Guarantee = Guarantee.SOUND
+    failure_probability: float | None = None  # probabilistic certificates only
 
     def to_dict(self) -> dict:
         return {
             "method": self.method,
             "actual_method": self.actual_method,
+            "guarantee": self.guarantee.value,
+            "failure_probability": self.failure_probability,
             "time_s": self.time_s,
             "mean_width": self.mean_width,
             "max_width": self.max_width,
@@ -171,8 +178,17 @@ def prepare(spec: Spec, methods: Sequence[Method | str] | None = None) -> Proble
                                    surrogate_beta=a.surrogate_beta, output_weight=a.output_weight,
                                    keep_class=a.keep_class)
     attack_methods = None if a.methods == "auto" else tuple(a.methods)
+    explainer = explainer_from_spec(spec)
     return Problem(spec, net, x.to(device=device, dtype=dtype), y.to(device), tuple(properties), params, chosen,
-                   options, device, dtype, AttackOrder(a.order), attack_options, attack_methods)
+                   options, device, dtype, AttackOrder(a.order), attack_options, attack_methods,
+                   explainer=explainer)
+
+
+def explainer_from_spec(spec: Spec) -> Explainer:
+    """The spec's ``explanation`` section as an :class:`Explainer`."""
+    e = spec.explanation
+    ig = e.integrated_gradients
+    return Explainer(ExplanationMethod(e.method), ig.steps, ig.rule, ig.baseline)
 
 
 def _target_class(problem: Problem, pred: int, label: int) -> int:
@@ -214,7 +230,7 @@ def threat_for(problem: Problem, i: int, target: int) -> Threat:
     if pp is not None:
         param = ParamThreat(pp.gamma, pp.mode, None if pp.layers == "all" else tuple(pp.layers), pp.include_bias)
     return Threat(problem.net, problem.x[i : i + 1], target, Output(spec.explanation.output),
-                  pin.epsilon if pin is not None else 0.0, domain, param)  # type: ignore[arg-type]
+                  pin.epsilon if pin is not None else 0.0, domain, param, problem.explainer)  # type: ignore[arg-type]
 
 
 def _run_attacks(problem: Problem, threat: Threat, i: int, which: Sequence[Property]) -> dict[str, AttackOutcome]:
@@ -251,15 +267,15 @@ def _empirical(problem: Problem, threat: Threat) -> dict:
     a = problem.attack_options
     t = threat.target_tensor
 
-    def explain(xb: torch.Tensor) -> torch.Tensor:
-        return saliency(problem.net, xb, t.expand(xb.shape[0]), threat.output)
+    def explain_at(xb: torch.Tensor) -> torch.Tensor:
+        return explain(problem.explainer, problem.net, xb, t.expand(xb.shape[0]), threat.output)
 
     spec = problem.spec.attack
-    rps = random_perturbation_similarity(explain, threat.x[0], list(spec.noise_levels), spec.noise_samples,
+    rps = random_perturbation_similarity(explain_at, threat.x[0], list(spec.noise_levels), spec.noise_samples,
                                          threat.domain, a.seed)
     out = {"random_perturbation": {str(k): v for k, v in rps.items()}}
     if threat.epsilon > 0:
-        out["max_sensitivity"] = max_sensitivity(explain, threat.x[0], threat.epsilon, spec.sensitivity_samples,
+        out["max_sensitivity"] = max_sensitivity(explain_at, threat.x[0], threat.epsilon, spec.sensitivity_samples,
                                                  threat.domain, a.seed)
         out["max_sensitivity_radius"] = threat.epsilon
     return out
@@ -277,7 +293,7 @@ def verify_instance(problem: Problem, i: int) -> InstanceResult:
     target = _target_class(problem, pred, label)
     t = torch.tensor([target], device=problem.device)
     output = Output(spec.explanation.output)
-    v0 = saliency(problem.net, x, t, output)
+    v0 = explain(problem.explainer, problem.net, x, t, output)
     threat = threat_for(problem, i, target)
     order = problem.attack_order
     attacks: dict[str, AttackOutcome] = {}
@@ -287,7 +303,8 @@ def verify_instance(problem: Problem, i: int) -> InstanceResult:
     runs: list[EngineRun] = []
     for m in (() if all_falsified else problem.methods):
         start = time.perf_counter()
-        res = compute_bounds(m, problem.net, threat.box, t, output, problem.params, problem.options)
+        res = explanation_bounds(problem.explainer, m, problem.net, threat.box, t, output, problem.params,
+                                 problem.options)
         if problem.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - start

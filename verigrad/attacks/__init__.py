@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from verigrad.explanations import explain
 from verigrad.properties import Property, direction_text
 from verigrad.spec import AttackMethod
 
@@ -64,9 +65,7 @@ def attack_property(threat: Threat, prop: Property, options: AttackOptions,
     values: dict[str, float] = {}
     for m in chosen:
         if v0 is None:
-            from verigrad.graph.gradient_graph import saliency
-
-            v0 = saliency(threat.net, threat.x, threat.target_tensor, threat.output)
+            v0 = explain(threat.explainer, threat.net, threat.x, threat.target_tensor, threat.output)
         found = run_attack(m, threat, prop, v0, options)
         ev = evaluate_point(threat, prop, found.point)
         values[m.value] = ev.value

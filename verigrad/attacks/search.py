@@ -30,7 +30,7 @@ import torch
 
 from verigrad import properties as props
 from verigrad.graph.gradient_graph import logits as net_logits
-from verigrad.graph.gradient_graph import saliency
+from verigrad.explanations import explain
 from verigrad.properties import Direction, Property
 from verigrad.spec import AttackMethod, Kind
 
@@ -126,7 +126,7 @@ class _Search:
 
 
 def _real_value(threat: Threat, prop: Property, v0: torch.Tensor, p: Point) -> float:
-    v = saliency(threat.net, p.x, threat.target_tensor, threat.output, params=p.params or None)
+    v = explain(threat.explainer, threat.net, p.x, threat.target_tensor, threat.output, params=p.params or None)
     return float(props.metric(prop, v0, v)[0])
 
 
@@ -169,7 +169,8 @@ def _run(threat: Threat, prop: Property, v0: torch.Tensor, opts: AttackOptions, 
     pred0 = int(z0.argmax(1)[0])
     # the score compares the surrogate's explanation with the surrogate's own at the centre,
     # so the objective starts at its minimum and its gradient points away from v0
-    v0_score = saliency(net, threat.x, t, out, smooth_beta=beta) if beta is not None else v0
+    ex = threat.explainer
+    v0_score = explain(ex, net, threat.x, t, out, smooth_beta=beta) if beta is not None else v0
     best = Found(centre, _real_value(threat, prop, v0, centre))
 
     def evaluate(p: Point) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -183,7 +184,7 @@ def _run(threat: Threat, prop: Property, v0: torch.Tensor, opts: AttackOptions, 
             params[name] = (w, b)
             if how.move_params:
                 leaves[f"{name}.w"], leaves[f"{name}.b"] = w, b
-        v = saliency(net, x, t, out, params=params or None, smooth_beta=beta, create_graph=True)
+        v = explain(ex, net, x, t, out, params=params or None, smooth_beta=beta, create_graph=True)
         s = score(prop, v0_score, v).sum()
         if how.penalty and opts.output_weight > 0:
             z = net_logits(net, x, params or None, beta)
@@ -260,7 +261,10 @@ ATTACKS: dict[AttackMethod, AttackDef] = {
 
 
 def applicable(prop: Property, threat: Threat, methods: tuple[AttackMethod, ...] | None = None) -> list[AttackMethod]:
-    """The attacks to run on ``prop`` (``methods`` None = all that apply)."""
+    """The attacks to run on ``prop`` (``methods`` None = all that apply). None for a sampled
+    (smoothing) explanation: its value at a point is random, so no witness could be replayed."""
+    if threat.explainer.probabilistic:
+        return []
     chosen = ATTACKS if methods is None else {m: ATTACKS[AttackMethod(m)] for m in methods}
     return [m for m, d in chosen.items() if d.applies(prop, threat)]
 

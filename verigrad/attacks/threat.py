@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 import torch
 
 from verigrad.bounds.base import Bounds
+from verigrad.explanations import SALIENCY, Explainer
 from verigrad.graph.gradient_graph import Output
 from verigrad.models.network import Network
 from verigrad.perturbation import ParamBox, ParamMode, input_box, param_box
@@ -47,7 +48,7 @@ class Point:
 
 @dataclass(frozen=True, eq=False)
 class Threat:
-    """x (batch of 1) explained for class ``target``, perturbed within the ℓ∞ box of radius
+    """x (batch of 1) explained (by ``explainer``) for class ``target``, perturbed within the ℓ∞ box of radius
     ``epsilon`` clipped to ``domain`` and, if ``param`` is given, within the parameter box."""
 
     net: Network
@@ -57,6 +58,7 @@ class Threat:
     epsilon: float
     domain: tuple[float, float] | None
     param: ParamThreat | None = None
+    explainer: Explainer = SALIENCY  # the explanation method whose map is attacked
     box: Bounds = field(init=False, repr=False)
     params: ParamBox | None = field(init=False, repr=False)
 
@@ -87,7 +89,7 @@ class Threat:
     def astype(self, dtype: torch.dtype) -> "Threat":
         """The same threat rebuilt from its definition in ``dtype``."""
         return Threat(self.net.to(dtype=dtype), self.x.to(dtype), self.target, self.output, self.epsilon,
-                      self.domain, self.param)
+                      self.domain, self.param, self.explainer)
 
     def centre(self) -> Point:
         return Point(self.x, {n: (self.net.layer(n).weight, self.net.layer(n).bias)  # type: ignore[union-attr]

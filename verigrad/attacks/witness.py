@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from verigrad import properties as props
-from verigrad.graph.gradient_graph import saliency
+from verigrad.explanations import explain
 from verigrad.properties import Property, Verdict
 
 from verigrad.attacks.threat import Point, Threat
@@ -48,8 +48,8 @@ def evaluate_point(threat: Threat, prop: Property, point: Point) -> Evaluation:
     p = t64.project(point.to(torch.float64)).detach()
     in_box = t64.contains(p)
     target = t64.target_tensor
-    v0 = saliency(t64.net, t64.x, target, t64.output)
-    v = saliency(t64.net, p.x, target, t64.output, params=p.params or None)
+    v0 = explain(t64.explainer, t64.net, t64.x, target, t64.output)
+    v = explain(t64.explainer, t64.net, p.x, target, t64.output, params=p.params or None)
     value = props.metric(prop, v0, v)
     # decide() calls NaN "not certified"; a NaN must never count as a counterexample
     violated = in_box and bool(torch.isfinite(value).all()) and props.decide(prop, value)[0] != Verdict.CERTIFIED
