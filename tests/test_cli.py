@@ -175,3 +175,24 @@ def test_compare_prints_ratio_table(tmp_path):
     r = _run("compare", _spec(tmp_path, **{"data.end": 1}), "--method", "ibp", "--method", "crown")
     assert r.exit_code in (ExitCode.CERTIFIED, ExitCode.UNKNOWN), r.output
     assert "width/ibp" in r.output and "crown" in r.output
+
+
+@pytest.mark.parametrize("method", ["input_x_gradient", "integrated_gradients"])
+def test_verify_other_explanation_methods_end_to_end(tmp_path, method):
+    """The spec's method reaches the engines, the attack and replay: witnesses of x ⊙ g / IG
+    replay, and the result names the method and its guarantee."""
+    explanation = {"method": method, "integrated_gradients": {"steps": 4, "rule": "riemann_middle"}}
+    props = [{"name": "l2", "kind": "untargeted", "metric": "l2", "threshold": 1e-6}]
+    spec = _spec(tmp_path, explanation=explanation, properties=props, **{"data.end": 1, "perturbation.input":
+                                                                         {"epsilon": 0.01}},
+                 attack={"steps": 5, "restarts": 1})
+    r = _run("verify", spec)
+    assert r.exit_code == ExitCode.FALSIFIED, r.output
+    doc = json.loads((tmp_path / "res/spec.json").read_text())
+    assert doc["explanation"]["method"] == method and doc["explanation"]["guarantee"] == "sound"
+    assert doc["instances"][0]["engines"]["ibp"]["guarantee"] == "sound"
+    w = doc["instances"][0]["attacks"]["l2"]["witness"]
+    assert w and _run("replay", w).exit_code == 0
+    bad = _spec(tmp_path, explanation={"method": method, "integrated_gradients": {"steps": 1, "rule": "riemann_left"}})
+    r = _run("verify", bad)
+    assert r.exit_code == ExitCode.BAD_INPUT and "explanation.integrated_gradients.steps" in r.output

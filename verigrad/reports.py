@@ -110,6 +110,12 @@ def gap_summary(problem: Problem, results: Sequence[InstanceResult]) -> dict:
     return out
 
 
+def explanation_info(problem: Problem) -> dict:
+    """The explained map and what its certificates promise (``Guarantee``)."""
+    e = problem.explainer
+    return {"method": e.method.value, "description": e.describe(), "guarantee": e.guarantee.value}
+
+
 def _describe(p: Property) -> dict:
     return {"name": p.name, "kind": p.kind.value, "metric": None if p.metric is None else p.metric.value,
             "threshold": p.threshold, "normalize": p.normalize.value, "direction": direction_text(p)}
@@ -132,6 +138,7 @@ def results_document(problem: Problem, results: Sequence[InstanceResult], starte
         "device": str(problem.device),
         "dtype": str(problem.dtype).replace("torch.", ""),
         "methods": [m.value for m in problem.methods],
+        "explanation": explanation_info(problem),
         "properties": [_describe(p) for p in problem.properties],
         "attack": {"order": problem.attack_order.value,
                    "methods": "auto" if problem.attack_methods is None else [m.value for m in problem.attack_methods],
@@ -232,16 +239,17 @@ def verify_table(problem: Problem, results: Sequence[InstanceResult]) -> str:
     """One row per instance × engine: prediction, then per property the verdict and the
     certified worst-case value."""
     names = [p.name for p in problem.properties]
-    header = ["input", "label", "pred", "engine", "time(s)", "width"] + names
+    header = ["input", "label", "pred", "engine", "guarantee", "time(s)", "width"] + names
     rows = []
     for r in results:
         if r.error is not None:
-            rows.append([str(r.index), str(r.label), "-", "ERROR", "-", "-", r.error.splitlines()[-1][:80]])
+            rows.append([str(r.index), str(r.label), "-", "ERROR", "-", "-", "-", r.error.splitlines()[-1][:80]])
             continue
         for e in r.engines:
             eng = e.method if e.actual_method == e.method or e.method == COMBINED else f"{e.method}->{e.actual_method}"
             cells = [f"{pr.verdict.value} {pr.worst_case:.4g}" for pr in e.properties]
-            rows.append([str(r.index), str(r.label), str(r.prediction), eng, f"{e.time_s:.3f}",
+            guarantee = e.guarantee.value + (f" (p={e.failure_probability:g})" if e.failure_probability else "")
+            rows.append([str(r.index), str(r.label), str(r.prediction), eng, guarantee, f"{e.time_s:.3f}",
                          f"{e.mean_width:.4g}"] + cells)
         if r.attacks:
             cells = []
@@ -249,9 +257,9 @@ def verify_table(problem: Problem, results: Sequence[InstanceResult]) -> str:
                 a = r.attacks.get(n)
                 cells.append("-" if a is None or a.value is None else
                              f"{'falsified' if a.violated else 'held'} {a.value:.4g}")
-            rows.append([str(r.index), str(r.label), str(r.prediction), "attack",
+            rows.append([str(r.index), str(r.label), str(r.prediction), "attack", "witness",
                          f"{sum(a.time_s for a in r.attacks.values()):.3f}", "-"] + cells)
-    return _table(header, rows)
+    return f"explanation: {problem.explainer.describe()}\n" + _table(header, rows)
 
 
 def compare_table(problem: Problem, results: Sequence[InstanceResult]) -> str:
