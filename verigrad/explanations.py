@@ -111,6 +111,12 @@ class Explainer:
         m = self.method
         if m == ExplanationMethod.INTEGRATED_GRADIENTS:
             return f"integrated_gradients ({self.rule.value}, {self.steps} steps, baseline {self._baseline_text()})"
+        if self.probabilistic:
+            s = self.smoothing
+            extra = "" if m == ExplanationMethod.SMOOTHGRAD else f", K = {s.sparsify:g}" + (
+                f", relaxed C = {s.clip:g}" if s.relaxed else "")
+            return (f"{m.value} (σ = {s.sigma:g}, n = {s.samples}, seed {s.seed}{extra}; certificate fails with "
+                    f"probability ≤ {s.failure_probability:g}, {s.interval} interval)")
         return m.value
 
     def _baseline_text(self) -> str:
@@ -226,9 +232,68 @@ def explanation_bounds(
     raise EngineUnsupported(f"{m.value} is certified by randomized smoothing, not by bound engines")
 
 
+def _rows_times(x: tuple[torch.Tensor, torch.Tensor], h: Bounds) -> tuple[torch.Tensor, torch.Tensor]:
+    """[x_i]·[H_ij] for x (B, *S) and H (B, d, d): exact interval products, row i scaled by x_i."""
+    b = x[0].shape[0]
+    return mul_interval((x[0].reshape(b, -1, 1), x[1].reshape(b, -1, 1)), (h.lower, h.upper))
+
+
+def _plus_diagonal(j: tuple[torch.Tensor, torch.Tensor], diag: Bounds) -> Bounds:
+    b = diag.lower.shape[0]
+    eye = torch.eye(j[0].shape[-1], dtype=j[0].dtype, device=j[0].device)
+    return Bounds(j[0] + eye * diag.lower.reshape(b, 1, -1), j[1] + eye * diag.upper.reshape(b, 1, -1))
+
+
+def jacobian_bounds(
+    explainer: Explainer,
+    method: Method | str,
+    net: Network,
+    box: Bounds,
+    target: torch.Tensor,
+    output: Output = Output.LOGIT,
+) -> EngineResult:
+    """Bounds (B, d, d) on the attribution's Jacobian J = ∂v/∂x at every point of the input box,
+    from Hessian bounds of engine ``method`` (smooth activations only; no parameter box):
+
+      saliency          J = H
+      input_x_gradient  J = diag(g) + diag(x) H
+      integrated grads  J = diag(S) + diag(x − b) Σ_k w_k α_k H(b + α_k(x − b)),  S = Σ_k w_k g_k
+
+    each factor bounded over its own box and combined by exact interval products (w_k α_k ≥ 0)."""
+    from verigrad.bounds.hessian import hessian_bounds  # second order is optional and heavier
+
+    m = explainer.method
+    if m == ExplanationMethod.SALIENCY:
+        return hessian_bounds(method, net, box, target, output)
+    gm = method if Method(method) != Method.ALPHA_CROWN else Method.CROWN
+    if m == ExplanationMethod.INPUT_X_GRADIENT:
+        h = hessian_bounds(method, net, box, target, output)
+        g = compute_bounds(gm, net, box, target, output)
+        j = _plus_diagonal(_rows_times((box.lower, box.upper), h.bounds), g.bounds)
+        return EngineResult(j, h.method, h.notes + ("J = diag(g) + diag(x) H, interval products",), h.actual_method)
+    if m == ExplanationMethod.INTEGRATED_GRADIENTS:
+        boxes, w = _scaled_boxes(explainer, box)
+        alpha, _ = explainer.nodes(box.lower.dtype, box.lower.device)
+        k, batch = len(w), box.lower.shape[0]
+        h = hessian_bounds(method, net, boxes, target.repeat(k), output)
+        g = compute_bounds(gm, net, boxes, target.repeat(k), output)
+        c = (w * alpha).reshape(k, 1, 1, 1)
+        d = h.bounds.lower.shape[-1]
+        hl = (c * h.bounds.lower.reshape(k, batch, d, d)).sum(0)
+        hu = (c * h.bounds.upper.reshape(k, batch, d, d)).sum(0)
+        ww = w.reshape((k,) + (1,) * box.lower.dim())
+        s = Bounds((ww * g.bounds.lower.reshape(k, *box.lower.shape)).sum(0),
+                   (ww * g.bounds.upper.reshape(k, *box.lower.shape)).sum(0))
+        b = explainer.baseline_like(box.lower)
+        j = _plus_diagonal(_rows_times((box.lower - b, box.upper - b), Bounds(hl, hu)), s)
+        note = f"J = diag(S) + diag(x − b) Σ_k w_k α_k H_k over {k} path boxes, interval products"
+        return EngineResult(j, h.method, h.notes + (note,), h.actual_method)
+    raise EngineUnsupported(f"{m.value} is sampled: its Jacobian is not bounded (use its smoothing certificate)")
+
+
 EXPLANATION_METHODS = tuple(m.value for m in ExplanationMethod)
 
 __all__ = [
     "EXPLANATION_METHODS", "Explainer", "ExplanationMethod", "IGRule", "SALIENCY", "SMOOTHING_METHODS", "explain",
-    "explanation_bounds", "ig_nodes",
+    "explanation_bounds", "ig_nodes", "jacobian_bounds",
 ]

@@ -56,6 +56,7 @@ class TargetClass(str, Enum):
 
 class Norm(str, Enum):
     LINF = "inf"
+    L2 = "l2"  # the ℓ2 ball: randomized-smoothing certificates only (engines and attacks use boxes)
 
 
 class Kind(str, Enum):
@@ -603,6 +604,36 @@ class IntegratedGradientsSpec:
             raise _Invalid(f"expected an int >= 2 for rule {self.rule.value}, got {self.steps}", "steps")
 
 
+class SmoothingInterval(str, Enum):
+    HOEFFDING = "hoeffding"
+    CLOPPER_PEARSON = "clopper_pearson"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmoothingSpec:
+    """SmoothGrad / Sparsified SmoothGrad sampling and their randomized-smoothing certificate
+    (Levine et al. 2019): probabilistic, failing with probability ≤ failure_probability."""
+
+    sigma: float = _opt(Num(gt=0), 0.15, "noise std in input units")
+    samples: int = _opt(Int(gt=0), 1000, "noise draws n")
+    seed: int | None = _opt(Nullable(Int(ge=0)), None, "null = general.seed")
+    batch_size: int = _opt(Int(gt=0), 256, "noisy inputs per pass (memory only)")
+    sparsify: float = _opt(Num(gt=0, le=1), 0.1, "K as a fraction of the features (top-K of |∇o| → 1)")
+    relaxed: bool = _opt(Bool(), False, "relaxed Sparsified SmoothGrad (needs clip)")
+    clip: float | None = _opt(Nullable(Num(ge=0, le=1)), None, "relaxed: fraction C of features clipped to 1 (C ≤ K)")
+    failure_probability: float = _opt(Num(gt=0, lt=1), 0.05, "p: the certificate holds with probability ≥ 1 − p")
+    interval: SmoothingInterval = _opt(Choice(SmoothingInterval), SmoothingInterval.HOEFFDING,
+                                       "hoeffding (the paper) | clopper_pearson (non-relaxed sparsified only)")
+
+    def validate(self) -> None:
+        if self.relaxed != (self.clip is not None):
+            raise _Invalid("expected clip with relaxed: true, and no clip otherwise", "clip")
+        if self.clip is not None and self.clip > self.sparsify:
+            raise _Invalid(f"expected clip <= sparsify ({self.sparsify:g}), got {self.clip:g}", "clip")
+        if self.relaxed and self.interval == SmoothingInterval.CLOPPER_PEARSON:
+            raise _Invalid("expected hoeffding with relaxed: true (its samples are not 0/1)", "interval")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExplanationSpec:
     method: ExplanationMethod = _opt(Choice(ExplanationMethod), ExplanationMethod.SALIENCY,
@@ -613,11 +644,13 @@ class ExplanationSpec:
                                            "class c: predicted, label, or a fixed index")
     abs: bool = _opt(Bool(), False, "display only: bounds are on the signed map")
     integrated_gradients: IntegratedGradientsSpec = _opt(Section(IntegratedGradientsSpec), {})
+    smoothing: SmoothingSpec = _opt(Section(SmoothingSpec), {}, "smoothgrad / sparsified_smoothgrad")
 
 
 @dataclass(frozen=True, kw_only=True)
 class InputPerturbationSpec:
-    norm: Norm = _opt(Choice(Norm, aliases=((math.inf, "inf"),)), Norm.LINF)
+    norm: Norm = _opt(Choice(Norm, aliases=((math.inf, "inf"), (2, "l2"))), Norm.LINF,
+                      "inf (the box every engine bounds) | l2 (smoothing methods only)")
     epsilon: float = _opt(Num(ge=0))
 
 
@@ -788,6 +821,31 @@ class AttackSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SecondOrderSpec:
+    """Hessian bounds over the box and the literature's first-order bounds (smooth nets)."""
+
+    hessian: tuple[BoundMethod, ...] = _opt(ListOf(Choice(BoundMethod), unique=True), (),
+                                            "engines bounding the attribution's Jacobian (Hessian) over the "
+                                            "box; each adds a sound mean-value engine 'hessian-<engine>'")
+    literature: bool = _opt(Bool(), False, "also report the literature's bounds, each labelled by its guarantee")
+    hutchinson_samples: int = _opt(Int(gt=0), 64, "probes for the stochastic Hessian Frobenius estimate")
+
+    def validate(self) -> None:
+        if BoundMethod.ALPHA_CROWN in self.hessian:
+            raise _Invalid("expected ibp and/or crown (alpha-crown does not bound Hessians)", "hessian")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RadiusSpec:
+    """The inverse problem: per property, the largest certified ε (bisection with the sound
+    engines; any ε that certified is a valid radius because the boxes are nested)."""
+
+    search: bool = _opt(Bool(), False)
+    eps_max: float = _opt(Num(gt=0), 0.1, "upper end of the search")
+    iterations: int = _opt(Int(gt=0), 10, "bisection steps")
+
+
+@dataclass(frozen=True, kw_only=True)
 class GeneralSpec:
     device: Device = _opt(Choice(Device), Device.CPU)
     seed: int = _opt(Int(ge=0), 0)
@@ -805,6 +863,8 @@ class Spec:
     properties: tuple[PropertySpec, ...] = _opt(ListOf(Section(PropertySpec), min_len=1, post=_name_properties))
     bounds: BoundsSpec = _opt(Section(BoundsSpec), {})
     attack: AttackSpec = _opt(Section(AttackSpec), {})
+    second_order: SecondOrderSpec = _opt(Section(SecondOrderSpec), {})
+    radius: RadiusSpec = _opt(Section(RadiusSpec), {})
     general: GeneralSpec = _opt(Section(GeneralSpec), {})
     # where it came from (for messages); not part of the spec's identity
     source: str = field(default="<dict>", compare=False)
@@ -930,7 +990,7 @@ __all__ = [
     "SpecError", "Spec", "ModelSpec", "NormalizationSpec", "DataSpec", "ExplanationSpec",
     "InputPerturbationSpec", "ParamPerturbationSpec", "PerturbationSpec", "PropertySpec",
     "GaussianTarget", "SquareTarget", "FileTarget", "TargetSpec", "BoundsSpec", "IbpSpec",
-    "AlphaCrownSpec", "AttackSpec", "AttackOrder", "AttackMethod", "GeneralSpec", "DatasetName", "ExplanationMethod", "IntegratedGradientsSpec", "TargetClass", "Norm",
+    "AlphaCrownSpec", "AttackSpec", "AttackOrder", "AttackMethod", "GeneralSpec", "SecondOrderSpec", "RadiusSpec", "DatasetName", "ExplanationMethod", "IntegratedGradientsSpec", "SmoothingSpec", "TargetClass", "Norm",
     "Kind", "Metric", "Normalize", "TargetType", "BoundMethod", "Dtype", "Combine", "IbpProduct",
     "Device", "load_spec", "spec_from_dict", "dump_spec", "apply_overrides",
 ]

@@ -7,6 +7,7 @@ and the rest go on. Nothing here prints or reads global state.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -19,14 +20,16 @@ from verigrad.attacks import AttackOptions, AttackOutcome, ParamThreat, Point, T
 from verigrad.attacks import evaluate_point, load_witness
 from verigrad.bounds import Bounds, BoundsError, EngineOptions, Method
 from verigrad.data import load_dataset
-from verigrad.explanations import Explainer, ExplanationMethod, explain, explanation_bounds
+from verigrad.explanations import (
+    SMOOTHING_METHODS, Explainer, ExplanationMethod, explain, explanation_bounds, jacobian_bounds,
+)
 from verigrad.graph.gradient_graph import Output
 from verigrad.guarantees import Guarantee
 from verigrad.models import load_model
 from verigrad.models.network import Network
 from verigrad.perturbation import ParamBox, param_box
 from verigrad.properties import Direction, Property, PropertyResult, Verdict
-from verigrad.spec import AttackMethod, AttackOrder, Combine, Device, Spec, TargetClass, spec_from_dict
+from verigrad.spec import AttackMethod, AttackOrder, Combine, Device, Norm, Spec, TargetClass, spec_from_dict
 
 COMBINED = "combined"
 
@@ -107,6 +110,8 @@ class InstanceResult:
     # per property: the tightest certified worst case, the worst attacked value, their ratio
     gap: dict[str, dict] = field(default_factory=dict)
     empirical: dict = field(default_factory=dict)
+    # Jacobian (Hessian) bound summaries per engine and the literature's bounds side by side
+    second_order: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -121,6 +126,7 @@ class InstanceResult:
             "attacks": {k: a.to_dict() for k, a in self.attacks.items()},
             "gap": self.gap,
             "empirical": self.empirical,
+            "second_order": self.second_order,
         }
 
 
@@ -179,16 +185,50 @@ def prepare(spec: Spec, methods: Sequence[Method | str] | None = None) -> Proble
                                    keep_class=a.keep_class)
     attack_methods = None if a.methods == "auto" else tuple(a.methods)
     explainer = explainer_from_spec(spec)
+    _check_second_order(spec, net, explainer, params)
+    pin = spec.perturbation.input
+    if pin is not None and pin.norm == Norm.L2 and not explainer.probabilistic:
+        raise SetupError("perturbation.input.norm: l2 balls are certified only for smoothgrad / "
+                         "sparsified_smoothgrad (the bound engines and attacks work on ℓ∞ boxes); use norm: inf")
     return Problem(spec, net, x.to(device=device, dtype=dtype), y.to(device), tuple(properties), params, chosen,
                    options, device, dtype, AttackOrder(a.order), attack_options, attack_methods,
                    explainer=explainer)
+
+
+def _check_second_order(spec: Spec, net: Network, explainer: Explainer, params: ParamBox | None) -> None:
+    """Second-order bounds need a smooth network, a deterministic map and no parameter box."""
+    if not spec.second_order.hessian:
+        return
+    from verigrad.bounds.hessian import SecondOrderUnsupported, require_smooth
+
+    where = "second_order.hessian"
+    if explainer.probabilistic:
+        raise SetupError(f"{where}: {explainer.method.value} is sampled; its Jacobian cannot be bounded")
+    if params is not None:
+        raise SetupError(f"{where}: Hessian bounds cover input boxes only; remove perturbation.parameters")
+    try:
+        require_smooth(net)
+    except SecondOrderUnsupported as e:
+        raise SetupError(f"{where}: {e}") from None
 
 
 def explainer_from_spec(spec: Spec) -> Explainer:
     """The spec's ``explanation`` section as an :class:`Explainer`."""
     e = spec.explanation
     ig = e.integrated_gradients
-    return Explainer(ExplanationMethod(e.method), ig.steps, ig.rule, ig.baseline)
+    method = ExplanationMethod(e.method)
+    smoothing = None
+    if method in SMOOTHING_METHODS:
+        from verigrad.smoothing import SmoothingConfig
+
+        s = e.smoothing
+        try:
+            smoothing = SmoothingConfig(s.sigma, s.samples, spec.general.seed if s.seed is None else s.seed,
+                                        s.batch_size, s.sparsify, s.relaxed, s.clip, s.failure_probability,
+                                        s.interval.value)
+        except ValueError as err:
+            raise SetupError(f"explanation.smoothing: {err}") from None
+    return Explainer(method, ig.steps, ig.rule, ig.baseline, smoothing)
 
 
 def _target_class(problem: Problem, pred: int, label: int) -> int:
@@ -281,6 +321,101 @@ def _empirical(problem: Problem, threat: Threat) -> dict:
     return out
 
 
+_L2_CHANGE = Property("l2_change", "untargeted", "l2", 1.0)  # only its worst case is used
+
+
+def _second_order(problem: Problem, threat: Threat, v0: torch.Tensor, runs: list[EngineRun]) -> dict:
+    """Per ``second_order.hessian`` engine: bounds on the attribution's Jacobian over the box,
+    turned into a sound mean-value engine ``hessian-<engine>`` (appended to ``runs``) and
+    summarised (‖J‖₂, ‖J‖_F, change bounds). With ``second_order.literature``: every bound of
+    the literature (``verigrad.literature``) beside the direct engines' exact max ‖v − v0‖₂,
+    each labelled by its guarantee."""
+    from verigrad import literature as lit
+    from verigrad.bounds.hessian import (
+        frobenius_upper, l2_change_bound, linf_change_bound, mean_value_bounds, spectral_norm_upper,
+    )
+
+    so = problem.spec.second_order
+    x, t, output = threat.x, threat.target_tensor, threat.output
+    radii = torch.maximum(x - threat.box.lower, threat.box.upper - x)
+    out: dict = {"jacobian": {}}
+    sound: list[lit.LiteratureBound] = []
+    jacobians: list[Bounds] = []
+    for m in so.hessian:
+        start = time.perf_counter()
+        jr = jacobian_bounds(problem.explainer, m, problem.net, threat.box, t, output)
+        mv = mean_value_bounds(v0, jr.bounds, threat.box, x)
+        dt = time.perf_counter() - start
+        name = f"hessian-{m.value}"
+        _check_contains_centre(name, mv, v0, problem.dtype)
+        notes = jr.notes + ("mean value theorem: v(x') ∈ v(x) + [J]·(box − x), J bounded over the box",)
+        runs.append(_engine_run(name, f"hessian-{jr.actual_method or m.value}", dt, notes, mv, problem, v0))
+        jacobians.append(jr.bounds)
+        l2c = float(l2_change_bound(jr.bounds, threat.box, x)[0])
+        out["jacobian"][m.value] = {
+            "actual_method": jr.actual_method or m.value, "time_s": dt, "notes": list(jr.notes),
+            "mean_width": float(jr.bounds.width.mean()),
+            "spectral_norm_upper": float(spectral_norm_upper(jr.bounds)[0]),
+            "frobenius_upper": float(frobenius_upper(jr.bounds)[0]),
+            "l2_change_bound": l2c, "linf_change_bound": float(linf_change_bound(jr.bounds, threat.box, x)[0]),
+        }
+        sound.append(lit.LiteratureBound(f"hessian_{m.value}_spectral", "linf_ball_l2_change", l2c, Guarantee.SOUND,
+                                         "mean value theorem", "sup‖J‖₂ over the box (≤ ‖max(|l|,|u|)‖₂) × max ‖x' − x‖₂"))
+    if not so.literature:
+        return out
+    g_norm = float(v0.to(torch.float64).norm())
+    for r in runs:  # the direct bounds, engines and mean-value engines alike
+        w = float(props.worst_case(_L2_CHANGE, v0, r.bounds)[0])
+        sound.append(lit.LiteratureBound(f"direct_{r.method}", "linf_ball_l2_change", w, Guarantee.SOUND,
+                                         "verigrad", "exact max ‖v − v0‖₂ over the engine's coordinate bounds"))
+    for m, jb in zip(so.hessian, jacobians):
+        b = lit.sound_linf(jb, radii)
+        b = lit.LiteratureBound(f"{b.name}_{m.value}", b.quantity, b.value, b.guarantee, b.source, b.note)
+        sound += [b]
+    sound += [lit.cosine_bound(b, g_norm) for b in list(sound)]
+
+    def explain_at(z: torch.Tensor) -> torch.Tensor:
+        return explain(problem.explainer, problem.net, z, t.expand(z.shape[0]), output, create_graph=True)
+
+    start = time.perf_counter()
+    estimates = lit.all_bounds(explain_at, x, threat.epsilon, "linf", None, net=problem.net, target=threat.target,
+                               output=output, hutchinson_samples=so.hutchinson_samples,
+                               seed=problem.attack_options.seed)
+    out["literature_time_s"] = time.perf_counter() - start
+    out["bounds"] = [b.to_dict() for b in sound + estimates]
+    return out
+
+
+def smoothing_radius(problem: Problem, threat: Threat) -> float:
+    """The ℓ2 radius the smoothing certificate must cover: ε for an ℓ2 ball; for the (clipped)
+    ℓ∞ box, the radius of the smallest ball around x that contains it, ‖max(x − l, u − x)‖₂."""
+    pin = problem.spec.perturbation.input
+    if pin is None:
+        return 0.0
+    if pin.norm == Norm.L2:
+        return float(pin.epsilon)
+    r = torch.maximum(threat.x - threat.box.lower, threat.box.upper - threat.x)
+    return float(r.to(torch.float64).norm())
+
+
+def _smoothing_run(problem: Problem, threat: Threat) -> tuple[torch.Tensor, EngineRun]:
+    """The randomized-smoothing certificate as the one (probabilistic) engine run."""
+    from verigrad.smoothing import smoothing_bounds
+
+    start = time.perf_counter()
+    radius = smoothing_radius(problem, threat)
+    sparsified = problem.explainer.method == ExplanationMethod.SPARSIFIED_SMOOTHGRAD
+    cert = smoothing_bounds(problem.net, threat.x, threat.target_tensor, threat.output, problem.explainer.smoothing,
+                            radius, sparsified)
+    dt = time.perf_counter() - start
+    v0 = cert.estimate.to(problem.dtype)
+    bounds = Bounds(cert.bounds.lower.to(problem.dtype), cert.bounds.upper.to(problem.dtype))
+    _check_contains_centre("smoothing", bounds, v0, problem.dtype)
+    notes = cert.notes + (f"ℓ2 radius certified: {radius:.6g}",)
+    run = _engine_run("smoothing", "smoothing", dt, (f"map: {cert.method}",) + notes, bounds, problem, v0)
+    return v0, dataclasses.replace(run, guarantee=Guarantee.PROBABILISTIC, failure_probability=cert.failure_probability)
+
+
 def verify_instance(problem: Problem, i: int) -> InstanceResult:
     """Bound, attack (per ``problem.attack_order``) and decide one input (index ``i`` into
     the loaded data). A property certified by an engine and violated by a witness is a
@@ -293,15 +428,20 @@ def verify_instance(problem: Problem, i: int) -> InstanceResult:
     target = _target_class(problem, pred, label)
     t = torch.tensor([target], device=problem.device)
     output = Output(spec.explanation.output)
-    v0 = explain(problem.explainer, problem.net, x, t, output)
     threat = threat_for(problem, i, target)
+    runs: list[EngineRun] = []
+    if problem.explainer.probabilistic:
+        # sampled maps: the smoothing certificate replaces the bound engines; attacks do not apply
+        v0, run = _smoothing_run(problem, threat)
+        runs.append(run)
+    else:
+        v0 = explain(problem.explainer, problem.net, x, t, output)
     order = problem.attack_order
     attacks: dict[str, AttackOutcome] = {}
     if order in (AttackOrder.BEFORE, AttackOrder.BOTH):
         attacks = _run_attacks(problem, threat, i, problem.properties)
     all_falsified = order == AttackOrder.BEFORE and all(a.violated for a in attacks.values()) and bool(attacks)
-    runs: list[EngineRun] = []
-    for m in (() if all_falsified else problem.methods):
+    for m in (() if all_falsified or problem.explainer.probabilistic else problem.methods):
         start = time.perf_counter()
         res = explanation_bounds(problem.explainer, m, problem.net, threat.box, t, output, problem.params,
                                  problem.options)
@@ -310,6 +450,9 @@ def verify_instance(problem: Problem, i: int) -> InstanceResult:
         dt = time.perf_counter() - start
         _check_contains_centre(m.value, res.bounds, v0, problem.dtype)
         runs.append(_engine_run(m.value, res.actual_method or m.value, dt, res.notes, res.bounds, problem, v0))
+    second = {}
+    if spec.second_order.hessian or spec.second_order.literature:
+        second = _second_order(problem, threat, v0, runs)
     if spec.bounds.combine == Combine.INTERSECT and len(runs) > 1:
         b = runs[0].bounds
         for r in runs[1:]:
@@ -327,7 +470,8 @@ def verify_instance(problem: Problem, i: int) -> InstanceResult:
             gap[p.name] = {"certified": cert, "attacked": a.value, "ratio": props.gap_ratio(p, cert, a.value)}
     empirical = _empirical(problem, threat) if problem.empirical else {}
     base = dict(index=i + spec.data.start, label=label, prediction=pred, target=target, engines=tuple(runs),
-                explanation=v0[0].detach().cpu(), attacks=attacks, gap=gap, empirical=empirical)
+                explanation=v0[0].detach().cpu(), attacks=attacks, gap=gap, empirical=empirical,
+                second_order=second)
     conflicts = _conflicts(problem, runs, attacks)
     if conflicts:
         msg = ("SoundnessError: certified and falsified at once — a verigrad bug, please report it: "
