@@ -12,6 +12,7 @@ from verigrad.bounds.base import Bounds
 from verigrad.properties import (
     RULES,
     Property,
+    _topk_members_that_stay,
     PropertyResult,
     Verdict,
     cosine,
@@ -562,7 +563,24 @@ def test_topk_vectorised_count_matches_the_loops():
         v0 = (lo + up) / 2 if rounded else lo + torch.rand(3, n, generator=gen, dtype=F64) * (up - lo)
         for k in ks:
             p = rank_prop("topk", 1.0, k=k)
-            torch.testing.assert_close(worst_case(p, v0, box), brute_topk_worst(v0, box, k), rtol=0, atol=0)
+            members = _topk_members_that_stay(p, v0, box) / k
+            torch.testing.assert_close(members, brute_topk_worst(v0, box, k), rtol=0, atol=0)
+            # the pigeonhole bound can only raise the certified overlap
+            assert bool((worst_case(p, v0, box) >= members).all())
+
+
+def test_topk_pigeonhole_beats_one_member_at_a_time():
+    """One outsider (feature 3) can reach each of the top 3, so no member is safe on its own,
+    but it can displace only one of them at a time: the certified overlap is 2 of 3."""
+    v0 = torch.tensor([[10.0, 9.0, 8.0, 7.0, 0.0]], dtype=F64)
+    box = Bounds(v0 - torch.tensor([[1.5, 1.5, 1.5, 1.5, 0.0]], dtype=F64),
+                 v0 + torch.tensor([[1.5, 1.5, 1.5, 1.5, 0.0]], dtype=F64))
+    p = rank_prop("topk", 1.0, k=3)
+    assert float(_topk_members_that_stay(p, v0, box)[0]) == 0  # feature 3 reaches 8.5 ≥ 8.5 = a⁻ of each
+    assert float(worst_case(p, v0, box)[0]) == 2 / 3  # only one outsider: at most one member leaves
+    # and it is attained: push feature 3 up and feature 2 down
+    v = torch.tensor([[10.0, 9.0, 6.5, 8.5, 0.0]], dtype=F64)
+    assert float(metric(p, v0, v)[0]) == 2 / 3
 
 
 def test_topk_runs_on_cifar_sized_maps():
@@ -615,12 +633,14 @@ def test_topk_tie_at_the_kth_place_is_counted_against_us():
 def test_topk_by_hand_not_exact_below_one():
     # |v0| = (5, 4, 1), k = 2, K = {0, 1}; |v_0| ∈ [0.5, 5], |v_1| ∈ [0.5, 4], |v_2| ∈ [1, 3].
     # Feature 0: rivals j ≠ 0 with a⁺ ≥ 0.5: features 1 and 2 → 2 > k − 1: not guaranteed;
-    # feature 1 likewise. Bound 0, but feature 2 can displace only one of them at a time, so
-    # the true minimum overlap is 1/2: the count bound is sound, not exact, below 1.
+    # feature 1 likewise. The member count is 0, but feature 2 can displace only one of them
+    # at a time, so the true minimum overlap is 1/2 — which the pigeonhole bound (one outsider
+    # at rank ≥ 2k − K + 1 = 4 > n would be needed to displace both) certifies.
     v0 = t64([5.0, 4.0, 1.0])
     box = Bounds(t64([0.5, 0.5, 1.0]), t64([5.0, 4.0, 3.0]))
     p = rank_prop("topk", 0.5, k=2)
-    assert worst_case(p, v0, box).item() == 0.0
+    assert _topk_members_that_stay(p, v0, box).item() == 0.0
+    assert worst_case(p, v0, box).item() == 0.5
     gen = torch.Generator().manual_seed(0)
     pts = sample_points(gen, box)
     assert metric(p, v0.expand_as(pts), pts).min().item() == 0.5

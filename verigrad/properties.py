@@ -500,8 +500,51 @@ def _topk_metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Ten
     return _nan_rows(value, a0.expand_as(a), a)
 
 
-def _topk_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
-    """A sound lower bound of the min top-k overlap over the box.
+def topk_overlap_lower_bound(v0: torch.Tensor, bounds: Bounds, k: int) -> torch.Tensor:
+    """A sound lower bound (B,) of min over v in the box of |topk(|v0|) ∩ topk(|v|)|, as a
+    COUNT (divide by k for the ``topk`` property's fraction), requiring v0 in the box.
+
+    The paper's Corollary 2 argument, on a box: rank features by |v0| (any tie-break); let
+    L_K = min a⁻ over the top K and U_m = max a⁺ over ranks ≥ m (a± = range of |v_i|). If
+    L_K > U_{2k−K+1}, the overlap is ≥ K: otherwise topk(|v|) holds ≥ k − K + 1 features
+    outside topk(|v0|), all of rank ≥ k + 1, so one j of rank ≥ 2k − K + 1; every i of the
+    top K then has |v_i| ≥ L_K > U ≥ |v_j| with j in topk(|v|), so all K are in it (strict,
+    whatever the tie-breaking), and in topk(|v0|): overlap ≥ K. Also overlap ≥ 2k − d.
+    Ties in |v0| are resolved pessimistically (every feature tied with the K-th counts
+    toward L_K, every one tied with the m-th toward U_m), so any tie-break is covered."""
+    b = Bounds(bounds.lower.reshape(bounds.shape[0], -1).to(torch.float64), bounds.upper.reshape(bounds.shape[0], -1).to(torch.float64))
+    a0 = v0.reshape(v0.shape[0], -1).to(torch.float64).abs().expand_as(b.lower)
+    bsz, d = b.lower.shape
+    if not 1 <= k <= d:
+        raise ValueError(f"k = {k} must lie in [1, {d}]")
+    lo, up = b.lower, b.upper
+    amin = torch.where(lo > 0, lo, torch.where(up < 0, -up, torch.zeros_like(lo)))
+    amax = torch.maximum(lo.abs(), up.abs())
+    sorted0, order = torch.sort(a0, dim=1, descending=True, stable=True)
+    amin_s, amax_s = amin.gather(1, order), amax.gather(1, order)
+    # tie groups of |v0|: the first and last sorted position of the group of each position
+    asc = torch.flip(sorted0, [1])  # ascending, for searchsorted
+    first = d - torch.searchsorted(asc.contiguous(), sorted0.contiguous(), side="right")
+    last = d - 1 - torch.searchsorted(asc.contiguous(), sorted0.contiguous(), side="left")
+    # prefix min of a⁻ over positions 0..t, suffix max of a⁺ over t..d−1
+    pre_min = torch.cummin(amin_s, 1).values
+    suf_max = torch.flip(torch.cummax(torch.flip(amax_s, [1]), 1).values, [1])
+    best = torch.full((bsz,), float(max(0, 2 * k - d)), dtype=torch.float64, device=lo.device)
+    for kk in range(1, k + 1):
+        pos_k = kk - 1
+        lk = pre_min.gather(1, last[:, pos_k : pos_k + 1])[:, 0]  # all tied with the K-th
+        m = 2 * k - kk + 1  # 1-based rank
+        if m > d:
+            ok = torch.ones_like(lk, dtype=torch.bool)
+        else:
+            um = suf_max.gather(1, first[:, m - 1 : m])[:, 0]  # all tied with the m-th
+            ok = lk > um
+        best = torch.where(ok & (kk > best), torch.full_like(best, float(kk)), best)
+    return best
+
+
+def _topk_members_that_stay(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+    """A sound lower bound (a count, B) of the min top-k overlap over the box.
 
     With [a_i⁻, a_i⁺] the range of |v_i| over [l_i, u_i] (a_i⁻ = 0 when the interval
     contains 0): i ∈ K = topk(|v0|) can leave the top-k of v only if at least k other j have
@@ -512,8 +555,10 @@ def _topk_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tenso
     torch.topk picked among tied features; ties at the k-th place of v0 itself count against
     us (a point box with such a tie gets a bound below the concrete overlap).
 
-    It is a bound, not always the exact minimum: one outsider may be able to displace any one
-    of several members of K, but not all of them at the same v. With threshold 1 it is exact
+    This rule alone is not always the exact minimum: one outsider may be able to displace any
+    one of several members of K, but not all of them at the same v; the pigeonhole bound of
+    ``topk_overlap_lower_bound`` (Levine et al. 2019, Corollary 2) uses that; ``_topk_worst``
+    returns the larger of the two. With threshold 1 it is exact
     (up to ties): "the top-k set never changes" is certified iff
     min_{i∈K} a_i⁻ > max_{j∉K} a_j⁺, and otherwise the weakest member at a⁻ and the strongest
     outsider at a⁺ change the set.
@@ -530,7 +575,25 @@ def _topk_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tenso
     sorted_max = torch.sort(amax, dim=1).values
     at_least = n - torch.searchsorted(sorted_max, amin.gather(1, idx).contiguous(), side="left")
     others = at_least - 1  # j = i is always among them: a_i⁺ ≥ a_i⁻
-    return (others <= k - 1).sum(1).to(amax.dtype) / k
+    return (others <= k - 1).sum(1).to(amax.dtype)
+
+
+def _topk_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+    """max(one member at a time, Levine et al.'s pigeonhole) / k: both are sound lower bounds
+    of the min top-k overlap (see ``_topk_members_that_stay`` and
+    ``topk_overlap_lower_bound``)."""
+    k = int(prop.k)  # type: ignore[arg-type]
+    one_at_a_time = _topk_members_that_stay(prop, v0, bounds)
+    b = Bounds(_flat(bounds.lower), _flat(bounds.upper))
+    # Levine et al.'s Corollary 2 (a pigeonhole over outsiders) is often stronger; it needs v0 in
+    # the box, which the pipeline checks (centre containment) before deciding
+    inside = ((_flat(v0) >= b.lower) & (_flat(v0) <= b.upper)).all(1)
+    best = one_at_a_time.clone()
+    if bool(inside.any()):  # rows with v0 outside (or NaN) keep the member count
+        v0_rows = _flat(v0).expand_as(b.lower)[inside]
+        pigeon = topk_overlap_lower_bound(v0_rows, b[inside], k).to(best.dtype)
+        best[inside] = torch.maximum(best[inside], pigeon)
+    return best / k
 
 
 def _sign_metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -711,5 +774,5 @@ def evaluate(prop: Property, v0: torch.Tensor, bounds: Bounds) -> list[PropertyR
 __all__ = [
     "Verdict", "Direction", "Property", "PropertyResult", "PropertyRule", "RULES", "rule_for",
     "from_spec", "make_target", "normalize_map", "normalized_bounds", "cosine", "cosine_lower_bound",
-    "cosine_upper_bound", "metric", "worst_case", "decide", "evaluate", "direction_text", "gap_ratio",
+    "cosine_upper_bound", "topk_overlap_lower_bound", "metric", "worst_case", "decide", "evaluate", "direction_text", "gap_ratio",
 ]
