@@ -239,3 +239,53 @@ def test_attacks_respect_certificates_and_find_witnesses(name, e):
     assert ev.violated
     # the witness is judged on this method's map, not on the saliency map
     torch.testing.assert_close(ev.v, explain(e, net.to(dtype=F64), ev.point.x, th.target_tensor))
+
+
+# ---------------------------------------------------------------- Jacobian (second-order) bounds
+
+
+def _jacobian(e: Explainer, net, x, t):
+    """∂v/∂x (d, d) of one input by autograd through the explanation itself."""
+    def f(z):
+        return explain(e, net, z.reshape(1, *net.input_shape), t, create_graph=True).reshape(-1)
+
+    return torch.autograd.functional.jacobian(f, x.reshape(-1))
+
+
+SMOOTH = [a for a in ACTS if a[0] in (ActKind.SOFTPLUS, ActKind.SIGMOID, ActKind.TANH)]
+
+
+@pytest.mark.parametrize("name,e", DETERMINISTIC, ids=DET_IDS)
+@pytest.mark.parametrize("act,param", SMOOTH, ids=[a[0].value for a in SMOOTH])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_jacobian_bounds_exact_at_a_point_and_contain_sampled_jacobians(kind, act, param, name, e):
+    from verigrad.bounds.hessian import mean_value_bounds
+    from verigrad.explanations import jacobian_bounds
+
+    net = _net(kind, act, param, seed=24)
+    x = _x(net, seed=25)
+    t = torch.tensor([1])
+    j0 = _jacobian(e, net, x, t)
+    point = jacobian_bounds(e, "ibp", net, Bounds.point(x), t).bounds
+    torch.testing.assert_close(point.lower[0], j0, rtol=0, atol=1e-10)
+    torch.testing.assert_close(point.upper[0], j0, rtol=0, atol=1e-10)
+    box = input_box(x, 0.04, None)
+    jb = jacobian_bounds(e, "ibp", net, box, t).bounds
+    pts = box_points(box, 12, 12, seed=26)
+    for p in pts:
+        j = _jacobian(e, net, p[None], t)
+        assert bool(((j >= jb.lower[0] - TOL) & (j <= jb.upper[0] + TOL)).all()), "Jacobian outside its bounds"
+    # the mean-value engine built from them contains the explanation at many points
+    mv = mean_value_bounds(explain(e, net, x, t), jb, box, x)
+    more = box_points(box, 150, 150, seed=27)
+    _assert_contains(mv, explain(e, net, more, t.expand(len(more))))
+
+
+def test_jacobian_bounds_refuse_relu():
+    from verigrad.bounds.hessian import SecondOrderUnsupported
+    from verigrad.explanations import jacobian_bounds
+
+    net = random_mlp(ActKind.RELU)
+    x = _x(net)
+    with pytest.raises(SecondOrderUnsupported, match="zero almost everywhere"):
+        jacobian_bounds(IXG, "ibp", net, input_box(x, 0.1, None), torch.tensor([0]))

@@ -112,6 +112,8 @@ class InstanceResult:
     empirical: dict = field(default_factory=dict)
     # Jacobian (Hessian) bound summaries per engine and the literature's bounds side by side
     second_order: dict = field(default_factory=dict)
+    # per property: the largest ε certified by the sound engines (radius.search)
+    radius: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -127,6 +129,7 @@ class InstanceResult:
             "gap": self.gap,
             "empirical": self.empirical,
             "second_order": self.second_order,
+            "radius": self.radius,
         }
 
 
@@ -416,6 +419,35 @@ def _smoothing_run(problem: Problem, threat: Threat) -> tuple[torch.Tensor, Engi
     return v0, dataclasses.replace(run, guarantee=Guarantee.PROBABILISTIC, failure_probability=cert.failure_probability)
 
 
+def _radius_search(problem: Problem, threat: Threat, v0: torch.Tensor) -> dict[str, dict]:
+    """The inverse problem, soundly: per property, bisection on ε ∈ (0, radius.eps_max] for the
+    largest ε at which some engine certifies it (same centre, domain and parameter box). Any ε
+    that certified is a valid radius whatever the engines' monotonicity: the boxes are nested."""
+    from verigrad.literature import certified_radius
+
+    rs = problem.spec.radius
+    out = {}
+    for k, prop in enumerate(problem.properties):
+        start = time.perf_counter()
+        by: dict[float, str] = {}
+
+        def check(eps: float) -> bool:
+            t = dataclasses.replace(threat, epsilon=float(eps))
+            for m in problem.methods:
+                res = explanation_bounds(problem.explainer, m, problem.net, t.box, t.target_tensor, t.output,
+                                         problem.params, problem.options)
+                _check_contains_centre(m.value, res.bounds, v0, problem.dtype)
+                if props.evaluate(prop, v0, res.bounds)[0].verdict == Verdict.CERTIFIED:
+                    by[eps] = m.value
+                    return True
+            return False
+
+        r = certified_radius(check, rs.eps_max, tol=rs.eps_max * 2.0 ** -rs.iterations, max_iter=rs.iterations + 1)
+        out[prop.name] = {"certified_radius": r, "engine": by.get(r), "eps_max": rs.eps_max,
+                          "time_s": time.perf_counter() - start}
+    return out
+
+
 def verify_instance(problem: Problem, i: int) -> InstanceResult:
     """Bound, attack (per ``problem.attack_order``) and decide one input (index ``i`` into
     the loaded data). A property certified by an engine and violated by a witness is a
@@ -450,6 +482,9 @@ def verify_instance(problem: Problem, i: int) -> InstanceResult:
         dt = time.perf_counter() - start
         _check_contains_centre(m.value, res.bounds, v0, problem.dtype)
         runs.append(_engine_run(m.value, res.actual_method or m.value, dt, res.notes, res.bounds, problem, v0))
+    radius = {}
+    if spec.radius.search and spec.perturbation.input is not None and not problem.explainer.probabilistic:
+        radius = _radius_search(problem, threat, v0)
     second = {}
     if spec.second_order.hessian or spec.second_order.literature:
         second = _second_order(problem, threat, v0, runs)
@@ -471,7 +506,7 @@ def verify_instance(problem: Problem, i: int) -> InstanceResult:
     empirical = _empirical(problem, threat) if problem.empirical else {}
     base = dict(index=i + spec.data.start, label=label, prediction=pred, target=target, engines=tuple(runs),
                 explanation=v0[0].detach().cpu(), attacks=attacks, gap=gap, empirical=empirical,
-                second_order=second)
+                second_order=second, radius=radius)
     conflicts = _conflicts(problem, runs, attacks)
     if conflicts:
         msg = ("SoundnessError: certified and falsified at once — a verigrad bug, please report it: "
