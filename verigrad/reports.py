@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import tempfile
@@ -281,7 +282,45 @@ def compare_table(problem: Problem, results: Sequence[InstanceResult]) -> str:
         gaps = [_median_gap(problem, results, m, n) for n in names]
         rows.append([m, f"{e['mean_width']:.4g}", ratio, f"{e['time_per_instance_s']:.3f}", str(e["fallbacks_to_ibp"])]
                     + fr + gaps)
-    return _table(header, rows) + "\n" + GAP_NOTE
+    out = _table(header, rows) + "\n" + GAP_NOTE
+    for extra in (literature_table(results), radius_table(problem, results)):
+        if extra:
+            out += "\n\n" + extra
+    return out
+
+
+def literature_table(results: Sequence[InstanceResult]) -> str:
+    """``second_order.literature``: every bound side by side — the direct engines, the
+    Hessian (mean-value) bounds and the literature's — with its guarantee, as the median over
+    inputs ('inf' where a formula is vacuous)."""
+    values: dict[str, list[float]] = {}
+    meta: dict[str, dict] = {}
+    for r in results:
+        for b in r.second_order.get("bounds", []):
+            values.setdefault(b["name"], []).append(math.inf if b["value"] is None else b["value"])
+            meta[b["name"]] = b
+    if not values:
+        return ""
+    order = {"sound": 0, "probabilistic": 1, "estimate": 2}
+    names = sorted(values, key=lambda n: (meta[n]["quantity"], order[meta[n]["guarantee"]], np.median(values[n])))
+    rows = [[n, meta[n]["guarantee"], meta[n]["quantity"], f"{float(np.median(values[n])):.4g}", str(len(values[n])),
+             meta[n]["source"][:60]] for n in names]
+    return ("explanation-change bounds over the box (median over inputs; sound = holds on the whole box, "
+            "estimate = first-order, no guarantee)\n"
+            + _table(["bound", "guarantee", "quantity", "median", "inputs", "source"], rows))
+
+
+def radius_table(problem: Problem, results: Sequence[InstanceResult]) -> str:
+    """``radius.search``: per property, the certified radius (largest ε certified) over inputs."""
+    rows = []
+    for p in problem.properties:
+        rs = [r.radius[p.name]["certified_radius"] for r in results if p.name in r.radius]
+        if rs:
+            rows.append([p.name, f"{min(rs):.4g}", f"{float(np.median(rs)):.4g}", f"{max(rs):.4g}", str(len(rs))])
+    if not rows:
+        return ""
+    return ("certified radius: the largest ε (bisection up to radius.eps_max) at which some engine certifies\n"
+            + _table(["property", "min", "median", "max", "inputs"], rows))
 
 
 GAP_NOTE = ("gap = median over inputs of (this engine's certified worst case) / (worst value any attack "
