@@ -841,6 +841,9 @@ class RadiusSpec:
     engines; any ε that certified is a valid radius because the boxes are nested)."""
 
     search: bool = _opt(Bool(), False)
+    methods: tuple[BoundMethod, ...] = _opt(ListOf(Choice(BoundMethod), min_len=1, unique=True),
+                                            (BoundMethod.IBP, BoundMethod.CROWN),
+                                            "engines tried at each ε, in order, until one certifies")
     eps_max: float = _opt(Num(gt=0), 0.1, "upper end of the search")
     iterations: int = _opt(Int(gt=0), 10, "bisection steps")
 
