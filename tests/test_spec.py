@@ -222,7 +222,7 @@ def test_apply_overrides_revalidates(workdir):
     ({"bounds.methods": ["ibp", "zonotope"]}, r"bounds.methods\[1\]", "expected one of ibp | crown | alpha-crown, got 'zonotope'"),
     ({"bounds.methods": ["ibp", "ibp"]}, r"bounds.methods\[1\]", r"duplicate entry 'ibp' \(also at \[0\]\)"),
     ({"properties.[0].metric": "l3"}, r"properties\[0\].metric", "expected one of l1 | l2 | linf | cosine, got 'l3'"),
-    ({"perturbation.input.norm": 2}, "perturbation.input.norm", "expected one of inf, got 2"),
+    ({"perturbation.input.norm": 1}, "perturbation.input.norm", "expected one of inf \\| l2, got 1"),
     ({"properties.[3].target.type": "circle"}, r"properties\[3\].target.type", "expected one of gaussian | square | file"),
     # missing required
     ({"model.path": DELETE}, "model.path", "missing required key"),
