@@ -162,3 +162,37 @@ def test_radius_search_returns_a_certified_radius(tmp_path):
     assert at.exit_code == ExitCode.CERTIFIED, at.output
     above = _run("verify", spec, "--epsilon", 2 * eps + 1e-6, "--method", "ibp")
     assert above.exit_code == ExitCode.UNKNOWN
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_crown_hessian_engine_on_a_small_tabular_model(tmp_path):
+    """A 6-feature softplus MLP (TorchScript): CROWN bounds the Hessian itself (no fallback),
+    and the mean-value engine it yields contains the saliency map at sampled points."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Softplus(beta=2.0), torch.nn.Linear(8, 3)).double()
+    torch.jit.save(torch.jit.trace(model, torch.zeros(2, 6, dtype=torch.float64)), str(tmp_path / "m.pt"))
+    x = torch.rand(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=np.array([0, 1, 2]))
+    spec = _spec(tmp_path, model=str(tmp_path / "m.pt"),
+                 data={"path": str(tmp_path / "d.npz")},
+                 perturbation={"input": {"epsilon": 0.05}},
+                 second_order={"hessian": ["ibp", "crown"]})
+    spec.write_text(spec.read_text().replace("model:\n", "model:\n  input_shape: [6]\n  input_range: null\n", 1))
+    r = _run("verify", spec)
+    assert r.exit_code in (ExitCode.CERTIFIED, ExitCode.UNKNOWN), r.output
+    doc = json.loads((tmp_path / "res/spec.json").read_text())
+    problem = vmod.prepare(load_spec(spec))
+    npz = np.load(tmp_path / "res/spec.npz")
+    for inst in doc["instances"]:
+        eng = inst["engines"]
+        assert eng["hessian-crown"]["actual_method"] == "hessian-crown", eng["hessian-crown"]["notes"]
+        # never looser than IBP's Hessian (it is intersected with it)
+        assert eng["hessian-crown"]["mean_width"] <= eng["hessian-ibp"]["mean_width"] + 1e-12
+        i = inst["index"]
+        threat = vmod.threat_for(problem, i, inst["target"])
+        pts = box_points(threat.box, 200, 200, seed=i)
+        v = explain(problem.explainer, problem.net, pts, threat.target_tensor.expand(len(pts)))
+        mv = Bounds(torch.as_tensor(npz[f"i{i}/hessian-crown/lower"])[None],
+                    torch.as_tensor(npz[f"i{i}/hessian-crown/upper"])[None])
+        assert bool(mv.contains(v, tol=1e-9).all())
