@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples/models/mnist_softplus.onnx"
 SHOWN = ["direct_ibp", "direct_crown", "direct_hessian-ibp", "direct_hessian-crown", "hessian_ibp_spectral",
          "hessian_crown_spectral", "sound_linf_ibp", "sound_linf_crown", "dom_thm1_spectral_change",
-         "car_thm2_linf", "car_cor1_linf", "jacobian_frobenius_at_x_change"]
+         "car_thm2_linf", "car_label_linf", "car_cor1_linf", "jacobian_frobenius_at_x_change"]
 
 
 def run(eps: float, n: int, hessian: list[str], steps: int, restarts: int) -> dict:

@@ -384,10 +384,23 @@ def _second_order(problem: Problem, threat: Threat, v0: torch.Tensor, runs: list
     def explain_at(z: torch.Tensor) -> torch.Tensor:
         return explain(problem.explainer, problem.net, z, t.expand(z.shape[0]), output, create_graph=True)
 
+    with torch.no_grad():
+        z = problem.net.forward(x)[0]
+    rest = z.clone()
+    rest[threat.target] = -torch.inf
+    other = int(rest.argmax())
+    margin = float(z[threat.target] - z[other])
+    label_constraint = None
+    if margin > 0:  # [CAR] §4.3 keeps the label y against the runner-up y' (needs f_y > f_y' at x)
+        def explain_other(zz: torch.Tensor) -> torch.Tensor:
+            tt = torch.full((zz.shape[0],), other, device=zz.device)
+            return explain(problem.explainer, problem.net, zz, tt, output, create_graph=True)
+
+        label_constraint = (explain_other, margin)
     start = time.perf_counter()
     estimates = lit.all_bounds(explain_at, x, threat.epsilon, "linf", None, net=problem.net, target=threat.target,
-                               output=output, hutchinson_samples=so.hutchinson_samples,
-                               seed=problem.attack_options.seed)
+                               output=output, label_constraint=label_constraint,
+                               hutchinson_samples=so.hutchinson_samples, seed=problem.attack_options.seed)
     out["literature_time_s"] = time.perf_counter() - start
     out["bounds"] = [b.to_dict() for b in sound + estimates]
     return out
