@@ -163,5 +163,36 @@ def replay(witness):
     sys.exit(0 if r.confirmed else 1)
 
 
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+def train(config):
+    """Train the network CONFIG describes (with its regulariser, e.g. gradcert), export it to
+    ONNX and write a ready verification spec and a per-epoch log beside it.
+
+    Exit code: 0 done, 2 invalid config or data.
+    """
+    from verigrad.training.trainer import load_train_config, train as run_training
+
+    try:
+        cfg = load_train_config(config)
+    except _bad_input_errors() as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+    def progress(row: dict) -> None:
+        if cfg.general.progress:
+            click.echo(f"epoch {row['epoch']}: loss {row['loss']:.4f} (ce {row['ce']:.4f}, penalty "
+                       f"{row['penalty']:.4g}) train acc {row['train_accuracy']:.3f} certified box "
+                       f"{row['certified_box_l2']:.4g} [{row['time_s']:.1f} s]", err=True)
+
+    try:
+        res = run_training(cfg, on_epoch=progress)
+    except (*_bad_input_errors(), ValueError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(f"model: {res.onnx_path}\nverification spec: {res.spec_path} (run: verigrad verify {res.spec_path})"
+               f"\nlog: {res.log_path}")
+
+
 if __name__ == "__main__":
     main()
