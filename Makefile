@@ -24,6 +24,9 @@ install: $(STAMP)
 # outcomes of the demo on a vanilla model, not failures
 demo: $(STAMP)
 	$(VENV)/bin/verigrad verify $(DEMO_SPEC); code=$$?; [ $$code -eq 0 ] || [ $$code -eq 1 ] || [ $$code -eq 3 ]
+	# robust vs vanilla at ε = 0.01: the GradCert model certifies everywhere (exit 0)
+	$(VENV)/bin/verigrad verify specs/demo_vanilla.yaml; code=$$?; [ $$code -eq 1 ] || [ $$code -eq 3 ]
+	$(VENV)/bin/verigrad verify specs/demo_robust.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -172,15 +172,21 @@ def mnist_softplus() -> nn.Module:
 class ModelSpec:
     build: Callable[[], nn.Module]
     architecture: str
+    seed_offset: int  # fixed per model, so adding a model never changes another's initialisation
+    # GradCert (verigrad.training): cross-entropy + weight·mean ‖IBP width of the saliency‖₂ over
+    # the ε-box clipped to [0, 1], ε ramped from 0 over the first half; None = plain CE
+    gradcert: tuple[float, float] | None = None  # (weight α, target ε)
 
 
 MODELS: dict[str, ModelSpec] = {
-    "mnist_fc": ModelSpec(mnist_fc, "Flatten → 784-256-256-10, ReLU"),
+    "mnist_fc": ModelSpec(mnist_fc, "Flatten → 784-256-256-10, ReLU", 1),
     "mnist_cnn": ModelSpec(
         mnist_cnn,
-        "Conv 16@4×4 s2 p1 → ReLU → Conv 32@4×4 s1 p1 → ReLU → Flatten → 5408-100 → ReLU → 100-10",
+        "Conv 16@4×4 s2 p1 → ReLU → Conv 32@4×4 s1 p1 → ReLU → Flatten → 5408-100 → ReLU → 100-10", 0,
     ),
-    "mnist_softplus": ModelSpec(mnist_softplus, "Flatten → 784-256-256-10, Softplus(β=10)"),
+    "mnist_softplus": ModelSpec(mnist_softplus, "Flatten → 784-256-256-10, Softplus(β=10)", 2),
+    "mnist_fc_gradcert": ModelSpec(mnist_fc, "as mnist_fc, trained with GradCert (α = 1, ε = 0.01)", 3,
+                                   gradcert=(1.0, 0.01)),
 }
 
 
@@ -216,13 +222,26 @@ def random_shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = MAX_SHI
     return padded[torch.arange(b)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
+def _loss_function(model: nn.Module, gradcert: tuple[float, float] | None):
+    """GradCert's loss through verigrad.training (the verifier's own IBP); None for plain CE."""
+    if gradcert is None:
+        return None
+    from verigrad.training import RegularizerConfig, network_from_module, training_loss
+
+    net = network_from_module(model, (1, 28, 28))
+    cfg = RegularizerConfig(name="gradcert", weight=gradcert[0], epsilon=gradcert[1], gamma=0.0,
+                            ramp_fraction=0.5, domain=(0.0, 1.0))
+    return lambda xb, yb, frac: training_loss(model, net, xb, yb, cfg, frac)[0]
+
+
 def train(name: str, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.Module:
     """Adam with a one-cycle learning-rate schedule, cross-entropy, shift augmentation, fixed
     seeds. The per-model seed offset keeps each model's initialisation independent of which
     other models are trained in the same run."""
-    seed = TRAIN_SEED + sorted(MODELS).index(name)
+    seed = TRAIN_SEED + MODELS[name].seed_offset
     torch.manual_seed(seed)
     model = MODELS[name].build()
+    loss_of = _loss_function(model, MODELS[name].gradcert)
     opt = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     steps_per_epoch = -(-x.shape[0] // BATCH_SIZE)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LEARNING_RATE,
@@ -236,7 +255,9 @@ def train(name: str, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.Module
         for i in range(0, x.shape[0], BATCH_SIZE):
             b = perm[i:i + BATCH_SIZE]
             opt.zero_grad()
-            loss = loss_fn(model(random_shift(x[b], gen)), y[b])
+            xb = random_shift(x[b], gen)
+            step = epoch * steps_per_epoch + i // BATCH_SIZE
+            loss = loss_of(xb, y[b], step / (epochs * steps_per_epoch)) if loss_of else loss_fn(model(xb), y[b])
             loss.backward()
             opt.step()
             sched.step()
