@@ -187,6 +187,8 @@ MODELS: dict[str, ModelSpec] = {
     "mnist_softplus": ModelSpec(mnist_softplus, "Flatten → 784-256-256-10, Softplus(β=10)", 2),
     "mnist_fc_gradcert": ModelSpec(mnist_fc, "as mnist_fc, trained with GradCert (α = 1, ε = 0.01)", 3,
                                    gradcert=(1.0, 0.01)),
+    "mnist_cnn_gradcert": ModelSpec(mnist_cnn, "as mnist_cnn, trained with GradCert (α = 0.1, ε = 0.01)", 4,
+                                    gradcert=(0.1, 0.01)),
 }
 
 
