@@ -238,3 +238,21 @@ def test_sample_is_reproducible_and_held_out() -> None:
     assert np.array_equal(y.numpy(), labels[idx])
     train_rows = {pixels[i].tobytes() for i in train_idx}
     assert not any(pixels[i].tobytes() in train_rows for i in idx)
+
+
+def test_german_credit_builtin():
+    """The tabular built-in: 1000 rows, 25 features in [0, 1], sex as feature 0, binary labels."""
+    import numpy as np
+
+    x, y = load_dataset("german_credit", None, 0, None)
+    assert x.shape == (1000, 25) and y.shape == (1000,)
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+    assert set(y.tolist()) == {0, 1} and int(y.sum()) == 700
+    assert set(x[:, 0].tolist()) == {0.0, 1.0}
+    from importlib.resources import files
+
+    names = np.load(files("verigrad.datasets") / "german_credit.npz")["feature_names"]
+    assert names[0] == "sex_female" and len(names) == 25
+    # the one-hot groups each sum to 1 per row (housing, savings, checking, purpose)
+    for start, size in ((5, 3), (8, 5), (13, 4), (17, 8)):
+        assert bool((x[:, start : start + size].sum(1) == 1).all())

@@ -47,6 +47,17 @@ _REGISTRY: dict[str, BuiltinDataset] = {
         num_classes=10,
         domain=(0.0, 1.0),
     ),
+    "german_credit": BuiltinDataset(
+        name="german_credit",
+        resource="german_credit.npz",
+        description=(
+            "German credit (1000 applicants, 25 features in [0, 1], label 1 = good credit); feature 0 is "
+            "sex (1 = female), 1 age; written by tools/make_german_credit.py"
+        ),
+        input_shape=(25,),
+        num_classes=2,
+        domain=(0.0, 1.0),
+    ),
 }
 
 BUILTIN_DATASETS: tuple[str, ...] = tuple(sorted(_REGISTRY))

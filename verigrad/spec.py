@@ -45,6 +45,7 @@ class SpecError(ValueError):
 
 class DatasetName(str, Enum):
     MNIST_SAMPLE = "mnist_sample"
+    GERMAN_CREDIT = "german_credit"
 
 
 class TargetClass(str, Enum):
