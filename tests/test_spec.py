@@ -364,3 +364,20 @@ def test_each_rank_kind_alone_loads_dumps_nulls_and_round_trips(workdir):
     # the metric kinds dump k and features as null
     plain = yaml.safe_load(dump_spec(load_spec(write(workdir, VALID, "plain.yaml"))))["properties"][0]
     assert plain["metric"] == "l2" and plain["k"] is None and plain["features"] is None
+
+
+def test_every_shipped_spec_and_training_config_validates():
+    """specs/*.yaml and configs/*.yaml load, and every model and data file they name exists."""
+    from verigrad.training.trainer import load_train_config
+    from verigrad.verify import prepare
+
+    root = Path(__file__).resolve().parents[1]
+    specs = sorted((root / "specs").glob("*.yaml"))
+    assert len(specs) >= 10
+    for p in specs:
+        prepare(load_spec(p), methods=())  # loads model, data and properties
+    configs = sorted((root / "configs").glob("*.yaml"))
+    assert configs
+    for p in configs:
+        cfg = load_train_config(p)
+        assert cfg.data.path is None or cfg.data.path.exists(), p
