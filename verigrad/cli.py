@@ -194,5 +194,48 @@ def train(config):
                f"\nlog: {res.log_path}")
 
 
+@main.command()
+@click.argument("specs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="worker processes")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="seconds per instance (input)")
+@click.option("--out", type=click.Path(file_okay=False), default="results/batch", show_default=True)
+@click.option("--resume", is_flag=True, help="skip instances already in OUT/results.jsonl with the same spec hash")
+@click.option("--unknown-as", type=click.Choice(["skipped", "failure"]), default="skipped", show_default=True,
+              help="how unknown verdicts appear in the JUnit XML")
+def batch(specs, jobs, timeout, out, resume, unknown_as):
+    """Verify every input of every SPEC in worker processes (one torch thread each), with a
+    timeout per input; stream results to OUT/results.jsonl, then write OUT/summary.json and
+    OUT/junit.xml. Exit code as for verify, over all instances (a timeout counts as unknown).
+    """
+    import json as _json
+
+    from verigrad import batch as b
+
+    try:
+        tasks = b.expand(specs)
+    except _bad_input_errors() as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    start = __import__("time").monotonic()
+
+    def progress(rec: dict, done: int, total: int) -> None:
+        el = __import__("time").monotonic() - start
+        eta = el / done * (total - done)
+        click.echo(f"[{done}/{total}] {Path(rec['spec']).stem} input {rec['data_index']}: {rec['status']}"
+                   f"{' (' + rec['reason'] + ')' if rec['reason'] else ''}  elapsed {el:.0f} s, ETA {eta:.0f} s",
+                   err=True)
+
+    outp = Path(out)
+    b.run_batch(tasks, outp, jobs=jobs, timeout=timeout, resume=resume, on_result=progress)
+    records = b.load_records(outp)
+    s = b.summary(records)
+    (outp / "summary.json").write_text(_json.dumps(s, indent=1))
+    (outp / "junit.xml").write_text(b.junit_xml(records, unknown_as))
+    click.echo(f"{s['instances']} instances: {s['verdicts']}; timeouts {s['timeouts']}")
+    click.echo(f"results: {outp / 'results.jsonl'}  summary: {outp / 'summary.json'}  junit: {outp / 'junit.xml'}",
+               err=True)
+    sys.exit(s["exit_code"])
+
+
 if __name__ == "__main__":
     main()

@@ -149,6 +149,24 @@ def results_document(problem: Problem, results: Sequence[InstanceResult], starte
     }
 
 
+def witness_meta(problem: Problem, index: int) -> dict:
+    """What ``verigrad replay`` needs besides the point: the data index and the resolved spec."""
+    spec = problem.spec
+    return {"index": index, "spec_source": spec.source, "spec_sha256": spec.hash(), "spec": spec.to_dict(),
+            "versions": versions()}
+
+
+def save_instance_witnesses(problem: Problem, r: InstanceResult, directory: Path) -> dict[str, str]:
+    """Write the instance's witnesses as ``directory/i{index}_{property}.npz``; property → path."""
+    out = {}
+    for name, a in r.attacks.items():
+        if a.witness is not None:
+            path = directory / f"i{r.index}_{_safe_name(name)}.npz"
+            save_witness(path, a.witness, witness_meta(problem, r.index))
+            out[name] = str(path)
+    return out
+
+
 def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -202,17 +220,12 @@ class ResultWriter:
 
     def __call__(self, r: InstanceResult) -> None:
         self.results.append(r)
-        for name, a in r.attacks.items():
-            if a.witness is not None:
-                path = self.witness_dir / f"i{r.index}_{_safe_name(name)}.npz"
-                save_witness(path, a.witness, self._witness_meta(r.index))
-                self.witnesses[(r.index, name)] = str(path)
+        for name, path in save_instance_witnesses(self.problem, r, self.witness_dir).items():
+            self.witnesses[(r.index, name)] = path
         self._write(complete=False)
 
     def _witness_meta(self, index: int) -> dict:
-        spec = self.problem.spec
-        return {"index": index, "spec_source": spec.source, "spec_sha256": spec.hash(), "spec": spec.to_dict(),
-                "versions": versions()}
+        return witness_meta(self.problem, index)
 
     def finish(self) -> dict:
         return self._write(complete=True)
