@@ -38,6 +38,12 @@ def test_batch_runs_streams_and_reports(tmp_path):
     assert r.exit_code == 1, r.output  # the tiny threshold is falsified
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and all(x["status"] == "done" for x in lines)
+    import numpy as np
+
+    for x in lines:  # bound maps per instance, as verify writes them
+        maps = np.load(x["result"]["bounds_npz"])
+        i = x["data_index"]
+        assert maps[f"i{i}/ibp/lower"].shape == (1, 28, 28) and f"i{i}/explanation" in maps
     s = json.loads((out / "summary.json").read_text())
     v = s["verdicts"]
     assert v["certified"] == 2 and v["falsified"] >= 1 and v["error"] == 0 and s["exit_code"] == 1

@@ -54,7 +54,9 @@ def _work(task: Task, threads: int, witness_dir: str, conn) -> None:
         torch.set_num_threads(threads)
         from verigrad.verify import prepare, verify_instance
 
-        from verigrad.reports import save_instance_witnesses
+        import numpy as np
+
+        from verigrad.reports import npz_arrays, save_instance_witnesses
 
         problem = prepare(load_spec(task.spec_path))
         r = verify_instance(problem, task.index)
@@ -62,6 +64,12 @@ def _work(task: Task, threads: int, witness_dir: str, conn) -> None:
         paths = save_instance_witnesses(problem, r, Path(witness_dir) / Path(task.spec_path).stem)
         for name, a in doc["attacks"].items():
             a["witness"] = paths.get(name)
+        arrays = npz_arrays([r])
+        if arrays:  # the bound maps, as verify writes them (keys i{index}/{engine}/lower|upper)
+            maps = Path(witness_dir).parent / "bounds" / Path(task.spec_path).stem / f"i{r.index}.npz"
+            maps.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(maps, **arrays)
+            doc["bounds_npz"] = str(maps)
         conn.send(("done", None, doc))
     except BaseException as e:  # noqa: BLE001 - reported as the instance's error, the batch goes on
         conn.send(("error", "".join(traceback.format_exception_only(type(e), e)).strip(), None))
