@@ -1,5 +1,6 @@
-"""``verigrad batch``: many specs, one instance (input) at a time, in worker processes with a
-wall-clock timeout each, results streamed to a JSON-lines file so nothing finished is lost.
+"""``verigrad batch``: many specs, one instance (input) at a time, in a pool of worker
+processes with a wall-clock timeout per instance, results streamed to a JSON-lines file so
+nothing finished is lost.
 
 An instance is one input of one spec: every property and engine of the spec runs on it in
 the worker (the engines share the input's forward pass; splitting them further would repeat
@@ -46,35 +47,57 @@ def expand(spec_paths: Sequence[str | Path]) -> list[Task]:
     return tasks
 
 
-def _work(task: Task, threads: int, witness_dir: str, conn) -> None:
-    """Worker process body: verify one instance and send its result dict (or the error)."""
-    try:
-        import torch
+def _one(task: Task, problems: dict, witness_dir: str) -> dict:
+    """Verify one instance (the spec's Problem is loaded once per worker and reused)."""
+    import numpy as np
 
-        torch.set_num_threads(threads)
-        from verigrad.verify import prepare, verify_instance
+    from verigrad.reports import npz_arrays, save_instance_witnesses
+    from verigrad.verify import prepare, verify_instance
 
-        import numpy as np
+    key = (task.spec_path, task.spec_sha256)
+    if key not in problems:
+        problems[key] = prepare(load_spec(task.spec_path))
+    problem = problems[key]
+    r = verify_instance(problem, task.index)
+    doc = r.to_dict()
+    stem = Path(task.spec_path).stem
+    paths = save_instance_witnesses(problem, r, Path(witness_dir) / stem)
+    for name, a in doc["attacks"].items():
+        a["witness"] = paths.get(name)
+    arrays = npz_arrays([r])
+    if arrays:  # the bound maps, as verify writes them (keys i{index}/{engine}/lower|upper)
+        maps = Path(witness_dir).parent / "bounds" / stem / f"i{r.index}.npz"
+        maps.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(maps, **arrays)
+        doc["bounds_npz"] = str(maps)
+    return doc
 
-        from verigrad.reports import npz_arrays, save_instance_witnesses
 
-        problem = prepare(load_spec(task.spec_path))
-        r = verify_instance(problem, task.index)
-        doc = r.to_dict()
-        paths = save_instance_witnesses(problem, r, Path(witness_dir) / Path(task.spec_path).stem)
-        for name, a in doc["attacks"].items():
-            a["witness"] = paths.get(name)
-        arrays = npz_arrays([r])
-        if arrays:  # the bound maps, as verify writes them (keys i{index}/{engine}/lower|upper)
-            maps = Path(witness_dir).parent / "bounds" / Path(task.spec_path).stem / f"i{r.index}.npz"
-            maps.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(maps, **arrays)
-            doc["bounds_npz"] = str(maps)
-        conn.send(("done", None, doc))
-    except BaseException as e:  # noqa: BLE001 - reported as the instance's error, the batch goes on
-        conn.send(("error", "".join(traceback.format_exception_only(type(e), e)).strip(), None))
-    finally:
-        conn.close()
+def _serve(threads: int, witness_dir: str, conn) -> None:
+    """Worker process: verify tasks received on ``conn`` until it gets None, answering each
+    with (status, reason, result). Starting Python and torch costs more than most instances,
+    so a worker lives for the whole batch unless a timeout kills it."""
+    import torch
+
+    torch.set_num_threads(threads)
+    problems: dict = {}
+    while True:
+        task = conn.recv()
+        if task is None:
+            break
+        try:
+            conn.send(("done", None, _one(task, problems, witness_dir)))
+        except Exception as e:  # noqa: BLE001 - reported as the instance's error, the batch goes on
+            conn.send(("error", "".join(traceback.format_exception_only(type(e), e)).strip(), None))
+    conn.close()
+
+
+@dataclass
+class _Worker:
+    proc: mp.Process
+    conn: object
+    task: Task | None = None
+    start: float = 0.0
 
 
 def _done_keys(path: Path) -> set[tuple[str, int]]:
@@ -100,47 +123,64 @@ def run_batch(tasks: Sequence[Task], out: Path, jobs: int = 1, timeout: float | 
         lines.unlink()
     skip = _done_keys(lines) if resume else set()
     todo = [t for t in tasks if (t.spec_sha256, t.data_index) not in skip]
-    ctx = mp.get_context("spawn")  # a clean interpreter per instance: no inherited torch threads or locks
-    running: list[tuple[Task, mp.Process, object, float]] = []
+    ctx = mp.get_context("spawn")  # a clean interpreter: no inherited torch threads or locks
+    witness_dir = str(out / "witnesses")
+
+    def spawn() -> _Worker:
+        here, there = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(threads, witness_dir, there), daemon=True)
+        proc.start()
+        there.close()
+        return _Worker(proc, here)
+
     records: list[dict] = []
     queue = list(todo)
+    workers = [spawn() for _ in range(min(jobs, len(queue)))]
     with lines.open("a") as f:
-        while queue or running:
-            while queue and len(running) < jobs:
-                t = queue.pop(0)
-                recv, send = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_work, args=(t, threads, str(out / "witnesses"), send), daemon=True)
-                p.start()
-                send.close()
-                running.append((t, p, recv, time.monotonic()))
-            time.sleep(0.05)
-            still = []
-            for t, p, recv, start in running:
-                rec = None
-                if recv.poll():
+
+        def finish(w: _Worker, status: str, reason: str | None, result: dict | None) -> None:
+            t = w.task
+            assert t is not None
+            record = {"spec": t.spec_path, "spec_sha256": t.spec_sha256, "data_index": t.data_index,
+                      "status": status, "reason": reason, "seconds": time.monotonic() - w.start, "result": result}
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            records.append(record)
+            w.task = None
+            if on_result is not None:
+                on_result(record, len(records), len(todo))
+
+        while queue or any(w.task is not None for w in workers):
+            for w in workers:
+                if w.task is None and queue:
+                    w.task, w.start = queue.pop(0), time.monotonic()
+                    w.conn.send(w.task)
+            time.sleep(0.02)
+            for k, w in enumerate(workers):
+                if w.task is None:
+                    continue
+                if w.conn.poll():
                     try:
-                        status, reason, result = recv.recv()
+                        status, reason, result = w.conn.recv()
                     except EOFError:
                         status, reason, result = "error", "worker exited without a result", None
-                    rec = (status, reason, result)
-                    p.join(5)
-                elif not p.is_alive():
-                    rec = ("error", f"worker exited with code {p.exitcode}", None)
-                elif timeout is not None and time.monotonic() - start > timeout:
-                    p.kill()
-                    p.join()
-                    rec = ("timeout", f"timeout after {timeout:g} s", None)
-                if rec is None:
-                    still.append((t, p, recv, start))
-                    continue
-                record = {"spec": t.spec_path, "spec_sha256": t.spec_sha256, "data_index": t.data_index,
-                          "status": rec[0], "reason": rec[1], "seconds": time.monotonic() - start, "result": rec[2]}
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-                records.append(record)
-                if on_result is not None:
-                    on_result(record, len(records), len(todo))
-            running = still
+                    finish(w, status, reason, result)
+                elif not w.proc.is_alive():
+                    finish(w, "error", f"worker exited with code {w.proc.exitcode}", None)
+                    workers[k] = spawn()
+                elif timeout is not None and time.monotonic() - w.start > timeout:
+                    w.proc.kill()
+                    w.proc.join()
+                    finish(w, "timeout", f"timeout after {timeout:g} s", None)
+                    workers[k] = spawn()
+        for w in workers:
+            try:
+                w.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            w.proc.join(10)
+            if w.proc.is_alive():
+                w.proc.kill()
     return records
 
 
