@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 from xml.sax.saxutils import escape
 
+from verigrad.data import load_dataset
 from verigrad.spec import load_spec
 
 
@@ -38,8 +39,6 @@ def expand(spec_paths: Sequence[str | Path]) -> list[Task]:
     tasks = []
     for p in spec_paths:
         spec = load_spec(p)
-        from verigrad.data import load_dataset
-
         d = spec.data
         x, _ = load_dataset(d.dataset.value if d.dataset is not None else None, d.path, d.start, d.end)
         h = spec.hash()
@@ -201,12 +200,15 @@ def verdict_rows(records: Sequence[dict]) -> list[tuple[dict, str, str]]:
     """(record, property, verdict) with verdict certified / falsified / unknown / error;
     a timed-out instance is unknown for each property of its spec."""
     rows = []
+    names_of: dict[str, list[str]] = {}  # spec path → property names (read once per spec)
     for rec in records:
         if rec["status"] == "done" and rec["result"]["error"] is None:
             for name, v in rec["result"]["verdicts"].items():
                 rows.append((rec, name, v))
         else:
-            names = [p.name for p in load_spec(rec["spec"]).properties]
+            if rec["spec"] not in names_of:
+                names_of[rec["spec"]] = [p.name for p in load_spec(rec["spec"]).properties]
+            names = names_of[rec["spec"]]
             verdict = "unknown" if rec["status"] == "timeout" else "error"
             rows += [(rec, n, verdict) for n in names]
     return rows

@@ -195,6 +195,15 @@ def _scaled_boxes(explainer: Explainer, box: Bounds) -> tuple[Bounds, torch.Tens
     return Bounds(lo, up), w
 
 
+def _node_sum(coef: torch.Tensor, stacked: Bounds) -> Bounds:
+    """Σ_k c_k [l_k, u_k] for node bounds stacked k-major along the batch; every c_k ≥ 0
+    (w_k and w_k α_k), so lower ends pair with lower ends."""
+    k = len(coef)
+    lo, up = stacked.lower.reshape(k, -1, *stacked.shape[1:]), stacked.upper.reshape(k, -1, *stacked.shape[1:])
+    c = coef.reshape((k,) + (1,) * (lo.dim() - 1))
+    return Bounds((c * lo).sum(0), (c * up).sum(0))
+
+
 def explanation_bounds(
     explainer: Explainer,
     method: Method | str,
@@ -219,13 +228,9 @@ def explanation_bounds(
         boxes, w = _scaled_boxes(explainer, box)
         k = len(w)
         res = compute_bounds(method, net, boxes, target.repeat(k), output, params, options)
-        shape = (k, box.lower.shape[0], *box.lower.shape[1:])
-        ww = w.reshape((k,) + (1,) * box.lower.dim())
-        # w_k > 0 for every rule, so the weighted sum of intervals keeps lower with lower
-        sl = (ww * res.bounds.lower.reshape(shape)).sum(0)
-        su = (ww * res.bounds.upper.reshape(shape)).sum(0)
+        s = _node_sum(w, res.bounds)
         b = explainer.baseline_like(box.lower)
-        lo, up = mul_interval((box.lower - b, box.upper - b), (sl, su))
+        lo, up = mul_interval((box.lower - b, box.upper - b), (s.lower, s.upper))
         note = (f"integrated gradients: {explainer.rule.value}, {k} nodes, each bounded on its scaled box; "
                 "interval product with x − b")
         return EngineResult(Bounds(lo, up), res.method, res.notes + (note,), res.actual_method)
@@ -274,18 +279,12 @@ def jacobian_bounds(
     if m == ExplanationMethod.INTEGRATED_GRADIENTS:
         boxes, w = _scaled_boxes(explainer, box)
         alpha, _ = explainer.nodes(box.lower.dtype, box.lower.device)
-        k, batch = len(w), box.lower.shape[0]
+        k = len(w)
         h = hessian_bounds(method, net, boxes, target.repeat(k), output)
         g = compute_bounds(gm, net, boxes, target.repeat(k), output)
-        c = (w * alpha).reshape(k, 1, 1, 1)
-        d = h.bounds.lower.shape[-1]
-        hl = (c * h.bounds.lower.reshape(k, batch, d, d)).sum(0)
-        hu = (c * h.bounds.upper.reshape(k, batch, d, d)).sum(0)
-        ww = w.reshape((k,) + (1,) * box.lower.dim())
-        s = Bounds((ww * g.bounds.lower.reshape(k, *box.lower.shape)).sum(0),
-                   (ww * g.bounds.upper.reshape(k, *box.lower.shape)).sum(0))
         b = explainer.baseline_like(box.lower)
-        j = _plus_diagonal(_rows_times((box.lower - b, box.upper - b), Bounds(hl, hu)), s)
+        j = _plus_diagonal(_rows_times((box.lower - b, box.upper - b), _node_sum(w * alpha, h.bounds)),
+                           _node_sum(w, g.bounds))
         note = f"J = diag(S) + diag(x − b) Σ_k w_k α_k H_k over {k} path boxes, interval products"
         return EngineResult(j, h.method, h.notes + (note,), h.actual_method)
     raise EngineUnsupported(f"{m.value} is sampled: its Jacobian is not bounded (use its smoothing certificate)")

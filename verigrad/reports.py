@@ -224,9 +224,6 @@ class ResultWriter:
             self.witnesses[(r.index, name)] = path
         self._write(complete=False)
 
-    def _witness_meta(self, index: int) -> dict:
-        return witness_meta(self.problem, index)
-
     def finish(self) -> dict:
         return self._write(complete=True)
 

@@ -912,23 +912,33 @@ _UniqueKeyLoader.add_implicit_resolver(
 )
 
 
-def spec_from_dict(d: Any, source: str = "<dict>", base_dir: str | Path | None = None) -> Spec:
-    """Validate a parsed document; relative paths resolve against ``base_dir`` (default: cwd)."""
+def parse_document(cls: type, d: Any, source: str = "<dict>", base_dir: str | Path | None = None) -> Any:
+    """Validate a parsed document against the schema dataclass ``cls`` (which has a
+    ``source`` field); relative paths resolve against ``base_dir`` (default: cwd)."""
     at = _At(source, Path(base_dir if base_dir is not None else Path.cwd()).resolve())
     if not isinstance(d, Mapping):
-        raise at.error(f"expected a mapping with sections {', '.join(f.name for f in _schema_fields(Spec))}, "
+        raise at.error(f"expected a mapping with sections {', '.join(f.name for f in _schema_fields(cls))}, "
                        f"got {_show(d)}")
-    spec = Section(Spec).parse(d, at)
-    return dataclasses.replace(spec, source=source)
+    return dataclasses.replace(Section(cls).parse(d, at), source=source)
+
+
+def spec_from_dict(d: Any, source: str = "<dict>", base_dir: str | Path | None = None) -> Spec:
+    """Validate a parsed document; relative paths resolve against ``base_dir`` (default: cwd)."""
+    return parse_document(Spec, d, source, base_dir)
 
 
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a YAML spec file; paths in it are relative to its directory."""
     p = Path(path)
+    return spec_from_dict(read_yaml(p, "spec"), source=str(p), base_dir=p.resolve().parent)
+
+
+def read_yaml(p: Path, what: str) -> Any:
+    """A YAML document (duplicate keys rejected); errors name the file and line."""
     try:
         text = p.read_text()
     except OSError as e:
-        raise SpecError(str(p), "", f"cannot read spec file: {e.strerror or e}") from None
+        raise SpecError(str(p), "", f"cannot read {what} file: {e.strerror or e}") from None
     try:
         doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as e:
@@ -937,7 +947,7 @@ def load_spec(path: str | Path) -> Spec:
         raise SpecError(str(p), "", f"YAML error at {where}: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise SpecError(str(p), "", f"YAML error: {e}") from None
-    return spec_from_dict(doc, source=str(p), base_dir=p.resolve().parent)
+    return doc
 
 
 def dump_spec(spec: Spec) -> str:

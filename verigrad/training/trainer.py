@@ -9,14 +9,13 @@ evaluation batch; the log is rewritten after every epoch.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -24,8 +23,8 @@ from torch import nn
 
 from verigrad.data import load_dataset
 from verigrad.spec import (
-    Bool, Choice, DataSpec, Device, Int, ListOf, Nullable, Num, PathCheck, Section, SpecError, Str, _At, _Invalid,
-    _UniqueKeyLoader, _opt, _schema_fields, _show,
+    Bool, Choice, DataSpec, Device, Int, ListOf, Nullable, Num, PathCheck, Section, SpecError, Str, _Invalid, _opt,
+    _show, parse_document, read_yaml,
 )
 from verigrad.training.regularizers import Regularizer, RegularizerConfig, gradcert_penalty, network_from_module
 from verigrad.training.regularizers import training_loss
@@ -104,23 +103,14 @@ class TrainSpec:
 
 
 def train_config_from_dict(d: Any, source: str = "<dict>", base_dir: str | Path | None = None) -> TrainSpec:
-    at = _At(source, Path(base_dir if base_dir is not None else Path.cwd()).resolve())
-    if not isinstance(d, Mapping):
-        raise at.error(f"expected a mapping with sections {', '.join(f.name for f in _schema_fields(TrainSpec))}, "
-                       f"got {_show(d)}")
-    return dataclasses.replace(Section(TrainSpec).parse(d, at), source=source)
+    """Validate a parsed training config (the spec schema machinery, see verigrad.spec)."""
+    return parse_document(TrainSpec, d, source, base_dir)
 
 
 def load_train_config(path: str | Path) -> TrainSpec:
     """Read and validate a training config; paths resolve against its directory."""
     p = Path(path)
-    try:
-        doc = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except OSError as e:
-        raise SpecError(str(p), "", f"cannot read config file: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(str(p), "", f"YAML error: {e}") from None
-    return train_config_from_dict(doc, source=str(p), base_dir=p.resolve().parent)
+    return train_config_from_dict(read_yaml(p, "config"), source=str(p), base_dir=p.resolve().parent)
 
 
 def _activation(a: ArchitectureSpec) -> nn.Module:
