@@ -3,9 +3,11 @@ results, summary and JUnit XML."""
 from __future__ import annotations
 
 import json
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -89,3 +91,166 @@ def test_bad_spec_is_bad_input(tmp_path):
     p = tmp_path / "x.yaml"
     p.write_text("model: {path: nope.onnx}\n")
     assert _run(p, "--out", tmp_path / "o").exit_code == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs batched in a unit: the same bounds and verdicts as one at a time
+
+
+def _problem(tmp_path, **over):
+    from verigrad.spec import spec_from_dict
+    from verigrad.verify import prepare
+
+    d = yaml.safe_load(_spec(tmp_path, "p", 0.05, end=5).read_text())
+    for k, v in over.items():
+        d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
+    return prepare(spec_from_dict(d, source="test"))
+
+
+def test_batched_ibp_equals_one_input_at_a_time(tmp_path):
+    import torch
+
+    from verigrad import verify as vmod
+
+    cases = [{}, {"explanation": {"method": "integrated_gradients", "integrated_gradients": {"steps": 4}}},
+             {"perturbation": {"input": {"epsilon": 0.01}, "parameters": {"gamma": 0.001}}},
+             {"explanation": {"output": "loss", "target": "label"}}]
+    for over in cases:
+        problem = _problem(tmp_path, **over)
+        idx = [0, 2, 3, 4]
+        pre = vmod.batched_bounds(problem, idx)
+        for i, p in zip(idx, pre):
+            (res, seconds) = p[vmod.Method.IBP]
+            alone = vmod.verify_instance(problem, i).engines[0].bounds
+            assert seconds >= 0
+            torch.testing.assert_close(res.bounds.lower, alone.lower, rtol=0, atol=1e-12)
+            torch.testing.assert_close(res.bounds.upper, alone.upper, rtol=0, atol=1e-12)
+            assert any("one batch of 4 inputs" in n for n in res.notes), over
+        many = [r for r, _ in vmod.verify_many(problem, idx)]
+        assert [r.verdicts for r in many] == [vmod.verify_instance(problem, i).verdicts for i in idx]
+        assert [r.index for r in many] == idx
+
+
+def test_a_failing_batched_call_reruns_each_input_alone(tmp_path, monkeypatch):
+    from verigrad import verify as vmod
+
+    problem = _problem(tmp_path)
+
+    def broken(*a, **k):
+        raise RuntimeError("batched call failed")
+
+    monkeypatch.setattr(vmod, "batched_bounds", broken)
+    out = [r for r, _ in vmod.verify_many(problem, [0, 1])]
+    assert [r.error for r in out] == [None, None] and all(r.engines for r in out)
+
+
+def test_planner_units():
+    tasks = [b.Task("a.yaml", "A", i, i) for i in range(10)] + [b.Task("b.yaml", "B", i, i) for i in range(3)]
+    fixed = b._Planner(tasks, 4, workers=2)
+    units = []
+    while fixed:
+        units.append([t.data_index for t in fixed.next_unit()])
+    assert units == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [0, 1, 2]]  # never across specs
+    auto = b._Planner(tasks, None, workers=2)
+    assert len(auto.next_unit()) == 1  # nothing measured yet
+    for t in tasks[:1]:
+        auto.record(t, 0.001)  # fast: fill UNIT_SECONDS, capped by a fair share of the 9 left
+    assert len(auto.next_unit()) == 5
+    auto.alone([tasks[1], tasks[2]])  # split off a timed-out unit: one at a time
+    assert [len(auto.next_unit()) for _ in range(2)] == [1, 1]
+    slow = b._Planner(tasks, None, workers=1)
+    slow.record(tasks[0], 10.0)
+    assert len(slow.next_unit()) == 1
+
+
+class _FakePool:
+    """Runs units in this process; a unit holding input ``stuck`` never finishes."""
+
+    capacity = 2
+
+    def __init__(self, stuck: int) -> None:
+        self.stuck, self.pending, self.killed, self.n = stuck, {}, [], 0
+
+    def submit(self, unit):
+        self.n += 1
+        self.pending[self.n] = list(unit)
+        return self.n
+
+    def wait(self, seconds):
+        done = []
+        for h, unit in list(self.pending.items()):
+            if all(t.data_index != self.stuck for t in unit):
+                del self.pending[h]
+                done.append((h, [b.Outcome("done", None, 0.01, {"verdicts": {}, "error": None, "attacks": {}})
+                                 for _ in unit]))
+        if not done:
+            time.sleep(seconds)
+        return done
+
+    def kill(self, h):
+        self.killed.append([t.data_index for t in self.pending.pop(h)])
+
+    def close(self):
+        pass
+
+
+def test_a_timed_out_unit_is_split_and_only_the_slow_input_times_out(tmp_path):
+    tasks = [b.Task("s.yaml", "S", i, i) for i in range(4)]
+    pool = _FakePool(stuck=2)
+    recs = b.run_batch(tasks, tmp_path, timeout=0.2, batch_size=4, pool=pool)
+    status = {r["data_index"]: r["status"] for r in recs}
+    assert status == {0: "done", 1: "done", 2: "timeout", 3: "done"}
+    assert pool.killed == [[0, 1, 2, 3], [2]]  # the whole unit, then the input alone
+
+
+# ---------------------------------------------------------------------------------------
+# The Dask backend, on a loopback LocalCluster
+
+
+def test_dask_backend_gives_the_local_results_and_stays_on_loopback(tmp_path):
+    pytest.importorskip("distributed")
+    ok, bad = _spec(tmp_path, "ok", 1000.0, end=3), _spec(tmp_path, "bad", 1e-9, end=3)
+    tasks = b.expand([ok, bad])
+    pool = b.DaskPool(2)
+    try:
+        addrs = pool.addresses()
+        assert len(addrs) == 3 and all(a.startswith("tcp://127.0.0.1:") for a in addrs), addrs
+        dask = b.run_batch(tasks, tmp_path / "dask", batch_size=2, pool=pool)
+    finally:
+        pool.close()
+    local = b.run_batch(tasks, tmp_path / "local", jobs=2, batch_size=2)
+
+    def key(recs):
+        return {(r["spec_sha256"], r["data_index"]): r for r in recs}
+
+    d, loc = key(dask), key(local)
+    assert d.keys() == loc.keys() and len(d) == 6
+    for k in d:
+        rd, rl = d[k]["result"], loc[k]["result"]
+        assert rd["verdicts"] == rl["verdicts"]
+        assert rd["engines"]["ibp"]["mean_width"] == pytest.approx(rl["engines"]["ibp"]["mean_width"], abs=1e-12)
+        for name, a in rd["attacks"].items():  # witnesses written by the driver and replayable
+            if a["witness"]:
+                assert Path(a["witness"]).is_relative_to(tmp_path / "dask")
+                assert CliRunner().invoke(main, ["replay", a["witness"]]).exit_code == 0
+    assert b.summary(dask)["verdicts"] == b.summary(local)["verdicts"]
+    assert b.summary(dask)["verdicts"]["falsified"] >= 1
+
+
+def test_dask_backend_timeout_restarts_the_worker_and_goes_on(tmp_path):
+    pytest.importorskip("distributed")
+    out = tmp_path / "out"
+    r = _run(_spec(tmp_path, "slow", 1000.0), "--backend", "dask", "--timeout", 0.05, "--out", out)
+    assert r.exit_code == 3, r.output
+    recs = b.load_records(out)
+    assert len(recs) == 2 and all(x["status"] == "timeout" for x in recs)
+
+
+def test_batch_cli_options(tmp_path):
+    spec = _spec(tmp_path, "ok", 1000.0)
+    r = _run(spec, "--batch-size", "0", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--batch-size" in r.output
+    r = _run(spec, "--scheduler", "tcp://127.0.0.1:1", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--backend dask" in r.output
+    r = _run(spec, "--progress", "--batch-size", "2", "--out", tmp_path / "o")
+    assert r.exit_code == 0 and "2/2" in r.output and "100%" in r.output

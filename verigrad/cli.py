@@ -194,39 +194,82 @@ def train(config):
                f"\nlog: {res.log_path}")
 
 
+def _batch_size(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise click.BadParameter(f"expected 'auto' or an integer >= 1, got {value!r}")
+    return n
+
+
 @main.command()
 @click.argument("specs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="worker processes")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="workers")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="seconds per instance (input)")
 @click.option("--out", type=click.Path(file_okay=False), default="results/batch", show_default=True)
 @click.option("--resume", is_flag=True, help="skip instances already in OUT/results.jsonl with the same spec hash")
 @click.option("--unknown-as", type=click.Choice(["skipped", "failure"]), default="skipped", show_default=True,
               help="how unknown verdicts appear in the JUnit XML")
-def batch(specs, jobs, timeout, out, resume, unknown_as):
-    """Verify every input of every SPEC in worker processes (one torch thread each), with a
-    timeout per input; stream results to OUT/results.jsonl, then write OUT/summary.json and
-    OUT/junit.xml. Exit code as for verify, over all instances (a timeout counts as unknown).
+@click.option("--backend", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+              help="local worker processes, or a Dask cluster (loopback LocalCluster unless --scheduler)")
+@click.option("--scheduler", help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786 (--backend dask)")
+@click.option("--batch-size", default="auto", show_default=True, callback=lambda c, p, v: _batch_size(v),
+              help="inputs of one spec per work unit (IBP bounds them in one call); auto sizes units from measured times")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per worker")
+@click.option("--progress/--no-progress", default=None, help="progress bar (default: when stderr is a terminal)")
+def batch(specs, jobs, timeout, out, resume, unknown_as, backend, scheduler, batch_size, threads, progress):
+    """Verify every input of every SPEC on a pool of workers, with a timeout per input;
+    stream results to OUT/results.jsonl, then write OUT/summary.json and OUT/junit.xml.
+    Exit code as for verify, over all instances (a timeout counts as unknown).
     """
     import json as _json
+    import time
+
+    from tqdm import tqdm
 
     from verigrad import batch as b
 
+    if scheduler is not None and backend != "dask":
+        click.echo("error: --scheduler needs --backend dask", err=True)
+        sys.exit(2)
     try:
         tasks = b.expand(specs)
     except _bad_input_errors() as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    start = __import__("time").monotonic()
+    counts = {"certified": 0, "falsified": 0, "unknown": 0, "error": 0}
+    began = time.monotonic()
+    # without a terminal (CI logs) the bar would print control characters: one line per instance instead
+    bar = tqdm(total=len(tasks), unit="inst", file=sys.stderr, dynamic_ncols=True,
+               disable=not (sys.stderr.isatty() if progress is None else progress))
 
-    def progress(rec: dict, done: int, total: int) -> None:
-        el = __import__("time").monotonic() - start
-        eta = el / done * (total - done)
-        click.echo(f"[{done}/{total}] {Path(rec['spec']).stem} input {rec['data_index']}: {rec['status']}"
-                   f"{' (' + rec['reason'] + ')' if rec['reason'] else ''}  elapsed {el:.0f} s, ETA {eta:.0f} s",
-                   err=True)
+    def on_result(rec: dict, done: int, total: int) -> None:
+        if done == 1:
+            bar.reset(total=total)  # resumed runs have fewer to do than the specs hold
+        for _, _, v in b.verdict_rows([rec]):
+            counts[v] += 1
+        if bar.disable:
+            el = time.monotonic() - began
+            click.echo(f"[{done}/{total}] {Path(rec['spec']).stem} input {rec['data_index']}: {rec['status']}"
+                       f"{' (' + rec['reason'] + ')' if rec['reason'] else ''}  elapsed {el:.0f} s, "
+                       f"ETA {el / done * (total - done):.0f} s", err=True)
+        else:
+            bar.set_postfix_str(" ".join(f"{k[:4]} {n}" for k, n in counts.items()), refresh=False)
+            bar.update(1)
 
     outp = Path(out)
-    b.run_batch(tasks, outp, jobs=jobs, timeout=timeout, resume=resume, on_result=progress)
+    try:
+        b.run_batch(tasks, outp, jobs=jobs, timeout=timeout, resume=resume, on_result=on_result,
+                    backend=backend, batch_size=batch_size, scheduler=scheduler, threads=threads)
+    except b.BackendError as e:
+        bar.close()
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    bar.close()
     records = b.load_records(outp)
     s = b.summary(records)
     (outp / "summary.json").write_text(_json.dumps(s, indent=1))

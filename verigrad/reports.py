@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from verigrad.attacks import save_witness
+from verigrad.attacks import witness_bytes
 from verigrad.properties import Property, Verdict, direction_text
 from verigrad.verify import COMBINED, InstanceResult, Problem
 
@@ -156,14 +156,25 @@ def witness_meta(problem: Problem, index: int) -> dict:
             "versions": versions()}
 
 
+def witness_filename(index: int, prop: str) -> str:
+    """``i{index}_{property}.npz``, the property name made safe for a file name."""
+    return f"i{index}_{_safe_name(prop)}.npz"
+
+
+def witness_files(problem: Problem, r: InstanceResult) -> dict[str, tuple[str, bytes]]:
+    """The instance's witness files, not yet written: property → (file name, content)."""
+    return {name: (witness_filename(r.index, name), witness_bytes(a.witness, witness_meta(problem, r.index)))
+            for name, a in r.attacks.items() if a.witness is not None}
+
+
 def save_instance_witnesses(problem: Problem, r: InstanceResult, directory: Path) -> dict[str, str]:
     """Write the instance's witnesses as ``directory/i{index}_{property}.npz``; property → path."""
     out = {}
-    for name, a in r.attacks.items():
-        if a.witness is not None:
-            path = directory / f"i{r.index}_{_safe_name(name)}.npz"
-            save_witness(path, a.witness, witness_meta(problem, r.index))
-            out[name] = str(path)
+    for name, (fname, data) in witness_files(problem, r).items():
+        path = directory / fname
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        out[name] = str(path)
     return out
 
 

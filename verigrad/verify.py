@@ -11,14 +11,14 @@ import dataclasses
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from verigrad import properties as props
 from verigrad.attacks import AttackOptions, AttackOutcome, ParamThreat, Point, Threat, attack_property
 from verigrad.attacks import evaluate_point, load_witness
-from verigrad.bounds import Bounds, BoundsError, EngineOptions, Method
+from verigrad.bounds import Bounds, BoundsError, EngineOptions, EngineResult, Method
 from verigrad.data import load_dataset
 from verigrad.explanations import (
     SMOOTHING_METHODS, Explainer, ExplanationMethod, explain, explanation_bounds, jacobian_bounds,
@@ -465,10 +465,48 @@ def _radius_search(problem: Problem, threat: Threat, v0: torch.Tensor) -> dict[s
     return out
 
 
-def verify_instance(problem: Problem, i: int) -> InstanceResult:
+# Engines whose cost per input falls when inputs share one call (IBP is a few batched matrix
+# products; the auto_LiRPA adapter bounds one sample per call anyway, see CrownOptions.max_batch).
+BATCHED_METHODS: frozenset[Method] = frozenset({Method.IBP})
+
+# engine → (its result for one input, seconds attributed to that input)
+Precomputed = Mapping[Method, tuple[EngineResult, float]]
+
+
+def batched_bounds(problem: Problem, indices: Sequence[int]) -> list[dict[Method, tuple[EngineResult, float]]]:
+    """The engines of ``BATCHED_METHODS`` that ``problem`` runs, each called once on the
+    boxes of all ``indices`` (each input explained for its own class); per input, its slice
+    and an equal share of the time. The bounds are the per-input ones: every engine here is
+    elementwise across the batch."""
+    methods = [m for m in problem.methods if m in BATCHED_METHODS]
+    out: list[dict[Method, tuple[EngineResult, float]]] = [{} for _ in indices]
+    if not methods or not indices or problem.explainer.probabilistic:
+        return out
+    idx = list(indices)
+    with torch.no_grad():
+        preds = problem.net.forward(problem.x[idx]).argmax(dim=1).tolist()
+    targets = [_target_class(problem, int(p), int(problem.y[i])) for p, i in zip(preds, idx)]
+    boxes = [threat_for(problem, i, t).box for i, t in zip(idx, targets)]
+    box = Bounds(torch.cat([b.lower for b in boxes]), torch.cat([b.upper for b in boxes]))
+    t = torch.tensor(targets, device=problem.device)
+    output = Output(problem.spec.explanation.output)
+    for m in methods:
+        start = time.perf_counter()
+        res = explanation_bounds(problem.explainer, m, problem.net, box, t, output, problem.params, problem.options)
+        if problem.device.type == "cuda":
+            torch.cuda.synchronize()
+        share = (time.perf_counter() - start) / len(idx)
+        notes = res.notes + ((f"bounded in one batch of {len(idx)} inputs (time: an equal share)",) if len(idx) > 1 else ())
+        for k, per in enumerate(out):
+            per[m] = (EngineResult(res.bounds[k : k + 1], res.method, notes, res.actual_method), share)
+    return out
+
+
+def verify_instance(problem: Problem, i: int, precomputed: Precomputed | None = None) -> InstanceResult:
     """Bound, attack (per ``problem.attack_order``) and decide one input (index ``i`` into
     the loaded data). A property certified by an engine and violated by a witness is a
-    soundness failure: the instance then carries an internal error and no verdicts."""
+    soundness failure: the instance then carries an internal error and no verdicts.
+    ``precomputed`` (from :func:`batched_bounds`) replaces running those engines here."""
     spec = problem.spec
     x = problem.x[i : i + 1]
     label = int(problem.y[i])
@@ -491,12 +529,15 @@ def verify_instance(problem: Problem, i: int) -> InstanceResult:
         attacks = _run_attacks(problem, threat, i, problem.properties)
     all_falsified = order == AttackOrder.BEFORE and all(a.violated for a in attacks.values()) and bool(attacks)
     for m in (() if all_falsified or problem.explainer.probabilistic else problem.methods):
-        start = time.perf_counter()
-        res = explanation_bounds(problem.explainer, m, problem.net, threat.box, t, output, problem.params,
-                                 problem.options)
-        if problem.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - start
+        if precomputed is not None and m in precomputed:
+            res, dt = precomputed[m]
+        else:
+            start = time.perf_counter()
+            res = explanation_bounds(problem.explainer, m, problem.net, threat.box, t, output, problem.params,
+                                     problem.options)
+            if problem.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - start
         _check_contains_centre(m.value, res.bounds, v0, problem.dtype)
         runs.append(_engine_run(m.value, res.actual_method or m.value, dt, res.notes, res.bounds, problem, v0))
     radius = {}
@@ -545,17 +586,40 @@ def verify(
     ``on_instance`` is called after each (e.g. to write results incrementally)."""
     out = []
     for i in range(len(problem.x)):
-        try:
-            r = verify_instance(problem, i)
-        except Exception as e:  # noqa: BLE001 - isolate one instance's failure, report it
-            # inverted bounds or a centre outside them are verigrad bugs, whatever their base class
-            internal = isinstance(e, (SoundnessError, BoundsError)) or not isinstance(e, (ValueError, KeyError))
-            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
-            r = InstanceResult(i + problem.spec.data.start, int(problem.y[i]), error=detail, internal_error=internal)
+        r = verify_isolated(problem, i)
         out.append(r)
         if on_instance is not None:
             on_instance(r)
     return out
+
+
+def verify_isolated(problem: Problem, i: int, precomputed: Precomputed | None = None) -> InstanceResult:
+    """:func:`verify_instance`, with a failure turned into a result carrying the error."""
+    try:
+        return verify_instance(problem, i, precomputed)
+    except Exception as e:  # noqa: BLE001 - isolate one instance's failure, report it
+        # inverted bounds or a centre outside them are verigrad bugs, whatever their base class
+        internal = isinstance(e, (SoundnessError, BoundsError)) or not isinstance(e, (ValueError, KeyError))
+        detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+        return InstanceResult(i + problem.spec.data.start, int(problem.y[i]), error=detail, internal_error=internal)
+
+
+def verify_many(problem: Problem, indices: Sequence[int]) -> Iterator[tuple[InstanceResult, float]]:
+    """Inputs ``indices`` together, yielding each result with the seconds spent on it (its
+    share of the batched engines included): the engines of ``BATCHED_METHODS`` run once on
+    all the boxes (:func:`batched_bounds`), the rest per input; each input's failure is
+    isolated. If the batched call itself fails, every input runs alone, so one bad input
+    cannot sink the others."""
+    start = time.perf_counter()
+    try:
+        pre: Sequence[Precomputed | None] = batched_bounds(problem, indices)
+    except Exception:  # noqa: BLE001 - retried per input below, where the failure is reported
+        pre = [None] * len(indices)
+    share = (time.perf_counter() - start) / max(len(indices), 1)
+    for i, p in zip(indices, pre):
+        t = time.perf_counter()
+        r = verify_isolated(problem, i, p)
+        yield r, share + time.perf_counter() - t
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from verigrad.attacks.witness import (
     evaluate_point,
     load_witness,
     save_witness,
+    witness_bytes,
 )
 
 
@@ -91,5 +92,5 @@ def attack_property(threat: Threat, prop: Property, options: AttackOptions,
 __all__ = [
     "ATTACKS", "AttackOptions", "AttackOutcome", "Evaluation", "Found", "LoadedWitness", "ParamThreat", "Point",
     "Threat", "Witness", "applicable", "attack_property", "evaluate_point", "load_witness", "run_attack",
-    "save_witness", "score",
+    "save_witness", "score", "witness_bytes",
 ]

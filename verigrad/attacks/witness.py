@@ -10,6 +10,7 @@ metrics of v against v0, the data index and the resolved spec — everything
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,13 +92,20 @@ class Witness:
                 "param_layers": sorted(self.point.params)}
 
 
+def witness_bytes(witness: Witness, extra: dict[str, Any]) -> bytes:
+    """The witness file's content (an .npz); ``extra`` (index, spec, versions) is merged into
+    ``meta``. Bytes let a remote worker hand the file to the process that writes results."""
+    meta = {"schema": WITNESS_SCHEMA, **witness.meta(), **extra}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, meta=np.array(json.dumps(meta)), **witness.arrays())
+    return buf.getvalue()
+
+
 def save_witness(path: str | Path, witness: Witness, extra: dict[str, Any]) -> Path:
-    """Write the witness; ``extra`` (index, spec, versions) is merged into ``meta``."""
+    """Write the witness file (:func:`witness_bytes`) at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"schema": WITNESS_SCHEMA, **witness.meta(), **extra}
-    with open(path, "wb") as f:
-        np.savez_compressed(f, meta=np.array(json.dumps(meta)), **witness.arrays())
+    path.write_bytes(witness_bytes(witness, extra))
     return path
 
 
