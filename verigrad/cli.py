@@ -280,5 +280,32 @@ def batch(specs, jobs, timeout, out, resume, unknown_as, backend, scheduler, bat
     sys.exit(s["exit_code"])
 
 
+@main.command()
+@click.argument("results", type=click.Path())
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="page to write (default: <results stem>.html beside a JSON, OUT/report.html for a batch)")
+@click.option("--max-instances", type=click.IntRange(min=0), default=20, show_default=True,
+              help="inputs shown with pictures per spec (the summary counts all)")
+@click.option("--bounds-npz", type=click.Path(dir_okay=False),
+              help="bound maps .npz of a results JSON (default: the .npz beside it)")
+def report(results, html_path, max_instances, bounds_npz):
+    """Write a self-contained HTML report of RESULTS: a `verify` results JSON or a `batch`
+    output directory. Shows verdict counts, engine widths and times, the IBP-vs-CROWN width
+    comparison, and per input the bound maps as heatmaps and the witnesses.
+
+    Exit code: 0 written, 2 RESULTS missing or not verigrad results.
+    """
+    from verigrad.report_html import ReportError, write_report
+
+    try:
+        pages = write_report(results, html_path, max_instances=max_instances, bounds_npz=bounds_npz)
+    except ReportError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(f"report: {pages[0]}")
+    for p in pages[1:]:
+        click.echo(f"  spec page: {p}", err=True)
+
+
 if __name__ == "__main__":
     main()
