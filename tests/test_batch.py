@@ -254,3 +254,10 @@ def test_batch_cli_options(tmp_path):
     assert r.exit_code == 2 and "--backend dask" in r.output
     r = _run(spec, "--progress", "--batch-size", "2", "--out", tmp_path / "o")
     assert r.exit_code == 0 and "2/2" in r.output and "100%" in r.output
+
+
+def test_eta_prices_each_spec_at_its_own_mean():
+    recs = [{"spec_sha256": "fast", "seconds": 0.1}, {"spec_sha256": "slow", "seconds": 10.0}]
+    left = [b.Task("f", "fast", 1, 1)] * 10 + [b.Task("s", "slow", 1, 1)] * 2 + [b.Task("n", "new", 1, 1)]
+    # 10 × 0.1 + 2 × 10 + 1 × overall mean 5.05, over 2 workers
+    assert b._eta(recs, left, 2) == pytest.approx((1.0 + 20.0 + 5.05) / 2)

@@ -390,15 +390,36 @@ class _Planner:
         return unit
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a batch stands after a finished instance. ``eta_s`` prices each input left at
+    its spec's mean time so far (the overall mean for a spec not yet seen), spread over the
+    workers: instances of different specs differ by orders of magnitude, so one mean over
+    all of them would mislead."""
+
+    done: int
+    total: int
+    eta_s: float
+
+
+def _eta(records: Sequence[dict], left: Sequence[Task], workers: int) -> float:
+    per: dict[str, list[float]] = {}
+    for r in records:
+        per.setdefault(r["spec_sha256"], []).append(r["seconds"])
+    overall = sum(r["seconds"] for r in records) / max(len(records), 1)
+    mean = {k: sum(v) / len(v) for k, v in per.items()}
+    return sum(mean.get(t.spec_sha256, overall) for t in left) / max(workers, 1)
+
+
 def run_batch(tasks: Sequence[Task], out: Path, jobs: int = 1, timeout: float | None = None, resume: bool = False,
-              threads: int = 1, on_result: Callable[[dict, int, int], None] | None = None,
+              threads: int = 1, on_result: Callable[[dict, Progress], None] | None = None,
               backend: Backend | str = Backend.LOCAL, batch_size: int | None = None,
               scheduler: str | None = None, pool: _Pool | None = None) -> list[dict]:
     """Run ``tasks`` on ``jobs`` workers of ``backend``; append each finished instance to
     ``out/results.jsonl`` as it finishes (its files first). Returns this run's records
     (with ``resume``, nothing for the skipped ones: they are already in the file).
     ``batch_size``: inputs per unit (None: sized from measured times). ``on_result(record,
-    done, total)`` is called after each line is written. ``pool`` replaces the backend's
+    progress)`` is called after each line is written. ``pool`` replaces the backend's
     (any object with ``capacity``, ``submit``, ``wait``, ``kill``, ``close``)."""
     out.mkdir(parents=True, exist_ok=True)
     lines = out / "results.jsonl"
@@ -412,6 +433,7 @@ def run_batch(tasks: Sequence[Task], out: Path, jobs: int = 1, timeout: float | 
     if pool is None:
         pool = make_pool(backend, min(jobs, len(todo)), threads, scheduler)
     plan = _Planner(todo, batch_size, pool.capacity)
+    finished: set[tuple[str, int]] = set()
     running: dict[Any, tuple[list[Task], float, float]] = {}  # handle → (unit, start, deadline)
     with lines.open("a") as f:
 
@@ -434,7 +456,9 @@ def run_batch(tasks: Sequence[Task], out: Path, jobs: int = 1, timeout: float | 
             records.append(record)
             plan.record(t, seconds)
             if on_result is not None:
-                on_result(record, len(records), len(todo))
+                finished.add((t.spec_sha256, t.data_index))
+                left = [u for u in todo if (u.spec_sha256, u.data_index) not in finished]
+                on_result(record, Progress(len(records), len(todo), _eta(records, left, pool.capacity)))
 
         try:
             while plan or running:
@@ -535,4 +559,4 @@ def junit_xml(records: Sequence[dict], unknown_as: str = "skipped") -> str:
             f'failures="{failures}" errors="{errors}" skipped="{skipped}">\n  {body}\n</testsuite>\n')
 
 
-__all__ = ["Backend", "BackendError", "DaskPool", "LocalPool", "Outcome", "Task", "expand", "make_pool", "run_batch", "run_unit", "load_records", "summary", "junit_xml", "verdict_rows"]
+__all__ = ["Backend", "BackendError", "DaskPool", "LocalPool", "Outcome", "Progress", "Task", "expand", "make_pool", "run_batch", "run_unit", "load_records", "summary", "junit_xml", "verdict_rows"]

@@ -243,22 +243,24 @@ def batch(specs, jobs, timeout, out, resume, unknown_as, backend, scheduler, bat
         sys.exit(2)
     counts = {"certified": 0, "falsified": 0, "unknown": 0, "error": 0}
     began = time.monotonic()
-    # without a terminal (CI logs) the bar would print control characters: one line per instance instead
+    # without a terminal (CI logs) the bar would print control characters: one line per instance instead.
+    # The ETA is the library's (per-spec mean times), not tqdm's single rate.
     bar = tqdm(total=len(tasks), unit="inst", file=sys.stderr, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
                disable=not (sys.stderr.isatty() if progress is None else progress))
 
-    def on_result(rec: dict, done: int, total: int) -> None:
-        if done == 1:
-            bar.reset(total=total)  # resumed runs have fewer to do than the specs hold
+    def on_result(rec: dict, p) -> None:
+        if p.done == 1:
+            bar.reset(total=p.total)  # resumed runs have fewer to do than the specs hold
         for _, _, v in b.verdict_rows([rec]):
             counts[v] += 1
+        eta = f"ETA {p.eta_s:.0f} s"
         if bar.disable:
-            el = time.monotonic() - began
-            click.echo(f"[{done}/{total}] {Path(rec['spec']).stem} input {rec['data_index']}: {rec['status']}"
-                       f"{' (' + rec['reason'] + ')' if rec['reason'] else ''}  elapsed {el:.0f} s, "
-                       f"ETA {el / done * (total - done):.0f} s", err=True)
+            click.echo(f"[{p.done}/{p.total}] {Path(rec['spec']).stem} input {rec['data_index']}: {rec['status']}"
+                       f"{' (' + rec['reason'] + ')' if rec['reason'] else ''}  elapsed "
+                       f"{time.monotonic() - began:.0f} s, {eta}", err=True)
         else:
-            bar.set_postfix_str(" ".join(f"{k[:4]} {n}" for k, n in counts.items()), refresh=False)
+            bar.set_postfix_str(f"{eta}; " + " ".join(f"{k[:4]} {n}" for k, n in counts.items()), refresh=False)
             bar.update(1)
 
     outp = Path(out)
