@@ -85,6 +85,13 @@ def test_resume_skips_what_is_done_and_reruns_cut_lines(tmp_path):
     assert sorted(x["data_index"] for x in rerun) == sorted({0, 1, 2} - {done_before})
     assert len(b.load_records(out)) == 3
     assert b.run_batch(tasks, out, resume=True) == []  # nothing left to do
+    # a kill in the middle of the last line leaves it without a newline: the next record must
+    # not be glued to it
+    full = [json.dumps(x) for x in b.load_records(out)]
+    path.write_text("\n".join(full[:2]) + "\n" + full[2][:10])
+    rerun = b.run_batch(tasks, out, jobs=1, resume=True)
+    assert len(rerun) == 1 and len(b.load_records(out)) == 3
+    assert all(json.loads(x) for x in path.read_text().splitlines())
 
 
 def test_bad_spec_is_bad_input(tmp_path):
@@ -261,3 +268,43 @@ def test_eta_prices_each_spec_at_its_own_mean():
     left = [b.Task("f", "fast", 1, 1)] * 10 + [b.Task("s", "slow", 1, 1)] * 2 + [b.Task("n", "new", 1, 1)]
     # 10 × 0.1 + 2 × 10 + 1 × overall mean 5.05, over 2 workers
     assert b._eta(recs, left, 2) == pytest.approx((1.0 + 20.0 + 5.05) / 2)
+
+
+def test_the_shipped_suite_runs_as_a_batch(tmp_path):
+    specs = sorted((ROOT / "specs").glob("*.yaml"))
+    out = tmp_path / "suite"
+    r = _run(*specs, "--jobs", 2, "--max-inputs", 1, "--timeout", 600, "--out", out)
+    assert r.exit_code in (0, 1, 3), r.output  # certified / falsified / unknown, never an error
+    recs = b.load_records(out)
+    assert len(recs) == len(specs) and all(x["status"] == "done" and x["result"]["error"] is None for x in recs)
+    s = json.loads((out / "summary.json").read_text())
+    n_props = sum(len(yaml.safe_load(p.read_text())["properties"]) for p in specs)
+    assert sum(s["verdicts"].values()) == n_props and s["verdicts"]["error"] == 0
+    assert ET.parse(out / "junit.xml").getroot().get("tests") == str(n_props)
+
+
+def test_a_killed_batch_resumes_where_it_stopped(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    spec = _spec(tmp_path, "many", 1000.0, end=40)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "verigrad.cli", "batch", str(spec), "--out", str(out), "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    lines = out / "results.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not lines.exists() or len(lines.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, mid-batch
+    proc.wait()
+    before = b.load_records(out)
+    assert 3 <= len(before) < 40
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    after = b.load_records(out)
+    assert sorted(x["data_index"] for x in after) == list(range(40))
+    # nothing finished before the kill ran again, and every line is whole
+    whole = [json.loads(x) for x in lines.read_text().splitlines()]
+    assert len(whole) == 40

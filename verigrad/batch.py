@@ -76,15 +76,17 @@ class Outcome:
     files: dict[str, bytes] = field(default_factory=dict)
 
 
-def expand(spec_paths: Sequence[str | Path]) -> list[Task]:
-    """One task per input of every spec (bad specs raise SpecError here, before any work)."""
+def expand(spec_paths: Sequence[str | Path], max_inputs: int | None = None) -> list[Task]:
+    """One task per input of every spec, or of its first ``max_inputs`` (bad specs raise
+    SpecError here, before any work)."""
     tasks = []
     for p in spec_paths:
         spec = load_spec(p)
         d = spec.data
         x, _ = load_dataset(d.dataset.value if d.dataset is not None else None, d.path, d.start, d.end)
         h = spec.hash()
-        tasks += [Task(str(Path(p).resolve()), h, i, d.start + i) for i in range(len(x))]
+        n = len(x) if max_inputs is None else min(len(x), max_inputs)
+        tasks += [Task(str(Path(p).resolve()), h, i, d.start + i) for i in range(n)]
     return tasks
 
 
@@ -344,6 +346,17 @@ def _done_keys(path: Path) -> set[tuple[str, int]]:
     return keys
 
 
+def _drop_cut_tail(path: Path) -> None:
+    """A kill while a line was being written leaves it without its newline; appending would
+    glue the next record to it and lose both. Cut the file back to its last full line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 class _Planner:
     """Cuts the queue into units of consecutive inputs of one spec: ``size`` inputs each, or
     (``size=None``) as many as fill ``UNIT_SECONDS`` at the spec's mean time per instance so
@@ -425,6 +438,8 @@ def run_batch(tasks: Sequence[Task], out: Path, jobs: int = 1, timeout: float | 
     lines = out / "results.jsonl"
     if not resume and lines.exists():
         lines.unlink()
+    if resume:
+        _drop_cut_tail(lines)
     skip = _done_keys(lines) if resume else set()
     todo = [t for t in tasks if (t.spec_sha256, t.data_index) not in skip]
     records: list[dict] = []

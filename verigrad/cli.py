@@ -221,7 +221,9 @@ def _batch_size(value: str) -> int | None:
               help="inputs of one spec per work unit (IBP bounds them in one call); auto sizes units from measured times")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per worker")
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: when stderr is a terminal)")
-def batch(specs, jobs, timeout, out, resume, unknown_as, backend, scheduler, batch_size, threads, progress):
+@click.option("--max-inputs", type=click.IntRange(min=1), help="only the first N inputs of each spec (a smoke run)")
+def batch(specs, jobs, timeout, out, resume, unknown_as, backend, scheduler, batch_size, threads, progress,
+          max_inputs):
     """Verify every input of every SPEC on a pool of workers, with a timeout per input;
     stream results to OUT/results.jsonl, then write OUT/summary.json and OUT/junit.xml.
     Exit code as for verify, over all instances (a timeout counts as unknown).
@@ -237,7 +239,7 @@ def batch(specs, jobs, timeout, out, resume, unknown_as, backend, scheduler, bat
         click.echo("error: --scheduler needs --backend dask", err=True)
         sys.exit(2)
     try:
-        tasks = b.expand(specs)
+        tasks = b.expand(specs, max_inputs)
     except _bad_input_errors() as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
