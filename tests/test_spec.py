@@ -150,6 +150,18 @@ def test_null_input_range_means_unbounded_and_survives_dump(workdir):
     assert load_spec(write(workdir, dump_spec(s), "again.yaml")).model.input_range is None
 
 
+def test_crown_chunk_section_defaults_values_and_round_trip(workdir):
+    s = load_spec(write(workdir, VALID))
+    assert s.bounds.crown.output_chunk == "auto" and s.bounds.crown.chunk is None
+    assert s.bounds.crown.memory_mb is None
+    assert yaml.safe_load(dump_spec(s))["bounds"]["crown"] == {"output_chunk": "auto", "memory_mb": None}
+    t = load_spec(write(workdir, edited(**{"bounds.crown": {"output_chunk": 512, "memory_mb": 1024}}), "t.yaml"))
+    assert t.bounds.crown.output_chunk == 512 and t.bounds.crown.chunk == 512 and t.bounds.crown.memory_mb == 1024.0
+    assert load_spec(write(workdir, dump_spec(t), "again.yaml")) == t
+    u = apply_overrides(t, set_keys={"bounds.crown.output_chunk": "auto"})
+    assert u.bounds.crown.chunk is None and u.bounds.crown.memory_mb == 1024.0
+
+
 def test_class_index_target_and_layer_list(workdir):
     s = load_spec(write(workdir, edited(**{"explanation.target": 3, "perturbation.parameters.layers": ["fc0", "fc2"]})))
     assert s.explanation.target == 3 and s.perturbation.parameters.layers == ("fc0", "fc2")
@@ -217,6 +229,18 @@ def test_apply_overrides_revalidates(workdir):
     ({"data.end": 0}, "data.end", "expected an int >= 1 or null, got 0"),
     ({"data.start": 5, "data.end": 5}, "data.end", r"expected an int > start \(5\) or null, got 5"),
     ({"bounds.alpha_crown.lr": 0}, "bounds.alpha_crown.lr", "expected a number > 0, got 0"),
+    # CROWN chunking
+    ({"bounds.crown": {"output_chunk": 0}}, "bounds.crown.output_chunk", "expected 'auto' or an int >= 1, got 0"),
+    ({"bounds.crown": {"output_chunk": "big"}}, "bounds.crown.output_chunk", "expected 'auto' or an int >= 1, got 'big'"),
+    ({"bounds.crown": {"output_chunk": 2.5}}, "bounds.crown.output_chunk", "expected 'auto' or an int >= 1, got 2.5"),
+    ({"bounds.crown": {"output_chunk": True}}, "bounds.crown.output_chunk", "expected 'auto' or an int >= 1, got true"),
+    ({"bounds.crown": {"output_chunk": None}}, "bounds.crown.output_chunk", "expected 'auto' or an int >= 1, got null"),
+    ({"bounds.crown": {"memory_mb": 0}}, "bounds.crown.memory_mb", "expected a number > 0 or null, got 0"),
+    ({"bounds.crown": {"memory_mb": "4GB"}}, "bounds.crown.memory_mb", "expected a number > 0 or null, got '4GB'"),
+    ({"bounds.crown": {"chunk": 64}}, "bounds.crown.chunk",
+     r"unknown key 'chunk' \(allowed: output_chunk, memory_mb\)"),
+    ({"bounds.crown": {"memory": 64}}, "bounds.crown.memory", r"unknown key 'memory' .*; did you mean 'memory_mb'\?"),
+    ({"bounds.crown": 512}, "bounds.crown", "expected a mapping, got 512"),
     ({"explanation.target": -1}, "explanation.target", "expected one of predicted | label or an int >= 0, got -1"),
     # bad choices
     ({"bounds.methods": ["ibp", "zonotope"]}, r"bounds.methods\[1\]", "expected one of ibp | crown | alpha-crown, got 'zonotope'"),

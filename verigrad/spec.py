@@ -789,6 +789,24 @@ class AlphaCrownSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CrownSpec:
+    """How CROWN / alpha-CROWN split the d = prod(input_shape) output rows into backward passes
+    (memory ∝ rows; results unchanged)."""
+
+    output_chunk: Union[str, int] = _opt(OneOf((Const("auto"), Int(ge=1))), "auto",
+                                         "rows per backward pass; auto = all d when they fit in memory_mb, "
+                                         "else as many as fit")
+    memory_mb: float | None = _opt(Nullable(Num(gt=0)), None,
+                                   "budget (MiB) for auto; null = a quarter of the memory available at run "
+                                   "time (free GPU memory on cuda), at most 1024")
+
+    @property
+    def chunk(self) -> int | None:
+        """output_chunk as the engine takes it: None for auto."""
+        return None if self.output_chunk == "auto" else int(self.output_chunk)
+
+
+@dataclass(frozen=True, kw_only=True)
 class BoundsSpec:
     methods: tuple[BoundMethod, ...] = _opt(ListOf(Choice(BoundMethod), min_len=1, unique=True),
                                             (BoundMethod.IBP, BoundMethod.CROWN))
@@ -796,6 +814,7 @@ class BoundsSpec:
     combine: Combine = _opt(Choice(Combine), Combine.NONE, "intersect the bounds of all methods")
     ibp: IbpSpec = _opt(Section(IbpSpec), {})
     alpha_crown: AlphaCrownSpec = _opt(Section(AlphaCrownSpec), {})
+    crown: CrownSpec = _opt(Section(CrownSpec), {}, "chunking of CROWN / alpha-CROWN (both engines)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1004,7 +1023,7 @@ __all__ = [
     "SpecError", "Spec", "ModelSpec", "NormalizationSpec", "DataSpec", "ExplanationSpec",
     "InputPerturbationSpec", "ParamPerturbationSpec", "PerturbationSpec", "PropertySpec",
     "GaussianTarget", "SquareTarget", "FileTarget", "TargetSpec", "BoundsSpec", "IbpSpec",
-    "AlphaCrownSpec", "AttackSpec", "AttackOrder", "AttackMethod", "GeneralSpec", "SecondOrderSpec", "RadiusSpec", "DatasetName", "ExplanationMethod", "IntegratedGradientsSpec", "SmoothingSpec", "TargetClass", "Norm",
+    "AlphaCrownSpec", "CrownSpec", "AttackSpec", "AttackOrder", "AttackMethod", "GeneralSpec", "SecondOrderSpec", "RadiusSpec", "DatasetName", "ExplanationMethod", "IntegratedGradientsSpec", "SmoothingSpec", "TargetClass", "Norm",
     "Kind", "Metric", "Normalize", "TargetType", "BoundMethod", "Dtype", "Combine", "IbpProduct",
     "Device", "load_spec", "spec_from_dict", "dump_spec", "apply_overrides",
 ]

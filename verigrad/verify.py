@@ -180,6 +180,8 @@ def prepare(spec: Spec, methods: Sequence[Method | str] | None = None) -> Proble
         product=spec.bounds.ibp.product.value,
         alpha_iterations=spec.bounds.alpha_crown.iterations,
         alpha_lr=spec.bounds.alpha_crown.lr,
+        crown_output_chunk=spec.bounds.crown.chunk,
+        crown_memory_mb=spec.bounds.crown.memory_mb,
     )
     a = spec.attack
     attack_options = AttackOptions(steps=a.steps, restarts=a.restarts, step_size=a.step_size,

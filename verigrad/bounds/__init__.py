@@ -39,6 +39,10 @@ class EngineOptions:
     product: Product = Product.MIDPOINT_RADIUS
     alpha_iterations: int = 20
     alpha_lr: float = 0.1
+    # CROWN / alpha-CROWN rows per backward pass and the memory budget that sizes them
+    # (None = auto; see verigrad.bounds.lirpa.CrownOptions for the cost model)
+    crown_output_chunk: int | None = None
+    crown_memory_mb: float | None = None
 
 
 Engine = Callable[[Network, Bounds, torch.Tensor, Output, "ParamBox | None", EngineOptions], EngineResult]
@@ -52,7 +56,12 @@ def _lirpa(alpha: bool) -> Engine:
     def run(net, box, target, output, params, opts: EngineOptions) -> EngineResult:
         from verigrad.bounds import lirpa  # auto_LiRPA is heavy and optional for IBP-only use
 
-        crown_opts = lirpa.CrownOptions(alpha_iterations=opts.alpha_iterations, alpha_lr=opts.alpha_lr)
+        crown_opts = lirpa.CrownOptions(
+            alpha_iterations=opts.alpha_iterations,
+            alpha_lr=opts.alpha_lr,
+            output_chunk=opts.crown_output_chunk,
+            memory_mb=opts.crown_memory_mb,
+        )
         return lirpa.crown_bounds(net, box, target, output, params, alpha=alpha, options=crown_opts)
 
     return run

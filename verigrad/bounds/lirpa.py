@@ -16,6 +16,7 @@ Relaxations (see :mod:`verigrad.bounds.lirpa_ops`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import math
@@ -34,11 +35,12 @@ from verigrad.perturbation import ParamBox
 
 auto_LiRPA = import_auto_lirpa()
 from auto_LiRPA import BoundedModule, BoundedParameter, BoundedTensor  # noqa: E402
+from auto_LiRPA.operators import BoundBuffers, BoundConstant, BoundParams  # noqa: E402
 from auto_LiRPA.perturbations import PerturbationLpNorm  # noqa: E402
 
 from verigrad.bounds.lirpa_ops import CUSTOM_OPS, BoundReluGrad, BoundSoftmaxBox, ParamBoxPerturbation  # noqa: E402
 
-__all__ = ["CrownOptions", "LirpaError", "crown_bounds"]
+__all__ = ["CrownOptions", "LirpaError", "crown_bounds", "memory_budget_bytes", "pick_output_chunk"]
 
 
 class LirpaError(RuntimeError):
@@ -57,12 +59,40 @@ class CrownOptions:
     intermediate neurons that are unstable for ANY sample of the call, so on conv nets larger
     chunks cost more than the single samples together (small MNIST CNN on 2 CPU cores:
     0.55 s per input one at a time, 1.7 s per input in chunks of 4); 1 is the fastest on CPU.
+
+    output_chunk: the most specification rows one backward pass carries. The gradient graph has
+    d = prod(input_shape) outputs; CROWN's final pass carries lower and upper A matrices of
+    shape (rows, B, n) to EVERY node of the graph (auto_LiRPA 0.3 keeps all of them until the
+    pass ends), so its memory is ≈ 2 · rows · B · Σ n · dtype bytes (Σ n: the sizes of all
+    nodes; 3×32×32 CNN, d = 3072 rows, float64: 1.7 GB over the process's baseline). Bounding
+    the d coordinates in chunks (a selection matrix C = I[r0:r1] per pass) divides that by the
+    number of chunks. The intermediate bounds do not depend on C: the first chunk computes them
+    and the others take them as fixed intermediate bounds, so each further chunk costs one final
+    backward pass (and a forward pass). Each coordinate's bound is the same computation in any
+    chunk (measured bit-identical; at most float round-off). The specifications on the g input of
+    relu'(z)·g nodes (one row per unstable neuron, k rows) are split to the same row limit, and so
+    are the conv ReLU pre-activations auto_LiRPA bounds itself (its batched CROWN, crown_batch_size;
+    Linear pre-activations get an identity specification it never splits).
+    alpha-CROWN initialises and optimises α per chunk with the same fixed intermediate bounds; α
+    is per row already and keep-best is per coordinate, so only auto_LiRPA's early stop (no row of
+    the call improved for more than 10 checked steps, checks at step 0 and in the second half) can
+    differ — it cannot stop before the last step below 23 iterations — and a chunk that stops
+    early has bounds at most as tight as unchunked, never unsound.
+    None = auto: the most rows that fit in the memory budget; all d in one pass when they fit
+    (exactly the unchunked path of before).
+    memory_mb: the budget auto sizes chunks for, in MiB; None = a quarter of the memory available
+    when the call starts, at most 1024 MiB (free device memory on CUDA, MemAvailable from
+    /proc/meminfo on CPU; 1024 MiB where neither can be read). The estimate
+    per row is 2 · B · Σ n · dtype bytes times a safety factor: 2 for CROWN (measured 1.1× the
+    estimate), 6 for alpha-CROWN (measured 4.5×: its autograd graph keeps every pass's tensors).
     """
 
     alpha_iterations: int = 20
     alpha_lr: float = 0.1
     alpha_lr_decay: float = 0.98
     max_batch: int = 1
+    output_chunk: int | None = None
+    memory_mb: float | None = None
 
     def __post_init__(self) -> None:
         if self.alpha_iterations < 1:
@@ -73,6 +103,106 @@ class CrownOptions:
             raise ValueError(f"alpha_lr_decay must lie in (0, 1], got {self.alpha_lr_decay}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        chunk, mb = self.output_chunk, self.memory_mb
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"output_chunk must be None (auto) or an int >= 1, got {chunk!r}")
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float))
+                               or not math.isfinite(mb) or not mb > 0):
+            raise ValueError(f"memory_mb must be None (auto) or a finite number > 0, got {mb!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk sizes for the output (and g-node) specifications
+
+# The auto budget: a quarter of the available memory, at most AUTO_MEMORY_CAP_MB. Chunks cost
+# no time in tools/bench_crown_memory.py (a 3×32×32 CNN was faster in 128-row chunks than in
+# one pass), so a modest budget loses nothing and leaves room for parallel batch workers,
+# each of which sees the same free memory.
+AUTO_MEMORY_FRACTION = 0.25
+AUTO_MEMORY_CAP_MB = 1024.0
+FALLBACK_MEMORY_MB = 1024.0  # budget where the available memory cannot be read
+# measured resident memory per row over the estimate 2·B·Σn·bytes (3×32×32 CNN, float64): 1.1 for
+# CROWN, 4.5 for alpha-CROWN
+SAFETY_CROWN = 2.0
+SAFETY_ALPHA = 6.0
+
+
+def available_memory_bytes(device: torch.device | str) -> float | None:
+    """Free memory on ``device`` now: torch.cuda.mem_get_info on CUDA, MemAvailable from
+    /proc/meminfo on CPU; None where it cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+            return float(free)
+        except Exception:  # noqa: BLE001 - no driver / not initialised: fall back
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024.0  # kB
+    except OSError:
+        return None
+    return None
+
+
+def memory_budget_bytes(device: torch.device | str, memory_mb: float | None) -> float:
+    """The budget for one CROWN pass: ``memory_mb`` MiB if given, else AUTO_MEMORY_FRACTION of the
+    available memory capped at AUTO_MEMORY_CAP_MB (FALLBACK_MEMORY_MB where unknown)."""
+    if memory_mb is not None:
+        return float(memory_mb) * 2.0**20
+    avail = available_memory_bytes(device)
+    if not avail:
+        return FALLBACK_MEMORY_MB * 2.0**20
+    return min(AUTO_MEMORY_FRACTION * avail, AUTO_MEMORY_CAP_MB * 2.0**20)
+
+
+def pick_output_chunk(d: int, row_bytes: float, budget_bytes: float) -> int:
+    """Rows per backward pass: all d if d rows of ``row_bytes`` fit in the budget, else the most
+    that fit, at least 1 (a single row is the least a pass can carry)."""
+    if d < 1:
+        raise ValueError(f"d must be >= 1, got {d}")
+    if not row_bytes > 0:
+        raise ValueError(f"row_bytes must be > 0, got {row_bytes}")
+    if d * row_bytes <= budget_bytes:
+        return d
+    return int(max(1, min(d, math.floor(budget_bytes / row_bytes))))
+
+
+def _graph_width(model: BoundedModule) -> int:
+    """Σ n over the nodes that can carry an A matrix: every node with a per-sample output
+    (constants, shape arithmetic and unperturbed weights excluded; boxed weights, whose A has
+    the weight's full shape per row, included)."""
+    total = 0
+    for node in model._modules.values():
+        shape = getattr(node, "output_shape", None)
+        if shape is None or len(shape) == 0:
+            continue
+        if isinstance(node, (BoundParams, BoundBuffers)):
+            if getattr(node, "perturbation", None) is not None:
+                total += math.prod(shape)
+            continue
+        if isinstance(node, BoundConstant) or len(shape) < 2:
+            continue
+        total += math.prod(shape[1:])
+    return max(total, 1)
+
+
+def _row_bytes(model: BoundedModule, batch: int, dtype: torch.dtype, alpha: bool) -> float:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2.0 * batch * _graph_width(model) * itemsize * (SAFETY_ALPHA if alpha else SAFETY_CROWN)
+
+
+def _row_ranges(d: int, rows: int) -> list[tuple[int, int]]:
+    return [(r0, min(r0 + rows, d)) for r0 in range(0, d, rows)]
+
+
+def _selection(batch: int, d: int, r0: int, r1: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """C (B, r1 − r0, d) with C[:, j, r0 + j] = 1: row j of the chunk is output coordinate r0 + j."""
+    c = torch.zeros(r1 - r0, d, dtype=dtype, device=device)
+    c[torch.arange(r1 - r0, device=device), torch.arange(r0, r1, device=device)] = 1.0
+    return c.unsqueeze(0).expand(batch, -1, -1)
 
 
 # auto_LiRPA options (field notes §3.7): matrix mode for convolutions (our custom ops take dense
@@ -112,13 +242,17 @@ def crown_bounds(
 
     lower = torch.empty_like(box.lower)
     upper = torch.empty_like(box.upper)
+    chunk_notes: list[str] = []
     for c in torch.unique(target).tolist():
         idx = (target == c).nonzero().flatten()
         for start in range(0, idx.numel(), opts.max_batch):
             chunk = idx[start : start + opts.max_batch]
-            lo, up = _bound_chunk(net, int(c), box.lower[chunk], box.upper[chunk], output, params, alpha, opts)
+            lo, up, plan = _bound_chunk(net, int(c), box.lower[chunk], box.upper[chunk], output, params, alpha, opts)
             lower[chunk] = lo
             upper[chunk] = up
+            note = plan.note()
+            if note is not None and note not in chunk_notes:
+                chunk_notes.append(note)
 
     notes = [
         "auto_LiRPA 0.3 backward (CROWN) bounds on the gradient graph; relu'(z)·g relaxed jointly in (z, g)",
@@ -132,6 +266,7 @@ def crown_bounds(
             f"alpha-CROWN: {opts.alpha_iterations} Adam steps (lr {opts.alpha_lr}) from CROWN's relaxation, "
             "intermediate bounds fixed to CROWN's; result intersected with CROWN"
         )
+    notes.extend(chunk_notes)
     return EngineResult(Bounds(lower, upper), "alpha-crown" if alpha else "crown", tuple(notes))
 
 
@@ -174,7 +309,14 @@ class _GradBoundedModule(BoundedModule):
     identity specification over every neuron of the layer, the most expensive part of the
     whole computation on conv nets. Here the specification only has the union over the
     batch of the unstable neurons; the other coordinates keep interval (IBP) bounds, which are
-    sound, and computed coordinates take the tighter of CROWN and IBP."""
+    sound, and computed coordinates take the tighter of CROWN and IBP. The k unstable neurons are
+    bounded in passes of at most ``spec_chunk`` rows (CrownOptions.output_chunk: memory ∝ rows);
+    row j of a pass selects neuron idx[r0 + j] and its bounds are written back to that neuron."""
+
+    # rows per backward pass of a g-node specification (None: all k unstable neurons at once) and
+    # the largest number of passes one g-node needed (for the engine's notes); set by _bound_chunk
+    spec_chunk: int | None = None
+    spec_chunks_used: int = 0
 
     def compute_intermediate_bounds(self, node, prior_checked=False):  # type: ignore[override]
         if getattr(node, "lower", None) is not None:
@@ -196,15 +338,42 @@ class _GradBoundedModule(BoundedModule):
         k = int(idx.numel())
         if k:
             dim = unstable.numel()
-            spec = torch.zeros(batch, k, dim, dtype=lo.dtype, device=lo.device)
-            spec[:, torch.arange(k, device=lo.device), idx] = 1.0
-            spec = spec.reshape(batch, k, *lo.shape[1:])
-            c_lo, c_up = self.backward_general(C=spec, node=node)
+            rows = self.spec_chunk if self.spec_chunk is not None else k
             flat_lo, flat_up = lo.reshape(batch, -1), up.reshape(batch, -1)
-            flat_lo[:, idx] = torch.maximum(flat_lo[:, idx], c_lo.reshape(batch, k))
-            flat_up[:, idx] = torch.minimum(flat_up[:, idx], c_up.reshape(batch, k))
+            for r0, r1 in _row_ranges(k, rows):
+                part = idx[r0:r1]  # this chunk's neurons: spec row j selects neuron part[j]
+                n = r1 - r0
+                spec = torch.zeros(batch, n, dim, dtype=lo.dtype, device=lo.device)
+                spec[:, torch.arange(n, device=lo.device), part] = 1.0
+                spec = spec.reshape(batch, n, *lo.shape[1:])
+                c_lo, c_up = self.backward_general(C=spec, node=node)
+                flat_lo[:, part] = torch.maximum(flat_lo[:, part], c_lo.reshape(batch, n))
+                flat_up[:, part] = torch.minimum(flat_up[:, part], c_up.reshape(batch, n))
+                del spec, c_lo, c_up
+            if rows < k:
+                self.spec_chunks_used = max(self.spec_chunks_used, len(_row_ranges(k, rows)))
+                # each pass appended this node to the lists of the nodes it reached: keep one entry
+                for name, starts in self.backward_from.items():
+                    self.backward_from[name] = list({id(s): s for s in starts}.values())
         node.lower, node.upper = lo, up
         node.interval = (lo, up)
+
+    def batched_backward(self, node, C, unstable_idx, batch_size, bound_lower=True, bound_upper=True):  # type: ignore[override]
+        """auto_LiRPA's own chunked CROWN for the intermediate nodes it bounds itself (pre-activations
+        of ReLUs with more unstable neurons than bound_opts['crown_batch_size'], which _bound_chunk
+        sets to the same row limit): the same passes, without its print and progress bar."""
+        from auto_LiRPA import backward_bound
+
+        rows = int(self.bound_opts["crown_batch_size"])
+        size = unstable_idx[0].numel() if isinstance(unstable_idx, tuple) else unstable_idx.numel()
+        self.spec_chunks_used = max(self.spec_chunks_used, -(-size // rows))
+        bar = backward_bound.tqdm
+        backward_bound.tqdm = lambda it, *a, **k: it
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                return super().batched_backward(node, C, unstable_idx, batch_size, bound_lower, bound_upper)
+        finally:
+            backward_bound.tqdm = bar
 
     def _fill_constants(self, node) -> None:
         """Give every unperturbed ancestor of ``node`` its forward value, so interval
@@ -329,8 +498,9 @@ def _bound_chunk(
     params: ParamBox | None,
     alpha: bool,
     opts: CrownOptions,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CROWN (then alpha-CROWN) for samples that share one target class."""
+) -> tuple[torch.Tensor, torch.Tensor, "_ChunkPlan"]:
+    """CROWN (then alpha-CROWN) for samples that share one target class, and how the output
+    rows were chunked."""
     b = lo.shape[0]
     centre = (lo + up) / 2
     where = f"{net.source}, class {target}, output {output.value}"
@@ -351,18 +521,23 @@ def _bound_chunk(
             raise LirpaError(f"auto_LiRPA failed to convert the gradient graph of {where}: {type(e).__name__}: {e}") from e
 
         x = (BoundedTensor(centre, PerturbationLpNorm(norm=math.inf, x_L=lo, x_U=up)), *inputs[1:])
+        d = math.prod(net.input_shape)
+        chunking = _ChunkPlan.make(opts, model, d, b, net.dtype, lo.device, alpha)
+        model.spec_chunk = chunking.pass_rows
+        # auto_LiRPA's own intermediate specifications (ReLU pre-activations) to the same row limit
+        model.bound_opts["crown_batch_size"] = chunking.pass_rows
+        ranges = _row_ranges(d, chunking.rows)
         try:
             with torch.no_grad():
-                cl, cu = model.compute_bounds(x=x, method="backward")
+                cl, cu = _crown_rows(model, x, ranges, d, b)
         except NotImplementedError as e:
             raise EngineUnsupported(f"auto_LiRPA 0.3 cannot bound the gradient graph of {where}: {_first_line(e)}") from e
         except Exception as e:
             raise LirpaError(f"auto_LiRPA CROWN failed on {where}: {type(e).__name__}: {e}") from e
-        cl, cu = cl.detach(), cu.detach()
 
         if alpha:
             try:
-                al, au = _alpha_crown(model, x, opts)
+                al, au = _alpha_crown(model, x, opts, ranges, d, b)
             except NotImplementedError as e:
                 raise EngineUnsupported(f"auto_LiRPA 0.3 cannot optimise the bounds of {where}: {_first_line(e)}") from e
             except Exception as e:
@@ -373,7 +548,91 @@ def _bound_chunk(
             cl, cu = torch.maximum(cl, al), torch.minimum(cu, au)
     cl, cu = _uncross(cl, cu, where)
     shape = (b, *net.input_shape)
-    return cl.reshape(shape), cu.reshape(shape)
+    chunking = dataclasses.replace(chunking, chunks=len(ranges), spec_chunks=model.spec_chunks_used)
+    return cl.reshape(shape), cu.reshape(shape), chunking
+
+
+@dataclass(frozen=True)
+class _ChunkPlan:
+    """Rows per backward pass for one auto_LiRPA call, how they were chosen, and (after the call)
+    how many passes the output and the largest intermediate specification took."""
+
+    d: int
+    rows: int  # output rows per pass (≤ d)
+    pass_rows: int  # the most rows any pass may carry (intermediate specifications are split to this)
+    auto: bool
+    budget_bytes: float = 0.0
+    row_bytes: float = 0.0
+    chunks: int = 1
+    spec_chunks: int = 0
+
+    @staticmethod
+    def make(opts: CrownOptions, model: BoundedModule, d: int, batch: int, dtype: torch.dtype,
+             device: torch.device, alpha: bool) -> "_ChunkPlan":
+        if opts.output_chunk is not None:
+            return _ChunkPlan(d, min(opts.output_chunk, d), opts.output_chunk, auto=False)
+        row_bytes = _row_bytes(model, batch, dtype, alpha)
+        budget = memory_budget_bytes(device, opts.memory_mb)
+        fit = max(1, math.floor(budget / row_bytes))
+        return _ChunkPlan(d, pick_output_chunk(d, row_bytes, budget), fit, True, budget, row_bytes)
+
+    def note(self) -> str | None:
+        if self.chunks <= 1 and self.spec_chunks == 0:
+            return None
+        how = ("output_chunk" if not self.auto else
+               f"auto: {self.budget_bytes / 2**20:.0f} MiB budget, ≈{self.row_bytes / 2**20:.2f} MiB per row")
+        parts = []
+        if self.chunks > 1:
+            parts.append(f"output ({self.d} coordinates) bounded in {self.chunks} chunks of {self.rows} rows, "
+                         "intermediate bounds computed once and reused")
+        if self.spec_chunks:
+            parts.append(f"intermediate specifications in up to {self.spec_chunks} chunks of {self.pass_rows} rows")
+        return "; ".join(parts) + f" ({how})"
+
+
+def _crown_rows(model: BoundedModule, x: tuple[torch.Tensor, ...], ranges: list[tuple[int, int]], d: int,
+                batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CROWN bounds (B, d) on the output, one backward pass per row range. The first pass computes
+    the intermediate bounds; the others take them as fixed (they do not depend on the final
+    specification C), so each further chunk costs one final backward pass."""
+    if len(ranges) == 1:  # all rows at once: auto_LiRPA's own identity specification
+        cl, cu = model.compute_bounds(x=x, method="backward")
+        _drop_final_A(model)
+        return cl.detach().reshape(batch, d), cu.detach().reshape(batch, d)
+    ref = x[0]
+    lower = torch.empty(batch, d, dtype=ref.dtype, device=ref.device)
+    upper = torch.empty_like(lower)
+    fixed = None
+    for r0, r1 in ranges:
+        c = _selection(batch, d, r0, r1, ref.dtype, ref.device)
+        cl, cu = model.compute_bounds(x=x, C=c, method="backward", intermediate_layer_bounds=fixed)
+        if fixed is None:
+            fixed = _intermediate_bounds(model)
+        lower[:, r0:r1] = cl.detach().reshape(batch, r1 - r0)
+        upper[:, r0:r1] = cu.detach().reshape(batch, r1 - r0)
+        _drop_final_A(model)
+    return lower, upper
+
+
+def _drop_final_A(model: BoundedModule) -> None:
+    """auto_LiRPA 0.3 keeps the A matrices of the final pass on every node: free them (the next
+    backward pass starts by resetting them anyway)."""
+    for node in model._modules.values():
+        node.lA = node.uA = None
+
+
+def _intermediate_bounds(model: BoundedModule) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The bounds every non-root, non-final node holds after a CROWN pass (what later passes and
+    alpha-CROWN take as fixed intermediate bounds)."""
+    roots = set(model.root_name) | set(model.input_name)
+    return {
+        node.name: (node.lower.detach(), node.upper.detach())
+        for node in model._modules.values()
+        if node.name not in roots
+        and node.name != model.final_name
+        and isinstance(getattr(node, "lower", None), torch.Tensor)
+        and isinstance(getattr(node, "upper", None), torch.Tensor)
+    }
 
 
 def _uncross(lo: torch.Tensor, up: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,19 +654,14 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().split("\n", 1)[0]
 
 
-def _alpha_crown(model: BoundedModule, x: tuple[torch.Tensor, ...], opts: CrownOptions) -> tuple[torch.Tensor, torch.Tensor]:
+def _alpha_crown(model: BoundedModule, x: tuple[torch.Tensor, ...], opts: CrownOptions,
+                 ranges: list[tuple[int, int]], d: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimise α with CROWN's intermediate bounds held fixed (field notes §3.7: re-bounding
     every gradient node at each step is ~15× slower). The CROWN pass that just ran left its
-    bounds on the nodes; they are collected and handed back as fixed intermediate bounds."""
-    roots = set(model.root_name) | set(model.input_name)
-    fixed = {
-        node.name: (node.lower.detach(), node.upper.detach())
-        for node in model._modules.values()
-        if node.name not in roots
-        and node.name != model.final_name
-        and isinstance(getattr(node, "lower", None), torch.Tensor)
-        and isinstance(getattr(node, "upper", None), torch.Tensor)
-    }
+    bounds on the nodes; they are collected and handed back as fixed intermediate bounds.
+    With several row ranges, α (one per spec row already) is initialised and optimised for
+    each range in turn, with the same fixed intermediate bounds."""
+    fixed = _intermediate_bounds(model)
     # Only activations that the final node's backward pass reaches get relaxation variables.
     # The cross-entropy seed's softmax passes no A to the logits (constant planes), so the
     # forward activations behind it are never visited, and auto_LiRPA would fail to initialise
@@ -428,11 +682,19 @@ def _alpha_crown(model: BoundedModule, x: tuple[torch.Tensor, ...], opts: CrownO
             }
         }
     )
-    # auto_LiRPA prints progress ("Early stop at ...") to stdout: keep it out of our output
-    with contextlib.redirect_stdout(io.StringIO()):
-        model.init_slope(x, method="backward", intermediate_layer_bounds=fixed)
-        lower, upper = model.compute_bounds(x=x, method="CROWN-Optimized", intermediate_layer_bounds=fixed)
-    return lower.detach(), upper.detach()
+    ref = x[0]
+    lower = torch.empty(batch, d, dtype=ref.dtype, device=ref.device)
+    upper = torch.empty_like(lower)
+    for r0, r1 in ranges:
+        c = None if len(ranges) == 1 else _selection(batch, d, r0, r1, ref.dtype, ref.device)
+        # auto_LiRPA prints progress ("Early stop at ...") to stdout: keep it out of our output
+        with contextlib.redirect_stdout(io.StringIO()):
+            model.init_slope(x, method="backward", c=c, intermediate_layer_bounds=fixed)
+            lo, up = model.compute_bounds(x=x, C=c, method="CROWN-Optimized", intermediate_layer_bounds=fixed)
+        lower[:, r0:r1] = lo.detach().reshape(batch, r1 - r0)
+        upper[:, r0:r1] = up.detach().reshape(batch, r1 - r0)
+        _drop_final_A(model)
+    return lower, upper
 
 
 def _backward_reachable(model: BoundedModule) -> set[str]:
