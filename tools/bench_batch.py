@@ -1,7 +1,8 @@
 """Throughput of ``verigrad batch`` (a benchmark, not a test), measured in one run:
 instances (inputs) per minute with 1 and 2 local workers, one input per work unit against
 auto-sized units (consecutive inputs of a spec bounded together by IBP), and the Dask
-backend on a loopback LocalCluster.
+backend on a loopback LocalCluster; then, in one process, what bounding a unit's inputs in
+one IBP call buys per instance.
 
     python tools/bench_batch.py                                   # demo + demo_robust + fairness_fair
     python tools/bench_batch.py --specs specs/demo.yaml --jobs 1 2 --limit 100
@@ -17,6 +18,35 @@ from verigrad.batch import expand, run_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = [ROOT / "specs/demo.yaml", ROOT / "specs/demo_robust.yaml", ROOT / "specs/fairness_fair.yaml"]
+
+
+def in_process(specs: list[Path], n: int = 32, unit: int = 16) -> None:
+    """Per instance, one input at a time against units of ``unit`` inputs (IBP batched), in
+    this process on one thread, attacks off, best of three: what batching itself buys."""
+    import torch
+
+    from verigrad.spec import apply_overrides, load_spec
+    from verigrad.verify import prepare, verify_instance, verify_many
+
+    torch.set_num_threads(1)
+    print(f"\n| spec | engines | ms per instance, one at a time | ms per instance, units of {unit} | speed-up |")
+    print("|---|---|---|---|---|")
+    for path in specs:
+        for methods in (["ibp"], ["ibp", "crown"]):
+            spec = apply_overrides(load_spec(path), methods=methods, start=0, end=n, set_keys={"attack.order": "skip"})
+            p = prepare(spec)
+            k = len(p.x)
+            one = many = float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                for i in range(k):
+                    verify_instance(p, i)
+                one = min(one, (time.perf_counter() - t) / k)
+                t = time.perf_counter()
+                for c in range(0, k, unit):
+                    list(verify_many(p, list(range(c, min(c + unit, k)))))
+                many = min(many, (time.perf_counter() - t) / k)
+            print(f"| {path.stem} | {' + '.join(methods)} | {one * 1e3:.2f} | {many * 1e3:.2f} | ×{one / many:.2f} |")
 
 
 def main() -> None:
@@ -48,6 +78,7 @@ def main() -> None:
         print(f"{j} worker(s): auto units vs one input per unit ×{rate['local', j, 'auto'] / rate['local', j, '1']:.2f}")
     lo, hi = a.jobs[0], a.jobs[-1]
     print(f"{hi} vs {lo} workers (auto units): ×{rate['local', hi, 'auto'] / rate['local', lo, 'auto']:.2f}")
+    in_process(list(dict.fromkeys(a.specs)))
 
 
 if __name__ == "__main__":
