@@ -112,3 +112,20 @@ def assert_contains_true_gradients(bounds: Bounds, net: Network, box: Bounds, ta
         bad = (v < lo - scale) | (v > up + scale)
         assert not bool(bad.any()), f"point {k}: true gradient outside bounds by {float(torch.maximum(lo - v, v - up).max())}"
     return len(pts)
+
+
+def cifar_cnn(seed: int = 0) -> Network:
+    """A CIFAR-sized (3×32×32) net for memory tests and tools/bench_crown_memory.py: conv 3→8 4×4 s2 → relu → conv 8→16 4×4 s2 → relu → fc 576→64 → relu → fc 64→10, random weights."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def conv(name, ci, co):
+        w = torch.randn(co, ci, 4, 4, generator=gen, dtype=torch.float64) * (2.0 / (ci * 16)) ** 0.5
+        return Conv2d(name, w, torch.randn(co, generator=gen, dtype=torch.float64) * 0.1, (2, 2), (0, 0))
+
+    def lin(name, n_in, n_out):
+        w = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64) * (2.0 / n_in) ** 0.5
+        return Linear(name, w, torch.randn(n_out, generator=gen, dtype=torch.float64) * 0.1)
+
+    layers = (conv("conv0", 3, 8), Activation("act0", ActKind.RELU), conv("conv1", 8, 16), Activation("act1", ActKind.RELU),
+              Reshape("flatten", (576,)), lin("fc0", 576, 64), Activation("act2", ActKind.RELU), lin("fc1", 64, 10))
+    return Network(layers, (3, 32, 32), "cifar_cnn")

@@ -9,11 +9,11 @@ import re
 import pytest
 import torch
 
-from tests.helpers import assert_contains_true_gradients, random_cnn, random_mlp
+from tests.helpers import assert_contains_true_gradients, cifar_cnn, random_cnn, random_mlp
 from verigrad.bounds import EngineOptions, compute_bounds
 from verigrad.bounds.lirpa import CrownOptions, crown_bounds, memory_budget_bytes, pick_output_chunk
 from verigrad.graph.gradient_graph import Output
-from verigrad.models.network import ActKind, Activation, Conv2d, Linear, Network, Reshape
+from verigrad.models.network import ActKind, Network
 from verigrad.perturbation import input_box, param_box
 
 F64 = torch.float64
@@ -219,23 +219,6 @@ def test_auto_chunk_follows_budget_and_engine_options():
 
 
 # ---------------------------------------------------------------- a 3×32×32 input
-
-
-def cifar_cnn(seed: int = 0) -> Network:
-    """conv 3→8 4×4 s2 → relu → conv 8→16 4×4 s2 → relu → fc 576→64 → relu → fc 64→10, random weights."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def conv(name, ci, co):
-        w = torch.randn(co, ci, 4, 4, generator=gen, dtype=F64) * (2.0 / (ci * 16)) ** 0.5
-        return Conv2d(name, w, torch.randn(co, generator=gen, dtype=F64) * 0.1, (2, 2), (0, 0))
-
-    def lin(name, n_in, n_out):
-        w = torch.randn(n_out, n_in, generator=gen, dtype=F64) * (2.0 / n_in) ** 0.5
-        return Linear(name, w, torch.randn(n_out, generator=gen, dtype=F64) * 0.1)
-
-    layers = (conv("conv0", 3, 8), Activation("act0", ActKind.RELU), conv("conv1", 8, 16), Activation("act1", ActKind.RELU),
-              Reshape("flatten", (576,)), lin("fc0", 576, 64), Activation("act2", ActKind.RELU), lin("fc1", 64, 10))
-    return Network(layers, (3, 32, 32), "cifar_cnn")
 
 
 def test_cifar_sized_cnn_small_budget_equals_full():

@@ -33,27 +33,6 @@ MNIST = {
 }
 
 
-def cifar_cnn(seed: int = 0):
-    import torch
-
-    from verigrad.models.network import ActKind, Activation, Conv2d, Linear, Network, Reshape
-
-    gen = torch.Generator().manual_seed(seed)
-    f64 = torch.float64
-
-    def conv(name, ci, co):
-        w = torch.randn(co, ci, 4, 4, generator=gen, dtype=f64) * (2.0 / (ci * 16)) ** 0.5
-        return Conv2d(name, w, torch.randn(co, generator=gen, dtype=f64) * 0.1, (2, 2), (0, 0))
-
-    def lin(name, n_in, n_out):
-        w = torch.randn(n_out, n_in, generator=gen, dtype=f64) * (2.0 / n_in) ** 0.5
-        return Linear(name, w, torch.randn(n_out, generator=gen, dtype=f64) * 0.1)
-
-    layers = (conv("conv0", 3, 8), Activation("act0", ActKind.RELU), conv("conv1", 8, 16), Activation("act1", ActKind.RELU),
-              Reshape("flatten", (576,)), lin("fc0", 576, 64), Activation("act2", ActKind.RELU), lin("fc1", 64, 10))
-    return Network(layers, (3, 32, 32), "cifar_cnn")
-
-
 def _worker(model: str, chunk: str, n: int, eps: float, alpha: bool, out: str) -> None:
     """One setting in this (fresh) process; writes JSON (and the bounds, for the comparison)."""
     import torch
@@ -62,6 +41,8 @@ def _worker(model: str, chunk: str, n: int, eps: float, alpha: bool, out: str) -
     from verigrad.perturbation import input_box
 
     if model == "cifar_cnn":
+        from tests.helpers import cifar_cnn  # the net the memory test uses
+
         net = cifar_cnn()
         x = torch.rand(n, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     else:
