@@ -33,10 +33,15 @@ def _run(*args):
     return CliRunner().invoke(main, ["batch", *map(str, args)])
 
 
-def test_batch_runs_streams_and_reports(tmp_path):
+BACKENDS = ["local", pytest.param("dask", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("distributed") is None, reason="distributed not installed"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_runs_streams_and_reports(tmp_path, backend):
     ok, bad = _spec(tmp_path, "ok", 1000.0), _spec(tmp_path, "bad", 1e-9)
     out = tmp_path / "out"
-    r = _run(ok, bad, "--jobs", 2, "--timeout", 120, "--out", out)
+    r = _run(ok, bad, "--jobs", 2, "--timeout", 120, "--out", out, "--backend", backend)
     assert r.exit_code == 1, r.output  # the tiny threshold is falsified
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 4 and all(x["status"] == "done" for x in lines)
@@ -71,25 +76,26 @@ def test_timeout_is_unknown_not_a_crash(tmp_path):
     assert suite.get("failures") == "2"
 
 
-def test_resume_skips_what_is_done_and_reruns_cut_lines(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_skips_what_is_done_and_reruns_cut_lines(tmp_path, backend):
     spec = _spec(tmp_path, "ok", 1000.0, end=3)
     out = tmp_path / "out"
-    assert _run(spec, "--out", out, "--jobs", 2).exit_code == 0
+    assert _run(spec, "--out", out, "--jobs", 2, "--backend", backend).exit_code == 0
     path = out / "results.jsonl"
     first = path.read_text().splitlines()
     # a batch killed while writing: one complete line, one cut in half
     path.write_text(first[0] + "\n" + first[1][: len(first[1]) // 2] + "\n")
     tasks = b.expand([spec])
-    rerun = b.run_batch(tasks, out, jobs=2, resume=True)
+    rerun = b.run_batch(tasks, out, jobs=2, resume=True, backend=backend)
     done_before = json.loads(first[0])["data_index"]
     assert sorted(x["data_index"] for x in rerun) == sorted({0, 1, 2} - {done_before})
     assert len(b.load_records(out)) == 3
-    assert b.run_batch(tasks, out, resume=True) == []  # nothing left to do
+    assert b.run_batch(tasks, out, resume=True, backend=backend) == []  # nothing left to do
     # a kill in the middle of the last line leaves it without a newline: the next record must
     # not be glued to it
     full = [json.dumps(x) for x in b.load_records(out)]
     path.write_text("\n".join(full[:2]) + "\n" + full[2][:10])
-    rerun = b.run_batch(tasks, out, jobs=1, resume=True)
+    rerun = b.run_batch(tasks, out, jobs=1, resume=True, backend=backend)
     assert len(rerun) == 1 and len(b.load_records(out)) == 3
     assert all(json.loads(x) for x in path.read_text().splitlines())
 
