@@ -314,3 +314,15 @@ def test_a_killed_batch_resumes_where_it_stopped(tmp_path):
     # nothing finished before the kill ran again, and every line is whole
     whole = [json.loads(x) for x in lines.read_text().splitlines()]
     assert len(whole) == 40
+
+
+def test_specs_sharing_a_file_name_keep_their_files_apart(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, bb = _spec(tmp_path / "a", "s", 1e-9, end=1), _spec(tmp_path / "b", "s", 2e-9, end=1)
+    recs = b.run_batch(b.expand([a, bb]), tmp_path / "out", jobs=2, batch_size=1)
+    paths = {r["spec"]: (r["result"]["bounds_npz"], r["result"]["attacks"]["l2"]["witness"]) for r in recs}
+    assert len(paths) == 2 and len({p for pair in paths.values() for p in pair}) == 4
+    for spec, (_, w) in paths.items():  # each witness replays against its own spec's threshold
+        r = CliRunner().invoke(main, ["replay", w])
+        assert r.exit_code == 0 and ("2e-09" in r.output) == (spec == str(bb)), r.output

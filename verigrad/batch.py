@@ -113,7 +113,9 @@ def run_unit(tasks: Sequence[Task], problems: dict) -> list[Outcome]:
         problem = problems[key]
     except Exception as e:  # noqa: BLE001 - every input of the unit reports it; the batch goes on
         return [Outcome("error", _error_text(e), time.perf_counter() - start, None) for _ in tasks]
-    stem = Path(first.spec_path).stem
+    # two specs may share a file name (a/spec.yaml, b/spec.yaml), and an edited spec is another
+    # spec: its hash keeps their files apart
+    stem = f"{Path(first.spec_path).stem}-{first.spec_sha256[:8]}"
     out = []
     for r, seconds in verify_many(problem, [t.index for t in tasks]):
         doc = r.to_dict()
