@@ -163,11 +163,11 @@ def test_planner_units():
     units = []
     while fixed:
         units.append([t.data_index for t in fixed.next_unit()])
-    assert units == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [0, 1, 2]]  # never across specs
+    # the first input of each spec first, then units of consecutive inputs, never across specs
+    assert units == [[0], [0], [1, 2, 3, 4], [5, 6, 7, 8], [9], [1, 2]]
     auto = b._Planner(tasks, None, workers=2)
-    assert len(auto.next_unit()) == 1  # nothing measured yet
-    for t in tasks[:1]:
-        auto.record(t, 0.001)  # fast: fill UNIT_SECONDS, capped by a fair share of the 9 left
+    assert [len(auto.next_unit()) for _ in range(2)] == [1, 1]  # one of each spec, nothing measured yet
+    auto.record(tasks[0], 0.001)  # fast: fill UNIT_SECONDS, capped by a fair share of the 9 left
     assert len(auto.next_unit()) == 5
     auto.alone([tasks[1], tasks[2]])  # split off a timed-out unit: one at a time
     assert [len(auto.next_unit()) for _ in range(2)] == [1, 1]

@@ -360,13 +360,22 @@ def _drop_cut_tail(path: Path) -> None:
 
 
 class _Planner:
-    """Cuts the queue into units of consecutive inputs of one spec: ``size`` inputs each, or
+    """Orders the tasks (the first input of every spec, then the rest in order) and cuts them
+    into units of consecutive inputs of one spec: ``size`` inputs each, or
     (``size=None``) as many as fill ``UNIT_SECONDS`` at the spec's mean time per instance so
     far, never more than a fair share of what is left of the spec for ``workers`` workers.
     Inputs split off a timed-out unit run alone."""
 
     def __init__(self, tasks: Sequence[Task], size: int | None, workers: int) -> None:
-        self._queue: deque[tuple[Task, bool]] = deque((t, False) for t in tasks)
+        # one input of every spec first: each spec's time is measured early (unit sizes and the
+        # ETA depend on it) and a spec that cannot run shows up at once, not at the end
+        seen: set[tuple[str, str]] = set()
+        firsts, rest = [], []
+        for t in tasks:
+            key = (t.spec_path, t.spec_sha256)
+            (rest if key in seen else firsts).append(t)
+            seen.add(key)
+        self._queue: deque[tuple[Task, bool]] = deque((t, False) for t in firsts + rest)
         self._size, self._workers = size, workers
         self._seconds: dict[str, list[float]] = {}
 
