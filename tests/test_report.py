@@ -176,10 +176,11 @@ def test_report_of_verify_results(verified, tmp_path):
     # the odd property name is escaped wherever it appears, never raw markup
     assert ODD not in text and "l2&lt;&amp;&quot;x&gt;" in text
     assert f"exit code {doc['summary']['exit_code']}:" in text
-    # per instance: input, centre, 3 per engine, the 2 colour scales; 6 per witness
+    # per instance: input, centre (on the bounds' scale and its own), 3 per engine, the 2 colour
+    # scales; 6 per witness
     witnesses = [(i["index"], n) for i in doc["instances"] for n, a in i["attacks"].items() if a["witness"]]
     assert witnesses
-    n_img = len(doc["instances"]) * (2 + 3 * len(doc["methods"]) + 2) + 6 * len(witnesses)
+    n_img = len(doc["instances"]) * (3 + 3 * len(doc["methods"]) + 2) + 6 * len(witnesses)
     assert text.count(IMG) == n_img
     assert text.count('class="witness"') == len(witnesses)
     assert "adversarial input x" in text and "input unavailable" not in text
@@ -258,7 +259,7 @@ def test_tabular_inputs_are_bar_charts(tmp_path):
     text = (tmp_path / "german.html").read_text()
     assert text.count('class="bars"') == 2  # one bar chart per input
     assert text.count("certified intervals per feature") == 2
-    assert text.count(IMG) == 2 * (1 + 3 + 2)  # centre, lower / upper / width strips, the 2 scales
+    assert text.count(IMG) == 2 * (2 + 3 + 2)  # centre (two scales), lower / upper / width strips, the 2 scales
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,7 +299,7 @@ def test_report_of_batch_directory(batch_dir):
     assert total == summary["verdicts"]
     bad = (batch_dir / "report_bad.html").read_text()
     assert 'class="witness"' in bad and "input unavailable" not in bad
-    assert bad.count(IMG) >= 2 * (2 + 3 + 2) + 6
+    assert bad.count(IMG) >= 2 * (3 + 3 + 2) + 6
 
 
 def test_batch_with_one_spec_timeouts_and_cut_lines(batch_dir, tmp_path):

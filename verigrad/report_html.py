@@ -327,12 +327,14 @@ def _load_batch(out: Path) -> list[tuple[_Run, Callable[[], Any]]]:
                         methods.append(e)
                 if not props:
                     props = _properties_of(d)
+                folder = f"{stem}-{sha[:8]}"  # verigrad batch's per-spec folder (older batches: the stem)
                 npz = _locate(d.get("bounds_npz"), [out / str(d.get("bounds_npz")),
+                                                    out / "bounds" / folder / f"i{inst.index}.npz",
                                                     out / "bounds" / stem / f"i{inst.index}.npz"])
                 inst.maps_file = npz
                 if npz is None:
                     inst.maps_note = f"bound maps unavailable: no {d.get('bounds_npz')}"
-                _attach_witnesses(inst, [out / "witnesses" / stem], out)
+                _attach_witnesses(inst, [out / "witnesses" / folder, out / "witnesses" / stem], out)
             instances.append(inst)
         run = _Run(title=title, source=spec_path, sha256=sha, properties=props, methods=methods,
                    explanation=explanation, instances=instances, batch=True)
@@ -1035,6 +1037,9 @@ def _instance_section(images: _Images, run: _Run, inst: _Instance) -> str:
     top = [_input_fig(images, inst.x, inst.x_note, run.input_range, f"{tag}_input", "input")]
     if centre is not None:
         top.append(_signed_fig(images, centre, vmax or 0.0, f"{tag}_explanation", "explanation at the centre"))
+        # on the bounds' scale a loose engine washes the map out: show its pattern as well
+        top.append(_signed_fig(images, centre, _abs_max([centre]), f"{tag}_explanation_own",
+                               "explanation at the centre (own scale)"))
     body = [head, _verdict_table(run, inst)]
     if inst.maps_note:
         body.append(f'<p class="note">{_e(inst.maps_note)}</p>')
