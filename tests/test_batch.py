@@ -133,7 +133,7 @@ def test_batched_ibp_equals_one_input_at_a_time(tmp_path):
         idx = [0, 2, 3, 4]
         pre = vmod.batched_bounds(problem, idx)
         for i, p in zip(idx, pre):
-            (res, seconds) = p[vmod.Method.IBP]
+            (res, seconds) = p.engines[vmod.Method.IBP]
             alone = vmod.verify_instance(problem, i).engines[0].bounds
             assert seconds >= 0
             torch.testing.assert_close(res.bounds.lower, alone.lower, rtol=0, atol=1e-12)
@@ -142,6 +142,22 @@ def test_batched_ibp_equals_one_input_at_a_time(tmp_path):
         many = [r for r, _ in vmod.verify_many(problem, idx)]
         assert [r.verdicts for r in many] == [vmod.verify_instance(problem, i).verdicts for i in idx]
         assert [r.index for r in many] == idx
+
+
+def test_precomputed_bounds_are_used_only_for_the_class_they_explain(tmp_path):
+    import torch
+
+    from verigrad import verify as vmod
+    from verigrad.bounds import Bounds, EngineResult
+
+    problem = _problem(tmp_path)
+    alone = vmod.verify_instance(problem, 0)
+    z = torch.zeros_like(alone.engines[0].bounds.lower)
+    fake = {vmod.Method.IBP: (EngineResult(Bounds(z, z), "ibp"), 0.0)}  # wrong bounds: must never be trusted blindly
+    other = vmod.verify_instance(problem, 0, vmod.Precomputed((alone.target + 1) % 10, fake))
+    assert torch.equal(other.engines[0].bounds.lower, alone.engines[0].bounds.lower)
+    with pytest.raises(vmod.SoundnessError):  # same class: used, and the centre check still guards it
+        vmod.verify_instance(problem, 0, vmod.Precomputed(alone.target, fake))
 
 
 def test_a_failing_batched_call_reruns_each_input_alone(tmp_path, monkeypatch):
@@ -270,59 +286,10 @@ def test_batch_cli_options(tmp_path):
 
 
 def test_eta_prices_each_spec_at_its_own_mean():
-    recs = [{"spec_sha256": "fast", "seconds": 0.1}, {"spec_sha256": "slow", "seconds": 10.0}]
-    left = [b.Task("f", "fast", 1, 1)] * 10 + [b.Task("s", "slow", 1, 1)] * 2 + [b.Task("n", "new", 1, 1)]
-    # 10 × 0.1 + 2 × 10 + 1 × overall mean 5.05, over 2 workers
-    assert b._eta(recs, left, 2) == pytest.approx((1.0 + 20.0 + 5.05) / 2)
-
-
-def test_the_shipped_suite_runs_as_a_batch(tmp_path):
-    specs = sorted((ROOT / "specs").glob("*.yaml"))
-    out = tmp_path / "suite"
-    r = _run(*specs, "--jobs", 2, "--max-inputs", 1, "--timeout", 600, "--out", out)
-    assert r.exit_code in (0, 1, 3), r.output  # certified / falsified / unknown, never an error
-    recs = b.load_records(out)
-    assert len(recs) == len(specs) and all(x["status"] == "done" and x["result"]["error"] is None for x in recs)
-    s = json.loads((out / "summary.json").read_text())
-    n_props = sum(len(yaml.safe_load(p.read_text())["properties"]) for p in specs)
-    assert sum(s["verdicts"].values()) == n_props and s["verdicts"]["error"] == 0
-    assert ET.parse(out / "junit.xml").getroot().get("tests") == str(n_props)
-
-
-def test_a_killed_batch_resumes_where_it_stopped(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    spec = _spec(tmp_path, "many", 1000.0, end=40)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "verigrad.cli", "batch", str(spec), "--out", str(out), "--batch-size", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    lines = out / "results.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not lines.exists() or len(lines.read_text().splitlines()) < 3):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, mid-batch
-    proc.wait()
-    before = b.load_records(out)
-    assert 3 <= len(before) < 40
-    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    after = b.load_records(out)
-    assert sorted(x["data_index"] for x in after) == list(range(40))
-    # nothing finished before the kill ran again, and every line is whole
-    whole = [json.loads(x) for x in lines.read_text().splitlines()]
-    assert len(whole) == 40
-
-
-def test_specs_sharing_a_file_name_keep_their_files_apart(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a, bb = _spec(tmp_path / "a", "s", 1e-9, end=1), _spec(tmp_path / "b", "s", 2e-9, end=1)
-    recs = b.run_batch(b.expand([a, bb]), tmp_path / "out", jobs=2, batch_size=1)
-    paths = {r["spec"]: (r["result"]["bounds_npz"], r["result"]["attacks"]["l2"]["witness"]) for r in recs}
-    assert len(paths) == 2 and len({p for pair in paths.values() for p in pair}) == 4
-    for spec, (_, w) in paths.items():  # each witness replays against its own spec's threshold
-        r = CliRunner().invoke(main, ["replay", w])
-        assert r.exit_code == 0 and ("2e-09" in r.output) == (spec == str(bb)), r.output
+    tasks = ([b.Task("f", "fast", i, i) for i in range(11)] + [b.Task("s", "slow", i, i) for i in range(3)]
+             + [b.Task("n", "new", 0, 0)])
+    plan = b._Planner(tasks, None, workers=2)
+    plan.record(tasks[0], 0.1)
+    plan.record(tasks[11], 10.0)
+    # 10 × 0.1 + 2 × 10 + 1 × the overall mean 5.05, over 2 workers
+    assert plan.eta() == pytest.approx((1.0 + 20.0 + 5.05) / 2)

@@ -30,7 +30,7 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import time
 import traceback
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -377,15 +377,31 @@ class _Planner:
             seen.add(key)
         self._queue: deque[tuple[Task, bool]] = deque((t, False) for t in firsts + rest)
         self._size, self._workers = size, workers
-        self._seconds: dict[str, list[float]] = {}
+        self._seconds: dict[str, list[float]] = {}  # spec hash → [total seconds, instances]
+        self._left = Counter(t.spec_sha256 for t in tasks)  # not yet finished, per spec
 
     def __bool__(self) -> bool:
         return bool(self._queue)
 
     def record(self, task: Task, seconds: float) -> None:
+        """``task`` finished (done, failed or timed out) after ``seconds``."""
         s = self._seconds.setdefault(task.spec_sha256, [0.0, 0.0])
         s[0] += seconds
         s[1] += 1
+        self._left[task.spec_sha256] -= 1
+
+    def eta(self) -> float:
+        """Seconds left: each unfinished input at its spec's mean time so far (the overall mean
+        for a spec not yet timed), spread over the workers. Instances of different specs differ
+        by orders of magnitude, so one mean over all of them would mislead."""
+        total = sum(t for t, _ in self._seconds.values())
+        n = sum(k for _, k in self._seconds.values())
+        overall = total / n if n else 0.0
+        left = 0.0
+        for spec, k in self._left.items():
+            t, m = self._seconds.get(spec, (0.0, 0.0))
+            left += k * (t / m if m else overall)
+        return left / max(self._workers, 1)
 
     def alone(self, tasks: Sequence[Task]) -> None:
         self._queue.extendleft((t, True) for t in reversed(tasks))
@@ -416,23 +432,11 @@ class _Planner:
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a batch stands after a finished instance. ``eta_s`` prices each input left at
-    its spec's mean time so far (the overall mean for a spec not yet seen), spread over the
-    workers: instances of different specs differ by orders of magnitude, so one mean over
-    all of them would mislead."""
+    """Where a batch stands after a finished instance (``eta_s``: :meth:`_Planner.eta`)."""
 
     done: int
     total: int
     eta_s: float
-
-
-def _eta(records: Sequence[dict], left: Sequence[Task], workers: int) -> float:
-    per: dict[str, list[float]] = {}
-    for r in records:
-        per.setdefault(r["spec_sha256"], []).append(r["seconds"])
-    overall = sum(r["seconds"] for r in records) / max(len(records), 1)
-    mean = {k: sum(v) / len(v) for k, v in per.items()}
-    return sum(mean.get(t.spec_sha256, overall) for t in left) / max(workers, 1)
 
 
 def run_batch(tasks: Sequence[Task], out: Path, jobs: int = 1, timeout: float | None = None, resume: bool = False,
@@ -459,7 +463,6 @@ def run_batch(tasks: Sequence[Task], out: Path, jobs: int = 1, timeout: float | 
     if pool is None:
         pool = make_pool(backend, min(jobs, len(todo)), threads, scheduler)
     plan = _Planner(todo, batch_size, pool.capacity)
-    finished: set[tuple[str, int]] = set()
     running: dict[Any, tuple[list[Task], float, float]] = {}  # handle → (unit, start, deadline)
     with lines.open("a") as f:
 
@@ -482,9 +485,7 @@ def run_batch(tasks: Sequence[Task], out: Path, jobs: int = 1, timeout: float | 
             records.append(record)
             plan.record(t, seconds)
             if on_result is not None:
-                finished.add((t.spec_sha256, t.data_index))
-                left = [u for u in todo if (u.spec_sha256, u.data_index) not in finished]
-                on_result(record, Progress(len(records), len(todo), _eta(records, left, pool.capacity)))
+                on_result(record, Progress(len(records), len(todo), plan.eta()))
 
         try:
             while plan or running:
@@ -528,31 +529,39 @@ def load_records(out: Path) -> list[dict]:
     return list(by.values())
 
 
+def instance_verdicts(status: str, result: dict | None, names: Sequence[str]) -> dict[str, str]:
+    """property → certified / falsified / unknown / error for one instance: its verdicts when
+    it ran, unknown for every property when it timed out, error when it crashed or failed."""
+    if status == "done" and result is not None and result.get("error") is None:
+        verdicts = result.get("verdicts") or {}
+        return {n: str(verdicts.get(n, "unknown")) for n in names}
+    v = "unknown" if status == "timeout" else "error"
+    return {n: v for n in names}
+
+
 def verdict_rows(records: Sequence[dict]) -> list[tuple[dict, str, str]]:
-    """(record, property, verdict) with verdict certified / falsified / unknown / error;
-    a timed-out instance is unknown for each property of its spec."""
+    """(record, property, verdict) per record and property (:func:`instance_verdicts`); the
+    property names of an instance without verdicts come from its spec (read once per spec)."""
     rows = []
-    names_of: dict[str, list[str]] = {}  # spec path → property names (read once per spec)
+    names_of: dict[str, list[str]] = {}
     for rec in records:
-        if rec["status"] == "done" and rec["result"]["error"] is None:
-            for name, v in rec["result"]["verdicts"].items():
-                rows.append((rec, name, v))
-        else:
+        names = list((rec["result"] or {}).get("verdicts") or {})
+        if not names:
             if rec["spec"] not in names_of:
                 names_of[rec["spec"]] = [p.name for p in load_spec(rec["spec"]).properties]
             names = names_of[rec["spec"]]
-            verdict = "unknown" if rec["status"] == "timeout" else "error"
-            rows += [(rec, n, verdict) for n in names]
+        rows += [(rec, n, v) for n, v in instance_verdicts(rec["status"], rec["result"], names).items()]
     return rows
 
 
 def summary(records: Sequence[dict]) -> dict:
+    from verigrad.reports import exit_code_for_counts
+
     rows = verdict_rows(records)
     counts = {v: sum(r[2] == v for r in rows) for v in ("certified", "falsified", "unknown", "error")}
-    code = 4 if counts["error"] else 1 if counts["falsified"] else 3 if counts["unknown"] else 0
     return {"instances": len(records), "timeouts": sum(r["status"] == "timeout" for r in records),
             "errors": sum(r["status"] == "error" or (r["result"] or {}).get("error") is not None for r in records),
-            "verdicts": counts, "exit_code": code}
+            "verdicts": counts, "exit_code": int(exit_code_for_counts(counts))}
 
 
 def junit_xml(records: Sequence[dict], unknown_as: str = "skipped") -> str:
@@ -585,4 +594,4 @@ def junit_xml(records: Sequence[dict], unknown_as: str = "skipped") -> str:
             f'failures="{failures}" errors="{errors}" skipped="{skipped}">\n  {body}\n</testsuite>\n')
 
 
-__all__ = ["Backend", "BackendError", "DaskPool", "LocalPool", "Outcome", "Progress", "Task", "expand", "make_pool", "run_batch", "run_unit", "load_records", "summary", "junit_xml", "verdict_rows"]
+__all__ = ["Backend", "BackendError", "DaskPool", "LocalPool", "Outcome", "Progress", "Task", "expand", "instance_verdicts", "make_pool", "run_batch", "run_unit", "load_records", "summary", "junit_xml", "verdict_rows"]

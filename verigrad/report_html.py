@@ -388,15 +388,10 @@ def _complete_from_spec(run: _Run, factory: Callable[[], Any]) -> None:
 
 
 def _instance_verdicts(inst: _Instance, names: Sequence[str]) -> dict[str, str]:
-    """property → certified / falsified / unknown / error for one instance (a batch timeout is
-    unknown, a crash or an instance error is error)."""
-    if inst.doc is None:
-        v = "unknown" if inst.status == "timeout" else "error"
-        return {n: v for n in names}
-    if inst.doc.get("error") is not None:
-        return {n: "error" for n in names}
-    verdicts = inst.doc.get("verdicts") or {}
-    return {n: str(verdicts.get(n, "unknown")) for n in names}
+    """property → certified / falsified / unknown / error for one instance, by batch's rule."""
+    from verigrad.batch import instance_verdicts
+
+    return instance_verdicts(inst.status, inst.doc, names)
 
 
 def _counts(run: _Run) -> dict[str, dict[str, int]]:
@@ -409,8 +404,9 @@ def _counts(run: _Run) -> dict[str, dict[str, int]]:
 
 
 def _exit_code(counts: dict[str, dict[str, int]]) -> int:
-    tot = {v: sum(c[v] for c in counts.values()) for v in VERDICTS}
-    return 4 if tot["error"] else 1 if tot["falsified"] else 3 if tot["unknown"] else 0
+    from verigrad.reports import exit_code_for_counts
+
+    return int(exit_code_for_counts({v: sum(c[v] for c in counts.values()) for v in VERDICTS}))
 
 
 def _ok_engines(inst: _Instance) -> dict[str, dict]:

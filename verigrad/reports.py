@@ -51,15 +51,22 @@ def versions() -> dict[str, str]:
     return out
 
 
-def exit_code(results: Sequence[InstanceResult]) -> ExitCode:
-    if any(r.error is not None for r in results):
+def exit_code_for_counts(counts: Mapping[str, int]) -> ExitCode:
+    """The exit code for counts of ``error`` (failed instances or verdicts), ``falsified`` and
+    ``unknown``: the worst present, in that order; certified when none is."""
+    if counts.get("error", 0):
         return ExitCode.ERROR
-    verdicts = [v for r in results for v in r.verdicts.values()]
-    if Verdict.FALSIFIED in verdicts:
+    if counts.get(Verdict.FALSIFIED.value, 0):
         return ExitCode.FALSIFIED
-    if Verdict.UNKNOWN in verdicts:
+    if counts.get(Verdict.UNKNOWN.value, 0):
         return ExitCode.UNKNOWN
     return ExitCode.CERTIFIED
+
+
+def exit_code(results: Sequence[InstanceResult]) -> ExitCode:
+    verdicts = [v.value for r in results for v in r.verdicts.values()]
+    return exit_code_for_counts({"error": sum(r.error is not None for r in results),
+                                 **{v.value: verdicts.count(v.value) for v in Verdict}})
 
 
 def summary(problem: Problem, results: Sequence[InstanceResult]) -> dict:

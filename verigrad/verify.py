@@ -471,44 +471,55 @@ def _radius_search(problem: Problem, threat: Threat, v0: torch.Tensor) -> dict[s
 # products; the auto_LiRPA adapter bounds one sample per call anyway, see CrownOptions.max_batch).
 BATCHED_METHODS: frozenset[Method] = frozenset({Method.IBP})
 
-# engine → (its result for one input, seconds attributed to that input)
-Precomputed = Mapping[Method, tuple[EngineResult, float]]
+@dataclass(frozen=True)
+class Precomputed:
+    """Engine results for one input computed outside :func:`verify_instance` (by
+    :func:`batched_bounds`): engine → (result, seconds attributed to the input). ``target``
+    is the class they explain; verify_instance uses them only for that same class."""
+
+    target: int
+    engines: Mapping[Method, tuple[EngineResult, float]]
 
 
-def batched_bounds(problem: Problem, indices: Sequence[int]) -> list[dict[Method, tuple[EngineResult, float]]]:
+def _timed_bounds(problem: Problem, m: Method, box: Bounds, target: torch.Tensor) -> tuple[EngineResult, float]:
+    """Engine ``m`` on ``box`` for classes ``target``, and the wall time it took."""
+    start = time.perf_counter()
+    res = explanation_bounds(problem.explainer, m, problem.net, box, target, Output(problem.spec.explanation.output),
+                             problem.params, problem.options)
+    if problem.device.type == "cuda":
+        torch.cuda.synchronize()
+    return res, time.perf_counter() - start
+
+
+def batched_bounds(problem: Problem, indices: Sequence[int]) -> list[Precomputed | None]:
     """The engines of ``BATCHED_METHODS`` that ``problem`` runs, each called once on the
     boxes of all ``indices`` (each input explained for its own class); per input, its slice
-    and an equal share of the time. The bounds are the per-input ones: every engine here is
-    elementwise across the batch."""
+    and an equal share of the time (None where nothing is batched). The bounds are the
+    per-input ones: every engine here is elementwise across the batch."""
     methods = [m for m in problem.methods if m in BATCHED_METHODS]
-    out: list[dict[Method, tuple[EngineResult, float]]] = [{} for _ in indices]
     if not methods or not indices or problem.explainer.probabilistic:
-        return out
+        return [None] * len(indices)
     idx = list(indices)
     with torch.no_grad():
         preds = problem.net.forward(problem.x[idx]).argmax(dim=1).tolist()
     targets = [_target_class(problem, int(p), int(problem.y[i])) for p, i in zip(preds, idx)]
     boxes = [threat_for(problem, i, t).box for i, t in zip(idx, targets)]
     box = Bounds(torch.cat([b.lower for b in boxes]), torch.cat([b.upper for b in boxes]))
-    t = torch.tensor(targets, device=problem.device)
-    output = Output(problem.spec.explanation.output)
+    per: list[dict[Method, tuple[EngineResult, float]]] = [{} for _ in idx]
     for m in methods:
-        start = time.perf_counter()
-        res = explanation_bounds(problem.explainer, m, problem.net, box, t, output, problem.params, problem.options)
-        if problem.device.type == "cuda":
-            torch.cuda.synchronize()
-        share = (time.perf_counter() - start) / len(idx)
+        res, dt = _timed_bounds(problem, m, box, torch.tensor(targets, device=problem.device))
         notes = res.notes + ((f"bounded in one batch of {len(idx)} inputs (time: an equal share)",) if len(idx) > 1 else ())
-        for k, per in enumerate(out):
-            per[m] = (EngineResult(res.bounds[k : k + 1], res.method, notes, res.actual_method), share)
-    return out
+        for k, engines in enumerate(per):
+            engines[m] = (EngineResult(res.bounds[k : k + 1], res.method, notes, res.actual_method), dt / len(idx))
+    return [Precomputed(t, engines) for t, engines in zip(targets, per)]
 
 
 def verify_instance(problem: Problem, i: int, precomputed: Precomputed | None = None) -> InstanceResult:
     """Bound, attack (per ``problem.attack_order``) and decide one input (index ``i`` into
     the loaded data). A property certified by an engine and violated by a witness is a
     soundness failure: the instance then carries an internal error and no verdicts.
-    ``precomputed`` (from :func:`batched_bounds`) replaces running those engines here."""
+    ``precomputed`` (from :func:`batched_bounds`) replaces running those engines here when
+    it explains the same class (a batched forward pass may break a near-tie differently)."""
     spec = problem.spec
     x = problem.x[i : i + 1]
     label = int(problem.y[i])
@@ -530,16 +541,9 @@ def verify_instance(problem: Problem, i: int, precomputed: Precomputed | None = 
     if order in (AttackOrder.BEFORE, AttackOrder.BOTH):
         attacks = _run_attacks(problem, threat, i, problem.properties)
     all_falsified = order == AttackOrder.BEFORE and all(a.violated for a in attacks.values()) and bool(attacks)
+    ready = precomputed.engines if precomputed is not None and precomputed.target == target else {}
     for m in (() if all_falsified or problem.explainer.probabilistic else problem.methods):
-        if precomputed is not None and m in precomputed:
-            res, dt = precomputed[m]
-        else:
-            start = time.perf_counter()
-            res = explanation_bounds(problem.explainer, m, problem.net, threat.box, t, output, problem.params,
-                                     problem.options)
-            if problem.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - start
+        res, dt = ready[m] if m in ready else _timed_bounds(problem, m, threat.box, t)
         _check_contains_centre(m.value, res.bounds, v0, problem.dtype)
         runs.append(_engine_run(m.value, res.actual_method or m.value, dt, res.notes, res.bounds, problem, v0))
     radius = {}
@@ -614,7 +618,7 @@ def verify_many(problem: Problem, indices: Sequence[int]) -> Iterator[tuple[Inst
     cannot sink the others."""
     start = time.perf_counter()
     try:
-        pre: Sequence[Precomputed | None] = batched_bounds(problem, indices)
+        pre = batched_bounds(problem, indices)
     except Exception:  # noqa: BLE001 - retried per input below, where the failure is reported
         pre = [None] * len(indices)
     share = (time.perf_counter() - start) / max(len(indices), 1)
