@@ -293,3 +293,56 @@ def test_eta_prices_each_spec_at_its_own_mean():
     plan.record(tasks[11], 10.0)
     # 10 × 0.1 + 2 × 10 + 1 × the overall mean 5.05, over 2 workers
     assert plan.eta() == pytest.approx((1.0 + 20.0 + 5.05) / 2)
+
+
+
+def test_the_shipped_suite_runs_as_a_batch(tmp_path):
+    specs = sorted((ROOT / "specs").glob("*.yaml"))
+    out = tmp_path / "suite"
+    r = _run(*specs, "--jobs", 2, "--max-inputs", 1, "--timeout", 600, "--out", out)
+    assert r.exit_code in (0, 1, 3), r.output  # certified / falsified / unknown, never an error
+    recs = b.load_records(out)
+    assert len(recs) == len(specs) and all(x["status"] == "done" and x["result"]["error"] is None for x in recs)
+    s = json.loads((out / "summary.json").read_text())
+    n_props = sum(len(yaml.safe_load(p.read_text())["properties"]) for p in specs)
+    assert sum(s["verdicts"].values()) == n_props and s["verdicts"]["error"] == 0
+    assert ET.parse(out / "junit.xml").getroot().get("tests") == str(n_props)
+
+
+def test_a_killed_batch_resumes_where_it_stopped(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    spec = _spec(tmp_path, "many", 1000.0, end=40)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "verigrad.cli", "batch", str(spec), "--out", str(out), "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    lines = out / "results.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not lines.exists() or len(lines.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, mid-batch
+    proc.wait()
+    before = b.load_records(out)
+    assert 3 <= len(before) < 40
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    after = b.load_records(out)
+    assert sorted(x["data_index"] for x in after) == list(range(40))
+    # nothing finished before the kill ran again, and every line is whole
+    whole = [json.loads(x) for x in lines.read_text().splitlines()]
+    assert len(whole) == 40
+
+
+def test_specs_sharing_a_file_name_keep_their_files_apart(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, bb = _spec(tmp_path / "a", "s", 1e-9, end=1), _spec(tmp_path / "b", "s", 2e-9, end=1)
+    recs = b.run_batch(b.expand([a, bb]), tmp_path / "out", jobs=2, batch_size=1)
+    paths = {r["spec"]: (r["result"]["bounds_npz"], r["result"]["attacks"]["l2"]["witness"]) for r in recs}
+    assert len(paths) == 2 and len({p for pair in paths.values() for p in pair}) == 4
+    for spec, (_, w) in paths.items():  # each witness replays against its own spec's threshold
+        r = CliRunner().invoke(main, ["replay", w])
+        assert r.exit_code == 0 and ("2e-09" in r.output) == (spec == str(bb)), r.output
