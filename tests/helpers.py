@@ -42,9 +42,9 @@ def random_cnn(act: ActKind, param: float = 0.0, seed: int = 0, dtype=torch.floa
         return Conv2d(name, wt, torch.randn(co, generator=gen, dtype=dtype) * 0.1, (s, s), (p, p))
 
     c1 = conv("conv0", c, 3, 3, 2, 1)
-    s1 = c1.out_shape(in_shape)
+    s1 = c1.out_shape([in_shape])
     c2 = conv("conv1", 3, 4, 3, 1, 1)
-    s2 = c2.out_shape(s1)
+    s2 = c2.out_shape([s1])
     n = s2[0] * s2[1] * s2[2]
     layers = [
         c1, Activation("act0", act, param), c2, Activation("act1", act, param),
@@ -77,16 +77,16 @@ def sample_network(net: Network, params, gen: torch.Generator, corner: bool) -> 
             u = (u > 0.5).to(u.dtype)
         return b.lower + u * (b.upper - b.lower)
 
+    import dataclasses
+
     layers = []
     for l in net.layers:
         box = params.get(l.name) if params is not None else None
         if box is None:
             layers.append(l)
-        elif isinstance(l, Linear):
-            layers.append(Linear(l.name, draw(box.weight), draw(box.bias), l.perturbable))
         else:
-            assert isinstance(l, Conv2d)
-            layers.append(Conv2d(l.name, draw(box.weight), draw(box.bias), l.stride, l.padding, l.perturbable))
+            assert isinstance(l, (Linear, Conv2d))
+            layers.append(dataclasses.replace(l, weight=draw(box.weight), bias=draw(box.bias)))
     return Network(tuple(layers), net.input_shape, net.source)
 
 

@@ -168,8 +168,8 @@ def test_conv_output_padding_graph_and_bounds():
         return Conv2d(name, w, torch.randn(co, generator=gen, dtype=F64) * 0.1, (s, s), (p, p))
 
     c0, c1 = conv("conv0", 1, 3, 3, 2, 0), conv("conv1", 3, 4, 3, 2, 1)
-    s0 = c0.out_shape((1, 10, 10))
-    s1 = c1.out_shape(s0)
+    s0 = c0.out_shape([(1, 10, 10)])
+    s1 = c1.out_shape([s0])
     assert c0.output_padding((1, 10, 10)) == (1, 1) and c1.output_padding(s0) == (1, 1)
     n = s1[0] * s1[1] * s1[2]
     lin = Linear("fc", torch.randn(3, n, generator=gen, dtype=F64) * 0.3, torch.zeros(3, dtype=F64))

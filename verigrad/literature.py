@@ -717,6 +717,9 @@ def weight_norm_hessian_bound(net: Network, output: Output = Output.LOGIT, targe
     output = Output(output)
     if norms not in ("frobenius", "spectral"):
         raise ValueError(f"norms must be 'frobenius' or 'spectral', got {norms!r}")
+    if output == Output.PROBABILITY:
+        raise ValueError("[DOM] Theorem 1 is implemented for o = z_c and the cross-entropy loss, not the probability")
+    net.require_chain("literature (weight-norm Hessian bound)")
     for layer in net.layers:  # refuse before any work
         if isinstance(layer, Activation):
             activation_sigma(layer)

@@ -334,6 +334,7 @@ def global_gradient_range(net: Network, output: Output | str, target: torch.Tens
     function is maximised at a vertex) b = max_{j≠c} |A(e_j − e_c)|.
     Shape: (B, *S) for ``target`` (B,), else S (valid for every class: max over c)."""
     output = Output(output)
+    net.require_chain("smoothing (global gradient range)")
     layers = net.layers
     last, shapes = layers[-1], net.shapes
     ncls = net.num_classes
@@ -346,6 +347,9 @@ def global_gradient_range(net: Network, output: Output | str, target: torch.Tens
     cols = cols.reshape(ncls, -1)  # (C, n_{L−1})
     if output == Output.LOGIT:
         per_class = cols.abs()  # (C, n)
+    elif output == Output.PROBABILITY:
+        # seed s = p_c(e_c − p) has ‖s‖₁ = 2p_c(1 − p_c) ≤ 1/2, so |(Aᵀs)_i| ≤ ½ max_j |A_ji|
+        per_class = 0.5 * cols.abs().max(dim=0, keepdim=True).values.expand(ncls, -1)
     else:
         diff = (cols[None, :, :] - cols[:, None, :]).abs()  # [c, j] = |A e_j − A e_c|
         per_class = diff.amax(1)  # j = c gives 0, harmless: 0 is a vertex too

@@ -18,7 +18,7 @@ import torch
 from verigrad import properties as props
 from verigrad.attacks import AttackOptions, AttackOutcome, ParamThreat, Point, Threat, attack_property
 from verigrad.attacks import evaluate_point, load_witness
-from verigrad.bounds import Bounds, BoundsError, EngineOptions, EngineResult, Method
+from verigrad.bounds import Bounds, BoundsError, EngineOptions, EngineResult, EngineUnsupported, Method
 from verigrad.data import load_dataset
 from verigrad.explanations import (
     SMOOTHING_METHODS, Explainer, ExplanationMethod, explain, explanation_bounds, jacobian_bounds,
@@ -212,8 +212,8 @@ def _check_second_order(spec: Spec, net: Network, explainer: Explainer, params: 
     if params is not None:
         raise SetupError(f"{where}: Hessian bounds cover input boxes only; remove perturbation.parameters")
     try:
-        require_smooth(net)
-    except SecondOrderUnsupported as e:
+        require_smooth(net, spec.explanation.output)
+    except (SecondOrderUnsupported, EngineUnsupported) as e:
         raise SetupError(f"{where}: {e}") from None
 
 

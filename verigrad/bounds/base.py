@@ -10,9 +10,7 @@ class BoundsError(ValueError):
     """Bounds that violate lower <= upper (an engine bug, never a user error)."""
 
 
-class EngineUnsupported(Exception):
-    """An engine cannot bound this configuration (e.g. auto_LiRPA and perturbed conv
-    weights). The pipeline falls back to ``ibp`` and records why."""
+from verigrad.errors import EngineUnsupported, OpUnsupported  # noqa: E402,F401  (re-exported)
 
 
 @dataclass(frozen=True, eq=False)

@@ -83,19 +83,26 @@ _TANH_PEAK = 4.0 / (3.0 * _SQRT3)
 _PIECEWISE_LINEAR = (ActKind.RELU, ActKind.LEAKY_RELU)
 
 
-def _unsupported_message(layer: Activation) -> str:
+def _unsupported_message(layer) -> str:
+    what = layer.kind.value if isinstance(layer, Activation) else layer.op
     return (
-        f"layer {layer.name!r} is {layer.kind.value}: the Hessian of a ReLU network is zero almost everywhere "
+        f"layer {layer.name!r} is {what}: the Hessian of a ReLU network is zero almost everywhere "
         "and the gradient is discontinuous; mean-value bounds do not apply — use a smooth activation "
         "(softplus surrogate, e.g. the attack option surrogate_beta) for a second-order analysis"
     )
 
 
-def require_smooth(net: Network) -> None:
-    """Raise :class:`SecondOrderUnsupported` at the first piecewise-linear activation."""
+def require_smooth(net: Network, output: Output | str = Output.LOGIT) -> None:
+    """Raise :class:`SecondOrderUnsupported` at the first piecewise-linear node (ReLU, leaky
+    ReLU, PReLU, MaxPool), and :class:`~verigrad.errors.OpUnsupported` for a graph that is not a
+    chain of Linear / Conv / reshape / activation layers (the Hessian engines' representation)."""
+    if Output(output) == Output.PROBABILITY:
+        raise SecondOrderUnsupported("second-order bounds cover o = z_c and the cross-entropy loss, not "
+                                     "the probability output")
     for layer in net.layers:
-        if isinstance(layer, Activation) and layer.kind in _PIECEWISE_LINEAR:
+        if layer.piecewise_linear:
             raise SecondOrderUnsupported(_unsupported_message(layer))
+    net.require_chain("hessian")
 
 
 def second_derivative(layer: Activation, z: torch.Tensor) -> torch.Tensor:
@@ -155,6 +162,8 @@ def hessian(net: Network, x: torch.Tensor, target: torch.Tensor, output: Output 
         z = logits(net, xi.unsqueeze(0))
         if output == Output.LOGIT:
             return z[0].gather(0, c.unsqueeze(0)).sum()
+        if output == Output.PROBABILITY:
+            return torch.softmax(z[0], dim=0).gather(0, c.unsqueeze(0)).sum()
         return F.cross_entropy(z, c.unsqueeze(0))
 
     second = torch.func.vmap(torch.func.jacfwd(torch.func.grad(objective)))
@@ -284,13 +293,13 @@ def _group_bounds(net: Network, box: Bounds, target: torch.Tensor, output: Outpu
         if isinstance(layer, Activation):
             pre[i], tangents[i] = h, t
             dsig[i] = layer.derivative_bounds(*h)
-            h, h0 = _map_ends(layer.forward, h), layer.forward(h0)  # every σ is nondecreasing
+            h, h0 = _map_ends(layer, h), layer(h0)  # every σ is nondecreasing
             t = mul_nonneg_interval((dsig[i][0].unsqueeze(1), dsig[i][1].unsqueeze(1)), t)
         elif isinstance(layer, Reshape):
-            h, h0 = _map_ends(layer.forward, h), layer.forward(h0)
-            t = _unflat(_map_ends(layer.forward, _flat(t)), b)
+            h, h0 = _map_ends(layer, h), layer(h0)
+            t = _unflat(_map_ends(layer, _flat(t)), b)
         else:
-            h, h0 = _affine_forward(layer, h, None, Product.MIDPOINT_RADIUS), layer.forward(h0)
+            h, h0 = _affine_forward(layer, h, None, Product.MIDPOINT_RADIUS), layer(h0)
             t = _unflat(_tangent_forward(layer, _flat(t)), b)
             # centred form: h(x') = h(x0) + Ĵ(x' − x0) with Ĵ an average of Jacobians over the box
             cl, cu = _step_sum(_rows(t), da, dc)
@@ -376,7 +385,7 @@ def ibp_hessian_bounds(net: Network, box: Bounds, target: torch.Tensor, output: 
     Measured (float64, one CPU thread): MNIST MLP 784-256-256-10 (softplus) ~0.1 s per input;
     an MNIST-size CNN (conv 16@4×4 s2 → conv 32@4×4 → fc 100 → 10, softplus) 1.4 s (two
     threads) to 2.5 s (one) per input and ~1 GB peak (d × 8644 tangents, eight 784 × 5408 × 784 products)."""
-    require_smooth(net)
+    require_smooth(net, output)
     _check_inputs(net, box, target)
     output = Output(output)
     b, d = box.lower.shape[0], math.prod(net.input_shape)
@@ -415,7 +424,7 @@ def _crown(net: Network, box: Bounds, target: torch.Tensor, output: Output) -> E
         from verigrad.bounds import lirpa  # heavy and optional
     except ImportError as e:
         raise EngineUnsupported(f"auto_LiRPA is not available ({e})") from e
-    require_smooth(net)
+    require_smooth(net, output)
     crown = lirpa.crown_hessian_bounds(net, box, target, output)
     ibp = ibp_hessian_bounds(net, box, target, output)
     lo = torch.maximum(crown.bounds.lower, ibp.bounds.lower)
@@ -449,7 +458,7 @@ def hessian_bounds(
         m = HessianMethod(method)
     except ValueError:
         raise ValueError(f"unknown Hessian bound method {method!r}; choose from {[x.value for x in HessianMethod]}") from None
-    require_smooth(net)
+    require_smooth(net, output)
     output = Output(output)
     try:
         return HESSIAN_ENGINES[m](net, box, target, output)

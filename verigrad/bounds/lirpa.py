@@ -38,7 +38,14 @@ from auto_LiRPA import BoundedModule, BoundedParameter, BoundedTensor  # noqa: E
 from auto_LiRPA.operators import BoundBuffers, BoundConstant, BoundParams  # noqa: E402
 from auto_LiRPA.perturbations import PerturbationLpNorm  # noqa: E402
 
-from verigrad.bounds.lirpa_ops import CUSTOM_OPS, BoundReluGrad, BoundSoftmaxBox, ParamBoxPerturbation  # noqa: E402
+from verigrad.bounds.lirpa_ops import (  # noqa: E402
+    CUSTOM_OPS,
+    BoundMaxPoolGrad,
+    BoundProbabilitySeed,
+    BoundReluGrad,
+    BoundSoftmaxBox,
+    ParamBoxPerturbation,
+)
 
 __all__ = ["CrownOptions", "LirpaError", "crown_bounds", "memory_budget_bytes", "pick_output_chunk"]
 
@@ -235,6 +242,9 @@ def crown_bounds(
     params = params if params is not None and not params.empty else None
     if params is not None:
         _check_params(net, params)
+    engine = "alpha-crown" if alpha else "crown"
+    for i, node in enumerate(net.layers):
+        node.check_engine(engine, net.in_shapes(i), perturbed=params is not None and node.name in params)
     device = box.lower.device
     if net.device != device:
         net = net.to(device=device)
@@ -259,6 +269,8 @@ def crown_bounds(
     ]
     if output == Output.LOSS:
         notes.append("cross-entropy seed softmax(z) − e_c bounded by the exact softmax range over the logit box")
+    if output == Output.PROBABILITY:
+        notes.append("probability seed p_c(e_c − p) bounded by its range over the logit box")
     if params is not None:
         notes.append(f"parameter box on {sorted(params.layers)}")
     if alpha:
@@ -512,6 +524,9 @@ def _bound_chunk(
             inputs = (centre, _seed_input(graph, net, target, b, params))
         try:
             model = _GradBoundedModule(_Flat(graph), inputs, bound_opts=bound_opts, custom_ops=CUSTOM_OPS, device=lo.device)
+        except AssertionError as e:
+            raise EngineUnsupported(f"auto_LiRPA 0.3 asserted while converting the gradient graph of {where}: "
+                                    f"{_first_line(e) or 'assertion failed'}") from e
         except NotImplementedError as e:
             ops = _unsupported_ops(log_lines)
             if ops:
@@ -530,6 +545,9 @@ def _bound_chunk(
         try:
             with torch.no_grad():
                 cl, cu = _crown_rows(model, x, ranges, d, b)
+        except AssertionError as e:
+            raise EngineUnsupported(f"auto_LiRPA 0.3 asserted while bounding {where}: "
+                                    f"{_first_line(e) or 'assertion failed'}") from e
         except NotImplementedError as e:
             raise EngineUnsupported(f"auto_LiRPA 0.3 cannot bound the gradient graph of {where}: {_first_line(e)}") from e
         except Exception as e:
@@ -538,6 +556,9 @@ def _bound_chunk(
         if alpha:
             try:
                 al, au = _alpha_crown(model, x, opts, ranges, d, b)
+            except AssertionError as e:
+                raise EngineUnsupported(f"auto_LiRPA 0.3 asserted while optimising {where}: "
+                                        f"{_first_line(e) or 'assertion failed'}") from e
             except NotImplementedError as e:
                 raise EngineUnsupported(f"auto_LiRPA 0.3 cannot optimise the bounds of {where}: {_first_line(e)}") from e
             except Exception as e:
@@ -707,7 +728,9 @@ def _backward_reachable(model: BoundedModule) -> set[str]:
         if node.name in seen:
             continue
         seen.add(node.name)
-        if not isinstance(node, BoundSoftmaxBox):
+        if isinstance(node, BoundMaxPoolGrad):
+            stack.append(node.inputs[1])  # its planes pass no A to x
+        elif not isinstance(node, (BoundSoftmaxBox, BoundProbabilitySeed)):
             stack.extend(node.inputs)
     return seen
 
@@ -779,7 +802,7 @@ class _HessianGraph(nn.Module):
             else:
                 pre[i] = h
                 layer = self.acts[i]
-                h = _ops.softplus(h, layer.param) if layer.kind == _ActKind.SOFTPLUS else layer.forward(h)
+                h = _ops.softplus(h, layer.param) if layer.kind == _ActKind.SOFTPLUS else layer(h)
         deriv = {i: self._derivatives(self.acts[i], z) for i, z in pre.items()}
         gam: dict[int, torch.Tensor] = {}
         g = seed

@@ -15,10 +15,20 @@ import torch
 from torch import Tensor
 
 from verigrad.bounds.lirpa_compat import import_auto_lirpa
-from verigrad.bounds.ibp import softmax_bounds
+from verigrad.bounds.ibp import probability_seed_bounds, softmax_bounds
+from verigrad.graph.ops import _probability_seed
+from verigrad.operators.base import IbpContext
+from verigrad.operators.pooling import (
+    MaxPool,
+    _scatter_taps,
+    _spread_taps,
+    maxpool_grad_planes,
+    maxpool_planes,
+    tap_states,
+)
 
 import_auto_lirpa()
-from auto_LiRPA.operators import Bound, BoundActivation, BoundOptimizableActivation  # noqa: E402
+from auto_LiRPA.operators import Bound, BoundActivation, BoundOptimizableActivation, BoundTranspose  # noqa: E402
 from auto_LiRPA.perturbations import PerturbationLpNorm  # noqa: E402
 from auto_LiRPA.utils import eyeC  # noqa: E402
 
@@ -247,6 +257,153 @@ class BoundSoftmaxBox(Bound):
         return [(None, None)], bias(last_lA, True), bias(last_uA, False)
 
 
+def _constant_planes_bias(A: Any, lo: Tensor, hi: Tensor, lower: bool, what: str) -> Tensor | float:
+    """Σ A·v over v ∈ [lo, hi] at its minimum (``lower``) or maximum: the constant planes v ≥ lo,
+    v ≤ hi pushed through A."""
+    if A is None:
+        return 0.0
+    if not isinstance(A, Tensor):
+        raise NotImplementedError(f"{what}: A of type {type(A).__name__}")
+    pos, neg = A.clamp(min=0), A.clamp(max=0)
+    first, second = (lo, hi) if lower else (hi, lo)
+    return _flat_sum(pos * first + neg * second)
+
+
+class BoundProbabilitySeed(Bound):
+    """``verigrad::ProbabilitySeed(z)`` = p_c(e_c − p) relaxed by constant planes: its range over
+    the logit box (ibp.probability_seed_bounds). Sound, exact at a point."""
+
+    def __init__(self, attr: Any, inputs: Any, output_index: Any, options: Any) -> None:
+        super().__init__(attr, inputs, output_index, options)
+        self.target = int(attr["target"])
+        self.requires_input_bounds = [0]
+
+    def _range(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        t = torch.full((lo.shape[0],), self.target, dtype=torch.long, device=lo.device)
+        return probability_seed_bounds(lo, hi, t)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return _probability_seed(z, self.target)
+
+    def interval_propagate(self, *v: Any) -> tuple[Tensor, Tensor]:
+        return self._range(*v[0])
+
+    def bound_backward(self, last_lA: Any, last_uA: Any, z: Any, **kwargs: Any) -> Any:
+        lo, hi = self._range(z.lower, z.upper)
+        what = f"ProbabilitySeed node {self.name}"
+        return [(None, None)], _constant_planes_bias(last_lA, lo, hi, True, what), \
+            _constant_planes_bias(last_uA, lo, hi, False, what)
+
+
+def _pool_geometry(attr: Any) -> MaxPool:
+    return MaxPool("lirpa", tuple(attr["kernel"]), tuple(attr["stride"]), tuple(attr["pads"]), bool(attr["ceil"]))
+
+
+def _dense_A(A: Any, what: str) -> None:
+    if A is not None and not isinstance(A, Tensor):
+        raise NotImplementedError(f"{what}: A of type {type(A).__name__} (use conv_mode='matrix')")
+
+
+class BoundMaxPoolOp(Bound):
+    """``verigrad::MaxPool(x)`` with the planes of ``operators.pooling.maxpool_planes``:
+    y_w ≥ x_{j*} (j* the tap with the largest lower bound), y_w ≤ x_{j*} where j* dominates its
+    window, else y_w ≤ max_p u_p."""
+
+    def __init__(self, attr: Any, inputs: Any, output_index: Any, options: Any) -> None:
+        super().__init__(attr, inputs, output_index, options)
+        self.geo = _pool_geometry(attr)
+        self.requires_input_bounds = [0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.geo.forward([x])
+
+    def interval_propagate(self, *v: Any) -> tuple[Tensor, Tensor]:
+        lo, hi = v[0]
+        return self.geo.forward([lo]), self.geo.forward([hi])
+
+    def bound_backward(self, last_lA: Any, last_uA: Any, x: Any, **kwargs: Any) -> Any:
+        onehot, dominated, ucons = maxpool_planes(x.lower, x.upper, self.geo)
+        dom = dominated.to(x.lower.dtype)
+        in_shape = tuple(x.lower.shape[1:])
+
+        def one_side(A: Tensor | None, lower_pass: bool) -> tuple[Tensor | None, Tensor | float]:
+            if A is None:
+                return None, 0.0
+            _dense_A(A, f"MaxPool node {self.name}")
+            s, b, c = A.shape[:3]
+            a = A.reshape(s, b, c, 1, -1)
+            pos, neg = a.clamp(min=0), a.clamp(max=0)
+            # lower plane: coefficient 1 at j*; upper plane: coefficient dom at j*, constant (1 − dom)·U
+            if lower_pass:
+                coef, bias = pos + neg * dom, neg * (1 - dom) * ucons
+            else:
+                coef, bias = pos * dom + neg, pos * (1 - dom) * ucons
+            taps = (coef * onehot).reshape(s * b, c, onehot.shape[2], -1)
+            ax = _scatter_taps(taps, self.geo, in_shape).reshape(s, b, *in_shape)
+            return ax, _flat_sum(bias)
+
+        lA, lbias = one_side(last_lA, True)
+        uA, ubias = one_side(last_uA, False)
+        return [(lA, uA)], lbias, ubias
+
+
+class BoundMaxPoolGrad(Bound):
+    """``verigrad::MaxPoolGrad(x, g)`` = Σ_w onehot(argmax_w x)·g_w with the z-free planes of
+    ``operators.pooling.maxpool_grad_planes`` (every candidate argmax covered; no A flows to x)."""
+
+    def __init__(self, attr: Any, inputs: Any, output_index: Any, options: Any) -> None:
+        super().__init__(attr, inputs, output_index, options)
+        self.geo = _pool_geometry(attr)
+        self.requires_input_bounds = [0, 1]
+
+    def forward(self, x: Tensor, g: Tensor) -> Tensor:
+        return self.geo.route(x, g, tuple(x.shape[1:]))
+
+    def interval_propagate(self, *v: Any) -> tuple[Tensor, Tensor]:
+        x, g = v[0], v[1]
+        return self.geo.ibp_vjp([x], g, [tuple(x[0].shape[1:])], IbpContext())[0]
+
+    def bound_backward(self, last_lA: Any, last_uA: Any, x: Any, g: Any, **kwargs: Any) -> Any:
+        certain, possible = tap_states(x.lower, x.upper, self.geo)
+        b, c = g.lower.shape[:2]
+        lg, lb, ug, ub = maxpool_grad_planes(certain, possible, g.lower.reshape(b, c, -1), g.upper.reshape(b, c, -1))
+        in_shape = tuple(x.lower.shape[1:])
+        g_shape = tuple(g.lower.shape[1:])
+
+        def one_side(A: Tensor | None, lower_pass: bool) -> tuple[Tensor | None, Tensor | float]:
+            if A is None:
+                return None, 0.0
+            _dense_A(A, f"MaxPoolGrad node {self.name}")
+            s = A.shape[0]
+            taps = _spread_taps(A.reshape(s * b, *in_shape), self.geo, in_shape).reshape(s, b, c, lg.shape[2], -1)
+            pos, neg = taps.clamp(min=0), taps.clamp(max=0)
+            if lower_pass:
+                ag, bias = pos * lg + neg * ug, pos * lb + neg * ub
+            else:
+                ag, bias = pos * ug + neg * lg, pos * ub + neg * lb
+            return ag.sum(dim=3).reshape(s, b, *g_shape), _flat_sum(bias)
+
+        lA, lbias = one_side(last_lA, True)
+        uA, ubias = one_side(last_uA, False)
+        return [(None, None), (lA, uA)], lbias, ubias
+
+
+class BoundTransposeContiguous(BoundTranspose):
+    """``onnx::Transpose`` whose values, bounds and A matrices are contiguous: auto_LiRPA 0.3's
+    own returns permuted views, which its unstable-neuron bookkeeping later ``view``s and fails on."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).contiguous()
+
+    def interval_propagate(self, *v: Any) -> tuple[Tensor, Tensor]:
+        lo, hi = super().interval_propagate(*v)
+        return lo.contiguous(), hi.contiguous()
+
+    def bound_backward(self, last_lA: Any, last_uA: Any, x: Any) -> Any:
+        [(lA, uA)], lb, ub = super().bound_backward(last_lA, last_uA, x)
+        return [(None if lA is None else lA.contiguous(), None if uA is None else uA.contiguous())], lb, ub
+
+
 class ParamBoxPerturbation(PerturbationLpNorm):
     """Elementwise interval x_L ≤ θ ≤ x_U on a parameter tensor (no batch dimension).
 
@@ -275,4 +432,8 @@ CUSTOM_OPS: dict[str, type] = {
     "onnx::Softmax": BoundSoftmaxBox,
     "verigrad::ReluGrad": BoundReluGrad,
     "onnx::Softplus": BoundSoftplusRelaxed,
+    "verigrad::ProbabilitySeed": BoundProbabilitySeed,
+    "verigrad::MaxPool": BoundMaxPoolOp,
+    "verigrad::MaxPoolGrad": BoundMaxPoolGrad,
+    "onnx::Transpose": BoundTransposeContiguous,
 }

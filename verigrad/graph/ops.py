@@ -70,3 +70,40 @@ def tanh_grad(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """(1 − t²) · g with t = tanh(z)."""
     t = torch.tanh(z)
     return (1.0 - t * t) * g
+
+
+class ProbabilitySeed(torch.autograd.Function):
+    """s = p_c (e_c − p), p = softmax(z): the gradient of o = p_c at the logits, as ONE traced
+    node ``verigrad::ProbabilitySeed(z)`` (bound engines relax it by its interval)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, target: int) -> torch.Tensor:  # type: ignore[override]
+        with torch.enable_grad():
+            zz = z.detach().requires_grad_(True)
+            s = _probability_seed(zz, target)
+        ctx.save_for_backward(zz, s)
+        return s.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        zz, s = ctx.saved_tensors
+        with torch.enable_grad():
+            (gz,) = torch.autograd.grad(s, zz, grad)
+        return gz, None
+
+    @staticmethod
+    def symbolic(graph, z, target):
+        out = graph.op("verigrad::ProbabilitySeed", z, target_i=int(target))
+        out.setType(z.type())
+        return out
+
+
+def _probability_seed(z: torch.Tensor, target: int) -> torch.Tensor:
+    p = torch.softmax(z, dim=1)
+    onehot = F.one_hot(torch.full((z.shape[0],), target, device=z.device), z.shape[1]).to(z.dtype)
+    return p[:, target : target + 1] * (onehot - p)
+
+
+def probability_seed(z: torch.Tensor, target: int) -> torch.Tensor:
+    """p_c (e_c − p) for logits z (B, K) (one custom node when traced)."""
+    return ProbabilitySeed.apply(z, int(target))

@@ -1,0 +1,180 @@
+"""Elementwise activations: σ(z) forward, g ↦ σ'(z) ⊙ g backward.
+
+Interval rules: every :class:`Activation` is nondecreasing, so its forward interval is
+[σ(l), σ(u)]; its derivative interval is ``derivative_bounds`` (exact ranges) and the product
+with g uses σ' ≥ 0. :class:`PReLU` may have any slope a: f(z) = relu(z) + a·min(z, 0), whose
+forward interval is the hull of f(l), f(u) and f(0) = 0 when 0 ∈ [l, u], and whose derivative
+lies in {a, 1}.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from verigrad.errors import ModelError
+from verigrad.graph import ops
+from verigrad.operators.base import IbpContext, Node, Shape, Tensors, register
+from verigrad.operators.interval import Interval, hull, map_ends, mul_interval, mul_nonneg_interval
+
+
+class ActKind(str, Enum):
+    RELU = "relu"
+    LEAKY_RELU = "leaky_relu"
+    SOFTPLUS = "softplus"
+    SIGMOID = "sigmoid"
+    TANH = "tanh"
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class Activation(Node):
+    """Elementwise σ. ``param`` is the negative slope (leaky_relu) or β (softplus).
+    Gradient rule: g_in = σ'(z) ⊙ g_out, z the pre-activation."""
+
+    kind: ActKind
+    param: float = 0.0
+
+    op: ClassVar[str] = "activation"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ActKind(self.kind))
+        if self.kind == ActKind.SOFTPLUS and not self.param > 0:
+            raise ModelError(f"layer {self.name!r}: softplus needs beta > 0, got {self.param}")
+        if self.kind == ActKind.LEAKY_RELU and not 0.0 <= self.param <= 1.0:
+            raise ModelError(
+                f"layer {self.name!r}: leaky_relu negative slope must lie in [0, 1], got {self.param}"
+            )
+
+    @property
+    def piecewise_linear(self) -> bool:  # type: ignore[override]
+        return self.kind in (ActKind.RELU, ActKind.LEAKY_RELU)
+
+    # -- concrete ----------------------------------------------------------------------
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        """σ(z)."""
+        k = self.kind
+        if k == ActKind.RELU:
+            return torch.relu(z)
+        if k == ActKind.LEAKY_RELU:
+            return F.leaky_relu(z, self.param)
+        if k == ActKind.SOFTPLUS:
+            # exact log(1 + exp(βz))/β (torch's Softplus switches to z above βz > 20; the
+            # difference is below 1e-9 and we certify the exact function)
+            return ops.softplus(z, self.param)
+        if k == ActKind.SIGMOID:
+            return torch.sigmoid(z)
+        if k == ActKind.TANH:
+            return torch.tanh(z)
+        raise ModelError(f"layer {self.name!r}: unsupported activation {k}")
+
+    def forward(self, xs: Sequence[torch.Tensor], t: Tensors | None = None) -> torch.Tensor:
+        return self.apply(xs[0])
+
+    def vjp(self, xs, g, in_shapes, t=None):
+        z, k = xs[0], self.kind
+        if k == ActKind.RELU:
+            return (ops.relu_grad(z, g),)
+        if k == ActKind.LEAKY_RELU:
+            return (ops.leaky_relu_grad(z, g, self.param),)
+        if k == ActKind.SOFTPLUS:
+            return (ops.softplus_grad(z, g, self.param),)
+        if k == ActKind.SIGMOID:
+            return (ops.sigmoid_grad(z, g),)
+        return (ops.tanh_grad(z, g),)
+
+    def derivative(self, z: torch.Tensor) -> torch.Tensor:
+        """σ'(z), with relu'(0) = 0 as autograd has it."""
+        k = self.kind
+        if k == ActKind.RELU:
+            return (z > 0).to(z.dtype)
+        if k == ActKind.LEAKY_RELU:
+            return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, self.param))
+        if k == ActKind.SOFTPLUS:
+            return torch.sigmoid(self.param * z)
+        if k == ActKind.SIGMOID:
+            s = torch.sigmoid(z)
+            return s * (1 - s)
+        t = torch.tanh(z)
+        return 1 - t * t
+
+    # -- abstract ----------------------------------------------------------------------
+    def derivative_bounds(self, zl: torch.Tensor, zu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Interval of σ'(z) for z ∈ [zl, zu]. relu/leaky/softplus: σ' is monotone
+        nondecreasing, so [σ'(zl), σ'(zu)]. sigmoid/tanh: σ' is unimodal with its peak at 0:
+        the minimum is at the endpoint farthest from 0, the maximum is σ'(0) if 0 ∈ [zl, zu],
+        else at the endpoint nearest 0."""
+        k = self.kind
+        if k in (ActKind.RELU, ActKind.LEAKY_RELU, ActKind.SOFTPLUS):
+            return self.derivative(zl), self.derivative(zu)
+        dl, du = self.derivative(zl), self.derivative(zu)
+        peak = 0.25 if k == ActKind.SIGMOID else 1.0
+        contains0 = (zl <= 0) & (zu >= 0)
+        upper = torch.where(contains0, torch.full_like(dl, peak), torch.maximum(dl, du))
+        return torch.minimum(dl, du), upper
+
+    def ibp_forward(self, xs: Sequence[Interval], in_shapes: Sequence[Shape], ctx: IbpContext) -> Interval:
+        return map_ends(self.apply, xs[0])  # σ is nondecreasing for every kind here
+
+    def ibp_vjp(self, xs, g, in_shapes, ctx):
+        return (mul_nonneg_interval(self.derivative_bounds(*xs[0]), g),)
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class PReLU(Node):
+    """f(z) = relu(z) + a ⊙ min(z, 0) with a learned slope ``slope`` broadcast against the
+    per-sample shape (one per channel, or a scalar). Written as relu(z) + a ⊙ (z − relu(z)),
+    which is exact in floating point and made of ops auto_LiRPA bounds; gradient rule
+    g_in = r + a ⊙ (g − r) with r = 1[z > 0]·g (exact likewise). The slope is not in
+    parameter boxes."""
+
+    slope: torch.Tensor
+
+    op: ClassVar[str] = "prelu"
+    tensor_fields: ClassVar[tuple[str, ...]] = ("slope",)
+    piecewise_linear: ClassVar[bool] = True
+
+    def out_shape(self, in_shapes: Sequence[Shape]) -> Shape:
+        shape = tuple(in_shapes[0])
+        try:
+            torch.broadcast_shapes(tuple(self.slope.shape), shape)
+        except RuntimeError:
+            raise ModelError(f"layer {self.name!r}: PReLU slope of shape {tuple(self.slope.shape)} does not "
+                             f"broadcast to its input's shape {shape}") from None
+        if torch.broadcast_shapes(tuple(self.slope.shape), shape) != shape:
+            raise ModelError(f"layer {self.name!r}: PReLU slope of shape {tuple(self.slope.shape)} is larger "
+                             f"than its input's shape {shape}")
+        return shape
+
+    def forward(self, xs, t=None):
+        z, a = xs[0], self._t(t, "slope")
+        r = torch.relu(z)
+        return r + a * (z - r)
+
+    def vjp(self, xs, g, in_shapes, t=None):
+        a = self._t(t, "slope")
+        r = ops.relu_grad(xs[0], g)
+        return (r + a * (g - r),)
+
+    def ibp_forward(self, xs, in_shapes, ctx):
+        lo, up = xs[0]
+        a = self.slope
+
+        def f(z: torch.Tensor) -> torch.Tensor:
+            return torch.relu(z) + a * (z - torch.relu(z))
+
+        fl, fu = f(lo), f(up)
+        zero = torch.where((lo <= 0) & (up >= 0), torch.zeros_like(fl), fl)
+        return hull([fl, fu, zero])
+
+    def ibp_vjp(self, xs, g, in_shapes, ctx):
+        zl, zu = xs[0]
+        a = self.slope.expand_as(zl)
+        one = torch.ones_like(zl)
+        dl = torch.where(zl > 0, one, torch.where(zu <= 0, a, torch.minimum(a, one)))
+        du = torch.where(zl > 0, one, torch.where(zu <= 0, a, torch.maximum(a, one)))
+        return (mul_interval((dl, du), g),)
