@@ -90,8 +90,11 @@ def test_view_rejects_unsupported_layer() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 2))
     with pytest.raises(ValueError, match=r"layer 2 \(Dropout\)"):
         network_from_module(model, (4,))
+    # (padding="same" with an odd kernel is converted since the converters were unified)
     with pytest.raises(ValueError, match=r"layer 0 \(Conv2d\)"):
-        network_from_module(nn.Sequential(nn.Conv2d(1, 1, 3, padding="same"), nn.Flatten(), nn.Linear(4, 2)), (1, 2, 2))
+        network_from_module(nn.Sequential(nn.Conv2d(1, 1, 3, dilation=2), nn.Flatten(), nn.Linear(1, 2)), (1, 5, 5))
+    with pytest.raises(ValueError, match=r"layer 1 \(BatchNorm1d\)"):
+        network_from_module(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)), (4,))
 
 
 # ----------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 from torch import nn
 
-from verigrad.models.network import ModelError, Network, chain
+from verigrad.models.network import INPUT, ModelError, Network
 from verigrad.models.onnx_loader import channel_affine_layer, load_onnx
 from verigrad.models.torch_loader import from_module, load_torchscript
 
@@ -47,7 +47,10 @@ def add_normalization(net: Network, mean: Sequence[float], std: Sequence[float])
         k += 1
     # (x − m)/s = (1/s)·x − m/s
     layer = channel_affine_layer(name, 1.0 / s, -m / s, shape, net.dtype)
-    out = chain((layer, *net.layers), shape, net.source)
+    # nodes reading the network input now read the normalized input
+    rest = tuple(l.renamed(inputs=[name if i == INPUT else i for i in l.inputs]) if INPUT in l.inputs else l
+                 for l in net.layers)
+    out = Network((layer, *rest), shape, net.source, net.notes)
     return out if net.device.type == "cpu" else out.to(device=net.device)
 
 
@@ -55,14 +58,20 @@ def load_model(
     source: str | Path | nn.Module,
     input_shape: Sequence[int] | None = None,
     normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+    output: str | int | None = None,
 ) -> Network:
     """Load a model as a :class:`Network`, optionally prepending input normalization.
 
     ``source``: an ``nn.Module`` (``input_shape`` required), a ``.onnx`` file
     (``input_shape`` optional, taken from the file) or a TorchScript file ``.pt``/``.pth``/
     ``.ts`` (``input_shape`` required). ``normalization`` = (mean, std) per channel.
+    ``output`` chooses the logits among several outputs of an ONNX/TorchScript model (an
+    output name or an index; see :func:`load_onnx`).
     """
     if isinstance(source, nn.Module):
+        if output is not None:
+            raise ModelError(f"{type(source).__name__}: output selection applies to ONNX and TorchScript files; "
+                             "for an nn.Module wrap it so that forward returns the logits")
         if input_shape is None:
             raise ModelError(f"{type(source).__name__}: input_shape is required for an nn.Module")
         net = from_module(source, input_shape)
@@ -77,11 +86,11 @@ def load_model(
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")
         if ext in _ONNX_EXT:
-            net = load_onnx(path, input_shape)
+            net = load_onnx(path, input_shape, output)
         else:
             if input_shape is None:
                 raise ModelError(f"{path.name}: input_shape is required for a TorchScript model")
-            net = load_torchscript(path, input_shape)
+            net = load_torchscript(path, input_shape, output=output)
     if normalization is not None:
         mean, std = normalization
         net = add_normalization(net, mean, std)

@@ -1,28 +1,48 @@
 """ONNX → :class:`~verigrad.models.network.Network`, parsing the graph with the ``onnx`` package.
 
-The graph must be a chain: one input, one output, and every data node reads the tensor the
-previous data node wrote. Nodes whose inputs are all constants (initializers, ``Constant``,
-and the ``Shape`` of a data tensor, whose per-sample part is known) are evaluated here with
-numpy, which is how the batch-size arithmetic of ``x.view(x.size(0), -1)`` is resolved.
+The graph is a DAG: every data tensor (the graph input and whatever is computed from it) is
+followed, may feed several nodes, and becomes the input of the network nodes that read it.
+Nodes whose inputs are all constants (initializers, ``Constant``, and the ``Shape`` of a data
+tensor, whose per-sample part is known) are evaluated here with numpy in two "worlds" with
+different batch sizes, which is how the batch arithmetic of ``x.view(x.size(0), -1)`` is
+resolved and how a reshape that would mix samples is caught.
 
-Lowering, node by node:
+One output is lowered: the only one, or the one chosen with ``output`` (a name or an index
+into ``graph.output``); nodes that do not feed it are pruned. A ``Softmax`` over the classes
+producing that output is stripped (its input are the logits) and recorded in ``Network.notes``.
+
+Lowering, node by node (tested with torch's legacy and dynamo exporters):
 
 * Gemm, MatMul (+ a following Add/Sub of a constant, folded into the bias) → Linear
 * Conv (2-D, no dilation, one group, symmetric pads) → Conv2d
-* AveragePool / GlobalAveragePool → a fixed Conv2d with diagonal weights 1/(kh·kw)
-* Flatten, Reshape (per sample) → Reshape
-* Relu, LeakyRelu, Sigmoid, Tanh, Softplus, and torch's Mul(β)→Softplus→Div(β) → Activation
-* BatchNormalization → folded into the Conv/Gemm it directly follows (exact), else
-  a fixed per-channel affine layer
-* Add/Sub/Mul/Div by a scalar or per-channel constant → a fixed per-channel affine layer
+* AveragePool / GlobalAveragePool / ReduceMean over (H, W) → a fixed Conv2d with diagonal
+  weights 1/(kh·kw)
+* MaxPool (2-D, no dilation) → MaxPool
+* Flatten, Reshape, Squeeze, Unsqueeze (per sample) → Reshape; Transpose (batch kept first) →
+  Transpose; Pad (constant mode) → Pad
+* Relu, LeakyRelu, Sigmoid, Tanh, Softplus, PRelu → Activation / PReLU; torch's
+  Mul(β)→Softplus→Div(β) and the dynamo exporter's threshold branch
+  Where(Greater(β·x, threshold), x, Softplus(β·x)/β) → Activation(softplus, β): we certify the
+  exact softplus, which differs from the threshold branch by < log(1 + e^−threshold)/β
+* BatchNormalization → folded into the Conv/Gemm it directly follows when nothing else reads
+  that output (exact), else a fixed per-channel affine node
+* Add/Sub/Mul/Div by a scalar or per-channel constant → a fixed per-channel affine node
   (``<node>/normalize`` at the graph input, ``<node>/affine`` elsewhere); consecutive ones
-  are merged into one layer
-* Identity, Dropout → nothing
+  are merged into one node
+* Add/Sub of two computed tensors → Add/Sub; Concat of computed tensors → Concat
+* Identity, Dropout (inference), Cast to float/double → nothing
+
+Every tensor of the result is float64, built exactly from the file's values (float32 values
+convert exactly): derived constants (BatchNorm scale/shift and folding, normalization
+constants, Gemm α/β, pooling weights) are computed in float64, and float hyperparameters are
+the values stored in the file (BatchNorm ε = 9.99999974738e-06 for torch's 1e-5), so the
+network is a float64 evaluation of the file's graph. Cast with ``Network.to``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -32,17 +52,26 @@ import torch
 from onnx import numpy_helper
 
 from verigrad.models.network import (
+    INPUT,
     ActKind,
     Activation,
+    Add,
     AffineLayer,
+    Concat,
     Conv2d,
     Layer,
     Linear,
+    MaxPool,
     ModelError,
     Network,
+    Pad,
+    PReLU,
     Reshape,
-    chain,
+    Sub,
+    Transpose,
 )
+
+F64 = torch.float64
 
 # ---------------------------------------------------------------------------------------
 # Helpers shared with the torch loader: fixed (synthesised) layers and exact folding.
@@ -52,22 +81,22 @@ from verigrad.models.network import (
 def bn_scale_shift(
     gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """BatchNorm in inference mode as y = s·x + t: s = γ/sqrt(var+eps), t = β − mean·s."""
+    """BatchNorm in inference mode as y = s·x + t: s = γ/sqrt(var+eps), t = β − mean·s
+    (in float64)."""
     s = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + float(eps))
     return s, np.asarray(beta, np.float64) - np.asarray(mean, np.float64) * s
 
 
 def fold_channel_affine(layer: AffineLayer, scale: np.ndarray, shift: np.ndarray) -> AffineLayer:
-    """The affine layer followed by y = s·x + t per output channel, as one layer (exact):
-    W' = s·W (row-wise), b' = s·b + t. For BatchNorm this is b' = (b − mean)·s + β."""
+    """The affine layer followed by y = s·x + t per output channel, as one layer (exact up to
+    float64 rounding): W' = s·W (row-wise), b' = s·b + t. For BatchNorm this is
+    b' = (b − mean)·s + β. Everything else of the layer (name, inputs, stride, …) is kept."""
     w64, b64 = layer.weight.detach().double(), layer.bias.detach().double()
-    s = torch.as_tensor(scale, dtype=torch.float64, device=w64.device)
-    t = torch.as_tensor(shift, dtype=torch.float64, device=w64.device)
+    s = torch.as_tensor(np.asarray(scale, np.float64), dtype=torch.float64, device=w64.device)
+    t = torch.as_tensor(np.asarray(shift, np.float64), dtype=torch.float64, device=w64.device)
     w = (w64 * s.reshape(-1, *([1] * (w64.dim() - 1)))).to(layer.weight.dtype)
     b = (b64 * s + t).to(layer.bias.dtype)
-    if isinstance(layer, Linear):
-        return Linear(layer.name, w, b, layer.perturbable)
-    return Conv2d(layer.name, w, b, layer.stride, layer.padding, layer.perturbable)
+    return dataclasses.replace(layer, weight=w, bias=b)
 
 
 def channel_affine_layer(
@@ -110,66 +139,187 @@ def avgpool_layer(
 # The ONNX graph walker.
 # ---------------------------------------------------------------------------------------
 
-_NP_TO_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
-
-@dataclass
-class _Pending:
-    """Elementwise y = scale·x + shift per channel, accumulated until a non-elementwise node."""
-
-    name: str
-    scale: np.ndarray
-    shift: np.ndarray
-
-
-def _hyper(v: float | np.ndarray) -> float:
-    """A scalar hyperparameter (LeakyRelu α, Gemm α/β, BatchNorm ε, Softplus β) stored as
-    float32 by ONNX: the shortest decimal that rounds to the same float32, i.e. the value the
-    user wrote (0.1 rather than 0.10000000149), so the ONNX route agrees with the torch one."""
-    return float(np.format_float_positional(np.float32(np.asarray(v).reshape(-1)[0]), unique=True, trim="-"))
+def _exact(v: float | np.ndarray) -> float:
+    """A scalar hyperparameter as the exact value stored in the file (a float32 attribute or
+    constant converts exactly to float64: 0.1 is 0.10000000149011612)."""
+    return float(np.asarray(v).reshape(-1)[0])
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
+def _str_attr(a: dict, key: str, default: str) -> str:
+    v = a.get(key, default)
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 def _node_label(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}_{index}"
 
 
-class _Walker:
-    """One pass over the (topologically sorted) nodes, emitting layers."""
+@dataclass(eq=False)
+class _Val:
+    """A data tensor: the output of network node ``src`` (or the input), optionally followed by
+    a pending per-channel affine map y = scale·x + shift (elementwise constant ops are merged
+    there and materialised as one fixed node when something else reads the tensor)."""
 
-    def __init__(self, model: onnx.ModelProto, input_shape: Sequence[int] | None, source: str) -> None:
+    src: str
+    shape: tuple[int, ...]
+    scale: np.ndarray | None = None
+    shift: np.ndarray | None = None
+    label: str = ""  # the node that started the pending map (names the fixed node)
+    foldable: bool = False  # src is a user Linear/Conv2d a following channel affine may fold into
+    names: list[str] = field(default_factory=list)  # ONNX tensors that are this value
+
+
+@dataclass
+class _SoftplusPattern:
+    """torch's exports of nn.Softplus(β, threshold) around one ONNX Softplus node."""
+
+    data: str  # the softplus input x
+    result: str  # the tensor that equals softplus_β(x) (up to the threshold branch)
+    beta: float
+    threshold: float | None
+    label: str  # the Softplus node's label
+    nodes: frozenset[int]
+
+
+class _Walker:
+    """One pass over the (topologically sorted) nodes that feed the chosen output."""
+
+    def __init__(self, model: onnx.ModelProto, input_shape: Sequence[int] | None, source: str,
+                 output: str | int | None = None) -> None:
         self.source = source
         g = model.graph
         self.graph = g
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.consts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for init in g.initializer:
             a = numpy_helper.to_array(init)
             self.consts[init.name] = (a, a)
+        self.notes: list[str] = []
+        self.out_name = self._choose_output(output)
+        self.nodes = list(g.node)
+        self.producer: dict[str, int] = {}
+        for i, n in enumerate(self.nodes):
+            for o in n.output:
+                if o:
+                    self.producer[o] = i
+        self.softmax: tuple[str, int] | None = None  # a stripped final Softmax: (label, axis)
+        self._strip_softmax()
+        self.keep = self._needed(self.out_name)
         inputs = [i for i in g.input if i.name not in self.consts]
-        if len(inputs) != 1:
+        read = {n for i in self.keep for n in self.nodes[i].input} | {self.out_name}
+        used = [i for i in inputs if i.name in read]
+        if len(used) != 1:
+            what = "no graph input" if not used else f"{len(used)} graph inputs {[i.name for i in used]}"
             raise ModelError(
-                f"{source}: the graph has {len(inputs)} inputs {[i.name for i in inputs]}; "
-                "verigrad needs a chain with a single input"
+                f"{source}: output {self.out_name!r} depends on {what}; verigrad needs a single data input"
             )
-        if len(g.output) != 1:
-            raise ModelError(
-                f"{source}: the graph has {len(g.output)} outputs {[o.name for o in g.output]}; "
-                "verigrad needs a chain with a single output"
-            )
-        inp = inputs[0]
+        inp = used[0]
         self.input_name = inp.name
+        self.input_shape = self._input_shape(inp, input_shape)
         tt = inp.type.tensor_type
-        self.dtype = torch.float64 if tt.elem_type == onnx.TensorProto.DOUBLE else torch.float32
+        batch = tt.shape.dim[0].dim_value if tt.shape.dim[0].HasField("dim_value") else None
+        # Two "worlds" with different batch sizes: shape arithmetic evaluated in both shows
+        # whether a Reshape keeps the batch dimension apart. A fixed batch size in the file
+        # means the graph was traced for that size only, and both worlds use it.
+        fixed = batch is not None and batch > 0
+        self.batches = (batch, batch) if fixed else (2, 3)
+        self.vals: dict[str, _Val] = {}
+        self._new_val(inp.name, INPUT, self.input_shape)
+        self.layers: list[Layer] = []
+        self.index: dict[str, int] = {}  # network node name → position in self.layers
+        self.shapes: dict[str, tuple[int, ...]] = {INPUT: self.input_shape}
+        self.names: set[str] = {INPUT}
+        # readers of each tensor among the kept nodes (Shape/Size only read the shape, which
+        # folding keeps), the chosen output counting as one
+        self.nconsumers: dict[str, int] = {self.out_name: 1}
+        self.consumers: dict[str, list[int]] = {}
+        for i in self.keep:
+            n = self.nodes[i]
+            for name in n.input:
+                if not name:
+                    continue
+                self.consumers.setdefault(name, []).append(i)
+                if n.op_type not in ("Shape", "Size"):
+                    self.nconsumers[name] = self.nconsumers.get(name, 0) + 1
+        self.skip: set[int] = set()
+        # Constant nodes up front: patterns look ahead at constants that the node order
+        # defines only later
+        for i in self.keep:
+            n = self.nodes[i]
+            if n.op_type == "Constant":
+                self.eval_const(n, _node_label(n, i))
+                self.skip.add(i)
+        self.patterns: dict[int, _SoftplusPattern] = {}
+        for i in self.keep:
+            if self.nodes[i].op_type == "Softplus":
+                p = self._softplus_pattern(i)
+                if p is not None:
+                    for k in p.nodes:
+                        self.patterns[k] = p
+
+    # -- setup -------------------------------------------------------------------------
+    def _choose_output(self, output: str | int | None) -> str:
+        names = [o.name for o in self.graph.output]
+        if output is None:
+            if len(names) != 1:
+                raise ModelError(
+                    f"{self.source}: the graph has {len(names)} outputs {names}; pass model.output "
+                    "(an output name or index) to choose the logits"
+                )
+            return names[0]
+        if isinstance(output, (int, np.integer)) and not isinstance(output, bool):
+            if not -len(names) <= int(output) < len(names):
+                raise ModelError(f"{self.source}: output index {output} out of range for the outputs {names}")
+            return names[int(output)]
+        if output not in names:
+            raise ModelError(f"{self.source}: no graph output named {output!r}; the outputs are {names}")
+        return str(output)
+
+    def _strip_softmax(self) -> None:
+        i = self.producer.get(self.out_name)
+        if i is None:
+            return
+        n = self.nodes[i]
+        label = _node_label(n, i)
+        if n.op_type == "LogSoftmax":
+            raise ModelError(
+                f"{self.source}: the output {self.out_name!r} is a LogSoftmax (node {label!r}); verigrad "
+                "explains logits or probabilities: export the model without the final LogSoftmax "
+                "(explanation.output: loss explains the cross-entropy −log p)"
+            )
+        if n.op_type == "Softmax":
+            self.softmax = (label, int(_attrs(n).get("axis", 1 if self.opset < 13 else -1)))
+            self.out_name = n.input[0]
+
+    def _needed(self, out: str) -> list[int]:
+        need, stack, keep = {out}, [out], set()
+        while stack:
+            t = stack.pop()
+            i = self.producer.get(t)
+            if i is None or i in keep:
+                continue
+            keep.add(i)
+            for name in self.nodes[i].input:
+                if name and name not in need:
+                    need.add(name)
+                    stack.append(name)
+        return sorted(keep)
+
+    def _input_shape(self, inp: onnx.ValueInfoProto, input_shape: Sequence[int] | None) -> tuple[int, ...]:
+        source = self.source
+        tt = inp.type.tensor_type
         dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
         if len(dims) < 2:
             raise ModelError(
                 f"{source}: input {inp.name!r} has shape {dims}; expected a batch dimension "
                 "followed by the per-sample shape"
             )
-        batch, declared = dims[0], dims[1:]
+        declared = dims[1:]
         if input_shape is not None:
             shape = tuple(int(s) for s in input_shape)
             if len(shape) != len(declared) or any(
@@ -180,40 +330,29 @@ class _Walker:
                     f"per-sample input shape {tuple(declared)} (input {inp.name!r}, batch "
                     "dimension dropped)"
                 )
-        else:
-            if not all(isinstance(d, int) and d > 0 for d in declared):
-                raise ModelError(
-                    f"{source}: input {inp.name!r} has symbolic per-sample dims "
-                    f"{tuple(declared)}; pass input_shape"
-                )
-            shape = tuple(int(d) for d in declared)  # type: ignore[arg-type]
-        self.input_shape = shape
-        # Two "worlds" with different batch sizes: shape arithmetic evaluated in both shows
-        # whether a Reshape keeps the batch dimension apart. A fixed batch size in the file
-        # means the graph was traced for that size only, and both worlds use it.
-        fixed = isinstance(batch, int) and batch > 0
-        self.batches = (batch, batch) if fixed else (2, 3)
-        self.data = inp.name
-        self.shape: tuple[int, ...] = shape
-        self.data_shapes: dict[str, tuple[int, ...]] = {inp.name: shape}
-        self.layers: list[Layer] = []
-        self.names: set[str] = set()
-        self.pending: _Pending | None = None
-        self.fresh_affine = False  # the last emitted layer is affine and nothing came after it
-        self.at_input = True  # no layer emitted yet: elementwise ops are input normalization
-        self.consumers: dict[str, list[int]] = {}
-        for i, n in enumerate(g.node):
-            for name in n.input:
-                self.consumers.setdefault(name, []).append(i)
-        self.skip: set[int] = set()
-        # Constant nodes up front: a pattern (Mul(β)→Softplus→Div(β)) looks ahead at
-        # constants that the node order defines only later
-        for i, n in enumerate(g.node):
-            if n.op_type == "Constant":
-                self.eval_const(n, _node_label(n, i))
-                self.skip.add(i)
+            return shape
+        if not all(isinstance(d, int) and d > 0 for d in declared):
+            raise ModelError(
+                f"{source}: input {inp.name!r} has symbolic per-sample dims "
+                f"{tuple(declared)}; pass input_shape"
+            )
+        return tuple(int(d) for d in declared)  # type: ignore[arg-type]
 
-    # -- naming, emission --------------------------------------------------------------
+    # -- errors ------------------------------------------------------------------------
+    def err(self, node: onnx.NodeProto, label: str, msg: str) -> ModelError:
+        return ModelError(f"{self.source}: node {label!r} ({node.op_type}): {msg}")
+
+    # -- values, naming, emission ------------------------------------------------------
+    def _new_val(self, tensor: str, src: str, shape: tuple[int, ...], **kw) -> _Val:
+        v = _Val(src, tuple(int(s) for s in shape), names=[tensor], **kw)
+        self.vals[tensor] = v
+        return v
+
+    def alias(self, tensor: str, v: _Val) -> None:
+        """``tensor`` is the same value as ``v`` (Identity, Dropout, a no-op reshape, a fold)."""
+        self.vals[tensor] = v
+        v.names.append(tensor)
+
     def unique(self, name: str) -> str:
         base, k = name, 1
         while name in self.names:
@@ -222,134 +361,185 @@ class _Walker:
         self.names.add(name)
         return name
 
-    def emit(self, layer: Layer) -> None:
-        self.flush()
-        self.shape = tuple(layer.out_shape(self.shape))
+    def emit(self, layer: Layer, ins: Sequence[str], node: onnx.NodeProto | None = None,
+             label: str = "") -> tuple[int, ...]:
+        """Append ``layer`` reading the network tensors ``ins``; returns its output shape."""
+        layer = layer.renamed(inputs=tuple(ins))
+        try:
+            shape = tuple(int(s) for s in layer.out_shape([self.shapes[n] for n in ins]))
+        except ModelError as e:
+            if node is None:
+                raise
+            raise self.err(node, label, str(e)) from None
+        self.index[layer.name] = len(self.layers)
         self.layers.append(layer)
-        self.fresh_affine = isinstance(layer, (Linear, Conv2d))
-        self.at_input = False
+        self.shapes[layer.name] = shape
+        return shape
 
-    def flush(self) -> None:
-        """Materialise a pending elementwise affine map as one fixed layer."""
-        p, self.pending = self.pending, None
-        if p is not None:
-            layer = channel_affine_layer(p.name, p.scale, p.shift, self.shape, self.dtype)
-            self.shape = tuple(layer.out_shape(self.shape))
-            self.layers.append(layer)
-            self.at_input = False
-            self.fresh_affine = False
+    def emit_out(self, node: onnx.NodeProto, label: str, layer: Layer, ins: Sequence[str],
+                 foldable: bool = False) -> None:
+        """Emit ``layer`` and make it the value of the node's first output."""
+        shape = self.emit(layer, ins, node, label)
+        self._new_val(node.output[0], layer.name, shape, foldable=foldable)
 
-    def add_channel_affine(self, label: str, scale: np.ndarray, shift: np.ndarray, fold_ok: bool) -> None:
-        """y = scale·x + shift per channel: folded into the affine layer just emitted when
-        ``fold_ok`` (bias Add after MatMul, BatchNorm after Conv/Gemm), else accumulated."""
-        c = self.shape[0]
-        scale = np.broadcast_to(scale, (c,)).astype(np.float64)
-        shift = np.broadcast_to(shift, (c,)).astype(np.float64)
-        if fold_ok and self.fresh_affine and self.pending is None:
-            self.layers[-1] = fold_channel_affine(self.layers[-1], scale, shift)  # type: ignore[arg-type]
+    def use(self, tensor: str) -> str:
+        """The network tensor holding ``tensor``, materialising a pending affine map."""
+        v = self.vals[tensor]
+        if v.scale is not None:
+            suffix = "normalize" if v.src == INPUT else "affine"
+            try:
+                layer = channel_affine_layer(self.unique(f"{v.label}/{suffix}"), v.scale, v.shift, v.shape, F64)
+            except ModelError as e:
+                raise ModelError(f"{self.source}: {e}") from None
+            self.emit(layer, [v.src])
+            v.src, v.scale, v.shift, v.foldable = layer.name, None, None, False
+        return v.src
+
+    def _exclusive(self, v: _Val) -> bool:
+        """Exactly one node reads the value (aliases created by pass-through nodes discounted)."""
+        return sum(self.nconsumers.get(n, 0) for n in v.names) - (len(v.names) - 1) == 1
+
+    def channel_affine(self, node: onnx.NodeProto, label: str, data: str, scale: np.ndarray,
+                       shift: np.ndarray, fold_ok: bool) -> None:
+        """out = scale·data + shift per channel: folded into the Linear/Conv2d that produced
+        ``data`` when ``fold_ok`` and nothing else reads it (bias Add after MatMul, BatchNorm
+        after Conv/Gemm), else merged into the value's pending affine map."""
+        v = self.vals[data]
+        c = v.shape[0]
+        scale = np.broadcast_to(np.asarray(scale, np.float64), (c,)).copy()
+        shift = np.broadcast_to(np.asarray(shift, np.float64), (c,)).copy()
+        if fold_ok and v.foldable and v.scale is None and self._exclusive(v):
+            k = self.index[v.src]
+            self.layers[k] = fold_channel_affine(self.layers[k], scale, shift)  # type: ignore[arg-type]
+            self.alias(node.output[0], v)
             return
-        if self.pending is None:
-            suffix = "normalize" if self.at_input else "affine"
-            self.pending = _Pending(self.unique(f"{label}/{suffix}"), np.ones(c), np.zeros(c))
-        p = self.pending
+        if v.scale is None:
+            s0, t0, name = np.ones(c), np.zeros(c), label
+        else:
+            s0, t0, name = v.scale, v.shift, v.label
         # s2·(s1·x + t1) + t2
-        p.scale, p.shift = scale * p.scale, scale * p.shift + shift
-        self.fresh_affine = False
+        self._new_val(node.output[0], v.src, v.shape, scale=scale * s0, shift=scale * t0 + shift, label=name)
 
     # -- constants ---------------------------------------------------------------------
     def const(self, name: str, node: onnx.NodeProto, label: str) -> np.ndarray:
         """A batch-independent constant input (weights, shapes without the batch size)."""
         if name not in self.consts:
-            raise ModelError(f"{self.source}: node {label!r} ({node.op_type}) needs a constant for input {name!r}")
+            raise self.err(node, label, f"needs a constant for input {name!r}")
         a, b = self.consts[name]
         if a.shape != b.shape or not np.array_equal(a, b):
-            raise ModelError(f"{self.source}: node {label!r} ({node.op_type}): input {name!r} depends on the batch size")
+            raise self.err(node, label, f"input {name!r} depends on the batch size")
         return a
 
-    def tensor(self, a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.array(a, dtype=np.float64)).to(self.dtype)
+    def opt_const(self, node: onnx.NodeProto, label: str, k: int) -> np.ndarray | None:
+        """Optional constant input k (None when absent or empty)."""
+        if len(node.input) > k and node.input[k]:
+            return self.const(node.input[k], node, label)
+        return None
 
-    def channel_vector(self, c: np.ndarray, label: str, op: str) -> np.ndarray:
+    @staticmethod
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.array(a, dtype=np.float64))
+
+    def channel_vector(self, c: np.ndarray, shape: tuple[int, ...], node: onnx.NodeProto, label: str) -> np.ndarray:
         """A constant broadcast against a (B, *shape) tensor, as one value per channel
         (dim 0 of the per-sample shape); per-element constants are refused."""
         c = np.asarray(c, np.float64)
-        shape = self.shape
         if c.ndim == len(shape) + 1:
             if c.shape[0] != 1:
-                raise ModelError(f"{self.source}: node {label!r} ({op}): constant of shape {c.shape} varies over the batch")
+                raise self.err(node, label, f"constant of shape {c.shape} varies over the batch")
             c = c[0]
         try:
+            if np.broadcast_shapes(c.shape, shape) != shape:
+                raise ValueError
             full = np.broadcast_to(c, shape)
         except ValueError:
-            raise ModelError(
-                f"{self.source}: node {label!r} ({op}): constant of shape {c.shape} does not "
-                f"broadcast to the data shape {shape}"
-            ) from None
+            raise self.err(node, label, f"constant of shape {c.shape} does not broadcast to the data shape {shape}") from None
         per = full.reshape(shape[0], -1)
         if not np.all(per == per[:, :1]):
-            raise ModelError(
-                f"{self.source}: node {label!r} ({op}): only scalar or per-channel constants are "
-                f"supported, got one of shape {c.shape} for data of shape {shape}"
-            )
+            raise self.err(node, label, f"only scalar or per-channel constants are supported, got one of shape "
+                                        f"{c.shape} for data of shape {shape}")
         return per[:, 0].copy()
 
     # -- the walk ----------------------------------------------------------------------
     def run(self) -> Network:
-        for i, node in enumerate(self.graph.node):
+        for i in self.keep:
             if i in self.skip:
                 continue
+            node = self.nodes[i]
             label = _node_label(node, i)
+            if i in self.patterns:
+                self._emit_softplus(self.patterns[i])
+                continue
             ins = [n for n in node.input if n]
-            data_ins = [n for n in ins if n in self.data_shapes]
-            unknown = [n for n in ins if n not in self.data_shapes and n not in self.consts]
+            unknown = [n for n in ins if n not in self.vals and n not in self.consts]
             if unknown:
                 raise ModelError(
                     f"{self.source}: node {label!r} ({node.op_type}) reads {unknown[0]!r}, which no "
                     "earlier node produced in a form verigrad follows"
                 )
-            if node.op_type == "Shape" and data_ins:
+            data_ins = [n for n in ins if n in self.vals]
+            if node.op_type in ("Shape", "Size") and data_ins:
                 self.shape_of(node, data_ins[0])
                 continue
             if not data_ins:
                 self.eval_const(node, label)
                 continue
-            if len(data_ins) > 1:
-                raise ModelError(
-                    f"{self.source}: the graph is not a chain: node {label!r} ({node.op_type}) "
-                    f"combines the tensors {data_ins} (a residual/skip connection?)"
-                )
-            if data_ins[0] != self.data:
-                raise ModelError(
-                    f"{self.source}: the graph is not a chain: node {label!r} ({node.op_type}) "
-                    f"reads {data_ins[0]!r}, an earlier tensor that another node already consumed "
-                    "(a branch or skip connection?)"
-                )
             handler = _HANDLERS.get(node.op_type)
             if handler is None:
                 raise ModelError(
                     f"{self.source}: unsupported ONNX op {node.op_type!r} at node {label!r} "
                     f"(supported: {', '.join(sorted(_HANDLERS))}, and constant shape arithmetic)"
                 )
-            out = handler(self, node, i, label)
-            self.data = out
-            self.data_shapes[out] = self.shape
-        out_name = self.graph.output[0].name
-        if out_name != self.data:
-            raise ModelError(
-                f"{self.source}: the graph output {out_name!r} is not the end of the chain "
-                f"(the last data tensor is {self.data!r})"
-            )
-        self.flush()
-        layers = list(self.layers)
+            extra = [o for o in node.output[1:] if o and (o in self.consumers or o == self.out_name)]
+            if extra:
+                raise self.err(node, label, f"its output {extra[0]!r} is used; only the first output of a "
+                                            "data node is supported")
+            handler(self, node, i, label)
+        if self.out_name not in self.vals:
+            raise ModelError(f"{self.source}: output {self.out_name!r} does not depend on the input {self.input_name!r}")
+        return self._finish(self.use(self.out_name))
+
+    def _finish(self, out: str) -> Network:
+        if out == INPUT:
+            raise ModelError(f"{self.source}: output {self.out_name!r} is the input itself: the network has no layers")
+        # only what feeds the output (a node read only through Shape is dropped)
+        need = {out}
+        keep: list[Layer] = []
+        for layer in reversed(self.layers):
+            if layer.name in need:
+                keep.append(layer)
+                need.update(layer.inputs)
+        layers = keep[::-1]
         # logits are flattened by Network.forward anyway, so a trailing reshape is a no-op
-        while layers and isinstance(layers[-1], Reshape):
+        while len(layers) > 1 and isinstance(layers[-1], Reshape) and layers[-1].inputs[0] != INPUT:
             layers.pop()
-        return chain(layers, self.input_shape, self.source)
+        if self.softmax is not None:
+            label, axis = self.softmax
+            shape = self.vals[self.out_name].shape  # the Softmax's input
+            rank = len(shape) + 1
+            ax = axis + rank if axis < 0 else axis
+            # opset < 13 softmaxes the flattened dims from `axis` on; from 13, along `axis` only
+            over_classes = ax == 1 and (self.opset < 13 or all(d == 1 for d in shape[1:]))
+            if ax == len(shape) and all(d == 1 for d in shape[:-1]):
+                over_classes = True
+            if not over_classes:
+                raise ModelError(
+                    f"{self.source}: the final Softmax at node {label!r} (axis={axis}) is not over the classes of "
+                    f"logits of shape {shape}"
+                )
+            self.notes.append(
+                f"final Softmax at node {label!r} stripped: the logits are its input "
+                "(explanation.output: probability explains the probabilities)"
+            )
+        return Network(tuple(layers), self.input_shape, self.source, tuple(self.notes))
 
     def shape_of(self, node: onnx.NodeProto, data: str) -> None:
-        a = _attrs(node)
-        per = self.data_shapes[data]
-        vals = tuple(np.array([b, *per], np.int64)[a.get("start", 0) : a.get("end", None)] for b in self.batches)
+        per = self.vals[data].shape
+        if node.op_type == "Size":
+            vals = tuple(np.array(b * math.prod(per), np.int64) for b in self.batches)
+        else:
+            a = _attrs(node)
+            vals = tuple(np.array([b, *per], np.int64)[a.get("start", 0) : a.get("end", None)] for b in self.batches)
         self.consts[node.output[0]] = vals  # type: ignore[assignment]
 
     def eval_const(self, node: onnx.NodeProto, label: str) -> None:
@@ -365,243 +555,473 @@ class _Walker:
             args = [self.consts[n][w] if n else None for n in node.input]
             try:
                 worlds.append(fn(args, a))
-            except ModelError:
-                raise
+            except ModelError as e:
+                raise ModelError(f"{self.source}: node {label!r} ({node.op_type}): {e}") from e
             except Exception as e:  # numpy errors on malformed constant subgraphs
                 raise ModelError(f"{self.source}: cannot evaluate constant node {label!r} ({node.op_type}): {e}") from e
         self.consts[node.output[0]] = (np.asarray(worlds[0]), np.asarray(worlds[1]))
 
-    # -- data-node handlers (each returns the name of its data output) -----------------
-    def h_passthrough(self, node: onnx.NodeProto, i: int, label: str) -> str:
-        return node.output[0]
+    def data_input(self, node: onnx.NodeProto, label: str, k: int = 0) -> _Val:
+        """Input k, which must be a data tensor (and the only one, besides constants)."""
+        if len(node.input) <= k or node.input[k] not in self.vals:
+            raise self.err(node, label, f"the data must be input {k}")
+        others = [n for j, n in enumerate(node.input) if j != k and n in self.vals]
+        if others:
+            raise self.err(node, label, f"reads the computed tensors {[node.input[k], *others]}; only input {k} "
+                                        "may be computed, the others must be constants")
+        return self.vals[node.input[k]]
 
-    def h_gemm(self, node: onnx.NodeProto, i: int, label: str) -> str:
+    # -- data-node handlers ------------------------------------------------------------
+    def h_passthrough(self, node: onnx.NodeProto, i: int, label: str) -> None:
+        v = self.data_input(node, label)
+        if node.op_type == "Dropout":
+            mode = self.opt_const(node, label, 2)
+            if mode is not None and bool(np.asarray(mode).reshape(-1)[0]):
+                raise self.err(node, label, "training_mode=1 is not supported (export the model in eval mode)")
+        if node.op_type == "Cast":
+            to = _attrs(node).get("to")
+            if to not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+                raise self.err(node, label, f"a cast of data to {onnx.TensorProto.DataType.Name(to)} is not supported")
+        self.alias(node.output[0], v)
+
+    def h_gemm(self, node: onnx.NodeProto, i: int, label: str) -> None:
         a = _attrs(node)
-        if node.input[0] != self.data:
-            raise ModelError(f"{self.source}: node {label!r} (Gemm): the data must be the first operand")
+        v = self.data_input(node, label)
         if a.get("transA", 0):
-            raise ModelError(f"{self.source}: node {label!r} (Gemm): transA=1 would mix the batch dimension")
-        if len(self.shape) != 1:
-            raise ModelError(f"{self.source}: node {label!r} (Gemm) needs flat input, got shape {self.shape}")
+            raise self.err(node, label, "transA=1 would mix the batch dimension")
+        if len(v.shape) != 1:
+            raise self.err(node, label, f"needs flat input, got shape {v.shape}")
         b = self.const(node.input[1], node, label).astype(np.float64)
         b = b.T if a.get("transB", 0) else b  # (in, out)
         out = b.shape[1]
-        w = _hyper(a.get("alpha", 1.0)) * b.T
+        w = _exact(a.get("alpha", 1.0)) * b.T
         bias = np.zeros(out)
-        if len(node.input) > 2 and node.input[2]:
-            c = self.const(node.input[2], node, label).astype(np.float64)
+        c = self.opt_const(node, label, 2)
+        if c is not None:
             try:
-                bias = _hyper(a.get("beta", 1.0)) * np.broadcast_to(c, (1, out)).reshape(out)
+                bias = _exact(a.get("beta", 1.0)) * np.broadcast_to(np.asarray(c, np.float64), (1, out)).reshape(out)
             except ValueError:
-                raise ModelError(f"{self.source}: node {label!r} (Gemm): bias of shape {c.shape} for {out} outputs") from None
-        self.emit(Linear(self.unique(label), self.tensor(w), self.tensor(bias)))
-        return node.output[0]
+                raise self.err(node, label, f"bias of shape {c.shape} for {out} outputs") from None
+        src = self.use(node.input[0])
+        self.emit_out(node, label, Linear(self.unique(label), self.tensor(w), self.tensor(bias)), [src], foldable=True)
 
-    def h_matmul(self, node: onnx.NodeProto, i: int, label: str) -> str:
-        if node.input[0] != self.data:
-            raise ModelError(f"{self.source}: node {label!r} (MatMul): the data must be the first operand")
-        if len(self.shape) != 1:
-            raise ModelError(f"{self.source}: node {label!r} (MatMul) needs flat input, got shape {self.shape}")
+    def h_matmul(self, node: onnx.NodeProto, i: int, label: str) -> None:
+        v = self.data_input(node, label)
+        if len(v.shape) != 1:
+            raise self.err(node, label, f"needs flat input, got shape {v.shape}")
         w = self.const(node.input[1], node, label)
         if w.ndim != 2:
-            raise ModelError(f"{self.source}: node {label!r} (MatMul): weight must be 2-D, got {w.shape}")
-        # the bias of a following Add is folded in by h_elementwise (fresh_affine)
-        self.emit(Linear(self.unique(label), self.tensor(w.T), torch.zeros(w.shape[1], dtype=self.dtype)))
-        return node.output[0]
+            raise self.err(node, label, f"weight must be 2-D, got {w.shape}")
+        # the bias of a following Add is folded in by h_elementwise
+        src = self.use(node.input[0])
+        layer = Linear(self.unique(label), self.tensor(w.T), torch.zeros(w.shape[1], dtype=F64))
+        self.emit_out(node, label, layer, [src], foldable=True)
 
-    def h_conv(self, node: onnx.NodeProto, i: int, label: str) -> str:
+    def h_conv(self, node: onnx.NodeProto, i: int, label: str) -> None:
         a = _attrs(node)
+        self.data_input(node, label)
         w = self.const(node.input[1], node, label)
         if w.ndim != 4:
-            raise ModelError(f"{self.source}: node {label!r} (Conv): only 2-D convolutions are supported, weight {w.shape}")
+            raise self.err(node, label, f"only 2-D convolutions are supported, weight {w.shape}")
         if any(d != 1 for d in a.get("dilations", [1, 1])):
-            raise ModelError(f"{self.source}: node {label!r} (Conv): dilation {a['dilations']} is not supported")
+            raise self.err(node, label, f"dilation {a['dilations']} is not supported")
         if a.get("group", 1) != 1:
-            raise ModelError(f"{self.source}: node {label!r} (Conv): group={a['group']} is not supported")
-        kh, kw = w.shape[2:]
-        pads = self._pads(node, label, a, (kh, kw))
-        strides = tuple(a.get("strides", [1, 1]))
-        bias = np.zeros(w.shape[0])
-        if len(node.input) > 2 and node.input[2]:
-            bias = self.const(node.input[2], node, label)
-        self.emit(Conv2d(self.unique(label), self.tensor(w), self.tensor(bias), strides, pads))  # type: ignore[arg-type]
-        return node.output[0]
+            raise self.err(node, label, f"group={a['group']} is not supported")
+        pads = self._sym_pads(node, label, a)
+        strides = tuple(int(s) for s in a.get("strides", [1, 1]))
+        bias = self.opt_const(node, label, 2)
+        bias = np.zeros(w.shape[0]) if bias is None else bias
+        src = self.use(node.input[0])
+        layer = Conv2d(self.unique(label), self.tensor(w), self.tensor(bias), strides, pads)  # type: ignore[arg-type]
+        self.emit_out(node, label, layer, [src], foldable=True)
 
-    def _pads(self, node: onnx.NodeProto, label: str, a: dict, kernel: tuple[int, int]) -> tuple[int, int]:
-        auto = a.get("auto_pad", b"NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else auto
+    def _pads4(self, node: onnx.NodeProto, label: str, a: dict) -> list[int]:
+        auto = _str_attr(a, "auto_pad", "NOTSET")
         if auto not in ("NOTSET", "VALID"):
-            raise ModelError(f"{self.source}: node {label!r} ({node.op_type}): auto_pad={auto} is not supported")
-        pads = list(a.get("pads", [0, 0, 0, 0])) if auto == "NOTSET" else [0, 0, 0, 0]
-        if len(pads) != 4 or pads[0] != pads[2] or pads[1] != pads[3]:
-            raise ModelError(f"{self.source}: node {label!r} ({node.op_type}): only symmetric 2-D pads are supported, got {pads}")
-        return int(pads[0]), int(pads[1])
+            raise self.err(node, label, f"auto_pad={auto} is not supported (only NOTSET and VALID)")
+        pads = [int(p) for p in a.get("pads", [0, 0, 0, 0])] if auto == "NOTSET" else [0, 0, 0, 0]
+        if len(pads) != 4:
+            raise self.err(node, label, f"only 2-D pads are supported, got {pads}")
+        return pads
 
-    def h_avgpool(self, node: onnx.NodeProto, i: int, label: str) -> str:
-        if len(self.shape) != 3:
-            raise ModelError(f"{self.source}: node {label!r} ({node.op_type}) needs input (C, H, W), got {self.shape}")
+    def _sym_pads(self, node: onnx.NodeProto, label: str, a: dict) -> tuple[int, int]:
+        pads = self._pads4(node, label, a)
+        if pads[0] != pads[2] or pads[1] != pads[3]:
+            raise self.err(node, label, f"only symmetric 2-D pads are supported, got {pads}")
+        return pads[0], pads[1]
+
+    def _spatial(self, node: onnx.NodeProto, label: str) -> _Val:
+        v = self.data_input(node, label)
+        if len(v.shape) != 3:
+            raise self.err(node, label, f"needs input (C, H, W), got {v.shape}")
+        return v
+
+    def h_avgpool(self, node: onnx.NodeProto, i: int, label: str) -> None:
+        v = self._spatial(node, label)
         a = _attrs(node)
         if node.op_type == "GlobalAveragePool":
-            kernel, strides, pads = tuple(self.shape[1:]), (1, 1), (0, 0)
+            kernel, strides, pads = tuple(v.shape[1:]), (1, 1), (0, 0)
         else:
-            kernel = tuple(a["kernel_shape"])
+            kernel = tuple(int(k) for k in a["kernel_shape"])
             if len(kernel) != 2:
-                raise ModelError(f"{self.source}: node {label!r} (AveragePool): only 2-D pooling is supported")
+                raise self.err(node, label, "only 2-D pooling is supported")
             if a.get("ceil_mode", 0):
-                raise ModelError(f"{self.source}: node {label!r} (AveragePool): ceil_mode=1 is not supported")
+                raise self.err(node, label, "ceil_mode=1 is not supported")
             if any(d != 1 for d in a.get("dilations", [1, 1])):
-                raise ModelError(f"{self.source}: node {label!r} (AveragePool): dilation is not supported")
-            pads = self._pads(node, label, a, kernel)  # type: ignore[arg-type]
+                raise self.err(node, label, "dilation is not supported")
+            pads = self._sym_pads(node, label, a)
             # ONNX's default count_include_pad is 0: the divisor near a padded border is then
             # not 1/(kh·kw), which a fixed conv cannot express
             if any(pads) and not a.get("count_include_pad", 0):
-                raise ModelError(
-                    f"{self.source}: node {label!r} (AveragePool): padding with count_include_pad=0 "
-                    "is not supported"
-                )
-            strides = tuple(a.get("strides", [1, 1]))
-        layer = avgpool_layer(self.unique(f"{label}/avgpool"), self.shape[0], kernel, strides, pads, self.dtype)  # type: ignore[arg-type]
-        self.emit(layer)
-        self.fresh_affine = False  # a fixed pooling layer: never fold a following BN/Add into it
-        return node.output[0]
+                raise self.err(node, label, "padding with count_include_pad=0 is not supported")
+            strides = tuple(int(s) for s in a.get("strides", [1, 1]))
+        layer = avgpool_layer(self.unique(f"{label}/avgpool"), v.shape[0], kernel, strides, pads, F64)  # type: ignore[arg-type]
+        # a fixed pooling layer: never fold a following BN/Add into it
+        self.emit_out(node, label, layer, [self.use(node.input[0])])
 
-    def h_flatten(self, node: onnx.NodeProto, i: int, label: str) -> str:
+    def h_reducemean(self, node: onnx.NodeProto, i: int, label: str) -> None:
+        v = self.data_input(node, label)
+        a = _attrs(node)
+        axes = self.opt_const(node, label, 1)
+        axes = [int(x) for x in np.asarray(axes).reshape(-1)] if axes is not None else a.get("axes")
+        rank = len(v.shape) + 1
+        if axes is None or len(axes) == 0:
+            if a.get("noop_with_empty_axes", 0):
+                self.alias(node.output[0], v)
+                return
+            axes = list(range(rank))
+        norm = sorted({ax + rank if ax < 0 else ax for ax in axes})
+        if norm != [2, 3] or rank != 4:
+            raise self.err(node, label, f"ReduceMean over axes {list(axes)} of a tensor of per-sample shape {v.shape} "
+                                        "is not supported (only the spatial axes [2, 3] of an (N, C, H, W) tensor)")
+        pool = avgpool_layer(self.unique(f"{label}/avgpool"), v.shape[0], tuple(v.shape[1:]), (1, 1), (0, 0), F64)
+        if a.get("keepdims", 1):
+            self.emit_out(node, label, pool, [self.use(node.input[0])])
+            return
+        self.emit(pool, [self.use(node.input[0])], node, label)
+        self.emit_out(node, label, Reshape(self.unique(label), (v.shape[0],)), [pool.name])
+
+    def h_maxpool(self, node: onnx.NodeProto, i: int, label: str) -> None:
+        self._spatial(node, label)
+        a = _attrs(node)
+        kernel = tuple(int(k) for k in a["kernel_shape"])
+        if len(kernel) != 2:
+            raise self.err(node, label, "only 2-D pooling is supported")
+        if any(d != 1 for d in a.get("dilations", [1, 1])):
+            raise self.err(node, label, f"dilations {list(a['dilations'])} are not supported (need 1)")
+        pads = self._pads4(node, label, a)  # ONNX order [top, left, bottom, right], as MaxPool's
+        strides = tuple(int(s) for s in a.get("strides", [1, 1]))
+        layer = MaxPool(self.unique(label), kernel, strides, tuple(pads), bool(a.get("ceil_mode", 0)))  # type: ignore[arg-type]
+        self.emit_out(node, label, layer, [self.use(node.input[0])])
+
+    def h_flatten(self, node: onnx.NodeProto, i: int, label: str) -> None:
+        v = self.data_input(node, label)
         axis = _attrs(node).get("axis", 1)
-        rank = len(self.shape) + 1
+        rank = len(v.shape) + 1
         if (axis + rank if axis < 0 else axis) != 1:
-            raise ModelError(f"{self.source}: node {label!r} (Flatten): axis={axis} would mix the batch dimension")
-        self._reshape(label, (math.prod(self.shape),))
-        return node.output[0]
+            raise self.err(node, label, f"axis={axis} would mix the batch dimension")
+        self._reshape(node, label, v, (math.prod(v.shape),))
 
-    def h_reshape(self, node: onnx.NodeProto, i: int, label: str) -> str:
+    def h_reshape(self, node: onnx.NodeProto, i: int, label: str) -> None:
+        v = self.data_input(node, label)
         if node.input[1] not in self.consts:
-            raise ModelError(f"{self.source}: node {label!r} (Reshape): the target shape must be constant")
+            raise self.err(node, label, "the target shape must be constant")
         allowzero = _attrs(node).get("allowzero", 0)
         per_sample = []
         for b, target in zip(self.batches, self.consts[node.input[1]]):
-            full = (b, *self.shape)
+            full = (b, *v.shape)
             dims = [int(t) for t in np.asarray(target).reshape(-1)]
             out = [full[k] if (t == 0 and not allowzero) else t for k, t in enumerate(dims)]
             if out.count(-1) == 1:
                 known = math.prod(d for d in out if d != -1)
                 out[out.index(-1)] = math.prod(full) // known if known else 0
             if not out or out[0] != b or math.prod(out) != math.prod(full):
-                raise ModelError(
-                    f"{self.source}: node {label!r} (Reshape): target {dims} does not keep the "
-                    f"batch dimension of input {tuple(full)} separate (only per-sample reshapes are supported)"
-                )
+                raise self.err(node, label, f"target {dims} does not keep the batch dimension of input {tuple(full)} "
+                                            "separate (only per-sample reshapes are supported)")
             per_sample.append(tuple(out[1:]))
         if per_sample[0] != per_sample[1]:
-            raise ModelError(f"{self.source}: node {label!r} (Reshape): the per-sample shape depends on the batch size")
-        self._reshape(label, per_sample[0])
-        return node.output[0]
+            raise self.err(node, label, "the per-sample shape depends on the batch size")
+        self._reshape(node, label, v, per_sample[0])
 
-    def _reshape(self, label: str, shape: tuple[int, ...]) -> None:
-        if shape != self.shape:  # a no-op reshape is left out
-            self.emit(Reshape(self.unique(label), tuple(int(s) for s in shape)))
-
-    def h_activation(self, node: onnx.NodeProto, i: int, label: str) -> str:
-        kind, param = {
-            "Relu": (ActKind.RELU, 0.0),
-            "Sigmoid": (ActKind.SIGMOID, 0.0),
-            "Tanh": (ActKind.TANH, 0.0),
-            "Softplus": (ActKind.SOFTPLUS, 1.0),
-            "LeakyRelu": (ActKind.LEAKY_RELU, _hyper(_attrs(node).get("alpha", 0.01))),
-        }[node.op_type]
-        self.emit(Activation(self.unique(label), kind, param))
-        return node.output[0]
-
-    def h_batchnorm(self, node: onnx.NodeProto, i: int, label: str) -> str:
+    def h_squeeze(self, node: onnx.NodeProto, i: int, label: str) -> None:
+        """Squeeze / Unsqueeze of data: evaluated on zero-stride dummies of both worlds."""
+        v = self.data_input(node, label)
+        fn = _c_squeeze if node.op_type == "Squeeze" else _c_unsqueeze
         a = _attrs(node)
-        if a.get("training_mode", 0):
-            raise ModelError(f"{self.source}: node {label!r} (BatchNormalization): training_mode=1 is not supported")
-        gamma, beta, mean, var = (self.const(n, node, label) for n in node.input[1:5])
-        s, t = bn_scale_shift(gamma, beta, mean, var, _hyper(a.get("epsilon", 1e-5)))
-        if s.shape != (self.shape[0],):
-            raise ModelError(
-                f"{self.source}: node {label!r} (BatchNormalization): {s.shape[0]} channels for data of shape {self.shape}"
-            )
-        self.add_channel_affine(label, s, t, fold_ok=True)
-        return node.output[0]
+        per_sample = []
+        for w, b in enumerate(self.batches):
+            args: list = [np.broadcast_to(np.zeros((), np.int8), (b, *v.shape))]
+            if len(node.input) > 1 and node.input[1]:
+                args.append(self.const(node.input[1], node, label))
+            try:
+                out = fn(args, a).shape
+            except Exception as e:
+                raise self.err(node, label, f"cannot apply to per-sample shape {v.shape}: {e}") from None
+            if not out or out[0] != b or math.prod(out[1:]) != math.prod(v.shape):
+                raise self.err(node, label, f"would mix the batch dimension: {(b, *v.shape)} → {tuple(out)}")
+            per_sample.append(tuple(out[1:]))
+        if per_sample[0] != per_sample[1]:
+            raise self.err(node, label, "the per-sample shape depends on the batch size")
+        self._reshape(node, label, v, per_sample[0])
 
-    def h_elementwise(self, node: onnx.NodeProto, i: int, label: str) -> str:
+    def _reshape(self, node: onnx.NodeProto, label: str, v: _Val, shape: tuple[int, ...]) -> None:
+        shape = tuple(int(s) for s in shape)
+        if shape == v.shape:  # a no-op reshape is left out
+            self.alias(node.output[0], v)
+            return
+        self.emit_out(node, label, Reshape(self.unique(label), shape), [self.use(node.input[0])])
+
+    def h_transpose(self, node: onnx.NodeProto, i: int, label: str) -> None:
+        v = self.data_input(node, label)
+        rank = len(v.shape) + 1
+        perm = [int(p) for p in _attrs(node).get("perm", list(range(rank))[::-1])]
+        if sorted(perm) != list(range(rank)):
+            raise self.err(node, label, f"permutation {perm} does not fit a tensor of rank {rank}")
+        if perm[0] != 0:
+            raise self.err(node, label, f"permutation {perm} moves the batch dimension (only perm[0] = 0 is supported)")
+        per = tuple(p - 1 for p in perm[1:])
+        if per == tuple(range(len(per))):
+            self.alias(node.output[0], v)
+            return
+        self.emit_out(node, label, Transpose(self.unique(label), per), [self.use(node.input[0])])
+
+    def h_pad(self, node: onnx.NodeProto, i: int, label: str) -> None:
+        v = self.data_input(node, label)
+        a = _attrs(node)
+        mode = _str_attr(a, "mode", "constant")
+        if mode != "constant":
+            raise self.err(node, label, f"mode={mode} is not supported (only constant)")
+        rank = len(v.shape) + 1
+        if self.opset < 11 or "pads" in a:
+            pads = [int(p) for p in a["pads"]]
+            value = float(a.get("value", 0.0))
+            axes = list(range(rank))
+        else:
+            pads = [int(p) for p in np.asarray(self.const(node.input[1], node, label)).reshape(-1)]
+            cv = self.opt_const(node, label, 2)
+            value = 0.0 if cv is None else _exact(cv)
+            ax = self.opt_const(node, label, 3)
+            axes = list(range(rank)) if ax is None else [int(x) + rank if int(x) < 0 else int(x)
+                                                         for x in np.asarray(ax).reshape(-1)]
+        if len(pads) != 2 * len(axes):
+            raise self.err(node, label, f"{len(pads)} pads for {len(axes)} axes")
+        full = [(0, 0)] * rank
+        for k, ax in enumerate(axes):
+            full[ax] = (pads[k], pads[k + len(axes)])
+        if any(p < 0 for pair in full for p in pair):
+            raise self.err(node, label, f"negative pads {pads} (cropping) are not supported")
+        if full[0] != (0, 0):
+            raise self.err(node, label, f"pads {pads} pad the batch dimension")
+        if all(p == (0, 0) for p in full):
+            self.alias(node.output[0], v)
+            return
+        self.emit_out(node, label, Pad(self.unique(label), tuple(full[1:]), value), [self.use(node.input[0])])
+
+    def h_concat(self, node: onnx.NodeProto, i: int, label: str) -> None:
+        consts = [n for n in node.input if n and n not in self.vals]
+        if consts:
+            raise self.err(node, label, f"concatenates the constant {consts[0]!r} with computed tensors "
+                                        "(only computed tensors are supported)")
+        rank = len(self.vals[node.input[0]].shape) + 1
+        axis = int(_attrs(node)["axis"])
+        axis = axis + rank if axis < 0 else axis
+        if axis < 1:
+            raise self.err(node, label, "concatenation along the batch dimension is not supported")
+        if len(node.input) == 1:
+            self.alias(node.output[0], self.vals[node.input[0]])
+            return
+        srcs = [self.use(n) for n in node.input]
+        self.emit_out(node, label, Concat(self.unique(label), axis - 1), srcs)
+
+    def h_prelu(self, node: onnx.NodeProto, i: int, label: str) -> None:
+        v = self.data_input(node, label)
+        slope = np.asarray(self.const(node.input[1], node, label), np.float64)
+        shape = v.shape
+        # unidirectional (numpy, right-aligned) broadcast of the slope to (N, *shape)
+        if slope.ndim == len(shape) + 1:
+            if slope.shape[0] != 1:
+                raise self.err(node, label, f"slope of shape {slope.shape} varies over the batch")
+            slope = slope[0]
+        try:
+            ok = np.broadcast_shapes(slope.shape, shape) == shape
+        except ValueError:
+            ok = False
+        if not ok or slope.ndim > len(shape):
+            raise self.err(node, label, f"slope of shape {slope.shape} does not broadcast to the data shape {shape}")
+        if slope.size == 1:
+            slope = slope.reshape((1,) * len(shape))
+        self.emit_out(node, label, PReLU(self.unique(label), self.tensor(slope)), [self.use(node.input[0])])
+
+    def h_activation(self, node: onnx.NodeProto, i: int, label: str) -> None:
+        self.data_input(node, label)
         op = node.op_type
-        di = list(node.input).index(self.data)
-        c = self.consts[node.input[1 - di]][0]
-        if not np.array_equal(c, self.consts[node.input[1 - di]][1]):
-            raise ModelError(f"{self.source}: node {label!r} ({op}): constant depends on the batch size")
-        if op == "Mul" and self._softplus_beta(node, i, label, c):
-            return self.data
-        v = self.channel_vector(c, label, op)
-        one, zero = np.ones_like(v), np.zeros_like(v)
+        if op == "LeakyRelu":
+            alpha = _exact(_attrs(node).get("alpha", 0.01))
+            if not 0.0 <= alpha <= 1.0:  # outside [0, 1] it is not monotone: a PReLU handles it
+                layer: Layer = PReLU(self.unique(label), torch.full((1,) * len(self.vals[node.input[0]].shape),
+                                                                    alpha, dtype=F64))
+            else:
+                layer = Activation(self.unique(label), ActKind.LEAKY_RELU, alpha)
+        else:
+            kind = {"Relu": ActKind.RELU, "Sigmoid": ActKind.SIGMOID, "Tanh": ActKind.TANH,
+                    "Softplus": ActKind.SOFTPLUS}[op]
+            layer = Activation(self.unique(label), kind, 1.0 if kind == ActKind.SOFTPLUS else 0.0)
+        self.emit_out(node, label, layer, [self.use(node.input[0])])
+
+    def h_batchnorm(self, node: onnx.NodeProto, i: int, label: str) -> None:
+        a = _attrs(node)
+        v = self.data_input(node, label)
+        if a.get("training_mode", 0):
+            raise self.err(node, label, "training_mode=1 is not supported")
+        gamma, beta, mean, var = (self.const(n, node, label) for n in node.input[1:5])
+        s, t = bn_scale_shift(gamma, beta, mean, var, _exact(a.get("epsilon", 1e-5)))
+        if s.shape != (v.shape[0],):
+            raise self.err(node, label, f"{s.shape[0]} channels for data of shape {v.shape}")
+        self.channel_affine(node, label, node.input[0], s, t, fold_ok=True)
+
+    def h_neg(self, node: onnx.NodeProto, i: int, label: str) -> None:
+        v = self.data_input(node, label)
+        c = v.shape[0]
+        self.channel_affine(node, label, node.input[0], -np.ones(c), np.zeros(c), fold_ok=False)
+
+    def h_elementwise(self, node: onnx.NodeProto, i: int, label: str) -> None:
+        op = node.op_type
+        if len(node.input) != 2:
+            raise self.err(node, label, f"expects 2 inputs, got {len(node.input)}")
+        data = [k for k in range(2) if node.input[k] in self.vals]
+        if len(data) == 2:
+            if op not in ("Add", "Sub"):
+                raise self.err(node, label, f"{op} of two computed tensors is not supported (not affine)")
+            sa, sb = (self.vals[n].shape for n in node.input)
+            if sa != sb:
+                raise self.err(node, label, f"{op} of computed tensors of shapes {sa} and {sb} (no broadcasting "
+                                            "between computed tensors)")
+            cls = Add if op == "Add" else Sub
+            srcs = [self.use(n) for n in node.input]
+            self.emit_out(node, label, cls(self.unique(label)), srcs)
+            return
+        di = data[0]
+        dname = node.input[di]
+        v = self.vals[dname]
+        c = self.const(node.input[1 - di], node, label)
+        vec = self.channel_vector(c, v.shape, node, label)
+        one, zero = np.ones_like(vec), np.zeros_like(vec)
         if op == "Add":
-            self.add_channel_affine(label, one, v, fold_ok=True)
+            self.channel_affine(node, label, dname, one, vec, fold_ok=True)
         elif op == "Sub":
             # x − c folds into a bias; c − x flips the sign, which only a fixed layer expresses
             if di == 0:
-                self.add_channel_affine(label, one, -v, fold_ok=True)
+                self.channel_affine(node, label, dname, one, -vec, fold_ok=True)
             else:
-                self.add_channel_affine(label, -one, v, fold_ok=False)
+                self.channel_affine(node, label, dname, -one, vec, fold_ok=False)
         elif op == "Mul":
-            self.add_channel_affine(label, v, zero, fold_ok=False)
+            self.channel_affine(node, label, dname, vec, zero, fold_ok=False)
         else:  # Div
             if di != 0:
-                raise ModelError(f"{self.source}: node {label!r} (Div): constant / data is not affine")
-            if np.any(v == 0):
-                raise ModelError(f"{self.source}: node {label!r} (Div): division by zero")
-            self.add_channel_affine(label, 1.0 / v, zero, fold_ok=False)
-        return node.output[0]
+                raise self.err(node, label, "constant / data is not affine")
+            if np.any(vec == 0):
+                raise self.err(node, label, "division by zero")
+            self.channel_affine(node, label, dname, 1.0 / vec, zero, fold_ok=False)
 
-    def _softplus_beta(self, node: onnx.NodeProto, i: int, label: str, c: np.ndarray) -> bool:
-        """torch exports nn.Softplus(beta=β) (β ≠ 1) as Mul(β) → Softplus → Div(β), dropping
-        its threshold. Recognise it and emit one Activation(softplus, β) named after the
-        Softplus node."""
-        if c.size != 1:
-            return False
-        nodes = self.graph.node
-        c1 = self.consumers.get(node.output[0], [])
-        if len(c1) != 1 or nodes[c1[0]].op_type != "Softplus":
-            return False
-        sp = nodes[c1[0]]
-        c2 = self.consumers.get(sp.output[0], [])
-        if len(c2) != 1 or nodes[c2[0]].op_type != "Div":
-            return False
-        div = nodes[c2[0]]
-        if div.input[0] != sp.output[0] or div.input[1] not in self.consts:
-            return False
-        d0, d1 = self.consts[div.input[1]]
-        if d0.size != 1 or not np.array_equal(d0, d1) or d0.reshape(-1)[0] != np.asarray(c).reshape(-1)[0]:
-            return False
-        # torch writes β as a float32 constant even for float64 models
-        beta = _hyper(c) if np.asarray(c).dtype == np.float32 else float(np.asarray(c).reshape(-1)[0])
-        if not beta > 0:
-            return False
-        self.emit(Activation(self.unique(_node_label(sp, c1[0])), ActKind.SOFTPLUS, beta))
-        self.skip.update((c1[0], c2[0]))
-        self.data = div.output[0]
-        return True
+    # -- torch's Softplus(β, threshold) ------------------------------------------------
+    def _scalar_const(self, name: str) -> float | None:
+        if name not in self.consts:
+            return None
+        a, b = self.consts[name]
+        if a.size != 1 or not np.array_equal(a, b):
+            return None
+        return _exact(a)
+
+    def _only(self, tensor: str) -> list[int]:
+        return self.consumers.get(tensor, [])
+
+    def _softplus_pattern(self, k: int) -> _SoftplusPattern | None:
+        """Recognise around Softplus node k:
+          legacy (β ≠ 1):  Div(Softplus(Mul(x, β)), β)
+          dynamo (β ≠ 1):  Where(Greater(Mul(x, β), thr), x, Div(Softplus(Mul(x, β)), β))
+          dynamo (β = 1):  Where(Greater(x, thr), x, Softplus(x))
+        (a bare Softplus is β = 1 with no pattern). Anything else is lowered node by node."""
+        nodes = self.nodes
+        sp = nodes[k]
+        u = sp.input[0]
+        beta, x, result, members = 1.0, u, sp.output[0], {k}
+        mi = self.producer.get(u)
+        if mi is not None and nodes[mi].op_type == "Mul":
+            mul = nodes[mi]
+            ci = [j for j in range(2) if self._scalar_const(mul.input[j]) is not None]
+            after = self._only(sp.output[0])
+            if len(ci) == 1 and len(after) == 1 and nodes[after[0]].op_type == "Div":
+                div = nodes[after[0]]
+                b = self._scalar_const(mul.input[ci[0]])
+                if div.input[0] == sp.output[0] and b is not None and b > 0 and self._scalar_const(div.input[1]) == b:
+                    beta, x, result = b, mul.input[1 - ci[0]], div.output[0]
+                    members |= {mi, after[0]}
+        gts = [j for j in self._only(u) if nodes[j].op_type == "Greater" and nodes[j].input[0] == u]
+        after = self._only(result)
+        if len(gts) == 1 and len(after) == 1 and nodes[after[0]].op_type == "Where":
+            gt, wh = nodes[gts[0]], nodes[after[0]]
+            thr = self._scalar_const(gt.input[1])
+            if thr is not None and list(wh.input) == [gt.output[0], x, result] and self._only(gt.output[0]) == [after[0]]:
+                members |= {gts[0], after[0]}
+                result = wh.output[0]
+                threshold: float | None = thr
+            else:
+                threshold = None
+        else:
+            threshold = None
+        if members == {k}:
+            return None
+        if beta != 1.0 and any(j not in members for j in self._only(u)):
+            return None  # β·x is also read elsewhere: lowered node by node (still exact)
+        return _SoftplusPattern(x, result, beta, threshold, _node_label(sp, k), frozenset(members))
+
+    def _emit_softplus(self, p: _SoftplusPattern) -> None:
+        if p.result in self.vals:
+            return  # emitted at an earlier member
+        if p.data not in self.vals:
+            raise ModelError(f"{self.source}: node {p.label!r} (Softplus): its input {p.data!r} is not a computed tensor")
+        layer = Activation(self.unique(p.label), ActKind.SOFTPLUS, p.beta)
+        shape = self.emit(layer, [self.use(p.data)])
+        self._new_val(p.result, layer.name, shape)
+        if p.threshold is not None:
+            gap = math.log1p(math.exp(-p.threshold)) / p.beta if p.threshold < 700 else 0.0
+            if gap > 1e-6:
+                self.notes.append(
+                    f"softplus at node {p.label!r}: the file's threshold branch (x where β·x > {p.threshold:g}) differs "
+                    f"from the exact softplus verigrad certifies by up to {gap:.3g}"
+                )
 
 
-_HANDLERS: dict[str, Callable[[_Walker, onnx.NodeProto, int, str], str]] = {
+_HANDLERS: dict[str, Callable[[_Walker, onnx.NodeProto, int, str], None]] = {
     "Gemm": _Walker.h_gemm,
     "MatMul": _Walker.h_matmul,
     "Conv": _Walker.h_conv,
     "AveragePool": _Walker.h_avgpool,
     "GlobalAveragePool": _Walker.h_avgpool,
+    "ReduceMean": _Walker.h_reducemean,
+    "MaxPool": _Walker.h_maxpool,
     "Flatten": _Walker.h_flatten,
     "Reshape": _Walker.h_reshape,
+    "Squeeze": _Walker.h_squeeze,
+    "Unsqueeze": _Walker.h_squeeze,
+    "Transpose": _Walker.h_transpose,
+    "Pad": _Walker.h_pad,
+    "Concat": _Walker.h_concat,
     "Relu": _Walker.h_activation,
     "LeakyRelu": _Walker.h_activation,
     "Softplus": _Walker.h_activation,
     "Sigmoid": _Walker.h_activation,
     "Tanh": _Walker.h_activation,
+    "PRelu": _Walker.h_prelu,
     "BatchNormalization": _Walker.h_batchnorm,
     "Add": _Walker.h_elementwise,
     "Sub": _Walker.h_elementwise,
     "Mul": _Walker.h_elementwise,
     "Div": _Walker.h_elementwise,
+    "Neg": _Walker.h_neg,
     "Identity": _Walker.h_passthrough,
     "Dropout": _Walker.h_passthrough,
+    "Cast": _Walker.h_passthrough,
 }
 
 # -- constant evaluation: numpy versions of the ops that shape arithmetic uses ------------
@@ -623,7 +1043,7 @@ def _c_constant(args: list, a: dict) -> np.ndarray:
 
 
 def _c_unsqueeze(args: list, a: dict) -> np.ndarray:
-    x = np.asarray(args[0])
+    x = np.asarray(args[0]) if not isinstance(args[0], np.ndarray) else args[0]
     axes = _axes(args, a) or []
     rank = x.ndim + len(axes)
     for ax in sorted(ax % rank for ax in axes):
@@ -633,7 +1053,8 @@ def _c_unsqueeze(args: list, a: dict) -> np.ndarray:
 
 def _c_squeeze(args: list, a: dict) -> np.ndarray:
     axes = _axes(args, a)
-    return np.squeeze(args[0], axis=tuple(axes) if axes is not None else None)
+    x = args[0] if isinstance(args[0], np.ndarray) else np.asarray(args[0])
+    return np.squeeze(x, axis=tuple(ax % max(x.ndim, 1) for ax in axes) if axes is not None else None)
 
 
 def _c_slice(args: list, a: dict) -> np.ndarray:
@@ -664,6 +1085,12 @@ def _c_reshape(args: list, a: dict) -> np.ndarray:
     return x.reshape(shape)
 
 
+def _c_expand(args: list, a: dict) -> np.ndarray:
+    x = np.asarray(args[0])
+    shape = tuple(int(d) for d in np.asarray(args[1]).reshape(-1))
+    return np.broadcast_to(x, np.broadcast_shapes(x.shape, shape)).copy()
+
+
 _CONST_OPS: dict[str, Callable[[list, dict], np.ndarray]] = {
     "Constant": _c_constant,
     "Identity": lambda x, a: np.asarray(x[0]),
@@ -674,13 +1101,23 @@ _CONST_OPS: dict[str, Callable[[list, dict], np.ndarray]] = {
     "Concat": lambda x, a: np.concatenate([np.atleast_1d(v) for v in x], axis=a["axis"]),
     "Slice": _c_slice,
     "Reshape": _c_reshape,
+    "Expand": _c_expand,
     "Transpose": lambda x, a: np.transpose(x[0], a.get("perm")),
     "Add": lambda x, a: np.asarray(x[0]) + np.asarray(x[1]),
     "Sub": lambda x, a: np.asarray(x[0]) - np.asarray(x[1]),
     "Mul": lambda x, a: np.asarray(x[0]) * np.asarray(x[1]),
     "Div": _c_div,
     "Neg": lambda x, a: -np.asarray(x[0]),
+    "Abs": lambda x, a: np.abs(x[0]),
     "Sqrt": lambda x, a: np.sqrt(x[0]),
+    "Max": lambda x, a: np.maximum.reduce([np.asarray(v) for v in x]),
+    "Min": lambda x, a: np.minimum.reduce([np.asarray(v) for v in x]),
+    "Equal": lambda x, a: np.equal(x[0], x[1]),
+    "Less": lambda x, a: np.less(x[0], x[1]),
+    "Greater": lambda x, a: np.greater(x[0], x[1]),
+    "Not": lambda x, a: np.logical_not(x[0]),
+    "Where": lambda x, a: np.where(x[0], x[1], x[2]),
+    "Range": lambda x, a: np.arange(np.asarray(x[0]).item(), np.asarray(x[1]).item(), np.asarray(x[2]).item()),
     "Mod": lambda x, a: (np.fmod if a.get("fmod", 0) else np.mod)(x[0], x[1]),
     "ConstantOfShape": lambda x, a: np.full(
         tuple(int(d) for d in np.asarray(x[0]).reshape(-1)),
@@ -695,21 +1132,25 @@ _CONST_OPS: dict[str, Callable[[list, dict], np.ndarray]] = {
 
 
 def from_onnx_model(
-    model: onnx.ModelProto, input_shape: Sequence[int] | None = None, source: str = "<onnx>"
+    model: onnx.ModelProto, input_shape: Sequence[int] | None = None, source: str = "<onnx>",
+    output: str | int | None = None,
 ) -> Network:
-    """Lower an in-memory ONNX model to a :class:`Network` (see :func:`load_onnx`)."""
-    return _Walker(model, input_shape, source).run()
+    """Lower an in-memory ONNX model to a float64 :class:`Network` (see :func:`load_onnx`)."""
+    return _Walker(model, input_shape, source, output).run()
 
 
-def load_onnx(path: str | Path, input_shape: Sequence[int] | None = None) -> Network:
-    """Load a chain-structured ONNX model as a :class:`Network`.
+def load_onnx(path: str | Path, input_shape: Sequence[int] | None = None, output: str | int | None = None) -> Network:
+    """Load an ONNX model as a float64 :class:`Network` (a DAG of verigrad's node kinds).
 
     ``input_shape`` is per sample (no batch dim); by default it is the ONNX input's declared
     shape with its (possibly symbolic) batch dimension dropped, and a given one must agree
-    with the declared dims. Layer names are the ONNX node names (made unique); layers that
-    verigrad synthesises (normalization, pooling, stand-alone BatchNorm) carry a suffix
-    (``/normalize``, ``/affine``, ``/avgpool``) and ``perturbable=False``.
-    Raises :class:`ModelError` for unsupported ops, non-chain graphs and shape mismatches.
+    with the declared dims. ``output`` picks the logits among several graph outputs (a name
+    or an index into ``graph.output``); nodes that do not feed it are dropped, and a final
+    Softmax over the classes is stripped (noted in ``Network.notes``). Node names are the
+    ONNX node names (made unique); nodes that verigrad synthesises (normalization, pooling,
+    stand-alone BatchNorm) carry a suffix (``/normalize``, ``/affine``, ``/avgpool``) and
+    ``perturbable=False``. Raises :class:`ModelError` for unsupported ops (naming the file,
+    node and op) and shape mismatches.
     """
     path = Path(path)
     if not path.is_file():
@@ -718,4 +1159,4 @@ def load_onnx(path: str | Path, input_shape: Sequence[int] | None = None) -> Net
         model = onnx.load(str(path))
     except Exception as e:  # protobuf's DecodeError and friends
         raise ModelError(f"{path.name}: not a readable ONNX file ({e})") from e
-    return from_onnx_model(model, input_shape, path.name)
+    return from_onnx_model(model, input_shape, path.name, output)

@@ -24,7 +24,7 @@ output); ``grad_norm`` alone uses the loss gradient, as its source defines it.
              large α up to scale — use ``pgd_at_replace=True`` to get exactly CE(x_adv).
   hessian    mean_i E_w ‖∇²_x z_y(x_i) w‖₂², w ~ N(0, I): Hutchinson's estimate of
              ‖∇²_x z_y‖_F² (Dombrowski et al. 2022, §3.1); needs twice-differentiable
-             activations (relu / leaky_relu have ∇² = 0 almost everywhere: refused).
+             activations (relu / leaky_relu / PReLU have ∇² = 0 almost everywhere: refused).
   alignment  mean_i ‖v(x_i + δ_i) − v(x_i)‖₂ + λ_cos · ½(1 − cos(v(x_i + δ_i), v(x_i))),
              δ ~ U([−ε, ε]^d), v(x) treated as a constant (Joo et al. 2023, eq. 5 and their
              training detail).
@@ -42,7 +42,8 @@ from torch import nn
 
 from verigrad.bounds.ibp import Product, ibp_bounds
 from verigrad.graph.gradient_graph import Output, saliency
-from verigrad.models.network import ActKind, Activation, Conv2d, Layer, Linear, Network, Reshape, chain
+from verigrad.models.network import ActKind, Activation, Network, PReLU
+from verigrad.models.torch_loader import LayerRefused, module_network
 from verigrad.perturbation import input_box, param_box
 
 __all__ = [
@@ -55,71 +56,23 @@ __all__ = [
 # live network view
 
 
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(a) for a in v)
-    if len(t) != 2:
-        raise ValueError(f"expected an int or a pair, got {v!r}")
-    return (t[0], t[1])
-
-
 def network_from_module(model: nn.Sequential, input_shape: Sequence[int]) -> Network:
     """A live, differentiable :class:`Network` view of ``model``.
 
-    The layers hold the module's own ``nn.Parameter`` tensors (no copy, no detach), so the
+    The nodes hold the module's own ``nn.Parameter`` tensors (no copy, no detach), so the
     view follows optimiser updates and everything computed from it (saliency, IBP bounds,
-    parameter boxes) back-propagates into the module. Supported: nn.Linear, nn.Conv2d (zero
-    padding, int/tuple stride, no dilation or groups), nn.Flatten, nn.ReLU, nn.LeakyReLU,
-    nn.Softplus(beta), nn.Sigmoid, nn.Tanh. Anything else raises ``ValueError`` naming the
-    layer's index and type.
+    parameter boxes) back-propagates into the module. A thin wrapper of
+    :func:`verigrad.models.torch_loader.module_network` with ``live=True`` (layer names: module
+    paths): the torch.nn layers it walks, except BatchNorm (its folded constants would be
+    derived from trainable parameters) and Dropout with p > 0. Anything else raises
+    ``ValueError`` naming the layer's index (module path) and type.
     """
     if not isinstance(model, nn.Sequential):
         raise ValueError(f"network_from_module needs an nn.Sequential, got {type(model).__name__}")
-    layers: list[Layer] = []
-    shape = tuple(int(s) for s in input_shape)
-    for i, m in enumerate(model):
-        name = f"{i}_{type(m).__name__.lower()}"
-        layer: Layer | None
-        if isinstance(m, nn.Linear):
-            # a bias-free layer gets a constant zero bias (nothing to train there)
-            b = m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=m.weight.dtype,
-                                                                 device=m.weight.device)
-            layer = Linear(name, m.weight, b)
-        elif isinstance(m, nn.Conv2d):
-            if isinstance(m.padding, str) or m.padding_mode != "zeros" or _pair(m.dilation) != (1, 1) \
-                    or m.groups != 1:
-                raise ValueError(f"layer {i} (Conv2d): only zero padding given as ints, dilation 1 and "
-                                 f"groups 1 are supported")
-            b = m.bias if m.bias is not None else torch.zeros(m.out_channels, dtype=m.weight.dtype,
-                                                                 device=m.weight.device)
-            layer = Conv2d(name, m.weight, b, _pair(m.stride), _pair(m.padding))
-        elif isinstance(m, nn.Flatten):
-            if m.start_dim != 1 or m.end_dim != -1:
-                raise ValueError(f"layer {i} (Flatten): only Flatten(start_dim=1, end_dim=-1) is supported")
-            # the chain holds per-sample shapes: flatten = reshape to (prod(shape),); skip if a no-op
-            layer = Reshape(name, (math.prod(shape),)) if len(shape) != 1 else None
-        elif isinstance(m, nn.ReLU):
-            layer = Activation(name, ActKind.RELU)
-        elif isinstance(m, nn.LeakyReLU):
-            layer = Activation(name, ActKind.LEAKY_RELU, float(m.negative_slope))
-        elif isinstance(m, nn.Softplus):
-            # the IR's softplus is exact; torch's switches to z above β·z > threshold (≤ 2e-9/β apart)
-            layer = Activation(name, ActKind.SOFTPLUS, float(m.beta))
-        elif isinstance(m, nn.Sigmoid):
-            layer = Activation(name, ActKind.SIGMOID)
-        elif isinstance(m, nn.Tanh):
-            layer = Activation(name, ActKind.TANH)
-        else:
-            raise ValueError(
-                f"layer {i} ({type(m).__name__}) is not supported by network_from_module; supported: "
-                "Linear, Conv2d, Flatten, ReLU, LeakyReLU, Softplus, Sigmoid, Tanh"
-            )
-        if layer is not None:
-            shape = tuple(layer.out_shape(shape))
-            layers.append(layer)
-    # chain validates shapes layer by layer and that the last layer is affine
-    return chain(layers, input_shape, source=f"<{type(model).__name__} view>")
+    try:
+        return module_network(model, input_shape, live=True)
+    except LayerRefused as e:
+        raise ValueError(f"layer {e.path} ({e.kind}) is not supported by network_from_module: {e.reason}") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -316,7 +269,9 @@ def _grad_norm(model: nn.Module, net: Network, x: torch.Tensor, y: torch.Tensor,
 
 
 def _uses_piecewise_linear(net: Network) -> bool:
-    return any(isinstance(l, Activation) and l.kind in (ActKind.RELU, ActKind.LEAKY_RELU) for l in net.layers)
+    """A relu / leaky_relu / PReLU activation (MaxPool only routes: not counted)."""
+    return any(isinstance(l, PReLU) or (isinstance(l, Activation) and l.kind in (ActKind.RELU, ActKind.LEAKY_RELU))
+               for l in net.layers)
 
 
 def _gnorm(model: nn.Module, net: Network, x: torch.Tensor, y: torch.Tensor, cfg: RegularizerConfig,
@@ -352,7 +307,7 @@ def _hessian(model: nn.Module, net: Network, x: torch.Tensor, y: torch.Tensor, c
              step_frac: float) -> tuple[torch.Tensor, Info]:
     if _uses_piecewise_linear(net):
         raise ValueError("the hessian regularizer needs twice-differentiable activations (softplus, sigmoid, "
-                         "tanh): relu / leaky_relu have a zero input Hessian almost everywhere")
+                         "tanh): relu / leaky_relu / PReLU have a zero input Hessian almost everywhere")
     xr = x.detach().clone().requires_grad_(True)
     g = saliency(net, xr, y, create_graph=True)
     total = torch.zeros((), dtype=x.dtype, device=x.device)
