@@ -260,6 +260,7 @@ def test_network_validates_wiring():
     with pytest.raises(ModelError, match="reads 'nope'"):
         Network((nodes[0].renamed(inputs=("nope",)), *nodes[1:]), g.input_shape)
     with pytest.raises(ModelError, match="'dangling' .* does not feed the output"):
-        Network((nodes[0], Reshape("dangling", (6,), inputs=("fc0",)), *nodes[1:]), g.input_shape)
+        Network((nodes[0], Reshape("dangling", (6,), inputs=("fc0",)), nodes[1].renamed(inputs=("fc0",)), *nodes[2:]),
+                g.input_shape)
     with pytest.raises(ModelError, match="takes 2 input"):
         Network((*nodes[:5], nodes[5].renamed(inputs=("fc2",)), *nodes[6:]), g.input_shape)

@@ -342,7 +342,7 @@ def test_activation_constants_are_the_suprema():
     for kind, param in SMOOTH:
         a = Activation("a", kind, param)
         zz = z.clone().requires_grad_(True)
-        (d1,) = torch.autograd.grad(a.forward(zz).sum(), zz, create_graph=True)
+        (d1,) = torch.autograd.grad(a(zz).sum(), zz, create_graph=True)
         (d2,) = torch.autograd.grad(d1.sum(), zz)
         d1 = d1.detach()
         s1, s2 = lit.activation_sigma(a)
@@ -377,7 +377,7 @@ def _one_hidden_hessian_box(net: Network, x: torch.Tensor, e: torch.Tensor, c: i
     ∇²z_c = W1ᵀ diag(w2_c ⊙ σ''(z)) W1 with σ''(z) = β s(1 − s) unimodal (peak β/4 at 0)."""
     fc0, act, fc1 = net.layers
     w1, beta = fc0.weight, act.param
-    zc = fc0.forward(x)[0]
+    zc = fc0(x)[0]
     zr = w1.abs() @ e
     zl, zu = zc - zr, zc + zr
 

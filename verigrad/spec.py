@@ -566,6 +566,8 @@ class ModelSpec:
     input_range: tuple[float, float] | None = _opt(Nullable(ListOf(Num(), 2, 2)), (0.0, 1.0),
                                                    "input domain [lo, hi]; null = unbounded")
     normalization: NormalizationSpec | None = _opt(Section(NormalizationSpec, optional=True), None)
+    output: Union[str, int, None] = _opt(Nullable(OneOf((Int(ge=0), Str()))), None,
+                                         "the graph output to explain: its name or index; null = the only one")
 
     def validate(self) -> None:
         if self.input_range is not None and not self.input_range[0] < self.input_range[1]:
@@ -640,7 +642,8 @@ class ExplanationSpec:
     method: ExplanationMethod = _opt(Choice(ExplanationMethod), ExplanationMethod.SALIENCY,
                                      "saliency | input_x_gradient | integrated_gradients | smoothgrad | "
                                      "sparsified_smoothgrad")
-    output: Output = _opt(Choice(Output), Output.LOGIT, "o = logit z_c or the cross-entropy loss")
+    output: Output = _opt(Choice(Output), Output.LOGIT,
+                          "o = logit z_c | loss (cross-entropy at c) | probability (softmax(z)_c)")
     target: Union[TargetClass, int] = _opt(OneOf((Choice(TargetClass), Int(ge=0))), TargetClass.PREDICTED,
                                            "class c: predicted, label, or a fixed index")
     abs: bool = _opt(Bool(), False, "display only: bounds are on the signed map")

@@ -150,7 +150,7 @@ def prepare(spec: Spec, methods: Sequence[Method | str] | None = None) -> Proble
     dtype = torch.float64 if spec.bounds.dtype.value == "float64" else torch.float32
     m = spec.model
     norm = (m.normalization.mean, m.normalization.std) if m.normalization is not None else None
-    net = load_model(m.path, m.input_shape, norm).to(dtype=dtype, device=device)
+    net = load_model(m.path, m.input_shape, norm, m.output).to(dtype=dtype, device=device)
     x, y = load_dataset(
         spec.data.dataset.value if spec.data.dataset is not None else None, spec.data.path, spec.data.start, spec.data.end
     )
