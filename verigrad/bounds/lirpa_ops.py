@@ -389,11 +389,8 @@ class BoundMaxPoolGrad(Bound):
 
 
 class BoundTransposeContiguous(BoundTranspose):
-    """``onnx::Transpose`` whose values, bounds and A matrices are contiguous: auto_LiRPA 0.3's
-    own returns permuted views, which its unstable-neuron bookkeeping later ``view``s and fails on."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x).contiguous()
+    """``onnx::Transpose`` whose bounds and A matrices are contiguous: auto_LiRPA 0.3's own
+    returns permuted views, which its unstable-neuron bookkeeping later ``view``s and fails on."""
 
     def interval_propagate(self, *v: Any) -> tuple[Tensor, Tensor]:
         lo, hi = super().interval_propagate(*v)
