@@ -17,6 +17,9 @@ from verigrad.errors import ModelError, OpUnsupported
 from verigrad.operators.base import IbpContext, Node, Shape, Tensors, register
 from verigrad.operators.interval import Interval, add, map_ends, neg
 
+# entries of the dense 0/1 matrix that lowers a non-spatial Pad for auto_LiRPA
+_MAX_EMBED = 4_000_000
+
 
 @register
 @dataclass(frozen=True, eq=False)
@@ -94,10 +97,10 @@ class Pad(Node):
     """Constant padding of the per-sample dimensions: ``pads[i] = (before, after)`` for
     dimension i (≥ 0), filled with ``value``. Gradient rule: the crop of the padding.
 
-    For auto_LiRPA the forward of a (C, H, W) pad on H and W is written as a transposed conv
-    with the constant square kernel E[c, c, top, left] = 1 (a shift into a larger array, exact),
-    a crop to the padded size, plus the constant fill: auto_LiRPA 0.3 cannot read a traced Pad
-    node."""
+    For auto_LiRPA (which cannot read a traced Pad node) the forward of a (C, H, W) pad on H and
+    W is written as a transposed conv with the constant square kernel E[c, c, top, left] = 1 (a
+    shift into a larger array, exact) and a crop to the padded size; any other pad of a small
+    tensor as the flattened tensor times a constant 0/1 matrix; then plus the constant fill."""
 
     pads: tuple[tuple[int, int], ...]
     value: float = 0.0
@@ -122,26 +125,37 @@ class Pad(Node):
 
     def tensors(self, in_shapes: Sequence[Shape]) -> dict[str, torch.Tensor]:
         in_shape = tuple(in_shapes[0])
-        if not self._spatial(in_shape):
-            return {}
-        c = in_shape[0]
-        (t, b), (le, r) = self.pads[1], self.pads[2]
-        # square (auto_LiRPA's ConvTranspose asserts it); graph_forward crops the surplus rows / cols
-        k = max(t + b, le + r) + 1
-        e = torch.zeros(c, c, k, k, dtype=torch.float64)
-        e[torch.arange(c), torch.arange(c), t, le] = 1.0
         fill = F.pad(torch.zeros(1, *in_shape, dtype=torch.float64), self._flat_pads(), value=float(self.value))
-        return {"shift": e, "fill": fill}
+        if self._spatial(in_shape):
+            c = in_shape[0]
+            (t, b), (le, r) = self.pads[1], self.pads[2]
+            # square (auto_LiRPA's ConvTranspose asserts it); graph_forward crops the surplus rows / cols
+            k = max(t + b, le + r) + 1
+            e = torch.zeros(c, c, k, k, dtype=torch.float64)
+            e[torch.arange(c), torch.arange(c), t, le] = 1.0
+            return {"shift": e, "fill": fill}
+        n, m = math.prod(in_shape), fill.numel()
+        if n * m > _MAX_EMBED:
+            return {}
+        # any other pad as a constant 0/1 matrix on the flattened tensor: row i holds input i's place
+        where = F.pad(torch.arange(1, n + 1, dtype=torch.float64).reshape(1, *in_shape), self._flat_pads()).reshape(-1)
+        e = torch.zeros(n, m, dtype=torch.float64)
+        j = where.nonzero().flatten()
+        e[(where[j] - 1).long(), j] = 1.0
+        return {"embed": e, "fill": fill}
 
     def forward(self, xs, t=None):
         return F.pad(xs[0], self._flat_pads(), value=float(self.value))
 
     def graph_forward(self, xs, t=None):
-        if t is None or "shift" not in t:
-            return self.forward(xs)
         x = xs[0]
-        (t0, b0), (l0, r0) = self.pads[1], self.pads[2]
-        y = F.conv_transpose2d(x, t["shift"])[:, :, : x.shape[2] + t0 + b0, : x.shape[3] + l0 + r0]
+        if t is not None and "shift" in t:
+            (t0, b0), (l0, r0) = self.pads[1], self.pads[2]
+            y = F.conv_transpose2d(x, t["shift"])[:, :, : x.shape[2] + t0 + b0, : x.shape[3] + l0 + r0]
+        elif t is not None and "embed" in t:
+            y = torch.matmul(x.reshape(x.shape[0], -1), t["embed"]).reshape(x.shape[0], *t["fill"].shape[1:])
+        else:
+            return self.forward(xs)
         return y + t["fill"] if self.value != 0 else y
 
     def vjp(self, xs, g, in_shapes, t=None):
@@ -155,8 +169,9 @@ class Pad(Node):
         return (map_ends(lambda v: self.vjp([v], v, in_shapes)[0], g),)
 
     def check_engine(self, engine, in_shapes, perturbed=False):
-        if engine in ("crown", "alpha-crown") and not self._spatial(tuple(in_shapes[0])):
-            raise OpUnsupported(engine, self, "only padding of H and W of a (C, H, W) tensor is lowered for auto_LiRPA")
+        if engine in ("crown", "alpha-crown") and not self.tensors(in_shapes):
+            raise OpUnsupported(engine, self, f"a pad of a {tuple(in_shapes[0])} tensor other than on H and W of "
+                                f"(C, H, W) is lowered as a dense matrix, limited to {_MAX_EMBED} entries")
 
 
 @register
