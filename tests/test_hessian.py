@@ -127,7 +127,7 @@ def _interval_cases(layer: Activation, gen: torch.Generator) -> tuple[torch.Tens
     centre = (torch.rand(400, generator=gen, dtype=F64) - 0.5) * 12
     width = 10 ** (torch.rand(400, generator=gen, dtype=F64) * 3 - 2.5)
     lo, up = [centre - width / 2], [centre + width / 2]
-    for z_star, _ in hm._critical_points(layer):
+    for z_star, _ in layer.critical_points():
         for a, b in ((-0.3, 0.3), (-2.0, 0.01), (-0.01, 2.0), (0.0, 1.0), (-1.0, 0.0), (0.0, 0.0), (-5.0, 5.0)):
             lo.append(torch.tensor([z_star + a], dtype=F64))
             up.append(torch.tensor([z_star + b], dtype=F64))

@@ -614,21 +614,14 @@ def activation_sigma(layer: Activation) -> tuple[float, float]:
     leaky_relu with slope 1 is the identity (1, 0). ReLU / leaky ReLU: σ'' is a Dirac delta
     (not bounded): ValueError — Theorem 1 needs a twice-differentiable σ.
     """
-    k = layer.kind
-    if k == ActKind.SOFTPLUS:
-        return 1.0, layer.param / 4.0
-    if k == ActKind.SIGMOID:
-        return 0.25, math.sqrt(3.0) / 18.0
-    if k == ActKind.TANH:
-        return 1.0, 4.0 * math.sqrt(3.0) / 9.0
-    if k == ActKind.LEAKY_RELU and layer.param == 1.0:
+    if layer.kind == ActKind.LEAKY_RELU and layer.param == 1.0:
         return 1.0, 0.0
-    if k in (ActKind.RELU, ActKind.LEAKY_RELU):
+    if layer.piecewise_linear:
         raise ValueError(
-            f"layer {layer.name!r}: {k.value} is not twice differentiable (sigma'' is a Dirac delta at 0); "
+            f"layer {layer.name!r}: {layer.kind.value} is not twice differentiable (sigma'' is a Dirac delta at 0); "
             "Dombrowski et al.'s Theorem 1 needs smooth activations (use softplus, sigmoid or tanh)"
         )
-    raise ValueError(f"layer {layer.name!r}: unsupported activation {k}")
+    return layer.derivative_sup(), layer.second_derivative_sup()
 
 
 @dataclass(frozen=True)

@@ -297,19 +297,6 @@ def sparsified_smoothgrad(net: Network, x: torch.Tensor, target: torch.Tensor, o
 # Global gradient range
 
 
-def _sup_derivative(layer: Activation) -> float:
-    """sup_z |σ'(z)|: relu/softplus 1, leaky_relu max(1, slope) (= 1 for slope ∈ [0, 1]),
-    sigmoid 1/4, tanh 1."""
-    k = layer.kind
-    if k in (ActKind.RELU, ActKind.SOFTPLUS, ActKind.TANH):
-        return 1.0
-    if k == ActKind.LEAKY_RELU:
-        return max(1.0, abs(float(layer.param)))
-    if k == ActKind.SIGMOID:
-        return 0.25
-    raise ValueError(f"layer {layer.name!r}: no derivative bound for activation {k}")
-
-
 def _abs_backward(layer, b: torch.Tensor, in_shape: tuple[int, ...]) -> torch.Tensor:
     """A bound on |Wᵀ g| from a bound b ≥ |g| (per coordinate): |W|ᵀ b."""
     if isinstance(layer, Linear):
@@ -320,7 +307,7 @@ def _abs_backward(layer, b: torch.Tensor, in_shape: tuple[int, ...]) -> torch.Te
     if isinstance(layer, Reshape):
         return b.reshape(b.shape[0], *in_shape)
     if isinstance(layer, Activation):
-        return b * _sup_derivative(layer)
+        return b * layer.derivative_sup()
     raise ValueError(f"no gradient-range rule for layer {type(layer).__name__}")
 
 

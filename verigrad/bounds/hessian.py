@@ -70,17 +70,6 @@ class HessianMethod(str, Enum):
 # ---------------------------------------------------------------------------------------------
 # σ'' and its range over an interval
 
-_SQRT3 = math.sqrt(3.0)
-# sigmoid'' = s(1−s)(1−2s); its derivative s(1−s)(6s² − 6s + 1) vanishes at s = (3 ∓ √3)/6,
-# i.e. z = ∓ln(2 + √3), where s(1−s) = 1/6 and 1 − 2s = ±√3/3: extrema ±√3/18
-_SIGMOID_CRIT = math.log(2.0 + _SQRT3)
-_SIGMOID_PEAK = _SQRT3 / 18.0
-# tanh'' = −2t(1 − t²); its derivative (6t² − 2)(1 − t²) vanishes at t = ∓1/√3,
-# z = ∓atanh(1/√3) = ∓ln(2 + √3)/2: extrema ±4/(3√3)
-_TANH_CRIT = 0.5 * math.log(2.0 + _SQRT3)
-_TANH_PEAK = 4.0 / (3.0 * _SQRT3)
-
-_PIECEWISE_LINEAR = (ActKind.RELU, ActKind.LEAKY_RELU)
 
 
 def _unsupported_message(layer) -> str:
@@ -105,45 +94,20 @@ def require_smooth(net: Network, output: Output | str = Output.LOGIT) -> None:
     net.require_chain("hessian")
 
 
+def _smooth_layer(layer: Activation) -> Activation:
+    if layer.piecewise_linear:
+        raise SecondOrderUnsupported(_unsupported_message(layer))
+    return layer
+
+
 def second_derivative(layer: Activation, z: torch.Tensor) -> torch.Tensor:
-    """σ''(z): softplus_β: β·s(1−s) with s = sigmoid(βz); sigmoid: s(1−s)(1−2s); tanh: −2t(1−t²)."""
-    k = layer.kind
-    if k == ActKind.SOFTPLUS:
-        s = torch.sigmoid(layer.param * z)
-        return layer.param * s * (1 - s)
-    if k == ActKind.SIGMOID:
-        s = torch.sigmoid(z)
-        return s * (1 - s) * (1 - 2 * s)
-    if k == ActKind.TANH:
-        t = torch.tanh(z)
-        return -2 * t * (1 - t * t)
-    raise SecondOrderUnsupported(_unsupported_message(layer))
-
-
-def _critical_points(layer: Activation) -> tuple[tuple[float, float], ...]:
-    """(z*, σ''(z*)) at every interior extremum of σ'' (closed forms, see the constants)."""
-    k = layer.kind
-    if k == ActKind.SOFTPLUS:  # β·s(1−s): even, unimodal, peak β/4 at 0
-        return ((0.0, layer.param / 4.0),)
-    if k == ActKind.SIGMOID:  # odd: max at −a, min at +a
-        return ((-_SIGMOID_CRIT, _SIGMOID_PEAK), (_SIGMOID_CRIT, -_SIGMOID_PEAK))
-    if k == ActKind.TANH:
-        return ((-_TANH_CRIT, _TANH_PEAK), (_TANH_CRIT, -_TANH_PEAK))
-    raise SecondOrderUnsupported(_unsupported_message(layer))
+    """σ''(z) of a smooth activation (the kind's own rule, ``Activation.second_derivative``)."""
+    return _smooth_layer(layer).second_derivative(z)
 
 
 def second_derivative_bounds(layer: Activation, zl: torch.Tensor, zu: torch.Tensor) -> Interval:
-    """Exact range of σ'' over [zl, zu]: σ'' is continuous and its only interior extrema are
-    the critical points, so the range is spanned by the two endpoint values and the values at
-    the critical points inside the interval."""
-    fl, fu = second_derivative(layer, zl), second_derivative(layer, zu)
-    lo, up = torch.minimum(fl, fu), torch.maximum(fl, fu)
-    for z_star, value in _critical_points(layer):
-        inside = (zl <= z_star) & (zu >= z_star)
-        v = torch.full_like(lo, value)
-        lo = torch.where(inside, torch.minimum(lo, v), lo)
-        up = torch.where(inside, torch.maximum(up, v), up)
-    return lo, up
+    """Exact range of σ'' over [zl, zu] (``Activation.second_derivative_bounds``)."""
+    return _smooth_layer(layer).second_derivative_bounds(zl, zu)
 
 
 # ---------------------------------------------------------------------------------------------

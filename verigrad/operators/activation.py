@@ -8,6 +8,7 @@ lies in {a, 1}.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import ClassVar, Sequence
@@ -19,6 +20,17 @@ from verigrad.errors import ModelError
 from verigrad.graph import ops
 from verigrad.operators.base import IbpContext, Node, Shape, Tensors, register
 from verigrad.operators.interval import Interval, hull, map_ends, mul_interval, mul_nonneg_interval
+
+
+# sigmoid'' = s(1−s)(1−2s); its derivative s(1−s)(6s² − 6s + 1) vanishes at s = (3 ∓ √3)/6,
+# i.e. z = ∓ln(2 + √3), where s(1−s) = 1/6 and 1 − 2s = ±√3/3: extrema ±√3/18
+_SQRT3 = math.sqrt(3.0)
+_SIGMOID_CRIT = math.log(2.0 + _SQRT3)
+_SIGMOID_PEAK = _SQRT3 / 18.0
+# tanh'' = −2t(1 − t²); its derivative (6t² − 2)(1 − t²) vanishes at t = ∓1/√3,
+# z = ∓atanh(1/√3) = ∓ln(2 + √3)/2: extrema ±4/(3√3)
+_TANH_CRIT = 0.5 * math.log(2.0 + _SQRT3)
+_TANH_PEAK = 4.0 / (3.0 * _SQRT3)
 
 
 class ActKind(str, Enum):
@@ -116,6 +128,62 @@ class Activation(Node):
         upper = torch.where(contains0, torch.full_like(dl, peak), torch.maximum(dl, du))
         return torch.minimum(dl, du), upper
 
+    # -- second order (smooth kinds; piecewise-linear ones raise ValueError) ------------------
+    def _require_smooth(self) -> None:
+        if self.piecewise_linear:
+            raise ValueError(f"layer {self.name!r}: {self.kind.value} is not twice differentiable "
+                             "(its second derivative is a Dirac delta at 0)")
+
+    def second_derivative(self, z: torch.Tensor) -> torch.Tensor:
+        """σ''(z): softplus_β: β·s(1−s) with s = sigmoid(βz); sigmoid: s(1−s)(1−2s); tanh: −2t(1−t²)."""
+        self._require_smooth()
+        k = self.kind
+        if k == ActKind.SOFTPLUS:
+            s = torch.sigmoid(self.param * z)
+            return self.param * s * (1 - s)
+        if k == ActKind.SIGMOID:
+            s = torch.sigmoid(z)
+            return s * (1 - s) * (1 - 2 * s)
+        t = torch.tanh(z)
+        return -2 * t * (1 - t * t)
+
+    def critical_points(self) -> tuple[tuple[float, float], ...]:
+        """(z*, σ''(z*)) at every interior extremum of σ'' (closed forms, see the constants)."""
+        self._require_smooth()
+        k = self.kind
+        if k == ActKind.SOFTPLUS:  # β·s(1−s): even, unimodal, peak β/4 at 0
+            return ((0.0, self.param / 4.0),)
+        if k == ActKind.SIGMOID:  # odd: max at −a, min at +a
+            return ((-_SIGMOID_CRIT, _SIGMOID_PEAK), (_SIGMOID_CRIT, -_SIGMOID_PEAK))
+        return ((-_TANH_CRIT, _TANH_PEAK), (_TANH_CRIT, -_TANH_PEAK))
+
+    def second_derivative_bounds(self, zl: torch.Tensor, zu: torch.Tensor) -> Interval:
+        """Exact range of σ'' over [zl, zu]: σ'' is continuous and its only interior extrema are
+        the critical points, so the range is spanned by the two endpoint values and the values at
+        the critical points inside the interval."""
+        fl, fu = self.second_derivative(zl), self.second_derivative(zu)
+        lo, up = torch.minimum(fl, fu), torch.maximum(fl, fu)
+        for z_star, value in self.critical_points():
+            inside = (zl <= z_star) & (zu >= z_star)
+            v = torch.full_like(lo, value)
+            lo = torch.where(inside, torch.minimum(lo, v), lo)
+            up = torch.where(inside, torch.maximum(up, v), up)
+        return lo, up
+
+    def derivative_sup(self) -> float:
+        """Σ1 = sup_z |σ'(z)|: relu/softplus/tanh 1, leaky_relu max(1, slope) (= 1 for a slope in
+        [0, 1]), sigmoid 1/4."""
+        if self.kind == ActKind.SIGMOID:
+            return 0.25
+        if self.kind == ActKind.LEAKY_RELU:
+            return max(1.0, abs(float(self.param)))
+        return 1.0
+
+    def second_derivative_sup(self) -> float:
+        """Σ2 = sup_z |σ''(z)| (smooth kinds): softplus_β β/4, sigmoid √3/18, tanh 4√3/9."""
+        return max(abs(v) for _, v in self.critical_points())
+
+    # -- abstract, first order ---------------------------------------------------------------
     def ibp_forward(self, xs: Sequence[Interval], in_shapes: Sequence[Shape], ctx: IbpContext) -> Interval:
         return map_ends(self.apply, xs[0])  # σ is nondecreasing for every kind here
 
