@@ -243,7 +243,7 @@ def crown_bounds(
     if params is not None:
         _check_params(net, params)
     engine = "alpha-crown" if alpha else "crown"
-    for i, node in enumerate(net.layers):
+    for i, node in enumerate(net.layers):  # each kind says what auto_LiRPA cannot bound (e.g. perturbed conv)
         node.check_engine(engine, net.in_shapes(i), perturbed=params is not None and node.name in params)
     device = box.lower.device
     if net.device != device:
@@ -304,8 +304,6 @@ def _check_params(net: Network, params: ParamBox) -> None:
         if name not in names:
             raise KeyError(f"parameter box names layer {name!r}; the network's affine layers are {sorted(names)}")
         layer = names[name]
-        if isinstance(layer, Conv2d):
-            raise EngineUnsupported(f"auto_LiRPA 0.3 cannot bound perturbed conv weights (layer {name!r})")
         if lb.weight.shape != layer.weight.shape or lb.bias.shape != layer.bias.shape:
             raise ValueError(
                 f"parameter box of layer {name!r} has shapes {tuple(lb.weight.shape)}, {tuple(lb.bias.shape)}; "
