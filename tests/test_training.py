@@ -250,3 +250,24 @@ def test_gradcert_training_raises_certified_fraction() -> None:
         _train(RegularizerConfig("gradcert", weight=1.0, epsilon=0.1, ramp_fraction=0.5)), eps, delta)
     assert vanilla < 0.5 and gc > 0.9 and gc >= vanilla + 0.4, (vanilla, gc)
     assert acc_g > 0.75 and acc_v > 0.75  # the certificate is not bought with a useless classifier
+
+
+def test_gradcert_penalty_on_maxpool_and_prelu_layers_trains() -> None:
+    """The live view of a Sequential with PReLU and ceil-mode MaxPool: the GradCert penalty (IBP
+    over the box) is finite, back-propagates into every parameter, and one step lowers it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.PReLU(3), nn.MaxPool2d(2, ceil_mode=True),
+                          nn.Flatten(), nn.Linear(3 * 3 * 3, 3)).to(DT)
+    net = network_from_module(model, (1, 5, 5))
+    x = torch.rand(6, 1, 5, 5, generator=torch.Generator().manual_seed(1), dtype=DT)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    before = gradcert_penalty(net, x, y, 0.05, 0.0, (0.0, 1.0))
+    assert torch.isfinite(before)
+    opt.zero_grad()
+    before.backward()
+    # weights and PReLU slopes (biases only move the piecewise-constant masks: zero gradient)
+    moved = [model[0].weight, model[1].weight, model[4].weight]
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in moved)
+    opt.step()
+    assert gradcert_penalty(net, x, y, 0.05, 0.0, (0.0, 1.0)).item() < before.item()
