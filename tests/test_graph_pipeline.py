@@ -85,6 +85,9 @@ def test_verify_replay_batch_report_on_a_graph_model(files):
     assert len(inst) == 3 and all(not i.get("error") for i in inst)
     assert all(i["verdicts"]["loose"] == "certified" for i in inst)
     assert any(i["verdicts"]["tight"] == "falsified" for i in inst)
+    model = doc["model"]
+    assert model["chain"] is False and {"add", "maxpool", "prelu"} <= set(model["operators"])
+    assert any("Softmax" in n for n in model["notes"]) and model["classes"] == 3
     witnesses = sorted((files / "res_probs").glob("*.witnesses/*.npz"))
     assert witnesses
     for w in witnesses:

@@ -69,6 +69,8 @@ def _run(spec_path, methods, epsilon, start, end, device, dtype, out, bounds_npz
     json_path = Path(out) if out else spec.general.results / f"{stem}.json"
     npz_path = Path(bounds_npz) if bounds_npz else json_path.with_suffix(".npz")
     writer = reports.ResultWriter(problem, json_path, npz_path)
+    for note in problem.net.notes:  # what the loader did that changes what is explained
+        click.echo(f"model: {note}", err=True)
 
     def progress(r):
         writer(r)

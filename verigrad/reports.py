@@ -145,6 +145,7 @@ def results_document(problem: Problem, results: Sequence[InstanceResult], starte
         "versions": versions(),
         "device": str(problem.device),
         "dtype": str(problem.dtype).replace("torch.", ""),
+        "model": model_info(problem.net),
         "methods": [m.value for m in problem.methods],
         "explanation": explanation_info(problem),
         "properties": [_describe(p) for p in problem.properties],
@@ -154,6 +155,16 @@ def results_document(problem: Problem, results: Sequence[InstanceResult], starte
         "instances": instances,
         "summary": summary(problem, results),
     }
+
+
+def model_info(net) -> dict:
+    """The loaded graph in brief: its operator kinds (node counts), whether it is a chain, and
+    what the loader did that changes what is explained (e.g. a final Softmax stripped)."""
+    kinds: dict[str, int] = {}
+    for node in net.layers:
+        kinds[node.op] = kinds.get(node.op, 0) + 1
+    return {"source": net.source, "nodes": len(net.layers), "chain": net.is_chain, "operators": kinds,
+            "classes": net.num_classes, "notes": list(net.notes)}
 
 
 def witness_meta(problem: Problem, index: int) -> dict:
