@@ -27,6 +27,8 @@ demo: $(STAMP)
 	# robust vs vanilla at ε = 0.01: the GradCert model certifies everywhere (exit 0)
 	$(VENV)/bin/verigrad verify specs/demo_vanilla.yaml; code=$$?; [ $$code -eq 1 ] || [ $$code -eq 3 ]
 	$(VENV)/bin/verigrad verify specs/demo_robust.yaml
+	# a DAG model (residual Add) loaded from ONNX: CROWN certifies some properties, attacks falsify others
+	$(VENV)/bin/verigrad verify specs/mnist_resnet.yaml; code=$$?; [ $$code -eq 0 ] || [ $$code -eq 1 ] || [ $$code -eq 3 ]
 
 test: $(STAMP)
 	$(PY) -m pytest -q

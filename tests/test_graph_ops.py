@@ -146,6 +146,9 @@ def _brute_force_maxpool_grad(node: MaxPool, lo: torch.Tensor, up: torch.Tensor,
     from verigrad.operators.pooling import _scatter_taps
 
     choices = [[p for p in range(kk) if cand[0, ch, p, l]] for ch in range(c) for l in range(L)]
+    # candidates that are all points are tied everywhere in the box: torch routes to the first
+    points = (wl == wu)[0]
+    choices = [ps[:1] if all(points[idx // L, p, idx % L] for p in ps) else ps for idx, ps in enumerate(choices)]
     for combo in itertools.product(*choices):
         onehot = torch.zeros(1, c, kk, L, dtype=lo.dtype)
         for idx, p in enumerate(combo):
@@ -169,8 +172,12 @@ def test_maxpool_gradient_interval_covers_every_candidate():
     (lo_g, up_g), = node.ibp_vjp([(lo, up)], (gl, gu), [(1, 4, 4)], IbpContext())
     bl, bu = _brute_force_maxpool_grad(node, lo, up, gl, gu)
     assert bool((lo_g <= bl + 1e-12).all()) and bool((up_g >= bu - 1e-12).all())
-    # tied taps are uncertain: both get [min(0, gl), max(0, gu)], neither is certain
-    assert float(lo_g[0, 0, 0, 0]) == -1.0 and float(up_g[0, 0, 0, 1]) == 0.5
+    # window 0 ties two point taps (1 and 1): tied everywhere in the box, torch's first tap is certain
+    assert (float(lo_g[0, 0, 0, 0]), float(up_g[0, 0, 0, 0])) == (-1.0, 0.5)
+    assert (float(lo_g[0, 0, 0, 1]), float(up_g[0, 0, 0, 1])) == (0.0, 0.0)
+    # window 1: [0.5, 0.9] and [0.2, 0.8] can each be the max: both uncertain, [min(0, gl), max(0, gu)]
+    assert (float(lo_g[0, 0, 0, 3]), float(up_g[0, 0, 0, 3])) == (0.0, 2.0)
+    assert (float(lo_g[0, 0, 1, 2]), float(up_g[0, 0, 1, 2])) == (0.0, 2.0)
     # the clear winner of window 2 (value 3 at (2, 0)) gets exactly g
     assert float(lo_g[0, 0, 2, 0]) == 0.5 and float(up_g[0, 0, 2, 0]) == 0.7
     # the point-equal window 3 routes to the first tap in autograd: covered

@@ -5,7 +5,7 @@ input per engine, and — on a batch of 100 MNIST inputs — IBP time against pl
 saliency time. Peak resident memory of the process is reported at the end. All ratios are
 measured within one run.
 
-    python tools/bench_bounds.py                       # defaults: fc, cnn, softplus at ε 0.001, 0.01
+    python tools/bench_bounds.py                       # defaults: every model below at ε 0.001, 0.01
     python tools/bench_bounds.py --models fc --eps 0.01 --n 10 --alpha --json out.json
 """
 from __future__ import annotations
@@ -31,6 +31,9 @@ MODELS = {
     "fc": ROOT / "examples/models/mnist_fc.onnx",
     "cnn": ROOT / "examples/models/mnist_cnn.onnx",
     "softplus": ROOT / "examples/models/mnist_softplus.onnx",
+    # DAG models (tools/train_graph_examples.py): a residual Add; BatchNorm + MaxPool (ceil_mode)
+    "resnet": ROOT / "examples/models/mnist_resnet.onnx",
+    "bn_maxpool": ROOT / "examples/models/mnist_bn_maxpool.onnx",
 }
 
 
@@ -75,7 +78,7 @@ def bench_model(name: str, eps_list, n: int, methods, dtype, batch: int) -> list
 
 
 def _fmt(row: dict) -> str:
-    parts = [f"{row['model']:<9} eps={row['eps']:<6}"]
+    parts = [f"{row['model']:<10} eps={row['eps']:<6}"]
     for m, e in row["engines"].items():
         r = e["width_over_ibp"]
         parts.append(f"{m}: width {e['mean_width']:.4g} (x{r:.3f} of ibp) {e['time_per_input_s']:.3f}s/input")

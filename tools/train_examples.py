@@ -351,7 +351,8 @@ def write_readme(out_dir: Path, results: dict[str, dict], sample_path: Path) -> 
         "| model | architecture | params | epochs | train acc | test acc | file size | ONNX ops |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    for name in MODELS:
+    # rows of models trained elsewhere (tools/train_graph_examples.py) are kept, after ours
+    for name in list(MODELS) + [n for n in results if n not in MODELS]:
         if name not in results:
             continue
         r = results[name]

@@ -6,7 +6,9 @@ window w (torch's choice), summing over overlapping windows (``fold``).
 
 Abstract, over a box x ∈ [l, u]: tap p of window w is a *candidate* argmax iff
 u_p ≥ M_w = max_q l_q; it is *certain* iff it is the only candidate (then x_p > x_q for every
-q ≠ p at every point), *impossible* iff u_p < M_w. The gradient term m_{w,p}·g_w is then
+q ≠ p at every point), *impossible* iff u_p < M_w; when every candidate is a point (l_p = u_p
+= M_w: tied at every point of the box) the first of them is certain, as torch routes ties.
+The gradient term m_{w,p}·g_w is then
 g_w, 0, or — for an uncertain tap — any of {0, g_w}: interval [min(0, g_l), max(0, g_u)],
 linear planes the chords of min(0, g) / max(0, g) (``maxpool_grad_planes``). So the bound covers
 every candidate, ties included. The forward is monotone ([max l, max u]); its linear planes
@@ -97,6 +99,11 @@ def tap_states(lo: torch.Tensor, up: torch.Tensor, geo: "MaxPool") -> tuple[torc
     wu, _ = _windows(up, geo, float("-inf"))
     m = wl.max(dim=2, keepdim=True).values
     possible = wu >= m
+    # candidates that are all points (l = u = M) are tied at every point of the box: the argmax is
+    # the first of them, as torch routes it (a constant image region at ε = 0, say)
+    fixed = (possible <= (wl == wu)).all(dim=2, keepdim=True)
+    first = torch.zeros_like(possible).scatter_(2, possible.to(torch.uint8).argmax(dim=2, keepdim=True), True)
+    possible = torch.where(fixed, first & possible, possible)
     certain = possible & (possible.sum(dim=2, keepdim=True) == 1)
     return certain, possible
 
