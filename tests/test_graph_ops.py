@@ -93,7 +93,8 @@ def test_crown_is_tighter_than_ibp_on_graphs():
 # ---------------------------------------------------------------------------------------------
 # parameter boxes on graphs
 
-@pytest.mark.parametrize("method,product", [("ibp", "midpoint_radius"), ("ibp", "exact"), ("crown", None)])
+@pytest.mark.parametrize("method,product", [("ibp", "midpoint_radius"), ("ibp", "exact"), ("crown", None),
+                                            ("alpha-crown", None)])
 @pytest.mark.parametrize("output", [Output.LOGIT, Output.LOSS], ids=["logit", "loss"])
 def test_parameter_boxes_on_a_residual_mlp(method, product, output):
     from verigrad.bounds import EngineOptions, Product
