@@ -272,3 +272,16 @@ def test_network_validates_wiring():
                 g.input_shape)
     with pytest.raises(ModelError, match="takes 2 input"):
         Network((*nodes[:5], nodes[5].renamed(inputs=("fc2",)), *nodes[6:]), g.input_shape)
+
+
+def test_literature_bounds_on_a_graph_skip_the_chain_only_theorem():
+    from verigrad import literature as lit
+
+    net = GRAPHS["residual_mlp_tanh"]()
+    x = torch.randn(1, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    c = int(_target(net, x))
+    out = lit.all_bounds(lit.saliency_explainer(net, c), x, 0.01, "linf", None, net=net, target=c)
+    names = [b.name for b in out]
+    assert names and not any(n.startswith("dom_thm1") for n in names)
+    with pytest.raises(EngineUnsupported, match="node 'res'"):
+        lit.weight_norm_hessian_bound(net)

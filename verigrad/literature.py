@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from verigrad.bounds.base import Bounds
+from verigrad.errors import EngineUnsupported
 from verigrad.graph.gradient_graph import Output, saliency
 from verigrad.guarantees import Guarantee
 from verigrad.models.network import ActKind, Activation, Conv2d, Linear, Network, Reshape
@@ -862,8 +863,8 @@ def all_bounds(
     if net is not None:
         try:
             dom = [weight_norm_hessian_bound(net, output, target, n) for n in ("frobenius", "spectral")]
-        except ValueError:
-            dom = []  # ReLU / leaky ReLU: Theorem 1 does not apply
+        except (ValueError, EngineUnsupported):
+            dom = []  # ReLU / leaky ReLU, or a graph that is not a chain: Theorem 1 does not apply
         out += dom
         if dom and target is not None:
             ref = saliency(net, x, torch.tensor([int(target)], device=x.device), output)
