@@ -51,7 +51,7 @@ def fit(reg: str, x, y, epochs: int, eps: float, seed: int) -> torch.nn.Module:
     model = te.mnist_softplus()
     net = network_from_module(model, (1, 28, 28))
     cfg = RegularizerConfig(name=reg, weight=WEIGHTS[reg], epsilon=eps if reg != "none" else 0.0, gamma=0.0,
-                            ramp_fraction=0.5, domain=(0.0, 1.0))
+                            ramp_fraction=0.5, samples=1, domain=(0.0, 1.0))
     opt = torch.optim.Adam(model.parameters(), lr=te.LEARNING_RATE)
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * -(-len(x) // te.BATCH_SIZE)

@@ -111,12 +111,12 @@ class RegularizerConfig:
 
     name: Regularizer | str = Regularizer.NONE
     weight: float = 1.0
-    epsilon: float = 0.0
+    epsilon: float = 0.01
     gamma: float = 0.0
-    ramp_fraction: float = 0.0
+    ramp_fraction: float = 0.5
     pgd_steps: int = 5
     pgd_step_size: float | None = None
-    samples: int = 1
+    samples: int = 4
     noise_std: float | None = None
     cos_weight: float = 1.0
     size_norm: str = "l2"

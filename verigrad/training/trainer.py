@@ -72,15 +72,19 @@ class OptimizerSpec:
     batch_size: int = _opt(Int(gt=0), 32)
 
 
+# the regulariser's defaults are declared once, by the options object it consumes
+_REG = RegularizerConfig()
+
+
 @dataclass(frozen=True, kw_only=True)
 class RegularizerSpec:
-    name: Regularizer = _opt(Choice(Regularizer), Regularizer.NONE)
-    weight: float = _opt(Num(ge=0), 1.0, "α")
-    epsilon: float = _opt(Num(ge=0), 0.01, "input box radius at the end of the ramp")
-    gamma: float = _opt(Num(ge=0), 0.0, "relative parameter box radius at the end of the ramp (gradcert)")
-    ramp_fraction: float = _opt(Num(ge=0, le=1), 0.5, "fraction of training over which ε, γ ramp up from 0")
-    pgd_steps: int = _opt(Int(gt=0), 5, "gnorm / pgd_at inner steps")
-    samples: int = _opt(Int(gt=0), 4, "grad_norm noise draws / hessian probes")
+    name: Regularizer = _opt(Choice(Regularizer), Regularizer(_REG.name))
+    weight: float = _opt(Num(ge=0), _REG.weight, "α")
+    epsilon: float = _opt(Num(ge=0), _REG.epsilon, "input box radius at the end of the ramp")
+    gamma: float = _opt(Num(ge=0), _REG.gamma, "relative parameter box radius at the end of the ramp (gradcert)")
+    ramp_fraction: float = _opt(Num(ge=0, le=1), _REG.ramp_fraction, "fraction of training over which ε, γ ramp up from 0")
+    pgd_steps: int = _opt(Int(gt=0), _REG.pgd_steps, "gnorm / pgd_at inner steps")
+    samples: int = _opt(Int(gt=0), _REG.samples, "grad_norm noise draws / hessian probes")
 
 
 @dataclass(frozen=True, kw_only=True)
