@@ -95,7 +95,7 @@ def test_zero_radius_equals_autograd(kind, act, param, output):
 
 
 def test_alpha_strictly_tighter_somewhere():
-    """Catches alpha-CROWN silently equal to CROWN (torch 2.14 clamp gradient, field notes §3.4)."""
+    """Catches alpha-CROWN silently equal to CROWN (torch 2.14's clamp has zero gradient at its bounds, see lirpa_compat fix 4)."""
     net = random_mlp(ActKind.RELU, sizes=(6, 16, 16, 3), seed=11)
     x = _centre(net, n=2, seed=12)
     box = input_box(x, 0.15, None)

@@ -73,7 +73,7 @@ def test_exact_product_never_wider_than_midpoint_radius(kind):
 
 
 def test_lemma1_is_loose_and_exact_rule_is_not():
-    """[1,3]·[1,3]: Lemma 1 gives [-1, 9], the true range is [1, 9] (field notes §1)."""
+    """[1,3]·[1,3]: Lemma 1 gives [-1, 9], the true range is [1, 9] (Lemma 1 is sound, not exact)."""
     a = (torch.tensor([[1.0]]), torch.tensor([[3.0]]))
     lo, up = _bilinear_midrad(lambda x, w: x @ w, a, a)
     assert (lo.item(), up.item()) == (-1.0, 9.0)
