@@ -53,7 +53,7 @@ from verigrad.models.network import ActKind, Activation, Conv2d, Linear, Network
 
 __all__ = [
     "Explain", "Norm", "LiteratureBound", "SAFETY_REL",
-    "saliency_explainer", "input_x_gradient_explainer", "integrated_gradients_explainer",
+    "saliency_explainer", "input_x_gradient_explainer",
     "attribution_jacobian",
     "first_order_l2", "first_order_linf", "label_constrained", "cosine_from_l2", "cosine_bound",
     "sound_cosine",
@@ -134,25 +134,6 @@ def input_x_gradient_explainer(net: Network, target: int, output: Output = Outpu
     def explain(x: torch.Tensor) -> torch.Tensor:
         x = _requiring_grad(x)
         return x * sal(x)
-
-    return explain
-
-
-def integrated_gradients_explainer(net: Network, target: int, steps: int = 32,
-                                   output: Output = Output.LOGIT) -> Explain:
-    """IG with a zero baseline and the right Riemann sum of [CAR] eq. (38):
-    g(x)_i = x_i · (1/m) Σ_{α=1..m} ∂o(αx/m)/∂x_i. It satisfies completeness
-    Σ_i g_i = o(x) − o(0) only as m → ∞ (the label-constraint variant assumes it)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    sal = saliency_explainer(net, target, output)
-
-    def explain(x: torch.Tensor) -> torch.Tensor:
-        x = _requiring_grad(x)
-        acc = torch.zeros_like(x)
-        for a in range(1, steps + 1):
-            acc = acc + sal(x * (a / steps))
-        return x * acc / steps
 
     return explain
 

@@ -56,7 +56,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from verigrad.bounds.base import Bounds
+from verigrad.bounds.base import Bounds, check_inputs
 from verigrad.graph.gradient_graph import Output, saliency
 from verigrad.guarantees import Guarantee
 from verigrad.properties import topk_overlap_lower_bound
@@ -241,20 +241,13 @@ def _noise(seed: int, lo: int, hi: int, d: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(parts, axis=0))
 
 
-def _check_inputs(net: Network, x: torch.Tensor, target: torch.Tensor) -> None:
-    if tuple(x.shape[1:]) != tuple(net.input_shape):
-        raise ValueError(f"x has per-sample shape {tuple(x.shape[1:])}, the network expects {net.input_shape}")
-    if target.shape != (x.shape[0],):
-        raise ValueError(f"target must have shape ({x.shape[0]},), got {tuple(target.shape)}")
-
-
 def _sample_mean(net: Network, x: torch.Tensor, target: torch.Tensor, output: Output, cfg: SmoothingConfig,
                  transform: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """(1/n) Σ_i transform(∇o(x + σδ_i)) per input, float64, shape (B, *S).
 
     Every input of the batch sees the same δ_i (so its result does not depend on the other
     inputs); chunks of max(1, batch_size // B) draws go through one autograd pass."""
-    _check_inputs(net, x, target)
+    check_inputs(net, Bounds.point(x), target, check_dtype=False)
     b = x.shape[0]
     d = math.prod(net.input_shape)
     xf = x.detach().to(dtype=net.dtype, device=net.device).reshape(b, d)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from verigrad.bounds.base import Bounds, BoundsError, EngineResult, EngineUnsupported
+from verigrad.bounds.base import Bounds, BoundsError, EngineResult, EngineUnsupported, with_ibp_fallback
 from verigrad.bounds.ibp import Product, ibp_bounds
 from verigrad.graph.gradient_graph import Output
 from verigrad.models.network import Network
@@ -93,10 +93,5 @@ def compute_bounds(
         m = Method(method)
     except ValueError:
         raise ValueError(f"unknown bound method {method!r}; choose from {[x.value for x in Method]}") from None
-    try:
-        return ENGINES[m](net, box, target, output, params, options)
-    except EngineUnsupported as why:
-        res = ENGINES[Method.IBP](net, box, target, output, params, options)
-        return EngineResult(
-            res.bounds, m.value, (f"{m.value} unsupported here ({why}); fell back to ibp",) + res.notes, "ibp"
-        )
+    return with_ibp_fallback(m.value, lambda: ENGINES[m](net, box, target, output, params, options),
+                             lambda: ENGINES[Method.IBP](net, box, target, output, params, options))

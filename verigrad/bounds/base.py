@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -89,3 +90,48 @@ class EngineResult:
     notes: tuple[str, ...] = ()
     # the engine that actually produced the bounds, when it is not ``method`` (fallback)
     actual_method: str | None = None
+
+
+def check_inputs(net: Any, box: Bounds, target: torch.Tensor, *, check_dtype: bool = True) -> None:
+    """What every engine needs of its arguments: a box of the network's per-sample shape (and
+    dtype: casting a float64 box to float32 may round it inward, so it is refused rather than
+    silently shrunk), and one integer class per sample within the network's classes."""
+    if tuple(box.shape[1:]) != tuple(net.input_shape):
+        raise ValueError(
+            f"box has per-sample shape {tuple(box.shape[1:])}, the network {net.source} expects {net.input_shape}"
+        )
+    if check_dtype and box.lower.dtype != net.dtype:
+        raise ValueError(f"box dtype {box.lower.dtype} differs from the network's {net.dtype}")
+    if target.dim() != 1 or target.shape[0] != box.shape[0]:
+        raise ValueError(f"target must have shape ({box.shape[0]},), got {tuple(target.shape)}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"target must be an integer tensor, got {target.dtype}")
+    if box.shape[0] and (int(target.min()) < 0 or int(target.max()) >= net.num_classes):
+        raise ValueError(f"target classes must lie in [0, {net.num_classes}), got {target.tolist()}")
+
+
+def uncross(lo: torch.Tensor, up: torch.Tensor, where: str,
+            error: type[Exception] = BoundsError) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper bounds come out of different floating-point sums (or intersections of
+    sound bounds); on (nearly) point boxes they can cross by a few ulps. A crossing by round-off
+    (≤ 1e4·eps·(1 + |bound|)) is widened to [min, max]; a real crossing means an unsound
+    relaxation and raises ``error``."""
+    crossed = lo > up
+    if not bool(crossed.any()):
+        return lo, up
+    gap = (lo - up)[crossed]
+    scale = 1 + torch.maximum(lo.abs(), up.abs())[crossed]
+    if bool((gap > 1e4 * torch.finfo(lo.dtype).eps * scale).any()):
+        raise error(f"lower > upper by up to {float(gap.max()):.3e} on {where}: an unsound relaxation")
+    return torch.minimum(lo, up), torch.maximum(lo, up)
+
+
+def with_ibp_fallback(method: str, run: Callable[[], EngineResult], ibp: Callable[[], EngineResult]) -> EngineResult:
+    """``run()``, or — when the engine cannot handle the configuration (:class:`EngineUnsupported`)
+    — ``ibp()``, recording the fallback and its reason in ``notes`` and ``actual_method``."""
+    try:
+        return run()
+    except EngineUnsupported as why:
+        res = ibp()
+        return EngineResult(res.bounds, method, (f"{method} unsupported here ({why}); fell back to ibp",) + res.notes,
+                            "ibp")

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from verigrad.bounds.base import Bounds, BoundsError, EngineResult, EngineUnsupported
+from verigrad.bounds.base import Bounds, BoundsError, EngineResult, EngineUnsupported, check_inputs, uncross, with_ibp_fallback
 from verigrad.bounds.ibp import (
     Interval,
     Product,
@@ -313,31 +313,11 @@ def _sample_chunk(net: Network, d: int) -> int:
 
 
 def _uncross(lo: torch.Tensor, up: torch.Tensor) -> Interval:
-    """Intersections of sound bounds can cross by round-off on (near) point boxes: widen those
-    to [min, max]; a real crossing means an unsound bound and is reported."""
-    crossed = lo > up
-    if not bool(crossed.any()):
-        return lo, up
-    gap = (lo - up)[crossed]
-    scale = 1 + torch.maximum(lo.abs(), up.abs())[crossed]
-    if bool((gap > 1e4 * torch.finfo(lo.dtype).eps * scale).any()):
-        raise BoundsError(f"Hessian bounds cross by {float(gap.max()):.3e}: an unsound relaxation")
-    return torch.minimum(lo, up), torch.maximum(lo, up)
+    return uncross(lo, up, "Hessian bounds")
 
 
 def _settle(lo: torch.Tensor, up: torch.Tensor) -> Bounds:
     return Bounds(*_uncross(lo, up))
-
-
-def _check_inputs(net: Network, box: Bounds, target: torch.Tensor) -> None:
-    if tuple(box.shape[1:]) != tuple(net.input_shape):
-        raise ValueError(f"box has per-sample shape {tuple(box.shape[1:])}, the network {net.source} expects {net.input_shape}")
-    if box.lower.dtype != net.dtype:
-        raise ValueError(f"box dtype {box.lower.dtype} differs from the network's {net.dtype}")
-    if target.dim() != 1 or target.shape[0] != box.shape[0]:
-        raise ValueError(f"target must have shape ({box.shape[0]},), got {tuple(target.shape)}")
-    if box.shape[0] and (int(target.min()) < 0 or int(target.max()) >= net.num_classes):
-        raise ValueError(f"target classes must lie in [0, {net.num_classes}), got {target.tolist()}")
 
 
 def ibp_hessian_bounds(net: Network, box: Bounds, target: torch.Tensor, output: Output = Output.LOGIT) -> EngineResult:
@@ -350,7 +330,7 @@ def ibp_hessian_bounds(net: Network, box: Bounds, target: torch.Tensor, output: 
     an MNIST-size CNN (conv 16@4×4 s2 → conv 32@4×4 → fc 100 → 10, softplus) 1.4 s (two
     threads) to 2.5 s (one) per input and ~1 GB peak (d × 8644 tangents, eight 784 × 5408 × 784 products)."""
     require_smooth(net, output)
-    _check_inputs(net, box, target)
+    check_inputs(net, box, target)
     output = Output(output)
     b, d = box.lower.shape[0], math.prod(net.input_shape)
     lo = torch.empty(b, d, d, dtype=box.lower.dtype, device=box.lower.device)
@@ -424,11 +404,8 @@ def hessian_bounds(
         raise ValueError(f"unknown Hessian bound method {method!r}; choose from {[x.value for x in HessianMethod]}") from None
     require_smooth(net, output)
     output = Output(output)
-    try:
-        return HESSIAN_ENGINES[m](net, box, target, output)
-    except EngineUnsupported as why:
-        res = ibp_hessian_bounds(net, box, target, output)
-        return EngineResult(res.bounds, m.value, (f"{m.value} unsupported here ({why}); fell back to ibp",) + res.notes, "ibp")
+    return with_ibp_fallback(m.value, lambda: HESSIAN_ENGINES[m](net, box, target, output),
+                             lambda: ibp_hessian_bounds(net, box, target, output))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from verigrad.bounds.base import Bounds, EngineResult, EngineUnsupported
+from verigrad.bounds.base import Bounds, EngineResult, EngineUnsupported, check_inputs, uncross
 from verigrad.bounds.lirpa_compat import import_auto_lirpa
 from verigrad.graph.gradient_graph import GradientGraph, Output
 from verigrad.models.network import Conv2d, Network
@@ -238,7 +238,7 @@ def crown_bounds(
     """
     opts = options if options is not None else CrownOptions()
     output = Output(output)
-    _check_inputs(net, box, target)
+    check_inputs(net, box, target)
     params = params if params is not None and not params.empty else None
     if params is not None:
         _check_params(net, params)
@@ -280,22 +280,6 @@ def crown_bounds(
         )
     notes.extend(chunk_notes)
     return EngineResult(Bounds(lower, upper), "alpha-crown" if alpha else "crown", tuple(notes))
-
-
-def _check_inputs(net: Network, box: Bounds, target: torch.Tensor) -> None:
-    if tuple(box.shape[1:]) != tuple(net.input_shape):
-        raise ValueError(
-            f"box has per-sample shape {tuple(box.shape[1:])}, the network {net.source} expects {net.input_shape}"
-        )
-    if box.lower.dtype != net.dtype:
-        # casting a float64 box to float32 may round it inward: refuse instead of silently shrinking it
-        raise ValueError(f"box dtype {box.lower.dtype} differs from the network's {net.dtype}")
-    if target.dim() != 1 or target.shape[0] != box.shape[0]:
-        raise ValueError(f"target must have shape ({box.shape[0]},), got {tuple(target.shape)}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"target must be an integer tensor, got {target.dtype}")
-    if box.shape[0] and (int(target.min()) < 0 or int(target.max()) >= net.num_classes):
-        raise ValueError(f"target classes must lie in [0, {net.num_classes}), got {target.tolist()}")
 
 
 def _check_params(net: Network, params: ParamBox) -> None:
@@ -655,18 +639,7 @@ def _intermediate_bounds(model: BoundedModule) -> dict[str, tuple[torch.Tensor, 
 
 
 def _uncross(lo: torch.Tensor, up: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lower and upper bounds come out of different floating-point sums; on (nearly) point
-    boxes they can cross by a few ulps. Crossing by round-off is widened to [min, max]; a real
-    crossing means an unsound relaxation and is reported."""
-    crossed = lo > up
-    if not bool(crossed.any()):
-        return lo, up
-    gap = (lo - up)[crossed]
-    scale = 1 + torch.maximum(lo.abs(), up.abs())[crossed]
-    allowed = 1e4 * torch.finfo(lo.dtype).eps * scale
-    if bool((gap > allowed).any()):
-        raise LirpaError(f"auto_LiRPA returned lower > upper by up to {float(gap.max()):.3e} on {where}")
-    return torch.minimum(lo, up), torch.maximum(lo, up)
+    return uncross(lo, up, where, LirpaError)
 
 
 def _first_line(e: BaseException) -> str:
@@ -858,7 +831,7 @@ def crown_hessian_bounds(net: Network, box: Bounds, target: torch.Tensor, output
     activations): anything else raises :class:`EngineUnsupported`. The caller intersects with IBP."""
     output = Output(output)
     _check_hessian_graph(net, output)
-    _check_inputs(net, box, target)
+    check_inputs(net, box, target)
     device = box.lower.device
     if net.device != device:
         net = net.to(device=device)
