@@ -118,3 +118,18 @@ def test_containment_check_catches_a_wrong_bound():
     shrunk = Bounds(torch.minimum(v0, b.lower + 0.45 * b.width), torch.maximum(v0, b.upper - 0.45 * b.width))
     with pytest.raises(AssertionError):
         assert_contains_true_gradients(shrunk, net, box, t, Output.LOGIT, n=500)
+
+
+def test_containment_check_with_a_parameter_box_catches_bounds_of_the_input_box_only():
+    """With a parameter box the helper must sample the parameters too: bounds computed for the
+    input box alone (exact parameters) miss gradients of perturbed networks."""
+    net = random_mlp(ActKind.TANH)
+    x = _x(net)
+    box = input_box(x, 0.01, (0.0, 1.0))
+    t = torch.tensor([0])
+    params = param_box(net, 0.3)
+    only_input = ibp_bounds(net, box, t).bounds
+    with pytest.raises(AssertionError):
+        assert_contains_true_gradients(only_input, net, box, t, Output.LOGIT, params=params, n=200)
+    both = ibp_bounds(net, box, t, Output.LOGIT, params).bounds
+    assert_contains_true_gradients(both, net, box, t, Output.LOGIT, params=params, n=200)
