@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.verigrad-installed
 DEMO_SPEC ?= specs/demo.yaml
 
-.PHONY: install demo test compare bench gap clean
+.PHONY: install demo test lint compare bench gap clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,11 @@ demo: $(STAMP)
 	$(VENV)/bin/verigrad verify specs/mnist_resnet.yaml; code=$$?; [ $$code -eq 0 ] || [ $$code -eq 1 ] || [ $$code -eq 3 ]
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check verigrad tests tools
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check verigrad tests tools
 
 compare: $(STAMP)
 	$(VENV)/bin/verigrad compare $(DEMO_SPEC); code=$$?; [ $$code -eq 0 ] || [ $$code -eq 1 ] || [ $$code -eq 3 ]

@@ -60,7 +60,7 @@ from verigrad.bounds.base import Bounds, check_inputs
 from verigrad.graph.gradient_graph import Output, saliency
 from verigrad.guarantees import Guarantee
 from verigrad.properties import topk_overlap_lower_bound
-from verigrad.models.network import ActKind, Activation, Conv2d, Linear, Network, Reshape, conv_transpose
+from verigrad.models.network import Activation, Conv2d, Linear, Network, Reshape, conv_transpose
 
 F64 = torch.float64
 _INTERVALS = ("hoeffding", "clopper_pearson")

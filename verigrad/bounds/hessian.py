@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from verigrad.bounds.base import Bounds, BoundsError, EngineResult, EngineUnsupported, check_inputs, uncross, with_ibp_fallback
+from verigrad.bounds.base import Bounds, EngineResult, EngineUnsupported, check_inputs, uncross, with_ibp_fallback
 from verigrad.bounds.ibp import (
     Interval,
     Product,
@@ -46,7 +46,7 @@ from verigrad.bounds.ibp import (
     softmax_bounds,
 )
 from verigrad.graph.gradient_graph import Output, logits
-from verigrad.models.network import ActKind, Activation, Conv2d, Linear, Network, Reshape
+from verigrad.models.network import Activation, Conv2d, Linear, Network, Reshape
 
 __all__ = [
     "HessianMethod", "SecondOrderUnsupported", "abs_bound", "frobenius_upper", "hessian", "hessian_bounds",

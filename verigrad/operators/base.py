@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Mapping, Sequence, TypeVar
 
 import torch
 
-from verigrad.errors import ModelError, OpUnsupported
+from verigrad.errors import OpUnsupported
 from verigrad.operators.interval import Interval
 
 if TYPE_CHECKING:

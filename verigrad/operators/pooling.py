@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from verigrad.errors import ModelError
-from verigrad.operators.base import IbpContext, Node, Shape, Tensors, register
-from verigrad.operators.interval import Interval
+from verigrad.operators.base import Node, Shape, register
 
 Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int]]  # kernel, stride, (t, l, b, r)
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from verigrad.errors import ModelError, OpUnsupported
-from verigrad.operators.base import IbpContext, Node, Shape, Tensors, register
-from verigrad.operators.interval import Interval, add, map_ends, neg
+from verigrad.operators.base import Node, Shape, register
+from verigrad.operators.interval import add, map_ends, neg
 
 # entries of the dense 0/1 matrix that lowers a non-spatial Pad for auto_LiRPA
 _MAX_EMBED = 4_000_000
