@@ -59,7 +59,7 @@ import torch
 from verigrad.bounds.base import Bounds, check_inputs
 from verigrad.graph.gradient_graph import Output, saliency
 from verigrad.guarantees import Guarantee
-from verigrad.properties import topk_overlap_lower_bound
+from verigrad.ranking import topk_overlap_lower_bound
 from verigrad.models.network import Activation, Conv2d, Linear, Network, Reshape, conv_transpose
 
 F64 = torch.float64
