@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import yaml
 
-from verigrad.bounds import Method, Product
+from verigrad.bounds import CrownOptions, Method, Product
 from verigrad.explanations import ExplanationMethod, IGRule
 from verigrad.graph.gradient_graph import Output
 from verigrad.perturbation import ParamMode
@@ -780,6 +780,9 @@ def _name_properties(props: tuple) -> tuple:
     return tuple(out)
 
 
+_CROWN = CrownOptions()  # CROWN / alpha-CROWN defaults are declared by the engine's options
+
+
 @dataclass(frozen=True, kw_only=True)
 class IbpSpec:
     product: IbpProduct = _opt(Choice(IbpProduct), IbpProduct.MIDPOINT_RADIUS, "interval × interval rule")
@@ -787,8 +790,8 @@ class IbpSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class AlphaCrownSpec:
-    iterations: int = _opt(Int(gt=0), 20)
-    lr: float = _opt(Num(gt=0), 0.1)
+    iterations: int = _opt(Int(gt=0), _CROWN.alpha_iterations)
+    lr: float = _opt(Num(gt=0), _CROWN.alpha_lr)
 
 
 @dataclass(frozen=True, kw_only=True)

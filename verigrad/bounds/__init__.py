@@ -14,6 +14,7 @@ import torch
 
 from verigrad.bounds.base import Bounds, BoundsError, EngineResult, EngineUnsupported, with_ibp_fallback
 from verigrad.bounds.ibp import Product, ibp_bounds
+from verigrad.bounds.options import CrownOptions
 from verigrad.graph.gradient_graph import Output
 from verigrad.models.network import Network
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from verigrad.perturbation import ParamBox
 
 __all__ = [
-    "Bounds", "BoundsError", "EngineResult", "EngineUnsupported", "EngineOptions", "Method",
+    "Bounds", "BoundsError", "CrownOptions", "EngineResult", "EngineUnsupported", "EngineOptions", "Method",
     "Product", "compute_bounds", "ibp_bounds",
 ]
 
@@ -32,17 +33,25 @@ class Method(str, Enum):
     ALPHA_CROWN = "alpha-crown"
 
 
+_CROWN = CrownOptions()  # the one place CROWN / alpha-CROWN defaults are declared
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """Engine settings a spec can change; defaults live here and in the spec schema only."""
 
     product: Product = Product.MIDPOINT_RADIUS
-    alpha_iterations: int = 20
-    alpha_lr: float = 0.1
-    # CROWN / alpha-CROWN rows per backward pass and the memory budget that sizes them
-    # (None = auto; see verigrad.bounds.lirpa.CrownOptions for the cost model)
-    crown_output_chunk: int | None = None
-    crown_memory_mb: float | None = None
+    # CROWN / alpha-CROWN settings; their defaults are CrownOptions' (rows per backward pass and
+    # the memory budget that sizes them: None = auto, see CrownOptions for the cost model)
+    alpha_iterations: int = _CROWN.alpha_iterations
+    alpha_lr: float = _CROWN.alpha_lr
+    crown_output_chunk: int | None = _CROWN.output_chunk
+    crown_memory_mb: float | None = _CROWN.memory_mb
+
+    def crown(self) -> CrownOptions:
+        """The CROWN engine's options object."""
+        return CrownOptions(alpha_iterations=self.alpha_iterations, alpha_lr=self.alpha_lr,
+                            output_chunk=self.crown_output_chunk, memory_mb=self.crown_memory_mb)
 
 
 Engine = Callable[[Network, Bounds, torch.Tensor, Output, "ParamBox | None", EngineOptions], EngineResult]
@@ -56,13 +65,7 @@ def _lirpa(alpha: bool) -> Engine:
     def run(net, box, target, output, params, opts: EngineOptions) -> EngineResult:
         from verigrad.bounds import lirpa  # auto_LiRPA is heavy and optional for IBP-only use
 
-        crown_opts = lirpa.CrownOptions(
-            alpha_iterations=opts.alpha_iterations,
-            alpha_lr=opts.alpha_lr,
-            output_chunk=opts.crown_output_chunk,
-            memory_mb=opts.crown_memory_mb,
-        )
-        return lirpa.crown_bounds(net, box, target, output, params, alpha=alpha, options=crown_opts)
+        return lirpa.crown_bounds(net, box, target, output, params, alpha=alpha, options=opts.crown())
 
     return run
 
