@@ -76,6 +76,7 @@ def test_timeout_is_unknown_not_a_crash(tmp_path):
     assert suite.get("failures") == "2"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_skips_what_is_done_and_reruns_cut_lines(tmp_path, backend):
     spec = _spec(tmp_path, "ok", 1000.0, end=3)
@@ -296,6 +297,7 @@ def test_eta_prices_each_spec_at_its_own_mean():
 
 
 
+@pytest.mark.slow
 def test_the_shipped_suite_runs_as_a_batch(tmp_path):
     specs = sorted((ROOT / "specs").glob("*.yaml"))
     out = tmp_path / "suite"

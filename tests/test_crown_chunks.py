@@ -221,6 +221,7 @@ def test_auto_chunk_follows_budget_and_engine_options():
 # ---------------------------------------------------------------- a 3×32×32 input
 
 
+@pytest.mark.slow
 def test_cifar_sized_cnn_small_budget_equals_full():
     """d = 3072: unchunked, the final pass holds ~1.6 GB of A matrices (float64); a 400 MiB
     budget splits it (about 0.96 MiB estimated per row → 417 rows, 8 chunks). ~10 s on 2 cores."""

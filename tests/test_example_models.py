@@ -15,6 +15,7 @@ from verigrad.graph.gradient_graph import Output
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,eps,n", [("mnist_fc", 0.01, 3), ("mnist_cnn", 0.01, 2), ("mnist_softplus", 0.01, 3)])
 def test_crown_tighter_than_ibp_and_both_sound(name, eps, n):
     net = load_model(ROOT / f"examples/models/{name}.onnx").to(dtype=torch.float64)

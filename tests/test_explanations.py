@@ -140,6 +140,7 @@ def _assert_contains(bounds: Bounds, v: torch.Tensor) -> None:
     assert excess <= 0, f"true explanation outside the bounds by {excess:.3e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,e", DETERMINISTIC[1:], ids=DET_IDS[1:])
 @pytest.mark.parametrize("act,param", ACTS, ids=ACT_IDS)
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])

@@ -76,6 +76,7 @@ def test_several_outputs_need_model_output(files):
     assert "probs" in line and "aux" in line and "model.output" in line
 
 
+@pytest.mark.slow
 def test_verify_replay_batch_report_on_a_graph_model(files):
     spec = _spec(files, "probs", output="probs")
     r = _run("verify", spec)

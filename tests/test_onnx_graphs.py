@@ -615,6 +615,7 @@ def _torchscript(model: nn.Module, shape, tmp_path: Path) -> Network:
     return load_model(path, shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("route", EXPORTERS + ["torchscript"])
 def test_every_engine_on_an_exported_graph(route, tmp_path):
     from tests.helpers import assert_contains_true_gradients
