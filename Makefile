@@ -32,10 +32,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check verigrad tests tools
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check verigrad tests tools
+	$(VENV)/bin/mypy
 
 compare: $(STAMP)
 	$(VENV)/bin/verigrad compare $(DEMO_SPEC); code=$$?; [ $$code -eq 0 ] || [ $$code -eq 1 ] || [ $$code -eq 3 ]

@@ -10,7 +10,7 @@ in both passes, so a parameter box perturbs them consistently.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Mapping, Tuple
+from typing import Mapping, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +141,7 @@ class GradientGraph(nn.Module):
                 self.param_names[node.name] = (keys["weight"], keys["bias"])
         last = net.layers[-1]
         self._row_seed = self.output == Output.LOGIT and isinstance(last, Linear)
-        if self._row_seed:
+        if isinstance(last, Linear) and self._row_seed:
             row = last.weight[self.target : self.target + 1].detach().clone()
             if seed_row_parameter:
                 self.register_parameter("seed_row", nn.Parameter(row, requires_grad=False))
@@ -163,10 +163,11 @@ class GradientGraph(nn.Module):
     def _seed(self, logits: torch.Tensor) -> torch.Tensor:
         """∂o/∂z at the logits (B, K)."""
         b = logits.shape[0]
+        onehot = cast(torch.Tensor, self.onehot)  # a registered buffer
         if self.output == Output.LOGIT:
-            return self.onehot.expand(b, -1)
+            return onehot.expand(b, -1)
         if self.output == Output.LOSS:
-            return torch.softmax(logits, dim=1) - self.onehot
+            return torch.softmax(logits, dim=1) - onehot
         return ops.probability_seed(logits, self.target)
 
     def forward(self, x: torch.Tensor, seed: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,7 +185,8 @@ class GradientGraph(nn.Module):
             vals[nodes[i].name] = nodes[i].graph_forward([vals[m] for m in wiring[i]], self._tensors(i))
         grads: dict[str, torch.Tensor] = {}
         if self._row_seed:
-            grads[wiring[-1][0]] = self.seed_row.expand(x.shape[0], -1) if seed is None else seed
+            row = cast(torch.Tensor, self.seed_row)  # a registered buffer or parameter
+            grads[wiring[-1][0]] = row.expand(x.shape[0], -1) if seed is None else seed
         else:
             z = vals[nodes[-1].name]
             g = self._seed(z.reshape(z.shape[0], -1))

@@ -122,7 +122,7 @@ class Network:
                 raise OpUnsupported(engine, node, f"it reads {list(ins)}: this engine handles chains only")
             if not isinstance(node, kinds):
                 raise OpUnsupported(engine, node, "this engine handles only "
-                                    + ", ".join(sorted(k.op for k in kinds)))
+                                    + ", ".join(sorted(getattr(k, "op", k.__name__) for k in kinds)))
             prev = node.name
         last = self.layers[-1]
         if last_affine and not isinstance(last, (Linear, Conv2d)):

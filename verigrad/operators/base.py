@@ -102,7 +102,8 @@ class Node:
         """A copy with ``f`` applied to every tensor field."""
         if not self.tensor_fields:
             return self
-        return dataclasses.replace(self, **{k: f(getattr(self, k)) for k in self.tensor_fields})
+        changes: dict = {k: f(getattr(self, k)) for k in self.tensor_fields}
+        return dataclasses.replace(self, **changes)
 
     def renamed(self, name: str | None = None, inputs: Sequence[str] | None = None) -> "Node":
         return dataclasses.replace(self, name=self.name if name is None else name,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -141,12 +141,13 @@ def _untraced() -> Iterator[None]:
     """Run without the JIT tracer: the forward of a traced custom node reads shapes (traced as
     ``aten::size`` of values the node's subgraph does not own), which breaks the exporter's passes;
     the node's value is all the trace needs."""
-    state = torch._C._get_tracing_state()
-    torch._C._set_tracing_state(None)
+    c: Any = torch._C  # the tracer's state accessors are private (and untyped)
+    state = c._get_tracing_state()
+    c._set_tracing_state(None)
     try:
         yield
     finally:
-        torch._C._set_tracing_state(state)
+        c._set_tracing_state(state)
 
 
 def _functions(geo: "MaxPool") -> tuple[type, type]:
