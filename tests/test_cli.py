@@ -205,3 +205,25 @@ def test_verify_other_explanation_methods_end_to_end(tmp_path, method):
     bad = _spec(tmp_path, explanation={"method": method, "integrated_gradients": {"steps": 1, "rule": "riemann_left"}})
     r = _run("verify", bad)
     assert r.exit_code == ExitCode.BAD_INPUT and "explanation.integrated_gradients.steps" in r.output
+
+
+def test_cli_flags_are_the_schemas(tmp_path):
+    """Each override flag is declared once (verigrad.spec.CLI_FLAGS): it names a real spec key, its
+    choices are that key's enum, and the verify, compare and attack commands all offer it."""
+    from enum import Enum
+
+    from verigrad.spec import CLI_FLAGS, flag_overrides
+
+    resolved = load_spec(_spec(tmp_path)).to_dict()
+    for fl in CLI_FLAGS:
+        node = resolved
+        for part in fl.key.split(".")[:-1]:
+            node = node[part]
+        assert fl.key.split(".")[-1] in node, fl.key
+        for cmd in ("verify", "compare", "attack"):
+            opts = {o.name: o for o in main.commands[cmd].params}
+            assert fl.dest in opts, (cmd, fl.flag)
+            if isinstance(fl.type, type) and issubclass(fl.type, Enum):
+                assert list(opts[fl.dest].type.choices) == [m.value for m in fl.type]
+    assert flag_overrides({"epsilon": 0.1, "methods": ("crown",), "device": None}) == {
+        "perturbation.input.epsilon": 0.1, "bounds.methods": ["crown"]}

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 
 import click
 
 from verigrad.bounds import Method
+from verigrad.spec import CLI_FLAGS
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
@@ -18,36 +20,25 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     return (SpecError, ModelError, DataError, SetupError)
 
 
-def _load(spec_path: str, methods, epsilon, start, end, device, dtype, attack_order=None):
-    from verigrad.spec import apply_overrides, load_spec
+def _load(spec_path: str, flags: dict):
+    from verigrad.spec import apply_overrides, flag_overrides, load_spec
 
-    spec = load_spec(spec_path)
-    return apply_overrides(spec, methods=list(methods) or None, epsilon=epsilon, start=start, end=end,
-                           device=device, dtype=dtype,
-                           set_keys={"attack.order": attack_order} if attack_order else None)
+    return apply_overrides(load_spec(spec_path), set_keys=flag_overrides(flags))
 
 
 def _overrides(f):
-    for opt in reversed([
-        click.option("--method", "methods", multiple=True, type=click.Choice([m.value for m in Method]),
-                     help="bound engine(s) to run, replacing bounds.methods (repeatable)"),
-        click.option("--epsilon", type=float, help="replace perturbation.input.epsilon"),
-        click.option("--start", type=int, help="replace data.start"),
-        click.option("--end", type=int, help="replace data.end"),
-        click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), help="replace general.device"),
-        click.option("--dtype", type=click.Choice(["float32", "float64"]), help="replace bounds.dtype"),
-        click.option("--out", type=click.Path(dir_okay=False), help="results JSON (default: RESULTS/<spec>.json)"),
-        click.option("--bounds-npz", type=click.Path(dir_okay=False),
-                     help="bound maps .npz (default: RESULTS/<spec>.npz)"),
-        click.option("--attack-order", type=click.Choice(["before", "after", "both", "skip"]),
-                     help="replace attack.order"),
-    ]):
-        f = opt(f)
+    """The spec-key flags (declared once, by ``verigrad.spec.CLI_FLAGS``) and the output paths."""
+    for fl in reversed(CLI_FLAGS):
+        typ = click.Choice([m.value for m in fl.type]) if isinstance(fl.type, type) and issubclass(fl.type, Enum) \
+            else fl.type
+        f = click.option(fl.flag, fl.dest, multiple=fl.multiple, type=typ, help=fl.help)(f)
+    f = click.option("--out", type=click.Path(dir_okay=False), help="results JSON (default: RESULTS/<spec>.json)")(f)
+    f = click.option("--bounds-npz", type=click.Path(dir_okay=False),
+                     help="bound maps .npz (default: RESULTS/<spec>.npz)")(f)
     return f
 
 
-def _run(spec_path, methods, epsilon, start, end, device, dtype, out, bounds_npz, dump_config, table,
-         attack_order=None, attack_only=False):
+def _run(spec_path, flags: dict, out, bounds_npz, dump_config, table, attack_only=False):
     import dataclasses
 
     from verigrad import reports
@@ -55,7 +46,7 @@ def _run(spec_path, methods, epsilon, start, end, device, dtype, out, bounds_npz
     from verigrad.verify import prepare, verify
 
     try:
-        spec = _load(spec_path, methods, epsilon, start, end, device, dtype, attack_order)
+        spec = _load(spec_path, flags)
         if dump_config:
             click.echo(dump_spec(spec), nl=False)
             sys.exit(0)
@@ -100,7 +91,7 @@ def main() -> None:
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False))
 @_overrides
 @click.option("--dump-config", is_flag=True, help="print the resolved spec (with overrides) and exit")
-def verify(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, attack_order, dump_config):
+def verify(spec, out, bounds_npz, dump_config, **flags):
     """Bound the explanation of every input of SPEC, attack what is left, decide its properties.
 
     Exit code: 0 all certified, 1 some falsified, 2 bad input, 3 some unknown,
@@ -108,35 +99,34 @@ def verify(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, a
     """
     from verigrad.reports import verify_table
 
-    _run(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, dump_config, verify_table,
-         attack_order)
+    _run(spec, flags, out, bounds_npz, dump_config, verify_table)
 
 
 @main.command()
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False))
 @_overrides
-def compare(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, attack_order):
+def compare(spec, out, bounds_npz, **flags):
     """Run ibp, crown and alpha-crown on SPEC and compare widths, verdicts, times and the
     certificate–attack gap (attacks run on every property unless --attack-order says otherwise)."""
     from verigrad.reports import compare_table
 
-    methods = methods or tuple(m.value for m in Method)
-    _run(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, False, compare_table,
-         attack_order or "both")
+    flags["methods"] = flags["methods"] or tuple(m.value for m in Method)
+    flags["attack_order"] = flags["attack_order"] or "both"
+    _run(spec, flags, out, bounds_npz, False, compare_table)
 
 
 @main.command()
 @click.argument("spec", type=click.Path(exists=True, dir_okay=False))
 @_overrides
-def attack(spec, methods, epsilon, start, end, device, dtype, out, bounds_npz, attack_order):
+def attack(spec, out, bounds_npz, **flags):
     """Attack every property of SPEC (no bounds) and measure empirical robustness: similarity of
     attacked and randomly perturbed explanations (PCC, SSIM, MSE, cosine, top-k, Kendall τ)
     and max-sensitivity. Writes RESULTS/<spec>.attack.json. Exit 1 if some property was
     falsified, 3 otherwise."""
     from verigrad.reports import attack_table
 
-    _run(spec, (), epsilon, start, end, device, dtype, out, bounds_npz, False, attack_table, "both",
-         attack_only=True)
+    flags["methods"], flags["attack_order"] = (), "both"
+    _run(spec, flags, out, bounds_npz, False, attack_table, attack_only=True)
 
 
 @main.command()

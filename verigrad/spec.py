@@ -982,6 +982,45 @@ def dump_spec(spec: Spec) -> str:
     return header + yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None)
 
 
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag that replaces one spec key; its type (and, for an enum, its choices)
+    is the key's, so the CLI declares nothing of its own."""
+
+    flag: str
+    dest: str
+    key: str
+    type: Any  # int, float, or the key's str Enum
+    multiple: bool = False
+
+    @property
+    def help(self) -> str:
+        return f"replace {self.key}" + (" (repeatable)" if self.multiple else "")
+
+
+CLI_FLAGS: tuple[Flag, ...] = (
+    Flag("--method", "methods", "bounds.methods", BoundMethod, multiple=True),
+    Flag("--epsilon", "epsilon", "perturbation.input.epsilon", float),
+    Flag("--start", "start", "data.start", int),
+    Flag("--end", "end", "data.end", int),
+    Flag("--device", "device", "general.device", Device),
+    Flag("--dtype", "dtype", "bounds.dtype", Dtype),
+    Flag("--attack-order", "attack_order", "attack.order", AttackOrder),
+)
+
+
+def flag_overrides(values: Mapping[str, Any]) -> dict[str, Any]:
+    """{spec key: value} for the CLI_FLAGS given in ``values`` (by dest; None or empty = not given),
+    ready for ``apply_overrides(set_keys=...)``."""
+    out: dict[str, Any] = {}
+    for fl in CLI_FLAGS:
+        v = values.get(fl.dest)
+        if v is None or (fl.multiple and not v):
+            continue
+        out[fl.key] = [getattr(x, "value", x) for x in v] if fl.multiple else getattr(v, "value", v)
+    return out
+
+
 def apply_overrides(
     spec: Spec,
     methods: Sequence[str | BoundMethod] | None = None,
@@ -1031,5 +1070,5 @@ __all__ = [
     "GaussianTarget", "SquareTarget", "FileTarget", "TargetSpec", "BoundsSpec", "IbpSpec",
     "AlphaCrownSpec", "CrownSpec", "AttackSpec", "AttackOrder", "AttackMethod", "GeneralSpec", "SecondOrderSpec", "RadiusSpec", "DatasetName", "ExplanationMethod", "IntegratedGradientsSpec", "SmoothingSpec", "TargetClass", "Norm",
     "Kind", "Metric", "Normalize", "TargetType", "BoundMethod", "Dtype", "Combine", "IbpProduct",
-    "Device", "load_spec", "spec_from_dict", "dump_spec", "apply_overrides",
+    "Device", "load_spec", "spec_from_dict", "dump_spec", "apply_overrides", "CLI_FLAGS", "Flag", "flag_overrides",
 ]
