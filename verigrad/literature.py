@@ -717,6 +717,7 @@ def weight_norm_hessian_bound(net: Network, output: Output = Output.LOGIT, targe
         else:  # pragma: no cover - Network only holds the four kinds
             raise ValueError(f"unsupported layer {type(layer).__name__}")
     last = layers[-1]
+    assert isinstance(last, (Linear, Conv2d))  # require_chain: the logits come from an affine layer
     nm = _affine_norms(last, net.shapes[-2])
     op = nm.spec if norms == "spectral" else nm.fro
     if output == Output.LOGIT:

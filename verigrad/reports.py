@@ -260,7 +260,7 @@ class ResultWriter:
         doc = results_document(self.problem, self.results, self.started, complete, self.witnesses)
         _atomic_write(self.json_path, lambda p: Path(p).write_text(json.dumps(doc, indent=1)))
         if self.npz_path is not None:
-            arrays = npz_arrays(self.results)
+            arrays: dict = npz_arrays(self.results)
             _atomic_write(self.npz_path, lambda p: np.savez_compressed(open(p, "wb"), **arrays))
         return doc
 

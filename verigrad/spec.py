@@ -768,7 +768,8 @@ class PropertySpec:
 
 def _name_properties(props: tuple) -> tuple:
     """Fill default names p{i}_{kind}_{metric} (p{i}_{kind}) and require names to be unique."""
-    out, seen = [], {}
+    out: list = []
+    seen: dict[str, int] = {}
     for i, p in enumerate(props):
         if p.name is None:
             suffix = f"_{p.metric.value}" if p.metric is not None else ""

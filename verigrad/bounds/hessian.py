@@ -263,6 +263,7 @@ def _group_bounds(net: Network, box: Bounds, target: torch.Tensor, output: Outpu
             h, h0 = _map_ends(layer, h), layer(h0)
             t = _unflat(_map_ends(layer, _flat(t)), b)
         else:
+            assert isinstance(layer, (Linear, Conv2d))  # require_smooth admitted chains of the four kinds only
             h, h0 = _affine_forward(layer, h, None, Product.MIDPOINT_RADIUS), layer(h0)
             t = _unflat(_tangent_forward(layer, _flat(t)), b)
             # centred form: h(x') = h(x0) + Ĵ(x' − x0) with Ĵ an average of Jacobians over the box
@@ -300,8 +301,10 @@ def _group_bounds(net: Network, box: Bounds, target: torch.Tensor, output: Outpu
             sq = mul_interval(_square(jk), sf)  # diagonal Σ_m J_mj² s_m, squares never negative
             diag = _add(diag, (sq[0].sum(-1), sq[1].sum(-1)))
         elif isinstance(layer, Reshape):
-            g = _map_ends(lambda v, l=layer, sh=net.shapes[i]: l.backward(v, sh), g)
+            sh = net.shapes[i]
+            g = _map_ends(lambda v: v.reshape(v.shape[0], *sh), g)
         else:
+            assert isinstance(layer, (Linear, Conv2d))
             g = _affine_backward(layer, g, net.shapes[i], None, Product.MIDPOINT_RADIUS)
     return (hl, hu), diag
 

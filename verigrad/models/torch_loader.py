@@ -247,7 +247,7 @@ class _SequentialWalker:
         self._needs_image(name, m)
         c, h, w = self.shape
         size = m.output_size
-        oh, ow = (size, size) if isinstance(size, int) else tuple(size)
+        oh, ow = (size, size) if isinstance(size, int) else tuple(size)  # type: ignore[arg-type]
         oh, ow = h if oh is None else int(oh), w if ow is None else int(ow)
         if h % oh or w % ow:
             raise self.refuse(name, m, f"output size {(oh, ow)} does not divide the input size {(h, w)}")
@@ -322,7 +322,8 @@ def _via_onnx(module: nn.Module, input_shape: tuple[int, ...], source: str,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation warning
             torch.onnx.export(
-                module, (dummy,), buf, dynamo=False, input_names=["input"], output_names=["output"],
+                module, (dummy,), buf,  # type: ignore[arg-type]  # torch accepts a file object
+                dynamo=False, input_names=["input"], output_names=["output"],
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
             )
     except Exception as e:

@@ -158,7 +158,7 @@ class RegularizerConfig:
             raise ValueError(f"smooth_beta must be > 0, got {self.smooth_beta!r}")
         if self.name in (Regularizer.GNORM, Regularizer.PGD_AT, Regularizer.ALIGNMENT) and self.epsilon <= 0:
             # a zero ball makes these penalties identically zero / plain CE: almost surely a mistake
-            raise ValueError(f"regularizer {self.name.value} needs epsilon > 0")
+            raise ValueError(f"regularizer {Regularizer(self.name).value} needs epsilon > 0")
 
 
 def ramp(target: float, step_frac: float, ramp_fraction: float) -> float:
@@ -358,7 +358,7 @@ def training_loss(model: nn.Module, net: Network, x: torch.Tensor, y: torch.Tens
     if not 0.0 <= step_frac <= 1.0:
         raise ValueError(f"step_frac must lie in [0, 1], got {step_frac!r}")
     ce = F.cross_entropy(model(x), y)
-    penalty, info = REGULARIZERS[cfg.name](model, net, x, y, cfg, step_frac)
+    penalty, info = REGULARIZERS[Regularizer(cfg.name)](model, net, x, y, cfg, step_frac)
     if cfg.name == Regularizer.PGD_AT and cfg.pgd_at_replace:
         loss = penalty
     else:
