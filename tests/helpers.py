@@ -1,7 +1,12 @@
 """Shared test helpers: random networks, box sampling, autograd references."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 from verigrad.bounds.base import Bounds
 from verigrad.models.network import ActKind, Activation, Conv2d, Linear, Network, Reshape
@@ -139,3 +144,30 @@ def cifar_cnn(seed: int = 0) -> Network:
     layers = (conv("conv0", 3, 8), Activation("act0", ActKind.RELU), conv("conv1", 8, 16), Activation("act1", ActKind.RELU),
               Reshape("flatten", (576,)), lin("fc0", 576, 64), Activation("act2", ActKind.RELU), lin("fc1", 64, 10))
     return Network(layers, (3, 32, 32), "cifar_cnn")
+
+
+# ---- hand-built ONNX graphs
+
+def hand_onnx(nodes, inits, in_shape, out_shape, elem=TensorProto.DOUBLE, outputs=("y",), opset=17) -> onnx.ModelProto:
+    """A hand-built ONNX model: input "x" (N, *in_shape), outputs (N, *out_shape), initializers in
+    ``elem``'s precision (integer arrays kept as they are), checked by onnx."""
+    np_dt = np.float64 if elem == TensorProto.DOUBLE else np.float32
+
+    def arr(v):
+        v = np.asarray(v)
+        return v if v.dtype.kind in "iub" else v.astype(np_dt)
+
+    graph = helper.make_graph(
+        nodes, "hand",
+        [helper.make_tensor_value_info("x", elem, ["N", *in_shape])],
+        [helper.make_tensor_value_info(o, elem, ["N", *out_shape]) for o in outputs],
+        [numpy_helper.from_array(arr(v), k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path

@@ -6,13 +6,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 from torch import nn
 
+from tests.helpers import hand_onnx, save_onnx
 from verigrad.graph.gradient_graph import GradientGraph, Output
 from verigrad.models import add_normalization, from_module, load_model, load_onnx
 from verigrad.models.network import ActKind, Activation, Conv2d, Linear, ModelError, Network
@@ -237,23 +237,6 @@ def test_view_batch_reshape(dynamic, tmp_path):
 # -- hand-built ONNX graphs: Gemm attributes, MatMul+Add, BN after Conv --------------------
 
 
-def _onnx_model(nodes, inits, in_shape, out_shape, name="hand") -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes, name,
-        [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["N", *in_shape])],
-        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["N", *out_shape])],
-        [numpy_helper.from_array(np.asarray(v, np.float64), k) for k, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    return model
-
-
-def _save(model: onnx.ModelProto, path: Path) -> Path:
-    onnx.save(model, str(path))
-    return path
-
-
 def test_gemm_attributes_matmul_add(tmp_path):
     rng = np.random.default_rng(0)
     w1, b1 = rng.normal(size=(4, 5)), rng.normal(size=5)
@@ -267,7 +250,7 @@ def test_gemm_attributes_matmul_add(tmp_path):
         helper.make_node("Identity", ["h4"], ["h5"], name="id"),
         helper.make_node("MatMul", ["h5", "w3"], ["y"], name="mm2"),
     ]
-    path = _save(_onnx_model(nodes, dict(w1=w1, b1=b1, w2=w2, c2=c2, w3=w3), [4], [2]), tmp_path / "g.onnx")
+    path = save_onnx(hand_onnx(nodes, dict(w1=w1, b1=b1, w2=w2, c2=c2, w3=w3), [4], [2]), tmp_path / "g.onnx")
     net = load_model(path)
     assert [l.name for l in net.layers] == ["mm1", "act", "gemm", "mm2"]
     x = rng.normal(size=(3, 4))
@@ -290,7 +273,7 @@ def test_batchnorm_after_conv_is_folded(tmp_path):
         helper.make_node("Flatten", ["t"], ["f"], name="flat"),
         helper.make_node("Gemm", ["f", "fw"], ["y"], name="fc", transB=1),
     ]
-    net = load_onnx(_save(_onnx_model(nodes, inits, [2, 6, 6], [2]), tmp_path / "bn.onnx"))
+    net = load_onnx(save_onnx(hand_onnx(nodes, inits, [2, 6, 6], [2]), tmp_path / "bn.onnx"))
     assert [l.name for l in net.layers] == ["conv", "tanh", "flat", "fc"]
     x = torch.tensor(rng.normal(size=(3, 2, 6, 6)))
     t = {k: torch.tensor(v) for k, v in inits.items()}
@@ -314,7 +297,7 @@ def test_input_normalization_ops_and_fixed_affine(tmp_path):
         helper.make_node("Div", ["f", "three"], ["g"], name="div"),
         helper.make_node("Gemm", ["g", "fw", "fb"], ["y"], name="fc", transB=1),
     ]
-    net = load_onnx(_save(_onnx_model(nodes, inits, [4], [2]), tmp_path / "n.onnx"))
+    net = load_onnx(save_onnx(hand_onnx(nodes, inits, [4], [2]), tmp_path / "n.onnx"))
     assert [l.name for l in net.layers] == ["scale/normalize", "mm", "sig", "div/affine", "fc"]
     assert [l.perturbable for l in net.affine_layers()] == [False, True, False, True]
     x = rng.normal(size=(3, 4))
@@ -322,14 +305,14 @@ def test_input_normalization_ops_and_fixed_affine(tmp_path):
     ref = (h / 3.0) @ inits["fw"].T + inits["fb"]
     torch.testing.assert_close(net.forward(torch.tensor(x)), torch.tensor(ref))
     inits["two"] = rng.normal(size=(4,))  # per feature is fine for a flat input ...
-    load_onnx(_save(_onnx_model(nodes, inits, [4], [2]), tmp_path / "n2.onnx"))
+    load_onnx(save_onnx(hand_onnx(nodes, inits, [4], [2]), tmp_path / "n2.onnx"))
     conv_nodes = [
         helper.make_node("Mul", ["x", "px"], ["a"], name="perpixel"),
         helper.make_node("Flatten", ["a"], ["y"], name="flat"),
     ]
-    bad = _onnx_model(conv_nodes, dict(px=rng.normal(size=(1, 2, 2))), [1, 2, 2], [4])
+    bad = hand_onnx(conv_nodes, dict(px=rng.normal(size=(1, 2, 2))), [1, 2, 2], [4])
     with pytest.raises(ModelError, match=r"'perpixel' \(Mul\): only scalar or per-channel"):
-        load_onnx(_save(bad, tmp_path / "bad.onnx"))
+        load_onnx(save_onnx(bad, tmp_path / "bad.onnx"))
 
 
 def test_pooling_and_standalone_batchnorm(tmp_path):
@@ -350,7 +333,7 @@ def test_pooling_and_standalone_batchnorm(tmp_path):
         helper.make_node("Dropout", ["h"], ["i"], name="drop"),
         helper.make_node("Gemm", ["i", "fw"], ["y"], name="fc"),
     ]
-    net = load_onnx(_save(_onnx_model(nodes, inits, [2, 7, 7], [2]), tmp_path / "p.onnx"))
+    net = load_onnx(save_onnx(hand_onnx(nodes, inits, [2, 7, 7], [2]), tmp_path / "p.onnx"))
     assert [l.name for l in net.layers] == [
         "sub/normalize", "conv", "relu", "pool/avgpool", "bn/affine", "gap/avgpool", "flat", "fc",
     ]

@@ -14,9 +14,10 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from torch import nn
 
+from tests.helpers import hand_onnx, save_onnx
 from verigrad.graph.gradient_graph import GradientGraph, Output, saliency
 from verigrad.models import load_model, load_onnx
 from verigrad.models.network import (
@@ -289,7 +290,7 @@ def test_softplus_small_threshold_is_noted(tmp_path):
         helper.make_node("Greater", ["u", "thr"], ["g"], name="gt"),
         helper.make_node("Where", ["g", "x", "d"], ["y"], name="where"),
     ]
-    net = load_onnx(_save(_hand(nodes, dict(beta=np.array(3.0), thr=np.array(1.0)), [4], [4]), tmp_path / "s.onnx"))
+    net = load_onnx(save_onnx(hand_onnx(nodes, dict(beta=np.array(3.0), thr=np.array(1.0)), [4], [4]), tmp_path / "s.onnx"))
     assert [(type(l), l.name, l.param) for l in net.layers] == [(Activation, "sp", 3.0)]
     assert len(net.notes) == 1 and "threshold" in net.notes[0] and "'sp'" in net.notes[0]
 
@@ -412,7 +413,7 @@ def test_float64_folding_and_hyperparameters_from_a_float32_file(tmp_path):
         helper.make_node("MatMul", ["p", "w2"], ["q"], name="mm"),
         helper.make_node("Add", ["q", "b2"], ["y"], name="bias"),
     ]
-    net = load_onnx(_save(_hand(nodes, f32, [4], [2], TensorProto.FLOAT), tmp_path / "f.onnx"))
+    net = load_onnx(save_onnx(hand_onnx(nodes, f32, [4], [2], TensorProto.FLOAT), tmp_path / "f.onnx"))
     assert [l.name for l in net.layers] == ["sub/normalize", "gemm", "leaky", "prelu", "mm"]
     assert net.layer("leaky").param == float(np.float32(0.1)) != 0.1
     d = {k: v.astype(np.float64) for k, v in f32.items()}
@@ -430,29 +431,6 @@ def test_float64_folding_and_hyperparameters_from_a_float32_file(tmp_path):
 # -- BatchNorm folding in a graph ------------------------------------------------------------
 
 
-def _hand(nodes, inits, in_shape, out_shape, elem=TensorProto.DOUBLE, outputs=("y",), opset=17) -> onnx.ModelProto:
-    np_dt = np.float64 if elem == TensorProto.DOUBLE else np.float32
-
-    def arr(v):
-        v = np.asarray(v)
-        return v if v.dtype.kind in "iub" else v.astype(np_dt)
-
-    graph = helper.make_graph(
-        nodes, "hand",
-        [helper.make_tensor_value_info("x", elem, ["N", *in_shape])],
-        [helper.make_tensor_value_info(o, elem, ["N", *out_shape]) for o in outputs],
-        [numpy_helper.from_array(arr(v), k) for k, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    onnx.checker.check_model(model)
-    return model
-
-
-def _save(model: onnx.ModelProto, path: Path) -> Path:
-    onnx.save(model, str(path))
-    return path
-
-
 def test_batchnorm_not_folded_when_the_conv_output_is_shared(tmp_path):
     rng = np.random.default_rng(1)
     inits = dict(w=rng.normal(size=(3, 2, 3, 3)), b=rng.normal(size=3), g=rng.normal(size=3), be=rng.normal(size=3),
@@ -464,7 +442,7 @@ def test_batchnorm_not_folded_when_the_conv_output_is_shared(tmp_path):
         helper.make_node("Flatten", ["r"], ["f"], name="flat"),
         helper.make_node("Gemm", ["f", "fw"], ["y"], name="fc", transB=1),
     ]
-    net = load_onnx(_save(_hand(nodes, inits, [2, 4, 4], [2]), tmp_path / "bn.onnx"))
+    net = load_onnx(save_onnx(hand_onnx(nodes, inits, [2, 4, 4], [2]), tmp_path / "bn.onnx"))
     assert [l.name for l in net.layers] == ["conv", "bn/affine", "res", "flat", "fc"]
     assert net.layer("res").inputs == ("bn/affine", "conv")
     torch.testing.assert_close(net.layer("conv").weight, torch.tensor(inits["w"]), rtol=0, atol=0)
@@ -485,9 +463,9 @@ def test_dropout_training_mode_refused(tmp_path):
     ]
     inits = dict(ratio=np.array(0.5), train=np.array(True), w=np.ones((4, 2)))
     with pytest.raises(ModelError, match=r"d\.onnx: node 'drop' \(Dropout\): training_mode=1"):
-        load_onnx(_save(_hand(nodes, inits, [4], [2]), tmp_path / "d.onnx"))
+        load_onnx(save_onnx(hand_onnx(nodes, inits, [4], [2]), tmp_path / "d.onnx"))
     inits["train"] = np.array(False)  # inference: a no-op
-    net = load_onnx(_save(_hand(nodes, inits, [4], [2]), tmp_path / "d.onnx"))
+    net = load_onnx(save_onnx(hand_onnx(nodes, inits, [4], [2]), tmp_path / "d.onnx"))
     assert [l.name for l in net.layers] == ["fc"]
 
 
@@ -512,7 +490,7 @@ def test_batch_moving_transpose_refused(tmp_path):
         helper.make_node("Gemm", ["f", "w"], ["y"], name="fc"),
     ]
     with pytest.raises(ModelError, match=r"node 'swap' \(Transpose\): permutation \[1, 0, 2\] moves the batch"):
-        load_onnx(_save(_hand(nodes, dict(w=np.ones((12, 2))), [3, 4], [2]), tmp_path / "t.onnx"))
+        load_onnx(save_onnx(hand_onnx(nodes, dict(w=np.ones((12, 2))), [3, 4], [2]), tmp_path / "t.onnx"))
 
 
 @pytest.mark.parametrize("op,attrs,extra,match", [
@@ -527,7 +505,7 @@ def test_unsupported_attributes_refused_by_name(op, attrs, extra, match, tmp_pat
     ins = ["x", *extra]
     nodes = [helper.make_node(op, ins, ["o"], name="op", **attrs), helper.make_node("Flatten", ["o"], ["y"], name="flat")]
     with pytest.raises(ModelError, match=match):
-        load_onnx(_save(_hand(nodes, extra, [2, 6, 6], ["M"], opset=17), tmp_path / "a.onnx"))
+        load_onnx(save_onnx(hand_onnx(nodes, extra, [2, 6, 6], ["M"], opset=17), tmp_path / "a.onnx"))
 
 
 def test_maxpool_indices_output_refused(tmp_path):
@@ -539,10 +517,10 @@ def test_maxpool_indices_output_refused(tmp_path):
         helper.make_node("Flatten", ["s"], ["y"], name="flat"),
     ]
     with pytest.raises(ModelError, match=r"node 'mp' \(MaxPool\): its output 'idx' is used"):
-        load_onnx(_save(_hand(nodes, {}, [1, 4, 4], [4]), tmp_path / "mp.onnx"))
+        load_onnx(save_onnx(hand_onnx(nodes, {}, [1, 4, 4], [4]), tmp_path / "mp.onnx"))
     # unused indices are fine (and a trailing Flatten of the logits is left out)
     nodes = [mp, helper.make_node("Flatten", ["p"], ["y"], name="flat")]
-    assert _kinds(load_onnx(_save(_hand(nodes, {}, [1, 4, 4], [4]), tmp_path / "mp.onnx"))) == [MaxPool]
+    assert _kinds(load_onnx(save_onnx(hand_onnx(nodes, {}, [1, 4, 4], [4]), tmp_path / "mp.onnx"))) == [MaxPool]
 
 
 def test_two_data_inputs_refused(tmp_path):
@@ -555,7 +533,7 @@ def test_two_data_inputs_refused(tmp_path):
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(ModelError, match=r"2 graph inputs \['x', 'z'\]"):
-        load_onnx(_save(model, tmp_path / "two.onnx"))
+        load_onnx(save_onnx(model, tmp_path / "two.onnx"))
 
 
 def test_network_inputs_are_explicit(tmp_path):

@@ -223,6 +223,18 @@ class BoundSoftplusRelaxed(BoundActivation):
         self.add_linear_relaxation(mask=None, type="upper", k=uk, x0=torch.zeros_like(ub), y0=ub)
 
 
+def _constant_planes_bias(A: Any, lo: Tensor, hi: Tensor, lower: bool, what: str) -> Tensor | float:
+    """Σ A·v over v ∈ [lo, hi] at its minimum (``lower``) or maximum: the constant planes v ≥ lo,
+    v ≤ hi pushed through A."""
+    if A is None:
+        return 0.0
+    if not isinstance(A, Tensor):
+        raise NotImplementedError(f"{what}: A of type {type(A).__name__}")
+    pos, neg = A.clamp(min=0), A.clamp(max=0)
+    first, second = (lo, hi) if lower else (hi, lo)
+    return _flat_sum(pos * first + neg * second)
+
+
 class BoundSoftmaxBox(Bound):
     """``onnx::Softmax`` (the cross-entropy seed softmax(z) − e_c) relaxed by constant planes:
     the exact range of each p_i over the logit box (ibp.softmax_bounds). Sound and exact at a point;
@@ -243,30 +255,10 @@ class BoundSoftmaxBox(Bound):
 
     def bound_backward(self, last_lA: Any, last_uA: Any, x: Any, **kwargs: Any) -> Any:
         p_lo, p_hi = softmax_bounds(x.lower, x.upper, self.axis)
-
-        def bias(A: Any, lower: bool) -> Tensor | float:
-            if A is None:
-                return 0.0
-            if not isinstance(A, Tensor):
-                raise NotImplementedError(f"Softmax node {self.name}: A of type {type(A).__name__}")
-            pos, neg = A.clamp(min=0), A.clamp(max=0)
-            first, second = (p_lo, p_hi) if lower else (p_hi, p_lo)
-            return _flat_sum(pos * first + neg * second)
-
+        what = f"Softmax node {self.name}"
         # zero slope: no A flows to the logits
-        return [(None, None)], bias(last_lA, True), bias(last_uA, False)
-
-
-def _constant_planes_bias(A: Any, lo: Tensor, hi: Tensor, lower: bool, what: str) -> Tensor | float:
-    """Σ A·v over v ∈ [lo, hi] at its minimum (``lower``) or maximum: the constant planes v ≥ lo,
-    v ≤ hi pushed through A."""
-    if A is None:
-        return 0.0
-    if not isinstance(A, Tensor):
-        raise NotImplementedError(f"{what}: A of type {type(A).__name__}")
-    pos, neg = A.clamp(min=0), A.clamp(max=0)
-    first, second = (lo, hi) if lower else (hi, lo)
-    return _flat_sum(pos * first + neg * second)
+        return [(None, None)], _constant_planes_bias(last_lA, p_lo, p_hi, True, what), \
+            _constant_planes_bias(last_uA, p_lo, p_hi, False, what)
 
 
 class BoundProbabilitySeed(Bound):

@@ -120,13 +120,20 @@ class Pad(Node):
             out += [a, b]
         return out
 
-    def _spatial(self, in_shape: Shape) -> bool:
-        return len(in_shape) == 3 and self.pads[0] == (0, 0)
+    def _lowering(self, in_shape: Shape) -> str | None:
+        """How ``graph_forward`` writes this pad for auto_LiRPA: "shift" (a transposed conv, for
+        H/W pads of a (C, H, W) tensor), "embed" (a 0/1 matrix, small tensors) or None (neither)."""
+        if len(in_shape) == 3 and self.pads[0] == (0, 0):
+            return "shift"
+        return "embed" if math.prod(in_shape) * math.prod(self.out_shape([in_shape])) <= _MAX_EMBED else None
 
     def tensors(self, in_shapes: Sequence[Shape]) -> dict[str, torch.Tensor]:
         in_shape = tuple(in_shapes[0])
+        how = self._lowering(in_shape)
+        if how is None:
+            return {}
         fill = F.pad(torch.zeros(1, *in_shape, dtype=torch.float64), self._flat_pads(), value=float(self.value))
-        if self._spatial(in_shape):
+        if how == "shift":
             c = in_shape[0]
             (t, b), (le, r) = self.pads[1], self.pads[2]
             # square (auto_LiRPA's ConvTranspose asserts it); graph_forward crops the surplus rows / cols
@@ -135,8 +142,6 @@ class Pad(Node):
             e[torch.arange(c), torch.arange(c), t, le] = 1.0
             return {"shift": e, "fill": fill}
         n, m = math.prod(in_shape), fill.numel()
-        if n * m > _MAX_EMBED:
-            return {}
         # any other pad as a constant 0/1 matrix on the flattened tensor: row i holds input i's place
         where = F.pad(torch.arange(1, n + 1, dtype=torch.float64).reshape(1, *in_shape), self._flat_pads()).reshape(-1)
         e = torch.zeros(n, m, dtype=torch.float64)
@@ -169,7 +174,7 @@ class Pad(Node):
         return (map_ends(lambda v: self.vjp([v], v, in_shapes)[0], g),)
 
     def check_engine(self, engine, in_shapes, perturbed=False):
-        if engine in ("crown", "alpha-crown") and not self.tensors(in_shapes):
+        if engine in ("crown", "alpha-crown") and self._lowering(tuple(in_shapes[0])) is None:
             raise OpUnsupported(engine, self, f"a pad of a {tuple(in_shapes[0])} tensor other than on H and W of "
                                 f"(C, H, W) is lowered as a dense matrix, limited to {_MAX_EMBED} entries")
 
