@@ -17,9 +17,9 @@ import verigrad.verify as vmod
 from tests.helpers import ACT_IDS, ACTS, box_points, random_cnn, random_mlp
 from verigrad import properties as props
 from verigrad.attacks import (
+    AttackMethod,
     ATTACKS,
     AttackOptions,
-    ParamThreat,
     Point,
     Threat,
     applicable,
@@ -32,9 +32,10 @@ from verigrad.bounds import Bounds, EngineResult, Method, compute_bounds
 from verigrad.cli import main
 from verigrad.graph.gradient_graph import Output, saliency
 from verigrad.models.network import ActKind, Activation, Linear, Network
+from verigrad.perturbation import ParamBoxSpec, Perturbation
 from verigrad.properties import Direction, Property
 from verigrad.reports import ExitCode, ResultWriter
-from verigrad.spec import AttackMethod, load_spec
+from verigrad.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 FC = str(ROOT / "examples/models/mnist_fc.onnx")
@@ -52,7 +53,7 @@ def hinge_net(act: ActKind = ActKind.RELU, param: float = 0.0) -> Network:
 
 def test_known_violation_is_found_and_confirmed_in_float64():
     net = hinge_net()
-    th = Threat(net, torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, 0.1, None)
+    th = Threat.around(net, torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, Perturbation(0.1, None))
     prop = Property("l2", "untargeted", "l2", 0.5)
     out = attack_property(th, prop, FAST)
     assert out.violated and out.attack == "pgd" and out.value == pytest.approx(1.0)
@@ -64,7 +65,7 @@ def test_known_violation_is_found_and_confirmed_in_float64():
 
 def test_relu_needs_the_surrogate_and_the_witness_is_scored_on_the_real_net():
     net = hinge_net()
-    th = Threat(net, torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, 0.1, None)
+    th = Threat.around(net, torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, Perturbation(0.1, None))
     prop = Property("l2", "untargeted", "l2", 0.5)
     v0 = saliency(net, th.x, th.target_tensor)
     # without the surrogate the explanation's gradient is 0 in x: only the random start moves
@@ -76,13 +77,13 @@ def test_relu_needs_the_surrogate_and_the_witness_is_scored_on_the_real_net():
 
 def test_no_violation_inside_a_box_that_excludes_it():
     # ε = 0.04 < 0.05: the hinge is never crossed, nothing may be reported
-    th = Threat(hinge_net(), torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, 0.04, None)
+    th = Threat.around(hinge_net(), torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, Perturbation(0.04, None))
     out = attack_property(th, Property("l2", "untargeted", "l2", 0.5), FAST)
     assert not out.violated and out.witness is None and out.value == 0.0
 
 
 def test_evaluate_point_projects_and_rejects_nothing_outside():
-    th = Threat(hinge_net(), torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, 0.1, (-1.0, 1.0))
+    th = Threat.around(hinge_net(), torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, Perturbation(0.1, (-1.0, 1.0)))
     far = Point(torch.tensor([[5.0, -5.0]], dtype=F64))
     ev = evaluate_point(th, Property("l2", "untargeted", "l2", 0.5), far)
     assert ev.in_box and float(ev.point.x[0, 0]) == 0.1 and float(ev.point.x[0, 1]) == -0.1
@@ -92,7 +93,7 @@ def test_evaluate_point_projects_and_rejects_nothing_outside():
 def test_witness_is_rejudged_in_float64_not_trusted_from_float32():
     """A float32 search value that violates only by rounding must not be reported."""
     net = hinge_net(ActKind.SOFTPLUS, 4.0)
-    th = Threat(net.to(dtype=torch.float32), torch.zeros(1, 2), 0, Output.LOGIT, 0.1, None)
+    th = Threat.around(net.to(dtype=torch.float32), torch.zeros(1, 2), 0, Output.LOGIT, Perturbation(0.1, None))
     prop64 = Property("l2", "untargeted", "l2", 1.0)
     out = attack_property(th, prop64, FAST)
     exact = evaluate_point(th, prop64, out.witness.point if out.witness else Point(th.box.upper))
@@ -105,7 +106,7 @@ def test_witness_is_rejudged_in_float64_not_trusted_from_float32():
 def test_a_nan_value_is_never_a_counterexample(monkeypatch):
     import verigrad.attacks.witness as wmod
 
-    th = Threat(hinge_net(), torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, 0.1, None)
+    th = Threat.around(hinge_net(), torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, Perturbation(0.1, None))
     prop = Property("l2", "untargeted", "l2", 0.5)
     monkeypatch.setattr(wmod.props, "metric", lambda p, v0, v: torch.full((v.shape[0],), float("nan"), dtype=F64))
     ev = evaluate_point(th, prop, Point(th.box.upper))
@@ -125,7 +126,7 @@ def test_new_property_kinds_are_attacked(kind, extra):
                 torch.tensor([-0.05, 1.0, 1.0], dtype=F64))
     l2 = Linear("fc1", torch.tensor([[1.0, -0.5, 0.3], [0.0, 0.0, 0.0]], dtype=F64), torch.zeros(2, dtype=F64))
     net = Network((l1, Activation("a", ActKind.SOFTPLUS, 60.0), l2), (2,), "hinges")
-    th = Threat(net, torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, 0.2, None)
+    th = Threat.around(net, torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, Perturbation(0.2, None))
     prop = Property("p", kind, None, normalize="none", **extra)
     assert applicable(prop, th)
     out = attack_property(th, prop, FAST)
@@ -137,8 +138,8 @@ def test_new_property_kinds_are_attacked(kind, extra):
 
 
 def test_registry_and_applicability():
-    th_in = Threat(hinge_net(), torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, 0.1, None)
-    th_par = Threat(hinge_net(), torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, 0.0, None, ParamThreat(0.1))
+    th_in = Threat.around(hinge_net(), torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, Perturbation(0.1, None))
+    th_par = Threat.around(hinge_net(), torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, Perturbation(0.0, None, ParamBoxSpec(0.1)))
     assert set(ATTACKS) == set(AttackMethod)
     unt = Property("u", "untargeted", "l2", 0.5)
     tgt = Property("t", "targeted", "l2", 0.5, target=torch.tensor([1.0, 0.0], dtype=F64))
@@ -154,7 +155,8 @@ def test_registry_and_applicability():
 def test_parameter_attack_moves_weights_inside_the_box_only():
     net = hinge_net()
     # relative box on fc0: the bias −0.05 can move to −0.05·(1 − 1.2) = +0.01 > 0: unit on at x = 0
-    th = Threat(net, torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT, 0.0, None, ParamThreat(1.2, layers=("fc0",)))
+    th = Threat.around(net, torch.zeros(1, 2, dtype=F64), 0, Output.LOGIT,
+                       Perturbation(0.0, None, ParamBoxSpec(1.2, layers=("fc0",))))
     out = attack_property(th, Property("l2", "untargeted", "l2", 0.5), FAST)
     assert out.violated and out.attack == "params"
     (w, b), = out.witness.point.params.values()
@@ -199,7 +201,7 @@ def test_levine_backtracking_keeps_the_class(monkeypatch):
         net = random_mlp(ActKind.SOFTPLUS, 3.0, sizes=(8, 16, 3), seed=seed)
         x = torch.rand(1, 8, generator=torch.Generator().manual_seed(seed), dtype=F64)
         pred = int(net.forward(x).argmax(1))
-        th = Threat(net, x, pred, Output.LOGIT, 0.5, None)
+        th = Threat.around(net, x, pred, Output.LOGIT, Perturbation(0.5, None))
         prop = Property("top", "topk", None, 1.0, k=2)
         v0 = saliency(net, x, th.target_tensor)
         for keep in (True, False):
@@ -211,7 +213,7 @@ def test_levine_backtracking_keeps_the_class(monkeypatch):
 
 def test_attacks_are_reproducible_with_a_seed():
     net = random_mlp(ActKind.SOFTPLUS, 2.0, sizes=(6, 8, 3), seed=3)
-    th = Threat(net, torch.rand(1, 6, dtype=F64), 0, Output.LOGIT, 0.2, None)
+    th = Threat.around(net, torch.rand(1, 6, dtype=F64), 0, Output.LOGIT, Perturbation(0.2, None))
     prop = Property("l2", "untargeted", "l2", 10.0)
     a, b = attack_property(th, prop, FAST), attack_property(th, prop, FAST)
     assert a.value == b.value
@@ -243,7 +245,7 @@ def test_attacks_never_beat_the_certified_worst_case(act, param, arch):
             random_cnn(act, param, seed=seed, in_shape=(1, 6, 6))
         gen = torch.Generator().manual_seed(seed)
         x = torch.rand(1, *net.input_shape, generator=gen, dtype=F64)
-        th = Threat(net, x, int(seed % 3), Output.LOGIT, 0.05, (0.0, 1.0))
+        th = Threat.around(net, x, int(seed % 3), Output.LOGIT, Perturbation(0.05, (0.0, 1.0)))
         methods = [Method.IBP, Method.CROWN] if arch == "mlp" else [Method.IBP]
         bounds = [compute_bounds(m, net, th.box, th.target_tensor, Output.LOGIT, None).bounds for m in methods]
         v0 = saliency(net, x, th.target_tensor)
@@ -375,3 +377,22 @@ def test_attack_command_reports_empirical_metrics(tmp_path):
     pcc = [emp["random_perturbation"][k]["pcc"] for k in ("0.01", "0.05", "0.1")]
     assert -1 <= min(pcc) and max(pcc) <= 1 and emp["max_sensitivity"] > 0
     assert doc["methods"] == []
+
+
+def test_threat_rejects_boxes_that_do_not_match_its_definition():
+    net = hinge_net()
+    x = torch.zeros(1, 2, dtype=F64)
+    ok = Threat.around(net, x, 0, Output.LOGIT, Perturbation(0.1, None, ParamBoxSpec(0.1)))
+    assert ok.params is not None and ok.epsilon == 0.1 and ok.domain is None
+    with pytest.raises(ValueError, match="parameter box is given exactly when"):
+        Threat(net, x, 0, Output.LOGIT, Perturbation(0.1), ok.box, ok.params)
+    with pytest.raises(ValueError, match="parameter box is given exactly when"):
+        Threat(net, x, 0, Output.LOGIT, Perturbation(0.1, None, ParamBoxSpec(0.1)), ok.box, None)
+    with pytest.raises(ValueError, match="input box of shape"):
+        Threat(net, x, 0, Output.LOGIT, Perturbation(0.1), Perturbation(0.1).input_box(torch.zeros(1, 3, dtype=F64)),
+               None)
+    shared = ok.params
+    again = Threat.around(net, x, 0, Output.LOGIT, ok.perturbation, params=shared)
+    assert again.params is shared
+    f32 = ok.astype(torch.float32)  # rebuilt from the definition, not converted
+    assert f32.box.lower.dtype == torch.float32 and torch.equal(f32.box.lower, (x - 0.1).float())

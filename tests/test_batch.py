@@ -133,7 +133,7 @@ def test_batched_ibp_equals_one_input_at_a_time(tmp_path):
         problem = _problem(tmp_path, **over)
         idx = [0, 2, 3, 4]
         pre = vmod.batched_bounds(problem, idx)
-        for i, p in zip(idx, pre):
+        for i, p in zip(idx, pre, strict=True):
             (res, seconds) = p.engines[vmod.Method.IBP]
             alone = vmod.verify_instance(problem, i).engines[0].bounds
             assert seconds >= 0
@@ -259,7 +259,7 @@ def test_dask_backend_gives_the_local_results_and_stays_on_loopback(tmp_path):
         rd, rl = d[k]["result"], loc[k]["result"]
         assert rd["verdicts"] == rl["verdicts"]
         assert rd["engines"]["ibp"]["mean_width"] == pytest.approx(rl["engines"]["ibp"]["mean_width"], abs=1e-12)
-        for name, a in rd["attacks"].items():  # witnesses written by the driver and replayable
+        for _name, a in rd["attacks"].items():  # witnesses written by the driver and replayable
             if a["witness"]:
                 assert Path(a["witness"]).is_relative_to(tmp_path / "dask")
                 assert CliRunner().invoke(main, ["replay", a["witness"]]).exit_code == 0

@@ -19,7 +19,7 @@ from verigrad.explanations import (
 )
 from verigrad.graph.gradient_graph import Output, saliency
 from verigrad.models.network import ActKind
-from verigrad.perturbation import input_box, param_box
+from verigrad.perturbation import Perturbation, input_box, param_box
 
 F64 = torch.float64
 TOL = 1e-9
@@ -47,7 +47,7 @@ def _naive_ig(net, x, target, output, e: Explainer) -> torch.Tensor:
     alpha, w = ig_nodes(e.rule, e.steps)
     b = torch.full_like(x, float(e.baseline))
     total = torch.zeros_like(x)
-    for a, wk in zip(alpha, w):
+    for a, wk in zip(alpha, w, strict=True):
         total += wk * saliency(net, b + a * (x - b), target, output)
     return (x - b) * total
 
@@ -224,7 +224,7 @@ def test_attacks_respect_certificates_and_find_witnesses(name, e):
     opts = AttackOptions(steps=15, restarts=1)
     net = random_mlp(ActKind.SOFTPLUS, 2.0, sizes=(6, 10, 10, 3), seed=22)
     x = _x(net, seed=23)
-    th = Threat(net, x, 1, Output.LOGIT, 0.05, None, explainer=e)
+    th = Threat.around(net, x, 1, Output.LOGIT, Perturbation(0.05), explainer=e)
     cert = explanation_bounds(e, "crown", net, th.box, th.target_tensor).bounds
     v0 = explain(e, net, x, th.target_tensor)
     prop = Property("l2", "untargeted", "l2", 10.0)

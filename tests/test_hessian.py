@@ -95,7 +95,8 @@ def test_hessian_matches_autograd_functional(act, param, kind, output):
         torch.testing.assert_close(h[b], ref, rtol=1e-10, atol=1e-12)
         # and the Jacobian of the explanation itself
         jac = torch.autograd.functional.jacobian(
-            lambda xi: saliency(net, xi.unsqueeze(0), target[b : b + 1], output, create_graph=True)[0], x[b]
+            lambda xi, b=b: saliency(net, xi.unsqueeze(0), target[b : b + 1], output, create_graph=True)[0],
+            x[b],
         ).reshape(d, d)
         torch.testing.assert_close(h[b], jac, rtol=1e-10, atol=1e-12)
 

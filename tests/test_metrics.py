@@ -43,7 +43,7 @@ def naive_ssim_2d(a, b, wh, ww, L):
             ma, mb = sum(pa) / n, sum(pb) / n
             va = sum((p - ma) ** 2 for p in pa) / (n - 1)
             vb = sum((p - mb) ** 2 for p in pb) / (n - 1)
-            cab = sum((p - ma) * (q - mb) for p, q in zip(pa, pb)) / (n - 1)
+            cab = sum((p - ma) * (q - mb) for p, q in zip(pa, pb, strict=True)) / (n - 1)
             vals.append((2 * ma * mb + c1) * (2 * cab + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
     return sum(vals) / len(vals)
 
@@ -359,7 +359,7 @@ def test_rps_level_zero_is_identity():
 def test_rps_similarity_decreases_with_noise():
     levels = [0.02, 0.1, 0.3, 0.6]
     r = random_perturbation_similarity(_sin_explain, _x(), levels, 8, None, seed=1)
-    for lo, hi in zip(levels, levels[1:]):
+    for lo, hi in zip(levels, levels[1:], strict=False):  # consecutive pairs: the shift is one shorter
         for m in ("pcc", "ssim", "cosine", "kendall_tau"):
             assert r[lo][m] > r[hi][m], (m, lo, hi)
         assert r[lo]["mse"] < r[hi]["mse"]

@@ -156,8 +156,9 @@ def test_live_view_trains(kind: str) -> None:
     net = network_from_module(model, shape)
     lin = [l for l in net.affine_layers() if l.perturbable]  # (not the fixed average-pool conv)
     mods = [m for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
-    assert all(l.weight is m.weight and l.bias is m.bias for l, m in zip(lin, mods))
-    for l, m in zip([l for l in net.layers if isinstance(l, PReLU)], [m for m in model if isinstance(m, nn.PReLU)]):
+    assert all(l.weight is m.weight and l.bias is m.bias for l, m in zip(lin, mods, strict=True))
+    for l, m in zip([l for l in net.layers if isinstance(l, PReLU)], [m for m in model if isinstance(m, nn.PReLU)],
+                    strict=True):
         assert l.slope.data_ptr() == m.weight.data_ptr()  # the parameter itself or a view of it
     x, y = _x(shape, 4), torch.tensor([0, 1, 2, 1])
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

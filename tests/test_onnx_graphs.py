@@ -555,7 +555,7 @@ def test_normalization_prepended_to_a_graph(tmp_path):
     model = _seeded(CatFlat)
     net = load_model(_export(model, (4,), tmp_path / "c.onnx", "legacy"), normalization=([0.25], [2.0]))
     assert net.layers[0].name == "input/normalize"
-    assert [l.name for l, ins in zip(net.layers, net.wiring) if INPUT in ins] == ["input/normalize"]
+    assert [l.name for l, ins in zip(net.layers, net.wiring, strict=True) if INPUT in ins] == ["input/normalize"]
     _check(nn.Sequential(Normalize(), model), net)
 
 

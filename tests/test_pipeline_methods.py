@@ -196,3 +196,41 @@ def test_crown_hessian_engine_on_a_small_tabular_model(tmp_path):
         mv = Bounds(torch.as_tensor(npz[f"i{i}/hessian-crown/lower"])[None],
                     torch.as_tensor(npz[f"i{i}/hessian-crown/upper"])[None])
         assert bool(mv.contains(v, tol=1e-9).all())
+
+
+# ---------------------------------------------------------------- boxes
+
+
+def test_engines_and_attacks_share_the_boxes_prepare_built(tmp_path, monkeypatch):
+    spec = _spec(tmp_path, data={"dataset": "mnist_sample", "start": 0, "end": 3},
+                 perturbation={"input": {"epsilon": 0.01}, "parameters": {"gamma": 0.01, "layers": ["/fc2/Gemm"]}},
+                 attack={"order": "after", "steps": 2, "restarts": 1})
+    problem = vmod.prepare(load_spec(spec))
+    assert problem.params is not None and list(problem.params.layers) == ["/fc2/Gemm"]
+    seen_engine, seen_attack = [], []
+
+    def engine_spy(explainer, m, net, box, target, output, params, options):
+        seen_engine.append((box, params))
+        return real_bounds(explainer, m, net, box, target, output, params, options)
+
+    def attack_spy(threat, prop, opts, methods):
+        seen_attack.append(threat)
+        return real_attack(threat, prop, opts, methods)
+
+    real_bounds, real_attack = vmod.explanation_bounds, vmod.attack_property
+    monkeypatch.setattr(vmod, "explanation_bounds", engine_spy)
+    monkeypatch.setattr(vmod, "attack_property", attack_spy)
+    r = vmod.verify_instance(problem, 1)
+    assert r.error is None and seen_engine and seen_attack
+    box, params = seen_engine[0]
+    assert params is problem.params  # the parameter box is built once, in prepare
+    expect = problem.perturbation.input_box(problem.x[1:2])
+    assert torch.equal(box.lower, expect.lower) and torch.equal(box.upper, expect.upper)
+    for th in seen_attack:
+        assert th.params is problem.params
+        assert torch.equal(th.box.lower, box.lower) and torch.equal(th.box.upper, box.upper)
+    # the batched path bounds the same per-input boxes
+    seen_engine.clear()
+    vmod.batched_bounds(problem, [0, 1, 2])
+    (batch_box, _), = seen_engine
+    assert torch.equal(batch_box.lower[1:2], box.lower) and torch.equal(batch_box.upper[1:2], box.upper)

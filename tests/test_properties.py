@@ -11,6 +11,9 @@ import torch
 from verigrad.bounds.base import Bounds
 from verigrad.properties import (
     RULES,
+    Kind,
+    Metric,
+    Normalize,
     Property,
     _topk_members_that_stay,
     PropertyResult,
@@ -18,14 +21,13 @@ from verigrad.properties import (
     cosine,
     decide,
     evaluate,
-    make_target,
     metric,
     normalize_map,
     normalized_bounds,
     rule_for,
     worst_case,
 )
-from verigrad.spec import FileTarget, GaussianTarget, Kind, Metric, Normalize, SquareTarget
+from verigrad.spec import FileTarget, GaussianTarget, SquareTarget
 
 F64 = torch.float64
 TOL = 1e-9
@@ -298,7 +300,7 @@ def test_batch_and_image_shapes():
     gen = torch.Generator().manual_seed(2)
     v0 = torch.randn(3, 1, 4, 4, dtype=F64, generator=gen)
     box = Bounds(v0 - 0.1, v0 + 0.1)
-    t = make_target(SquareTarget(position=(0, 0), size=2, value=1.0), (1, 4, 4))
+    t = SquareTarget(position=(0, 0), size=2, value=1.0).map((1, 4, 4), F64)
     for kind, m, norm in COMBOS:
         p = prop(kind, m, norm, target=t)
         w = worst_case(p, v0, box)
@@ -313,46 +315,46 @@ def test_batch_and_image_shapes():
 
 
 def test_gaussian_target():
-    m = make_target(GaussianTarget(center=(14.0, 10.0), sigma=3.0, amplitude=2.0), (3, 28, 28))
+    m = GaussianTarget(center=(14.0, 10.0), sigma=3.0, amplitude=2.0).map((3, 28, 28), F64)
     assert m.shape == (3, 28, 28) and m.dtype == F64
     for c in range(3):
         assert divmod(int(m[c].argmax()), 28) == (14, 10)
     assert m.max().item() == pytest.approx(2.0)
     assert m[0, 14, 13].item() == pytest.approx(2.0 * math.exp(-9 / 18))
     torch.testing.assert_close(m[0], m[2])
-    flat = make_target(GaussianTarget(center=(5.0,), sigma=1.0), (12,))
+    flat = GaussianTarget(center=(5.0,), sigma=1.0).map((12,), F64)
     assert flat.shape == (12,) and int(flat.argmax()) == 5
     with pytest.raises(ValueError, match="needs 2"):
-        make_target(GaussianTarget(center=(5.0,), sigma=1.0), (1, 8, 8))
+        GaussianTarget(center=(5.0,), sigma=1.0).map((1, 8, 8), F64)
 
 
 def test_square_target():
-    m = make_target(SquareTarget(position=(0, 0), size=5, value=1.0), (1, 28, 28))
+    m = SquareTarget(position=(0, 0), size=5, value=1.0).map((1, 28, 28), F64)
     assert m.shape == (1, 28, 28) and m.sum().item() == 25 and m[0, 4, 4] == 1 and m[0, 5, 5] == 0
-    m = make_target(SquareTarget(position=(23, 20), size=5, value=-2.0), (2, 28, 28))
+    m = SquareTarget(position=(23, 20), size=5, value=-2.0).map((2, 28, 28), F64)
     assert m[1, 23:28, 20:25].eq(-2).all() and m.sum().item() == -2 * 25 * 2
-    flat = make_target(SquareTarget(position=(3,), size=2, value=1.0), (10,))
+    flat = SquareTarget(position=(3,), size=2, value=1.0).map((10,), F64)
     assert flat.tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 0, 0]
     with pytest.raises(ValueError, match="does not fit"):
-        make_target(SquareTarget(position=(25, 0), size=5, value=1.0), (1, 28, 28))
+        SquareTarget(position=(25, 0), size=5, value=1.0).map((1, 28, 28), F64)
 
 
 def test_file_target(tmp_path):
     arr = np.random.default_rng(0).normal(size=(1, 6, 6))
     f = tmp_path / "t.npy"
     np.save(f, arr)
-    m = make_target(FileTarget(path=f), (1, 6, 6))
+    m = FileTarget(path=f).map((1, 6, 6), F64)
     np.testing.assert_array_equal(m.numpy(), arr)
     with pytest.raises(ValueError, match=r"t\.npy.*\(1, 6, 6\).*\(1, 5, 5\)"):
-        make_target(FileTarget(path=f), (1, 5, 5))
+        FileTarget(path=f).map((1, 5, 5), F64)
 
 
-def test_property_from_spec(tmp_path):
+def test_property_spec_builds_the_property(tmp_path):
     from verigrad.spec import PropertySpec
 
     entry = PropertySpec(name="blob", kind=Kind.TARGETED, metric=Metric.L2, threshold=0.5,
                          normalize=Normalize.L2, target=GaussianTarget(center=(2.0, 2.0), sigma=1.0))
-    p = Property.from_spec(entry, (1, 5, 5))
+    p = entry.build((1, 5, 5))
     assert p.name == "blob" and p.target is not None and p.target.shape == (1, 5, 5)
     assert "N(v)" in evaluate(p, torch.zeros(1, 1, 5, 5, dtype=F64),
                               Bounds.point(torch.ones(1, 1, 5, 5, dtype=F64)))[0].direction
@@ -429,7 +431,7 @@ def test_rank_and_feature_worst_cases_are_sound_by_sampling(kind):
 def test_sign_and_feature_worst_cases_are_attained(kind):
     """Exact: the worst corner (each coordinate at its worst endpoint, 0 where reachable) attains it."""
     gen = torch.Generator().manual_seed(3)
-    for i in range(30):
+    for _ in range(30):
         box = random_box(gen, 5, "mixed")
         v0 = box.lower + torch.rand(box.shape, generator=gen, dtype=F64) * box.width
         p = rank_prop(kind, 1.0)
@@ -543,8 +545,8 @@ def brute_topk_worst(v0: torch.Tensor, box: Bounds, k: int) -> torch.Tensor:
     lo, up = box.lower.reshape(box.shape[0], -1), box.upper.reshape(box.shape[0], -1)
     out = []
     for b in range(lo.shape[0]):
-        amin = [0.0 if l <= 0 <= u else min(abs(l), abs(u)) for l, u in zip(lo[b].tolist(), up[b].tolist())]
-        amax = [max(abs(l), abs(u)) for l, u in zip(lo[b].tolist(), up[b].tolist())]
+        amin = [0.0 if l <= 0 <= u else min(abs(l), abs(u)) for l, u in zip(lo[b].tolist(), up[b].tolist(), strict=True)]
+        amax = [max(abs(l), abs(u)) for l, u in zip(lo[b].tolist(), up[b].tolist(), strict=True)]
         K = v0.reshape(v0.shape[0], -1)[b].abs().topk(k).indices.tolist()
         good = sum(1 for i in K if sum(1 for j in range(len(amax)) if j != i and amax[j] >= amin[i]) <= k - 1)
         out.append(good / k)
@@ -602,7 +604,7 @@ def test_topk_is_sound_under_any_tie_breaking():
         a, b = torch.randint(-3, 4, (n,), generator=gen), torch.randint(-3, 4, (n,), generator=gen)
         lo, up = torch.minimum(a, b).to(F64), torch.maximum(a, b).to(F64)
         box = Bounds(lo[None], up[None])
-        grids = [torch.arange(int(l), int(u) + 1, dtype=F64) for l, u in zip(lo, up)]
+        grids = [torch.arange(int(l), int(u) + 1, dtype=F64) for l, u in zip(lo, up, strict=True)]
         pts = torch.cartesian_prod(*grids).reshape(-1, n)
         pts = torch.cat([pts, sample_points(gen, box)])
         v0 = pts[torch.randint(0, len(pts), (1,), generator=gen)]  # an integer point: ties in v0 too
@@ -777,16 +779,16 @@ def test_rank_property_size_and_value_errors():
     with pytest.raises(ValueError, match="target map"):
         Property("x", "topk", None, 1.0, target=T, k=1)
     assert rank_prop("topk", 1.0, k=2.0).k == 2
-    # from_spec: sizes against the map, 'all' → None
+    # PropertySpec.build: sizes against the map, 'all' → None
     with pytest.raises(ValueError, match=r"'big'.*k = 26 exceeds the 25 features"):
-        Property.from_spec(PropertySpec(name="big", kind=Kind.TOPK, k=26, threshold=1.0), (1, 5, 5))
+        PropertySpec(name="big", kind=Kind.TOPK, k=26, threshold=1.0).build((1, 5, 5))
     with pytest.raises(ValueError, match=r"'far'.*feature index 25 out of range"):
-        Property.from_spec(PropertySpec(name="far", kind=Kind.SIGN, features=(3, 25), threshold=0.0), (1, 5, 5))
-    p = Property.from_spec(PropertySpec(name="all", kind=Kind.FEATURE_BOUND, features="all", threshold=1.0), (1, 5, 5))
+        PropertySpec(name="far", kind=Kind.SIGN, features=(3, 25), threshold=0.0).build((1, 5, 5))
+    p = PropertySpec(name="all", kind=Kind.FEATURE_BOUND, features="all", threshold=1.0).build((1, 5, 5))
     assert p.features is None and p.metric is None and p.k is None
-    p = Property.from_spec(PropertySpec(name="few", kind=Kind.SIGN, features=(3, 24), threshold=0.0), (1, 5, 5))
+    p = PropertySpec(name="few", kind=Kind.SIGN, features=(3, 24), threshold=0.0).build((1, 5, 5))
     assert p.features == (3, 24)
-    assert Property.from_spec(PropertySpec(name="t", kind=Kind.TOPK, k=25, threshold=0.5), (1, 5, 5)).k == 25
+    assert PropertySpec(name="t", kind=Kind.TOPK, k=25, threshold=0.5).build((1, 5, 5)).k == 25
 
 
 def test_nan_never_certifies_nor_falsifies():
@@ -814,4 +816,4 @@ def test_file_target_must_be_finite(tmp_path):
     arr[0, 1, 1] = np.nan
     np.save(tmp_path / "t.npy", arr)
     with pytest.raises(ValueError, match="1 non-finite"):
-        make_target(FileTarget(path=tmp_path / "t.npy"), (1, 3, 3))
+        FileTarget(path=tmp_path / "t.npy").map((1, 3, 3), F64)

@@ -376,3 +376,14 @@ def test_page_renders_in_headless_chromium(verified, tmp_path):
     blank.write_text("<!DOCTYPE html><html><body><p>nothing</p></body></html>")
     assert tool.main([str(blank), "--png", str(tmp_path / "blank.png")]) == 1
     assert len(tool.check_screenshot(tmp_path / "blank.png", expect_heatmaps=True)) == 2
+
+
+def test_text_table_keeps_every_column_when_a_row_is_short():
+    from verigrad.reports import _table
+
+    out = _table(["input", "engine", "p0", "p1"], [["0", "ibp", "certified", "unknown"], ["1", "ERROR: boom"]])
+    head, _, full, short = out.splitlines()
+    assert head.split() == ["input", "engine", "p0", "p1"]
+    assert full.split() == ["0", "ibp", "certified", "unknown"]  # the short row no longer truncates it
+    assert short.split() == ["1", "ERROR:", "boom"]
+    assert full.index("certified") == head.index("p0") and full.index("unknown") == head.index("p1")

@@ -15,6 +15,7 @@ from verigrad.perturbation import ParamMode
 from verigrad.spec import (
     BoundMethod,
     DatasetName,
+    Device,
     Dtype,
     GaussianTarget,
     Metric,
@@ -158,7 +159,7 @@ def test_crown_chunk_section_defaults_values_and_round_trip(workdir):
     t = load_spec(write(workdir, edited(**{"bounds.crown": {"output_chunk": 512, "memory_mb": 1024}}), "t.yaml"))
     assert t.bounds.crown.output_chunk == 512 and t.bounds.crown.chunk == 512 and t.bounds.crown.memory_mb == 1024.0
     assert load_spec(write(workdir, dump_spec(t), "again.yaml")) == t
-    u = apply_overrides(t, set_keys={"bounds.crown.output_chunk": "auto"})
+    u = apply_overrides(t, {"bounds.crown.output_chunk": "auto"})
     assert u.bounds.crown.chunk is None and u.bounds.crown.memory_mb == 1024.0
 
 
@@ -184,22 +185,23 @@ def test_spec_from_dict_resolves_against_base_dir(workdir):
 
 def test_apply_overrides_revalidates(workdir):
     s = load_spec(write(workdir, VALID))
-    t = apply_overrides(s, methods=["alpha-crown"], epsilon=0.05, device="auto")
+    t = apply_overrides(s, {"bounds.methods": ["alpha-crown"], "perturbation.input.epsilon": 0.05,
+                            "general.device": Device.AUTO})
     assert t.bounds.methods == (BoundMethod.ALPHA_CROWN,) and t.perturbation.input.epsilon == 0.05
     assert t.general.device.value == "auto" and s.bounds.methods == (BoundMethod.IBP, BoundMethod.CROWN)
     assert t.model == s.model and t.properties == s.properties
     with pytest.raises(SpecError, match=r"command-line overrides\): bounds\.methods\[0\]: expected one of "
                                         r"ibp \| crown \| alpha-crown, got 'foo'"):
-        apply_overrides(s, methods=["foo"])
+        apply_overrides(s, {"bounds.methods": ["foo"]})
     with pytest.raises(SpecError, match=r"bounds\.methods: expected a list of at least 1"):
-        apply_overrides(s, methods=[])
+        apply_overrides(s, {"bounds.methods": []})
     with pytest.raises(SpecError, match=r"perturbation\.parameters\.gamma: expected a number >= 0, got -1"):
-        apply_overrides(s, gamma=-1)
-    u = apply_overrides(s, set_keys={"bounds.combine": "intersect"})
+        apply_overrides(s, {"perturbation.parameters.gamma": -1})
+    u = apply_overrides(s, {"bounds.combine": "intersect"})
     assert u.bounds.combine.value == "intersect"
     # an input box can be added on the command line to a parameter-only spec
     p_only = load_spec(write(workdir, edited(**{"perturbation.input": DELETE}), "p.yaml"))
-    assert apply_overrides(p_only, epsilon=0.1).perturbation.input.epsilon == 0.1
+    assert apply_overrides(p_only, {"perturbation.input.epsilon": 0.1}).perturbation.input.epsilon == 0.1
 
 
 # ----------------------------------------------------------------------------------------

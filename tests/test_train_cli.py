@@ -72,5 +72,5 @@ def test_train_exports_a_model_a_spec_and_a_log(tmp_path):
 def test_train_is_reproducible(tmp_path):
     a = train(train_config_from_dict(_cfg(tmp_path / "a")))
     b = train(train_config_from_dict(_cfg(tmp_path / "b")))
-    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(pa, pb)

@@ -206,7 +206,7 @@ def test_regularizer_differentiable_and_decreasing(name: str, act: type[nn.Modul
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     start = loss_at()
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for s in range(30):
+    for _ in range(30):
         opt.zero_grad()
         training_loss(model, net, x, y, cfg, 1.0)[0].backward()
         opt.step()

@@ -33,7 +33,8 @@ def in_process(specs: list[Path], n: int = 32, unit: int = 16) -> None:
     print("|---|---|---|---|---|")
     for path in specs:
         for methods in (["ibp"], ["ibp", "crown"]):
-            spec = apply_overrides(load_spec(path), methods=methods, start=0, end=n, set_keys={"attack.order": "skip"})
+            spec = apply_overrides(load_spec(path), {"bounds.methods": methods, "data.start": 0, "data.end": n,
+                                                      "attack.order": "skip"})
             p = prepare(spec)
             k = len(p.x)
             one = many = float("inf")

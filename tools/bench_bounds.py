@@ -59,18 +59,19 @@ def bench_model(name: str, eps_list, n: int, methods, dtype, batch: int) -> list
             widths, times = [], []
             for i in range(n):
                 box = input_box(x[i : i + 1], eps, (0.0, 1.0))
-                dt, res = _timed(lambda: compute_bounds(m, net, box, pred[i : i + 1], options=EngineOptions()))
+                dt, res = _timed(lambda m=m, box=box, i=i: compute_bounds(m, net, box, pred[i : i + 1],
+                                                                          options=EngineOptions()))
                 widths.append(float(res.bounds.width.mean()))
                 times.append(dt)
             row["engines"][m.value] = {"mean_width": statistics.mean(widths), "time_per_input_s": statistics.mean(times)}
         base = row["engines"].get("ibp", {}).get("mean_width")
-        for m, e in row["engines"].items():
+        for _, e in row["engines"].items():
             e["width_over_ibp"] = e["mean_width"] / base if base else None
         # IBP on a whole batch against plain autograd saliency on the same batch
         xb, tb = x[:batch], pred[:batch]
         box = input_box(xb, eps, (0.0, 1.0))
-        t_ibp, _ = _timed(lambda: compute_bounds(Method.IBP, net, box, tb), repeats=5)
-        t_grad, _ = _timed(lambda: saliency(net, xb, tb), repeats=5)
+        t_ibp, _ = _timed(lambda box=box, tb=tb: compute_bounds(Method.IBP, net, box, tb), repeats=5)
+        t_grad, _ = _timed(lambda xb=xb, tb=tb: saliency(net, xb, tb), repeats=5)
         row["batch"] = {"size": batch, "ibp_s": t_ibp, "autograd_s": t_grad, "ibp_over_autograd": t_ibp / t_grad}
         rows.append(row)
         print(_fmt(row), flush=True)

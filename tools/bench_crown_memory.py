@@ -111,7 +111,7 @@ def main() -> None:
             recs = [_run(model, chunk, args.n, args.eps, args.alpha, Path(tmp)) for chunk in args.chunks]
             first = args.chunks.index("full") if "full" in args.chunks else 0
             ref = torch.load(recs[first]["bounds"])
-            for chunk, rec in zip(args.chunks, recs):
+            for chunk, rec in zip(args.chunks, recs, strict=True):
                 lo, up = torch.load(rec["bounds"])
                 diff = max(float((lo - ref[0]).abs().max()), float((up - ref[1]).abs().max()))
                 found = [re.search(r"bounded in (\d+) chunks", nt) for nt in rec["notes"]]

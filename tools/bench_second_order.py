@@ -81,8 +81,8 @@ def table(results: list[dict]) -> str:
             b = r["bounds"].get(n)
             cells.append("-" if b is None else f"{b['median']:.4g} ({b['median_ratio']:.3g})")
         lines.append([n, g] + cells)
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)]
-    fmt = lambda cells: " | ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *lines, strict=True)]
+    fmt = lambda cells: " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
     for r in results:
         out.append(f"ε={r['eps']:g}: median time per input (s): "

@@ -97,7 +97,7 @@ def evaluate(model, path: Path, xt, yt, n: int, eps: float, gamma: float) -> dic
             xi = sample[i].double()
             with torch.no_grad():
                 t = model(xi[None]).argmax(1)
-            r = random_perturbation_similarity(lambda z: explain(e, net, z, t.expand(z.shape[0])), xi, [0.1], 8,
+            r = random_perturbation_similarity(lambda z, e=e, t=t: explain(e, net, z, t.expand(z.shape[0])), xi, [0.1], 8,
                                                (0.0, 1.0), seed=i, metrics=("pcc",))
             vals.append(r[0.1]["pcc"])
         pcc[key] = sum(vals) / len(vals)

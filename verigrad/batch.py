@@ -128,7 +128,8 @@ def run_unit(tasks: Sequence[Task], problems: dict) -> list[Outcome]:
         arrays = npz_arrays([r])
         if arrays:  # the bound maps, as verify writes them (keys i{index}/{engine}/lower|upper)
             buf = io.BytesIO()
-            np.savez_compressed(buf, **arrays)
+            # allow_pickle spelled out (numpy's default): the array names can then never be taken for it
+            np.savez_compressed(buf, allow_pickle=True, **arrays)
             rel = f"bounds/{stem}/i{r.index}.npz"
             files[rel] = buf.getvalue()
             doc["bounds_npz"] = rel
@@ -248,9 +249,9 @@ def _dask_unit(unit: Sequence[Task], threads: int) -> list[Outcome]:
 
     torch.set_num_threads(threads)
     worker = get_worker()
-    if not hasattr(worker, "verigrad_problems"):
-        worker.verigrad_problems = {}
-    return run_unit(unit, worker.verigrad_problems)
+    # the cache lives in the worker object's own attributes (Worker declares no such field)
+    problems: dict = vars(worker).setdefault("verigrad_problems", {})
+    return run_unit(unit, problems)
 
 
 class DaskPool:
@@ -370,7 +371,8 @@ class _Planner:
         # one input of every spec first: each spec's time is measured early (unit sizes and the
         # ETA depend on it) and a spec that cannot run shows up at once, not at the end
         seen: set[tuple[str, str]] = set()
-        firsts, rest = [], []
+        firsts: list[Task] = []
+        rest: list[Task] = []
         for t in tasks:
             key = (t.spec_path, t.spec_sha256)
             (rest if key in seen else firsts).append(t)
@@ -500,7 +502,7 @@ def run_batch(tasks: Sequence[Task], out: Path, jobs: int = 1, timeout: float | 
                         for t in unit:
                             finish(t, "error", answer, (time.monotonic() - began) / len(unit), None)
                         continue
-                    for t, o in zip(unit, answer):
+                    for t, o in zip(unit, answer, strict=True):  # run_unit: one outcome per task
                         finish(t, o.status, o.reason, o.seconds, o.result, o.files)
                 now = time.monotonic()
                 for handle, (unit, _, deadline) in list(running.items()):
@@ -539,6 +541,14 @@ def instance_verdicts(status: str, result: dict | None, names: Sequence[str]) ->
     return {n: v for n in names}
 
 
+def _property_names(spec_path: str) -> list[str]:
+    names = []
+    for p in load_spec(spec_path).properties:
+        assert p.name is not None  # load_spec fills default names
+        names.append(p.name)
+    return names
+
+
 def verdict_rows(records: Sequence[dict]) -> list[tuple[dict, str, str]]:
     """(record, property, verdict) per record and property (:func:`instance_verdicts`); the
     property names of an instance without verdicts come from its spec (read once per spec)."""
@@ -548,7 +558,7 @@ def verdict_rows(records: Sequence[dict]) -> list[tuple[dict, str, str]]:
         names = list((rec["result"] or {}).get("verdicts") or {})
         if not names:
             if rec["spec"] not in names_of:
-                names_of[rec["spec"]] = [p.name for p in load_spec(rec["spec"]).properties]
+                names_of[rec["spec"]] = _property_names(rec["spec"])
             names = names_of[rec["spec"]]
         rows += [(rec, n, v) for n, v in instance_verdicts(rec["status"], rec["result"], names).items()]
     return rows

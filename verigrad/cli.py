@@ -23,7 +23,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
 def _load(spec_path: str, flags: dict):
     from verigrad.spec import apply_overrides, flag_overrides, load_spec
 
-    return apply_overrides(load_spec(spec_path), set_keys=flag_overrides(flags))
+    return apply_overrides(load_spec(spec_path), flag_overrides(flags))
 
 
 def _overrides(f):

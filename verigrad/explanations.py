@@ -212,7 +212,7 @@ def explanation_bounds(
     target: torch.Tensor,
     output: Output = Output.LOGIT,
     params: Any = None,
-    options: EngineOptions = EngineOptions(),
+    options: EngineOptions = EngineOptions(),  # noqa: B008 (a frozen dataclass of immutable fields: a constant)
 ) -> EngineResult:
     """Sound bounds (B, *S) on the explanation over the input box (and parameter box) with
     bound engine ``method`` on the gradient; see the module docstring for the composition."""

@@ -273,7 +273,7 @@ def similarity_batch(name: str, a: torch.Tensor, b: torch.Tensor, k: int | None 
     if torch.as_tensor(a).shape != torch.as_tensor(b).shape or torch.as_tensor(a).dim() < 1:
         raise ValueError(f"batched maps must share a shape (B, *S), got {tuple(torch.as_tensor(a).shape)} "
                          f"and {tuple(torch.as_tensor(b).shape)}")
-    return torch.tensor([similarity(name, ai, bi, k=k, **kw) for ai, bi in zip(a, b)], dtype=torch.float64)
+    return torch.tensor([similarity(name, ai, bi, k=k, **kw) for ai, bi in zip(a, b, strict=True)], dtype=torch.float64)
 
 
 def similarity_report(a: torch.Tensor, b: torch.Tensor, k: int | None = None) -> dict[str, float]:

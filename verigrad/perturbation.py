@@ -1,5 +1,9 @@
 """Threat sets: the ℓ∞ input box T = [x − ε, x + ε] ∩ domain and the parameter box
-M = [θ − γ|θ|, θ + γ|θ|] (relative) or [θ − γ, θ + γ] (absolute), per layer."""
+M = [θ − γ|θ|, θ + γ|θ|] (relative) or [θ − γ, θ + γ] (absolute), per layer.
+
+:class:`Perturbation` is the definition (ε, domain, parameter-box settings); the boxes are
+built from it here and only here, and the same boxes go to the bound engines and the attacks.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +14,13 @@ import torch
 
 from verigrad.bounds.base import Bounds
 from verigrad.models.network import Conv2d, Linear, Network
+
+
+class Norm(str, Enum):
+    """The input ball: ℓ∞ (a box) or ℓ2."""
+
+    LINF = "inf"
+    L2 = "l2"  # the ℓ2 ball: randomized-smoothing certificates only (engines and attacks use boxes)
 
 
 class ParamMode(str, Enum):
@@ -90,3 +101,35 @@ def param_box(
         assert isinstance(l, (Linear, Conv2d))
         out[n] = LayerParamBox(box(l.weight, True), box(l.bias, include_bias))
     return ParamBox(out)
+
+
+@dataclass(frozen=True)
+class ParamBoxSpec:
+    """How a parameter box is defined (the arguments of :func:`param_box`)."""
+
+    gamma: float
+    mode: ParamMode = ParamMode.RELATIVE
+    layers: tuple[str, ...] | None = None  # None = every perturbable affine layer
+    include_bias: bool = True
+
+    def build(self, net: Network) -> ParamBox:
+        return param_box(net, self.gamma, self.mode, list(self.layers) if self.layers is not None else None,
+                         self.include_bias)
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """The threat set's definition: every input moves within ``input_box(x, epsilon, domain)``
+    and, with ``param``, the network's parameters within ``param.build(net)``. Kept as a
+    definition so that the boxes can be rebuilt exactly in another dtype (a float64 re-check
+    must not inherit float32 rounding of x ± ε)."""
+
+    epsilon: float = 0.0
+    domain: tuple[float, float] | None = None
+    param: ParamBoxSpec | None = None
+
+    def input_box(self, x: torch.Tensor) -> Bounds:
+        return input_box(x, self.epsilon, self.domain)
+
+    def param_box(self, net: Network) -> ParamBox | None:
+        return self.param.build(net) if self.param is not None else None

@@ -46,16 +46,31 @@ import torch
 
 from verigrad.bounds.base import Bounds
 from verigrad.ranking import topk_overlap_lower_bound
-from verigrad.spec import (
-    FileTarget,
-    GaussianTarget,
-    Kind,
-    Metric,
-    Normalize,
-    PropertySpec,
-    SquareTarget,
-    TargetSpec,
-)
+
+
+class Kind(str, Enum):
+    UNTARGETED = "untargeted"  # stay close to the original explanation
+    TARGETED = "targeted"  # stay far from an attacker's target map
+    TOPK = "topk"  # the top-k features by |v| stay (mostly) the top-k
+    SIGN = "sign"  # chosen features keep their sign
+    FEATURE_BOUND = "feature_bound"  # |attribution| of chosen features stays small
+
+
+METRIC_KINDS = (Kind.UNTARGETED, Kind.TARGETED)  # the kinds that compare maps with a metric
+
+
+class Metric(str, Enum):
+    L1 = "l1"
+    L2 = "l2"
+    LINF = "linf"
+    COSINE = "cosine"
+
+
+class Normalize(str, Enum):
+    NONE = "none"
+    L1 = "l1"
+    L2 = "l2"
+    MAX = "max"
 
 
 class Verdict(str, Enum):
@@ -75,53 +90,55 @@ class Direction(str, Enum):
 # Target maps
 
 
-def make_target(target: TargetSpec, shape: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The target map of one sample (shape ``shape``, the per-sample explanation shape).
-
-    Coordinates are (row, col) on the last two dims, the same map for every channel; a flat
-    (1-D) shape uses the index as its single coordinate.
-    """
-    shape = tuple(int(s) for s in shape)
+def _spatial(shape: Sequence[int]) -> tuple[int, ...]:
+    """The (row, col) dims of a per-sample map shape: the last two, or the one dim of a flat map."""
     if not shape:
         raise ValueError("target map: the explanation shape must have at least one dimension")
-    spatial = shape[-2:] if len(shape) >= 2 else shape
-    if isinstance(target, FileTarget):
-        arr = np.load(Path(target.path), allow_pickle=False)
-        if tuple(arr.shape) != shape:
-            raise ValueError(
-                f"target file {target.path}: shape {tuple(arr.shape)} differs from the per-sample "
-                f"explanation shape {shape}"
-            )
-        t = torch.as_tensor(arr, dtype=dtype).clone()
-        if not bool(torch.isfinite(t).all()):
-            # a NaN target would make the cosine bounds' "t = 0" branch certify anything
-            raise ValueError(f"target file {target.path}: {int((~torch.isfinite(t)).sum())} non-finite value(s)")
-        return t
-    if isinstance(target, GaussianTarget):
-        if len(target.center) != len(spatial):
-            raise ValueError(
-                f"gaussian target: center {list(target.center)} has {len(target.center)} coordinate(s), "
-                f"the map's spatial shape {spatial} needs {len(spatial)}"
-            )
-        grids = torch.meshgrid(*[torch.arange(n, dtype=dtype) for n in spatial], indexing="ij")
-        sq = sum((g - c) ** 2 for g, c in zip(grids, target.center))
-        m = target.amplitude * torch.exp(-sq / (2 * target.sigma**2))
-    elif isinstance(target, SquareTarget):
-        if len(target.position) != len(spatial):
-            raise ValueError(
-                f"square target: position {list(target.position)} has {len(target.position)} coordinate(s), "
-                f"the map's spatial shape {spatial} needs {len(spatial)}"
-            )
-        if any(p + target.size > n for p, n in zip(target.position, spatial)):
-            raise ValueError(
-                f"square target: a square of size {target.size} at {list(target.position)} does not fit "
-                f"in the map's spatial shape {spatial}"
-            )
-        m = torch.zeros(spatial, dtype=dtype)
-        m[tuple(slice(p, p + target.size) for p in target.position)] = target.value
-    else:
-        raise TypeError(f"unknown target spec {type(target).__name__}")
+    return tuple(shape[-2:]) if len(shape) >= 2 else tuple(shape)
+
+
+def gaussian_map(shape: Sequence[int], center: Sequence[float], sigma: float, amplitude: float,
+                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """amplitude · exp(−‖p − center‖² / (2σ²)) at every (row, col) p of the last two dims of
+    ``shape`` (the index of a flat map), the same map for every channel."""
+    shape = tuple(int(n) for n in shape)
+    spatial = _spatial(shape)
+    if len(center) != len(spatial):
+        raise ValueError(f"gaussian target: center {list(center)} has {len(center)} coordinate(s), "
+                         f"the map's spatial shape {spatial} needs {len(spatial)}")
+    grids = torch.meshgrid(*[torch.arange(n, dtype=dtype) for n in spatial], indexing="ij")
+    sq = sum(((g - c) ** 2 for g, c in zip(grids, center, strict=True)), torch.zeros(spatial, dtype=dtype))
+    return (amplitude * torch.exp(-sq / (2 * sigma**2))).expand(shape).clone()
+
+
+def square_map(shape: Sequence[int], position: Sequence[int], size: int, value: float,
+               dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``value`` on rows [r, r + size) × cols [c, c + size) of the last two dims, 0 elsewhere."""
+    shape = tuple(int(n) for n in shape)
+    spatial = _spatial(shape)
+    if len(position) != len(spatial):
+        raise ValueError(f"square target: position {list(position)} has {len(position)} coordinate(s), "
+                         f"the map's spatial shape {spatial} needs {len(spatial)}")
+    if any(p + size > n for p, n in zip(position, spatial, strict=True)):
+        raise ValueError(f"square target: a square of size {size} at {list(position)} does not fit "
+                         f"in the map's spatial shape {spatial}")
+    m = torch.zeros(spatial, dtype=dtype)
+    m[tuple(slice(p, p + size) for p in position)] = value
     return m.expand(shape).clone()
+
+
+def file_map(path: str | Path, shape: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The target map stored in the .npy file ``path`` (exactly the per-sample shape, finite)."""
+    shape = tuple(int(n) for n in shape)
+    arr = np.load(Path(path), allow_pickle=False)
+    if tuple(arr.shape) != shape:
+        raise ValueError(f"target file {path}: shape {tuple(arr.shape)} differs from the per-sample "
+                         f"explanation shape {shape}")
+    t = torch.as_tensor(arr, dtype=dtype).clone()
+    if not bool(torch.isfinite(t).all()):
+        # a NaN target would make the cosine bounds' "t = 0" branch certify anything
+        raise ValueError(f"target file {path}: {int((~torch.isfinite(t)).sum())} non-finite value(s)")
+    return t
 
 
 # ----------------------------------------------------------------------------------------
@@ -138,7 +155,7 @@ class Property:
     required for topk and forbidden otherwise. ``features`` is for sign / feature_bound
     only: the resolved flat indices into the per-sample map, or None for all features (the
     spec's ``features: all`` becomes None). Sizes (k ≤ n, indices < n) are checked against
-    the map by ``from_spec`` and again when a metric or worst case is computed.
+    the map by ``check_fits`` and again when a metric or worst case is computed.
     """
 
     name: str
@@ -188,21 +205,9 @@ class Property:
             raise ValueError(f"property {self.name!r}: a target map is required for targeted properties "
                              f"and not allowed for untargeted ones")
 
-    @staticmethod
-    def from_spec(entry: PropertySpec, shape: Sequence[int], dtype: torch.dtype = torch.float64,
-                  device: torch.device | str | None = None) -> "Property":
-        """Build from a validated spec entry; ``shape`` is the per-sample explanation shape."""
-        target = None if entry.target is None else make_target(entry.target, shape, dtype).to(device)
-        assert entry.name is not None  # load_spec fills default names
-        n = math.prod(int(s) for s in shape)
-        if entry.k is not None and entry.k > n:
-            raise ValueError(f"property {entry.name!r}: k = {entry.k} exceeds the {n} features of the map")
-        features = None if entry.features in (None, "all") else tuple(entry.features)  # type: ignore[arg-type]
-        if features is not None and max(features) >= n:
-            raise ValueError(f"property {entry.name!r}: feature index {max(features)} out of range for a map "
-                             f"of {n} features (flat indices 0..{n - 1})")
-        return Property(entry.name, entry.kind, entry.metric, entry.threshold, entry.normalize, target,
-                        entry.k, features)
+    def check_fits(self, shape: Sequence[int]) -> None:
+        """Raise ValueError unless k and the feature indices fit a per-sample map of ``shape``."""
+        _check_size(self, math.prod(int(d) for d in shape))
 
     @property
     def rule(self) -> "PropertyRule":
@@ -340,16 +345,32 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _safe_div(num, den).clamp(-1.0, 1.0)
 
 
+def _k(prop: Property) -> int:
+    """k of a topk property (required there, checked by Property)."""
+    assert prop.k is not None, f"property {prop.name!r}: topk without k"
+    return int(prop.k)
+
+
+def _target(prop: Property) -> torch.Tensor:
+    """The target map of a targeted property (required there, checked by Property)."""
+    assert prop.target is not None, f"property {prop.name!r}: targeted without a target map"
+    return prop.target
+
+
+def _p(prop: Property) -> float:
+    """The ℓp exponent of an ℓp property's metric (untargeted / targeted ℓp only)."""
+    assert prop.metric is not None, f"property {prop.name!r}: no metric"
+    return _P[prop.metric]
+
+
 def _lp_metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    ref = prop.target if prop.kind == Kind.TARGETED else v0
-    assert ref is not None
-    other = _target_like(ref, v) if prop.kind == Kind.TARGETED else _flat(ref.expand_as(v))
+    other = _target_like(_target(prop), v) if prop.kind == Kind.TARGETED else _flat(v0.expand_as(v))
     a = _flat(normalize_map(other.reshape(v.shape), prop.normalize))
-    return _pnorm(_flat(normalize_map(v, prop.normalize)) - a, _P[prop.metric])
+    return _pnorm(_flat(normalize_map(v, prop.normalize)) - a, _p(prop))
 
 
 def _cos_metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    ref = _target_like(prop.target, v) if prop.kind == Kind.TARGETED else _flat(v0.expand_as(v))  # type: ignore[arg-type]
+    ref = _target_like(_target(prop), v) if prop.kind == Kind.TARGETED else _flat(v0.expand_as(v))
     return cosine(ref, _flat(v))
 
 
@@ -364,10 +385,11 @@ def _untargeted_lp_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> to
     nb = normalized_bounds(bounds, prop.normalize)
     a = _flat(normalize_map(v0, prop.normalize))
     far = torch.maximum((_flat(nb.lower) - a).abs(), (_flat(nb.upper) - a).abs())
-    worst = _pnorm(far, _P[prop.metric])
-    if prop.normalize != Normalize.NONE and _NORM_P[prop.normalize] == _P[prop.metric]:
+    p = _p(prop)
+    worst = _pnorm(far, p)
+    if prop.normalize != Normalize.NONE and _NORM_P[prop.normalize] == p:
         # ‖N(v)‖_p ≤ 1 when N normalizes in the metric's own norm: triangle inequality
-        worst = torch.minimum(worst, 1.0 + _pnorm(a, _P[prop.metric]))
+        worst = torch.minimum(worst, 1.0 + _pnorm(a, p))
     return worst
 
 
@@ -375,10 +397,10 @@ def _targeted_lp_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torc
     """min over the box of ‖N(v) − N(t)‖_p ≥ ‖clip(N(t), L, U) − N(t)‖_p: the nearest point
     of the box [L, U] to N(t), coordinate by coordinate. Exact without normalization."""
     nb = normalized_bounds(bounds, prop.normalize)
-    t = _target_like(prop.target, bounds.lower)  # type: ignore[arg-type]
+    t = _target_like(_target(prop), bounds.lower)
     t = _flat(normalize_map(t.reshape(bounds.shape), prop.normalize))
     near = torch.minimum(torch.maximum(t, _flat(nb.lower)), _flat(nb.upper))
-    return _pnorm(near - t, _P[prop.metric])
+    return _pnorm(near - t, _p(prop))
 
 
 def _norm2_range(b: Bounds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,7 +470,7 @@ def _untargeted_cos_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> t
 
 
 def _targeted_cos_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
-    return cosine_upper_bound(_target_like(prop.target, bounds.lower), bounds)  # type: ignore[arg-type]
+    return cosine_upper_bound(_target_like(_target(prop), bounds.lower), bounds)
 
 
 # ----------------------------------------------------------------------------------------
@@ -456,8 +478,8 @@ def _targeted_cos_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> tor
 
 
 def _check_size(prop: Property, n: int) -> None:
-    """k and the feature indices must fit a map of n features (from_spec checks this for
-    spec entries; directly built properties are checked here)."""
+    """k and the feature indices must fit a map of n features (checked when a spec entry
+    becomes a property, and again whenever a map is measured)."""
     if prop.k is not None and prop.k > n:
         raise ValueError(f"property {prop.name!r}: k = {prop.k} exceeds the {n} features of the map")
     if prop.features is not None and max(prop.features) >= n:
@@ -493,7 +515,7 @@ def _topk_set(a: torch.Tensor, k: int) -> torch.Tensor:
 
 def _topk_metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """|topk(|v|) ∩ K| / k with K = topk(|v0|), per sample (ties broken by torch.topk)."""
-    k = int(prop.k)  # type: ignore[arg-type]
+    k = _k(prop)
     a0, a = _v0_rows(v0, v).abs(), _flat(v).abs()
     _check_size(prop, a.shape[1])
     in_k = torch.zeros_like(a0, dtype=torch.bool).scatter(1, _topk_set(a0, k), True).expand_as(a)
@@ -526,7 +548,7 @@ def _topk_members_that_stay(prop: Property, v0: torch.Tensor, bounds: Bounds) ->
     Vectorised: sort a⁺ once per sample; #{j : a_j⁺ ≥ a_i⁻} = n − searchsorted(a⁺, a_i⁻,
     left), which counts i itself (a_i⁺ ≥ a_i⁻), hence the − 1. O(n log n + k log n).
     """
-    k = int(prop.k)  # type: ignore[arg-type]
+    k = _k(prop)
     b = Bounds(_flat(bounds.lower), _flat(bounds.upper))
     amin, amax = _abs_range(b)
     n = amax.shape[1]
@@ -542,7 +564,7 @@ def _topk_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tenso
     """max(one member at a time, Levine et al.'s pigeonhole) / k: both are sound lower bounds
     of the min top-k overlap (see ``_topk_members_that_stay`` and
     ``topk_overlap_lower_bound``)."""
-    k = int(prop.k)  # type: ignore[arg-type]
+    k = _k(prop)
     one_at_a_time = _topk_members_that_stay(prop, v0, bounds)
     b = Bounds(_flat(bounds.lower), _flat(bounds.upper))
     # Levine et al.'s Corollary 2 (a pigeonhole over outsiders) is often stronger; it needs v0 in
@@ -687,12 +709,6 @@ def direction_text(prop: Property) -> str:
 # Public functions
 
 
-def from_spec(entry: PropertySpec, shape: Sequence[int], dtype: torch.dtype = torch.float64,
-              device: torch.device | str | None = None) -> Property:
-    """Property.from_spec as a function (one Property per spec entry)."""
-    return Property.from_spec(entry, shape, dtype, device)
-
-
 def metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The concrete value (B,) for explanations v (perturbed) against v0 (original) —
     deviation, distance or similarity; targeted properties use the target, not v0."""
@@ -728,11 +744,11 @@ def evaluate(prop: Property, v0: torch.Tensor, bounds: Bounds) -> list[PropertyR
     worst = worst_case(prop, v0, bounds)
     text = direction_text(prop)
     return [PropertyResult(prop.name, verdict, float(w), prop.threshold, text)
-            for verdict, w in zip(decide(prop, worst), worst.reshape(-1))]
+            for verdict, w in zip(decide(prop, worst), worst.reshape(-1), strict=True)]
 
 
 __all__ = [
     "Verdict", "Direction", "Property", "PropertyResult", "PropertyRule", "RULES", "rule_for",
-    "from_spec", "make_target", "normalize_map", "normalized_bounds", "cosine", "cosine_lower_bound",
+    "Kind", "Metric", "Normalize", "METRIC_KINDS", "gaussian_map", "square_map", "file_map", "normalize_map", "normalized_bounds", "cosine", "cosine_lower_bound",
     "cosine_upper_bound", "topk_overlap_lower_bound", "metric", "worst_case", "decide", "evaluate", "direction_text", "gap_ratio",
 ]

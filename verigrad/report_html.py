@@ -308,7 +308,7 @@ def _load_batch(out: Path) -> list[tuple[_Run, Callable[[], Any]]]:
     for r in records:
         groups.setdefault((r["spec"], r["spec_sha256"]), []).append(r)
     stems = [Path(s).stem for s, _ in groups]
-    runs = []
+    runs: list[tuple[_Run, Callable[[], Any]]] = []
     for (spec_path, sha), recs in groups.items():
         recs.sort(key=lambda r: r["data_index"])
         stem = Path(spec_path).stem
@@ -322,9 +322,9 @@ def _load_batch(out: Path) -> list[tuple[_Run, Callable[[], Any]]]:
             inst = _Instance(index=int(r["data_index"]), doc=d, status=str(r["status"]), reason=r.get("reason"),
                              seconds=r.get("seconds"))
             if d is not None:
-                for e in d.get("engines") or {}:
-                    if e not in methods:
-                        methods.append(e)
+                for engine in d.get("engines") or {}:
+                    if engine not in methods:
+                        methods.append(engine)
                 if not props:
                     props = _properties_of(d)
                 folder = f"{stem}-{sha[:8]}"  # verigrad batch's per-spec folder (older batches: the stem)
@@ -684,7 +684,11 @@ def _svg_intervals(centre: np.ndarray | None, bounds: dict[str, tuple[np.ndarray
         return '<div class="na">no finite bounds to plot</div>'
     lo, hi = min(0.0, float(fin.min())), max(0.0, float(fin.max()))
     hi = hi if hi > lo else lo + 1.0
-    n = len(next(iter(bounds.values()))[0]) if bounds else len(centre)  # type: ignore[arg-type]
+    if bounds:
+        n = len(next(iter(bounds.values()))[0])
+    else:
+        assert centre is not None  # without bounds the centre is all there is to plot (vals is not empty)
+        n = len(centre)
     ml, mb, mt, mr = 56, 18, 8, 110
     pw, ph = width - ml - mr, height - mb - mt
     y = lambda t: mt + ph * (hi - min(max(t, lo), hi)) / (hi - lo)  # noqa: E731
@@ -896,7 +900,7 @@ def _comparison_section(run: _Run) -> str:
         ratios = {}
         stat_rows = []
         for e in others:
-            r = [w / b if b > 0 else math.nan for w, b in zip(widths[e], widths[base])]
+            r = [w / b if b > 0 else math.nan for w, b in zip(widths[e], widths[base], strict=True)]
             ratios[f"{e} / {base}"] = r
             fin = [v for v in r if math.isfinite(v)]
             pos = [v for v in fin if v > 0]
@@ -1110,7 +1114,7 @@ def _render_run(run: _Run, images: _Images, shown: Sequence[_Instance], back: st
 
 def _index_page(runs: Sequence[_Run], links: Sequence[str], summary: dict | None, out: Path) -> str:
     rows = []
-    for run, link in zip(runs, links):
+    for run, link in zip(runs, links, strict=True):
         counts = _counts(run)
         tot = {v: sum(c[v] for c in counts.values()) for v in VERDICTS}
         st = {s: sum(i.status == s for i in run.instances) for s in ("done", "timeout", "error")}
@@ -1203,6 +1207,6 @@ def write_report(results_path: str | Path, html_path: str | Path | None = None, 
     pages = [out.with_name(f"{out.stem}_{run.title}.html") for run, _ in runs]
     _write(out, _html_page("verigrad batch report", _index_page([r for r, _ in runs], [p.name for p in pages],
                                                                   summary, src)))
-    for (run, factory), path in zip(runs, pages):
+    for (run, factory), path in zip(runs, pages, strict=True):
         page(run, factory, path, out.name)
     return [out, *pages]

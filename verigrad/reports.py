@@ -270,9 +270,13 @@ class ResultWriter:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+    """Left-aligned columns. A short row (an ERROR row has fewer cells than the header) is
+    padded with empty cells, so it neither drops the other rows' columns nor loses its own."""
+    n = max([len(header), *(len(r) for r in rows)])
+    cells = [[str(c) for c in r] + [""] * (n - len(r)) for r in [header, *rows]]
+    widths = [max(len(r[j]) for r in cells) for j in range(n)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
 
 
 def verify_table(problem: Problem, results: Sequence[InstanceResult]) -> str:
@@ -396,7 +400,7 @@ def attack_table(problem: Problem, results: Sequence[InstanceResult]) -> str:
             continue
         for n, a in r.attacks.items():
             sim = a.similarity
-            f = lambda k: f"{sim[k]:.3f}" if k in sim else "-"  # noqa: E731
+            f = lambda k, sim=sim: f"{sim[k]:.3f}" if k in sim else "-"  # noqa: E731
             rows.append([str(r.index), n, a.attack or "-", "-" if a.value is None else f"{a.value:.4g}",
                          "-" if a.value is None else ("falsified" if a.violated else "held"),
                          f("pcc"), f("ssim"), f("kendall_tau"), f("topk_intersection")])

@@ -51,7 +51,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from enum import Enum
+from typing import Callable, TypeGuard
 
 import numpy as np
 import torch
@@ -63,7 +64,16 @@ from verigrad.ranking import topk_overlap_lower_bound
 from verigrad.models.network import Activation, Conv2d, Linear, Network, Reshape, conv_transpose
 
 F64 = torch.float64
-_INTERVALS = ("hoeffding", "clopper_pearson")
+
+
+class SmoothingInterval(str, Enum):
+    """The confidence interval for each coordinate's expected sample."""
+
+    HOEFFDING = "hoeffding"  # the paper's Corollary 1, any [0, 1]-valued samples
+    CLOPPER_PEARSON = "clopper_pearson"  # exact binomial, {0, 1}-valued samples only
+
+
+_INTERVALS = tuple(i.value for i in SmoothingInterval)
 # float64 rounding in ndtr/ndtri: widen every certified interval outward by this much
 _ROUND = 1e-12
 # noise is drawn in blocks of at most this many values (rows × d), each block from its own
@@ -76,11 +86,11 @@ _NOISE_BLOCK_ROWS = 256
 # Configuration
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[int | np.integer]:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def _is_real(v: object) -> bool:
+def _is_real(v: object) -> TypeGuard[int | float | np.integer | np.floating]:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
@@ -103,7 +113,7 @@ class SmoothingConfig:
                         binomial; only for the non-relaxed sparsified map).
     """
 
-    sigma: float
+    sigma: float = 0.15
     samples: int = 1000
     seed: int = 0
     batch_size: int = 256
@@ -111,7 +121,7 @@ class SmoothingConfig:
     relaxed: bool = False
     clip: float | int | None = None
     failure_probability: float = 0.05
-    interval: str = "hoeffding"
+    interval: SmoothingInterval | str = SmoothingInterval.HOEFFDING
 
     def __post_init__(self) -> None:
         if not _is_real(self.sigma) or not (math.isfinite(self.sigma) and self.sigma > 0):
@@ -136,6 +146,7 @@ class SmoothingConfig:
             raise ValueError(f"failure_probability must lie in (0, 1), got {p!r}")
         if self.interval not in _INTERVALS:
             raise ValueError(f"interval must be one of {_INTERVALS}, got {self.interval!r}")
+        object.__setattr__(self, "interval", SmoothingInterval(self.interval))
         if self.interval == "clopper_pearson" and self.relaxed:
             raise ValueError("interval='clopper_pearson' needs {0,1}-valued samples: not with relaxed=True "
                              "(use 'hoeffding')")
@@ -317,6 +328,7 @@ def global_gradient_range(net: Network, output: Output | str, target: torch.Tens
     net.require_chain("smoothing (global gradient range)")
     layers = net.layers
     last, shapes = layers[-1], net.shapes
+    assert isinstance(last, (Linear, Conv2d))  # require_chain: the chain ends in an affine layer
     ncls = net.num_classes
     eye = torch.eye(ncls, dtype=F64, device=net.device).reshape(ncls, *shapes[-1])
     w64 = last.weight.to(F64)

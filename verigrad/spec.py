@@ -22,12 +22,17 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
+import torch
 import yaml
 
-from verigrad.bounds import CrownOptions, Method, Product
-from verigrad.explanations import ExplanationMethod, IGRule
+from verigrad.bounds import EngineOptions, Method, Product
+from verigrad.explanations import SMOOTHING_METHODS, Explainer, ExplanationMethod, IGRule
 from verigrad.graph.gradient_graph import Output
-from verigrad.perturbation import ParamMode
+from verigrad.attacks import AttackMethod, AttackOptions, AttackOrder
+from verigrad.smoothing import SmoothingConfig, SmoothingInterval
+from verigrad.perturbation import Norm, ParamBoxSpec, ParamMode, Perturbation
+from verigrad.properties import METRIC_KINDS, Kind, Metric, Normalize, Property
+from verigrad import properties as _props
 
 
 class SpecError(ValueError):
@@ -53,36 +58,6 @@ class TargetClass(str, Enum):
 
     PREDICTED = "predicted"
     LABEL = "label"
-
-
-class Norm(str, Enum):
-    LINF = "inf"
-    L2 = "l2"  # the ℓ2 ball: randomized-smoothing certificates only (engines and attacks use boxes)
-
-
-class Kind(str, Enum):
-    UNTARGETED = "untargeted"  # stay close to the original explanation
-    TARGETED = "targeted"  # stay far from an attacker's target map
-    TOPK = "topk"  # the top-k features by |v| stay (mostly) the top-k
-    SIGN = "sign"  # chosen features keep their sign
-    FEATURE_BOUND = "feature_bound"  # |attribution| of chosen features stays small
-
-
-METRIC_KINDS = (Kind.UNTARGETED, Kind.TARGETED)  # the kinds that compare maps with a metric
-
-
-class Metric(str, Enum):
-    L1 = "l1"
-    L2 = "l2"
-    LINF = "linf"
-    COSINE = "cosine"
-
-
-class Normalize(str, Enum):
-    NONE = "none"
-    L1 = "l1"
-    L2 = "l2"
-    MAX = "max"
 
 
 class TargetType(str, Enum):
@@ -111,25 +86,6 @@ class Device(str, Enum):
     CPU = "cpu"
     CUDA = "cuda"
     AUTO = "auto"
-
-
-class AttackOrder(str, Enum):
-    """When attacks run relative to bounding."""
-
-    BEFORE = "before"  # attack every property first; bound unless all are falsified
-    AFTER = "after"  # bound first; attack only properties left unknown
-    BOTH = "both"  # bound and attack everything (needed for the certificate–attack gap)
-    SKIP = "skip"  # never attack
-
-
-class AttackMethod(str, Enum):
-    """Attacks by name (the registry in verigrad.attacks maps each to its function)."""
-
-    PGD = "pgd"  # ℓ∞ PGD on the property's own metric
-    TARGETED = "targeted"  # Dombrowski et al. 2019: towards the target map, output kept
-    IFIA = "ifia"  # Ghorbani et al.: top-k mass of the original map, signed steps
-    LEVINE_TOPK = "levine_topk"  # Levine et al.: ℓ2 steps on top-k, backtracking on class change
-    PARAMS = "params"  # Heo et al.-style weight manipulation inside the parameter box
 
 
 # ----------------------------------------------------------------------------------------
@@ -594,22 +550,23 @@ class DataSpec:
             raise _Invalid(f"expected an int > start ({self.start}) or null, got {self.end}", "end")
 
 
+_EXPLAINER = Explainer()  # the explanation settings' defaults are the explainer's
+
+
 @dataclass(frozen=True, kw_only=True)
 class IntegratedGradientsSpec:
     """(x − b) ⊙ Σ_k w_k ∂o/∂x(b + α_k(x − b)), nodes and weights as captum builds them."""
 
-    steps: int = _opt(Int(ge=1), 50, "m quadrature nodes (captum's n_steps)")
-    rule: IGRule = _opt(Choice(IGRule), IGRule.GAUSS_LEGENDRE, "captum's method: gausslegendre | riemann_*")
-    baseline: float = _opt(Num(), 0.0, "constant baseline b")
+    steps: int = _opt(Int(ge=1), _EXPLAINER.steps, "m quadrature nodes (captum's n_steps)")
+    rule: IGRule = _opt(Choice(IGRule), _EXPLAINER.rule, "captum's method: gausslegendre | riemann_*")
+    baseline: float = _opt(Num(), _EXPLAINER.baseline, "constant baseline b")
 
     def validate(self) -> None:
         if self.rule != IGRule.GAUSS_LEGENDRE and self.steps < 2:
             raise _Invalid(f"expected an int >= 2 for rule {self.rule.value}, got {self.steps}", "steps")
 
 
-class SmoothingInterval(str, Enum):
-    HOEFFDING = "hoeffding"
-    CLOPPER_PEARSON = "clopper_pearson"
+_SMOOTHING = SmoothingConfig()  # the sampler's defaults are its own
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -617,15 +574,15 @@ class SmoothingSpec:
     """SmoothGrad / Sparsified SmoothGrad sampling and their randomized-smoothing certificate
     (Levine et al. 2019): probabilistic, failing with probability ≤ failure_probability."""
 
-    sigma: float = _opt(Num(gt=0), 0.15, "noise std in input units")
-    samples: int = _opt(Int(gt=0), 1000, "noise draws n")
+    sigma: float = _opt(Num(gt=0), _SMOOTHING.sigma, "noise std in input units")
+    samples: int = _opt(Int(gt=0), _SMOOTHING.samples, "noise draws n")
     seed: int | None = _opt(Nullable(Int(ge=0)), None, "null = general.seed")
-    batch_size: int = _opt(Int(gt=0), 256, "noisy inputs per pass (memory only)")
-    sparsify: float = _opt(Num(gt=0, le=1), 0.1, "K as a fraction of the features (top-K of |∇o| → 1)")
-    relaxed: bool = _opt(Bool(), False, "relaxed Sparsified SmoothGrad (needs clip)")
+    batch_size: int = _opt(Int(gt=0), _SMOOTHING.batch_size, "noisy inputs per pass (memory only)")
+    sparsify: float = _opt(Num(gt=0, le=1), _SMOOTHING.sparsify, "K as a fraction of the features (top-K of |∇o| → 1)")
+    relaxed: bool = _opt(Bool(), _SMOOTHING.relaxed, "relaxed Sparsified SmoothGrad (needs clip)")
     clip: float | None = _opt(Nullable(Num(ge=0, le=1)), None, "relaxed: fraction C of features clipped to 1 (C ≤ K)")
-    failure_probability: float = _opt(Num(gt=0, lt=1), 0.05, "p: the certificate holds with probability ≥ 1 − p")
-    interval: SmoothingInterval = _opt(Choice(SmoothingInterval), SmoothingInterval.HOEFFDING,
+    failure_probability: float = _opt(Num(gt=0, lt=1), _SMOOTHING.failure_probability, "p: the certificate holds with probability ≥ 1 − p")
+    interval: SmoothingInterval = _opt(Choice(SmoothingInterval), _SMOOTHING.interval,
                                        "hoeffding (the paper) | clopper_pearson (non-relaxed sparsified only)")
 
     def validate(self) -> None:
@@ -639,7 +596,7 @@ class SmoothingSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class ExplanationSpec:
-    method: ExplanationMethod = _opt(Choice(ExplanationMethod), ExplanationMethod.SALIENCY,
+    method: ExplanationMethod = _opt(Choice(ExplanationMethod), _EXPLAINER.method,
                                      "saliency | input_x_gradient | integrated_gradients | smoothgrad | "
                                      "sparsified_smoothgrad")
     output: Output = _opt(Choice(Output), Output.LOGIT,
@@ -649,6 +606,16 @@ class ExplanationSpec:
     abs: bool = _opt(Bool(), False, "display only: bounds are on the signed map")
     integrated_gradients: IntegratedGradientsSpec = _opt(Section(IntegratedGradientsSpec), {})
     smoothing: SmoothingSpec = _opt(Section(SmoothingSpec), {}, "smoothgrad / sparsified_smoothgrad")
+
+    def explainer(self, seed: int) -> Explainer:
+        """The explanation method with its settings (``seed``: general.seed, for a null smoothing.seed).
+        Raises ValueError for smoothing settings the sampler rejects."""
+        ig, smoothing = self.integrated_gradients, None
+        if self.method in SMOOTHING_METHODS:
+            s = self.smoothing
+            smoothing = SmoothingConfig(s.sigma, s.samples, seed if s.seed is None else s.seed, s.batch_size,
+                                        s.sparsify, s.relaxed, s.clip, s.failure_probability, s.interval)
+        return Explainer(self.method, ig.steps, ig.rule, ig.baseline, smoothing)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -675,6 +642,13 @@ class PerturbationSpec:
         if self.input is None and self.parameters is None:
             raise _Invalid("expected at least one of 'input' or 'parameters'")
 
+    def build(self, domain: tuple[float, float] | None) -> Perturbation:
+        """The threat set's definition (its ℓ∞ input box clipped to ``domain``)."""
+        pp = self.parameters
+        param = None if pp is None else ParamBoxSpec(pp.gamma, pp.mode, None if isinstance(pp.layers, str)
+                                                     else tuple(pp.layers), pp.include_bias)
+        return Perturbation(self.input.epsilon if self.input is not None else 0.0, domain, param)
+
 
 @dataclass(frozen=True, kw_only=True)
 class GaussianTarget:
@@ -683,6 +657,9 @@ class GaussianTarget:
     center: tuple[float, ...] = _opt(ListOf(Num(), 1, 2), doc="(row, col); (index,) for flat maps")
     sigma: float = _opt(Num(gt=0))
     amplitude: float = _opt(Num(), 1.0)
+
+    def map(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return _props.gaussian_map(shape, self.center, self.sigma, self.amplitude, dtype)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -693,10 +670,16 @@ class SquareTarget:
     size: int = _opt(Int(gt=0))
     value: float = _opt(Num(), 1.0)
 
+    def map(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return _props.square_map(shape, self.position, self.size, self.value, dtype)
+
 
 @dataclass(frozen=True, kw_only=True)
 class FileTarget:
     path: Path = _opt(PathCheck((".npy",)), doc="array with the per-sample explanation shape")
+
+    def map(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return _props.file_map(self.path, shape, dtype)
 
 
 TargetSpec = Union[GaussianTarget, SquareTarget, FileTarget]
@@ -765,6 +748,17 @@ class PropertySpec:
         if k != Kind.TARGETED and self.target is not None:
             raise _Invalid("expected null: a target map is only used by kind targeted", "target")
 
+    def build(self, shape: Sequence[int], dtype: torch.dtype = torch.float64,
+              device: torch.device | str | None = None) -> Property:
+        """The property on per-sample maps of ``shape`` (its target map built in ``dtype`` on
+        ``device``). Raises ValueError when k, the features or the target do not fit the map."""
+        assert self.name is not None  # load_spec fills default names
+        target = None if self.target is None else self.target.map(shape, dtype).to(device)
+        features = None if self.features is None or isinstance(self.features, str) else tuple(self.features)
+        prop = Property(self.name, self.kind, self.metric, self.threshold, self.normalize, target, self.k, features)
+        prop.check_fits(shape)
+        return prop
+
 
 def _name_properties(props: tuple) -> tuple:
     """Fill default names p{i}_{kind}_{metric} (p{i}_{kind}) and require names to be unique."""
@@ -781,18 +775,18 @@ def _name_properties(props: tuple) -> tuple:
     return tuple(out)
 
 
-_CROWN = CrownOptions()  # CROWN / alpha-CROWN defaults are declared by the engine's options
+_ENGINE = EngineOptions()  # the engines' defaults are declared by their options (CROWN's by CrownOptions)
 
 
 @dataclass(frozen=True, kw_only=True)
 class IbpSpec:
-    product: IbpProduct = _opt(Choice(IbpProduct), IbpProduct.MIDPOINT_RADIUS, "interval × interval rule")
+    product: IbpProduct = _opt(Choice(IbpProduct), _ENGINE.product, "interval × interval rule")
 
 
 @dataclass(frozen=True, kw_only=True)
 class AlphaCrownSpec:
-    iterations: int = _opt(Int(gt=0), _CROWN.alpha_iterations)
-    lr: float = _opt(Num(gt=0), _CROWN.alpha_lr)
+    iterations: int = _opt(Int(gt=0), _ENGINE.alpha_iterations)
+    lr: float = _opt(Num(gt=0), _ENGINE.alpha_lr)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -823,6 +817,15 @@ class BoundsSpec:
     alpha_crown: AlphaCrownSpec = _opt(Section(AlphaCrownSpec), {})
     crown: CrownSpec = _opt(Section(CrownSpec), {}, "chunking of CROWN / alpha-CROWN (both engines)")
 
+    def engine_options(self) -> EngineOptions:
+        """The settings every bound engine reads."""
+        return EngineOptions(product=self.ibp.product, alpha_iterations=self.alpha_crown.iterations,
+                             alpha_lr=self.alpha_crown.lr, crown_output_chunk=self.crown.chunk,
+                             crown_memory_mb=self.crown.memory_mb)
+
+
+_ATTACK = AttackOptions()  # the search settings' defaults are the attacks' own
+
 
 @dataclass(frozen=True, kw_only=True)
 class AttackSpec:
@@ -833,18 +836,24 @@ class AttackSpec:
     methods: Union[str, tuple[AttackMethod, ...]] = _opt(
         OneOf((Const("auto"), ListOf(Choice(AttackMethod), min_len=1, unique=True))), "auto",
         "auto = every attack that applies to the property and the threat set")
-    steps: int = _opt(Int(gt=0), 40)
-    restarts: int = _opt(Int(gt=0), 2, "the first start is the box centre, later ones random")
-    step_size: float = _opt(Num(gt=0), 0.25, "per step, as a fraction of the box half-width")
+    steps: int = _opt(Int(gt=0), _ATTACK.steps)
+    restarts: int = _opt(Int(gt=0), _ATTACK.restarts, "the first start is the box centre, later ones random")
+    step_size: float = _opt(Num(gt=0), _ATTACK.step_size, "per step, as a fraction of the box half-width")
     seed: int | None = _opt(Nullable(Int(ge=0)), None, "null = general.seed")
-    surrogate_beta: float | None = _opt(Nullable(Num(gt=0)), 10.0,
+    surrogate_beta: float | None = _opt(Nullable(Num(gt=0)), _ATTACK.surrogate_beta,
                                         "softplus β replacing relu while attacking; null = none")
-    output_weight: float = _opt(Num(ge=0), 1.0, "penalty on ‖logits − logits0‖² (targeted, params)")
-    keep_class: bool = _opt(Bool(), True, "levine_topk backtracks steps that change the class")
+    output_weight: float = _opt(Num(ge=0), _ATTACK.output_weight, "penalty on ‖logits − logits0‖² (targeted, params)")
+    keep_class: bool = _opt(Bool(), _ATTACK.keep_class, "levine_topk backtracks steps that change the class")
     noise_levels: tuple[float, ...] = _opt(ListOf(Num(ge=0), min_len=1), (0.01, 0.05, 0.1),
                                            "ν for random-perturbation similarity (verigrad attack)")
     noise_samples: int = _opt(Int(gt=0), 8)
     sensitivity_samples: int = _opt(Int(gt=0), 8, "draws for max-sensitivity (verigrad attack)")
+
+    def options(self, seed: int) -> AttackOptions:
+        """The search settings (``seed``: general.seed, for a null attack.seed)."""
+        return AttackOptions(steps=self.steps, restarts=self.restarts, step_size=self.step_size,
+                             seed=seed if self.seed is None else self.seed, surrogate_beta=self.surrogate_beta,
+                             output_weight=self.output_weight, keep_class=self.keep_class)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1012,7 +1021,7 @@ CLI_FLAGS: tuple[Flag, ...] = (
 
 def flag_overrides(values: Mapping[str, Any]) -> dict[str, Any]:
     """{spec key: value} for the CLI_FLAGS given in ``values`` (by dest; None or empty = not given),
-    ready for ``apply_overrides(set_keys=...)``."""
+    ready for :func:`apply_overrides`."""
     out: dict[str, Any] = {}
     for fl in CLI_FLAGS:
         v = values.get(fl.dest)
@@ -1022,34 +1031,15 @@ def flag_overrides(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(
-    spec: Spec,
-    methods: Sequence[str | BoundMethod] | None = None,
-    epsilon: float | None = None,
-    gamma: float | None = None,
-    device: str | Device | None = None,
-    dtype: str | Dtype | None = None,
-    start: int | None = None,
-    end: int | None = None,
-    results: str | Path | None = None,
-    seed: int | None = None,
-    set_keys: Mapping[str, Any] | None = None,
-) -> Spec:
-    """A new Spec with command-line values replacing the file's (precedence defaults < YAML
-    < command line), re-validated as a whole. ``set_keys`` maps dotted key paths
-    ('bounds.combine') to values. ``epsilon``/``gamma`` create their perturbation section
-    when the file has none (with that section's defaults). Relative paths given here resolve
-    against the current directory."""
+def apply_overrides(spec: Spec, changes: Mapping[str, Any]) -> Spec:
+    """A new Spec with ``changes`` (dotted key path → value, e.g. {'bounds.combine':
+    'intersect'}) replacing the file's values (precedence defaults < YAML < command line),
+    re-validated as a whole. A missing section on the path is created (with that section's
+    defaults), e.g. 'perturbation.input.epsilon' on a parameters-only spec. Relative paths
+    given here resolve against the current directory."""
     d = spec.to_dict()
-    changes: dict[str, Any] = {}
-    for key, val in (("bounds.methods", None if methods is None else [getattr(m, "value", m) for m in methods]),
-                     ("perturbation.input.epsilon", epsilon), ("perturbation.parameters.gamma", gamma),
-                     ("general.device", device), ("bounds.dtype", dtype), ("data.start", start),
-                     ("data.end", end), ("general.seed", seed),
-                     ("general.results", None if results is None else str(results))):
-        if val is not None:
-            changes[key] = getattr(val, "value", val)
-    changes.update(set_keys or {})
+    changes = {k: [getattr(x, "value", x) for x in v] if isinstance(v, (list, tuple)) else getattr(v, "value", v)
+               for k, v in changes.items()}
     for dotted, val in changes.items():
         node = d
         parts = dotted.split(".")

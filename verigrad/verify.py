@@ -7,29 +7,31 @@ and the rest go on. Nothing here prints or reads global state.
 """
 from __future__ import annotations
 
+import builtins
 import dataclasses
+import functools
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from verigrad import properties as props
-from verigrad.attacks import AttackOptions, AttackOutcome, ParamThreat, Point, Threat, attack_property
+from verigrad.attacks import AttackMethod, AttackOptions, AttackOrder, AttackOutcome, Point, Threat, attack_property
 from verigrad.attacks import evaluate_point, load_witness
 from verigrad.bounds import Bounds, BoundsError, EngineOptions, EngineResult, EngineUnsupported, Method
 from verigrad.data import load_dataset
 from verigrad.explanations import (
-    SMOOTHING_METHODS, Explainer, ExplanationMethod, explain, explanation_bounds, jacobian_bounds,
+    Explainer, ExplanationMethod, explain, explanation_bounds, jacobian_bounds,
 )
 from verigrad.graph.gradient_graph import Output
 from verigrad.guarantees import Guarantee
 from verigrad.models import load_model
 from verigrad.models.network import Network
-from verigrad.perturbation import ParamBox, param_box
-from verigrad.properties import Direction, Property, PropertyResult, Verdict
-from verigrad.spec import AttackMethod, AttackOrder, Combine, Device, Norm, Spec, TargetClass, spec_from_dict
+from verigrad.perturbation import Norm, ParamBox, Perturbation
+from verigrad.properties import Direction, Kind, Metric, Property, PropertyResult, Verdict
+from verigrad.spec import Combine, Device, Spec, TargetClass, spec_from_dict
 
 COMBINED = "combined"
 
@@ -53,7 +55,8 @@ class Problem:
     x: torch.Tensor
     y: torch.Tensor
     properties: tuple[Property, ...]
-    params: ParamBox | None
+    perturbation: Perturbation  # the threat set's definition; input boxes come from it
+    params: ParamBox | None  # its parameter box for ``net``, built once and shared by engines and attacks
     methods: tuple[Method, ...]
     options: EngineOptions
     device: torch.device
@@ -144,10 +147,43 @@ def resolve_device(device: Device | str) -> torch.device:
 
 
 def prepare(spec: Spec, methods: Sequence[Method | str] | None = None) -> Problem:
-    """Load model, data, boxes and properties for ``spec`` (raises on bad input).
-    ``methods`` replaces the spec's engines; an empty sequence runs none (attacks only)."""
+    """Resolve ``spec`` into loaded objects (bad input raises here, before any bounding):
+    the options each subsystem reads, the model and data on the device, the parameter box
+    and the properties. ``methods`` replaces the spec's engines; an empty sequence runs none
+    (attacks only)."""
     device = resolve_device(spec.general.device)
     dtype = torch.float64 if spec.bounds.dtype.value == "float64" else torch.float32
+    net, x, y = _load(spec, device, dtype)
+    m = spec.model
+    perturbation = spec.perturbation.build(m.input_range)
+    try:
+        params = perturbation.param_box(net)
+    except KeyError as e:
+        raise SetupError(f"perturbation.parameters.layers: {e.args[0]}") from None
+    properties = []
+    for i, entry in enumerate(spec.properties):
+        try:
+            properties.append(entry.build(net.input_shape, dtype, device))
+        except ValueError as e:  # k or feature indices that do not fit this model's map, a bad target
+            raise SetupError(f"properties[{i}]: {e}") from None
+    chosen = tuple(Method(getattr(mm, "value", mm)) for mm in (spec.bounds.methods if methods is None else methods))
+    a = spec.attack
+    try:
+        explainer = spec.explanation.explainer(spec.general.seed)
+    except ValueError as err:
+        raise SetupError(f"explanation.smoothing: {err}") from None
+    _check_second_order(spec, net, explainer, params)
+    pin = spec.perturbation.input
+    if pin is not None and pin.norm == Norm.L2 and not explainer.probabilistic:
+        raise SetupError("perturbation.input.norm: l2 balls are certified only for smoothgrad / "
+                         "sparsified_smoothgrad (the bound engines and attacks work on ℓ∞ boxes); use norm: inf")
+    return Problem(spec, net, x, y, tuple(properties), perturbation, params, chosen, spec.bounds.engine_options(),
+                   device, dtype, AttackOrder(a.order), a.options(spec.general.seed),
+                   None if isinstance(a.methods, str) else tuple(a.methods), explainer=explainer)
+
+
+def _load(spec: Spec, device: torch.device, dtype: torch.dtype) -> tuple[Network, torch.Tensor, torch.Tensor]:
+    """The model and the data, checked against each other, on ``device`` in ``dtype``."""
     m = spec.model
     norm = (m.normalization.mean, m.normalization.std) if m.normalization is not None else None
     net = load_model(m.path, m.input_shape, norm, m.output).to(dtype=dtype, device=device)
@@ -161,43 +197,7 @@ def prepare(spec: Spec, methods: Sequence[Method | str] | None = None) -> Proble
     target = spec.explanation.target
     if isinstance(target, int) and not isinstance(target, bool) and target >= net.num_classes:
         raise SetupError(f"explanation.target: class {target} out of range for a model with {net.num_classes} outputs")
-    params = None
-    pp = spec.perturbation.parameters
-    if pp is not None:
-        layers = None if pp.layers == "all" else list(pp.layers)
-        try:
-            params = param_box(net, pp.gamma, pp.mode, layers, pp.include_bias)
-        except KeyError as e:
-            raise SetupError(f"perturbation.parameters.layers: {e.args[0]}") from None
-    properties = []
-    for i, entry in enumerate(spec.properties):
-        try:
-            properties.append(props.from_spec(entry, net.input_shape, dtype, device))
-        except ValueError as e:  # k or feature indices that do not fit this model's map, a bad target
-            raise SetupError(f"properties[{i}]: {e}") from None
-    chosen = tuple(Method(getattr(mm, "value", mm)) for mm in (spec.bounds.methods if methods is None else methods))
-    options = EngineOptions(
-        product=spec.bounds.ibp.product.value,
-        alpha_iterations=spec.bounds.alpha_crown.iterations,
-        alpha_lr=spec.bounds.alpha_crown.lr,
-        crown_output_chunk=spec.bounds.crown.chunk,
-        crown_memory_mb=spec.bounds.crown.memory_mb,
-    )
-    a = spec.attack
-    attack_options = AttackOptions(steps=a.steps, restarts=a.restarts, step_size=a.step_size,
-                                   seed=spec.general.seed if a.seed is None else a.seed,
-                                   surrogate_beta=a.surrogate_beta, output_weight=a.output_weight,
-                                   keep_class=a.keep_class)
-    attack_methods = None if a.methods == "auto" else tuple(a.methods)
-    explainer = explainer_from_spec(spec)
-    _check_second_order(spec, net, explainer, params)
-    pin = spec.perturbation.input
-    if pin is not None and pin.norm == Norm.L2 and not explainer.probabilistic:
-        raise SetupError("perturbation.input.norm: l2 balls are certified only for smoothgrad / "
-                         "sparsified_smoothgrad (the bound engines and attacks work on ℓ∞ boxes); use norm: inf")
-    return Problem(spec, net, x.to(device=device, dtype=dtype), y.to(device), tuple(properties), params, chosen,
-                   options, device, dtype, AttackOrder(a.order), attack_options, attack_methods,
-                   explainer=explainer)
+    return net, x.to(device=device, dtype=dtype), y.to(device)
 
 
 def _check_second_order(spec: Spec, net: Network, explainer: Explainer, params: ParamBox | None) -> None:
@@ -215,25 +215,6 @@ def _check_second_order(spec: Spec, net: Network, explainer: Explainer, params: 
         require_smooth(net, spec.explanation.output)
     except (SecondOrderUnsupported, EngineUnsupported) as e:
         raise SetupError(f"{where}: {e}") from None
-
-
-def explainer_from_spec(spec: Spec) -> Explainer:
-    """The spec's ``explanation`` section as an :class:`Explainer`."""
-    e = spec.explanation
-    ig = e.integrated_gradients
-    method = ExplanationMethod(e.method)
-    smoothing = None
-    if method in SMOOTHING_METHODS:
-        from verigrad.smoothing import SmoothingConfig
-
-        s = e.smoothing
-        try:
-            smoothing = SmoothingConfig(s.sigma, s.samples, spec.general.seed if s.seed is None else s.seed,
-                                        s.batch_size, s.sparsify, s.relaxed, s.clip, s.failure_probability,
-                                        s.interval.value)
-        except ValueError as err:
-            raise SetupError(f"explanation.smoothing: {err}") from None
-    return Explainer(method, ig.steps, ig.rule, ig.baseline, smoothing)
 
 
 def _target_class(problem: Problem, pred: int, label: int) -> int:
@@ -267,15 +248,11 @@ def _engine_run(method: str, actual: str, dt: float, notes, bounds: Bounds, prob
 
 
 def threat_for(problem: Problem, i: int, target: int) -> Threat:
-    """The box of input ``i`` as an attack threat (the same box the engines bound)."""
-    spec = problem.spec
-    pin, pp = spec.perturbation.input, spec.perturbation.parameters
-    domain = tuple(spec.model.input_range) if spec.model.input_range is not None else None
-    param = None
-    if pp is not None:
-        param = ParamThreat(pp.gamma, pp.mode, None if pp.layers == "all" else tuple(pp.layers), pp.include_bias)
-    return Threat(problem.net, problem.x[i : i + 1], target, Output(spec.explanation.output),
-                  pin.epsilon if pin is not None else 0.0, domain, param, problem.explainer)  # type: ignore[arg-type]
+    """Input ``i`` explained for class ``target`` inside its boxes: the input box built here
+    from the problem's perturbation and the parameter box built once by :func:`prepare`. The
+    engines bound exactly these boxes and the attacks search them."""
+    return Threat.around(problem.net, problem.x[i : i + 1], target, Output(problem.spec.explanation.output),
+                         problem.perturbation, problem.explainer, problem.params)
 
 
 def _run_attacks(problem: Problem, threat: Threat, i: int, which: Sequence[Property]) -> dict[str, AttackOutcome]:
@@ -318,7 +295,7 @@ def _empirical(problem: Problem, threat: Threat) -> dict:
     spec = problem.spec.attack
     rps = random_perturbation_similarity(explain_at, threat.x[0], list(spec.noise_levels), spec.noise_samples,
                                          threat.domain, a.seed)
-    out = {"random_perturbation": {str(k): v for k, v in rps.items()}}
+    out: dict[str, Any] = {"random_perturbation": {str(k): v for k, v in rps.items()}}
     if threat.epsilon > 0:
         out["max_sensitivity"] = max_sensitivity(explain_at, threat.x[0], threat.epsilon, spec.sensitivity_samples,
                                                  threat.domain, a.seed)
@@ -326,7 +303,7 @@ def _empirical(problem: Problem, threat: Threat) -> dict:
     return out
 
 
-_L2_CHANGE = Property("l2_change", "untargeted", "l2", 1.0)  # only its worst case is used
+_L2_CHANGE = Property("l2_change", Kind.UNTARGETED, Metric.L2, 1.0)  # only its worst case is used
 
 
 def _second_order(problem: Problem, threat: Threat, v0: torch.Tensor, runs: list[EngineRun]) -> dict:
@@ -377,7 +354,7 @@ def _second_order(problem: Problem, threat: Threat, v0: torch.Tensor, runs: list
         w = float(props.worst_case(_L2_CHANGE, v0, r.bounds)[0])
         sound.append(lit.LiteratureBound(f"direct_{r.method}", "linf_ball_l2_change", w, Guarantee.SOUND,
                                          "verigrad", "exact max ‖v − v0‖₂ over the engine's coordinate bounds"))
-    for m, jb in zip(so.hessian, jacobians):
+    for m, jb in zip(so.hessian, jacobians, strict=True):
         b = lit.sound_linf(jb, radii)
         b = lit.LiteratureBound(f"{b.name}_{m.value}", b.quantity, b.value, b.guarantee, b.source, b.note)
         sound += [b]
@@ -438,6 +415,21 @@ def _smoothing_run(problem: Problem, threat: Threat) -> tuple[torch.Tensor, Engi
     return v0, dataclasses.replace(run, guarantee=Guarantee.PROBABILISTIC, failure_probability=cert.failure_probability)
 
 
+def _certified_at(problem: Problem, threat: Threat, v0: torch.Tensor, prop: Property, by: dict[float, str],
+                  eps: float) -> bool:
+    """Whether some radius engine certifies ``prop`` on the box of radius ``eps`` around the
+    threat's input (recorded in ``by``)."""
+    box = dataclasses.replace(problem.perturbation, epsilon=float(eps)).input_box(threat.x)
+    for m in (Method(mm) for mm in problem.spec.radius.methods):
+        res = explanation_bounds(problem.explainer, m, problem.net, box, threat.target_tensor, threat.output,
+                                 problem.params, problem.options)
+        _check_contains_centre(m.value, res.bounds, v0, problem.dtype)
+        if props.evaluate(prop, v0, res.bounds)[0].verdict == Verdict.CERTIFIED:
+            by[eps] = m.value
+            return True
+    return False
+
+
 def _radius_search(problem: Problem, threat: Threat, v0: torch.Tensor) -> dict[str, dict]:
     """The inverse problem, soundly: per property, bisection on ε ∈ (0, radius.eps_max] for the
     largest ε at which some engine certifies it (same centre, domain and parameter box). Any ε
@@ -446,21 +438,10 @@ def _radius_search(problem: Problem, threat: Threat, v0: torch.Tensor) -> dict[s
 
     rs = problem.spec.radius
     out = {}
-    for k, prop in enumerate(problem.properties):
+    for prop in problem.properties:
         start = time.perf_counter()
-        by: dict[float, str] = {}
-
-        def check(eps: float) -> bool:
-            t = dataclasses.replace(threat, epsilon=float(eps))
-            for m in (Method(mm) for mm in rs.methods):
-                res = explanation_bounds(problem.explainer, m, problem.net, t.box, t.target_tensor, t.output,
-                                         problem.params, problem.options)
-                _check_contains_centre(m.value, res.bounds, v0, problem.dtype)
-                if props.evaluate(prop, v0, res.bounds)[0].verdict == Verdict.CERTIFIED:
-                    by[eps] = m.value
-                    return True
-            return False
-
+        by: dict[float, str] = {}  # ε → the engine that certified it
+        check = functools.partial(_certified_at, problem, threat, v0, prop, by)
         r = certified_radius(check, rs.eps_max, tol=rs.eps_max * 2.0 ** -rs.iterations, max_iter=rs.iterations + 1)
         out[prop.name] = {"certified_radius": r, "engine": by.get(r), "eps_max": rs.eps_max,
                           "time_s": time.perf_counter() - start}
@@ -502,86 +483,133 @@ def batched_bounds(problem: Problem, indices: Sequence[int]) -> list[Precomputed
     idx = list(indices)
     with torch.no_grad():
         preds = problem.net.forward(problem.x[idx]).argmax(dim=1).tolist()
-    targets = [_target_class(problem, int(p), int(problem.y[i])) for p, i in zip(preds, idx)]
-    boxes = [threat_for(problem, i, t).box for i, t in zip(idx, targets)]
-    box = Bounds(torch.cat([b.lower for b in boxes]), torch.cat([b.upper for b in boxes]))
+    targets = [_target_class(problem, int(p), int(problem.y[i])) for p, i in zip(preds, idx, strict=True)]
+    box = problem.perturbation.input_box(problem.x[idx])  # elementwise: each input's own box
     per: list[dict[Method, tuple[EngineResult, float]]] = [{} for _ in idx]
     for m in methods:
         res, dt = _timed_bounds(problem, m, box, torch.tensor(targets, device=problem.device))
         notes = res.notes + ((f"bounded in one batch of {len(idx)} inputs (time: an equal share)",) if len(idx) > 1 else ())
         for k, engines in enumerate(per):
             engines[m] = (EngineResult(res.bounds[k : k + 1], res.method, notes, res.actual_method), dt / len(idx))
-    return [Precomputed(t, engines) for t, engines in zip(targets, per)]
+    return [Precomputed(t, engines) for t, engines in zip(targets, per, strict=True)]
+
+
+@dataclass(frozen=True, eq=False)
+class Instance:
+    """One input resolved: its label, the class the model predicts, the class explained, and
+    its threat (the boxes the engines bound and the attacks search)."""
+
+    index: int  # into the loaded data
+    label: int
+    prediction: int
+    threat: Threat
+
+    @property
+    def target(self) -> int:
+        return self.threat.target
+
+
+def instance(problem: Problem, i: int) -> Instance:
+    """Stage *boxes*: input ``i``, its explained class and its threat."""
+    label = int(problem.y[i])
+    with torch.no_grad():
+        pred = int(problem.net.forward(problem.x[i : i + 1]).argmax(dim=1))
+    return Instance(i, label, pred, threat_for(problem, i, _target_class(problem, pred, label)))
+
+
+def _centre_map(problem: Problem, inst: Instance) -> tuple[torch.Tensor, list[EngineRun]]:
+    """Stage *explain*: the map v0 at the centre; for a sampled map, its smoothing
+    certificate too (the one engine run such maps get)."""
+    th = inst.threat
+    if problem.explainer.probabilistic:
+        v0, run = _smoothing_run(problem, th)
+        return v0, [run]
+    return explain(problem.explainer, problem.net, th.x, th.target_tensor, th.output), []
+
+
+def _bound(problem: Problem, inst: Instance, v0: torch.Tensor, precomputed: Precomputed | None) -> list[EngineRun]:
+    """Stage *engines*: every engine of the problem on the instance's boxes, each checked to
+    contain v0 and its properties decided. ``precomputed`` results replace running an engine
+    when they explain the same class (a batched forward pass may break a near-tie differently)."""
+    ready = precomputed.engines if precomputed is not None and precomputed.target == inst.target else {}
+    runs = []
+    for m in problem.methods:
+        res, dt = ready[m] if m in ready else _timed_bounds(problem, m, inst.threat.box, inst.threat.target_tensor)
+        _check_contains_centre(m.value, res.bounds, v0, problem.dtype)
+        runs.append(_engine_run(m.value, res.actual_method or m.value, dt, res.notes, res.bounds, problem, v0))
+    return runs
+
+
+def _combined(problem: Problem, runs: Sequence[EngineRun], v0: torch.Tensor) -> list[EngineRun]:
+    """``bounds.combine: intersect``: the intersection of every run's bounds, as one more run."""
+    if problem.spec.bounds.combine != Combine.INTERSECT or len(runs) < 2:
+        return []
+    b = runs[0].bounds
+    for r in runs[1:]:
+        b = b.intersect(r.bounds)
+    return [_engine_run(COMBINED, "+".join(r.method for r in runs), sum(r.time_s for r in runs),
+                        ("intersection of " + ", ".join(r.method for r in runs),), b, problem, v0)]
+
+
+def _verdicts(problem: Problem, runs: Sequence[EngineRun],
+              attacks: Mapping[str, AttackOutcome]) -> dict[str, Verdict]:
+    """Stage *verdicts*: certified if some (sound) run certifies the property, falsified if a
+    float64-confirmed witness violates it, unknown otherwise."""
+    out = {}
+    for k, p in enumerate(problem.properties):
+        a = attacks.get(p.name)
+        out[p.name] = (Verdict.CERTIFIED if any(r.properties[k].verdict == Verdict.CERTIFIED for r in runs) else
+                       Verdict.FALSIFIED if a is not None and a.violated else Verdict.UNKNOWN)
+    return out
+
+
+def _gaps(problem: Problem, runs: Sequence[EngineRun], attacks: Mapping[str, AttackOutcome]) -> dict[str, dict]:
+    """Per property: the tightest certified worst case beside the worst attacked value."""
+    gap = {}
+    for k, p in enumerate(problem.properties):
+        a, cert = attacks.get(p.name), _tightest(p, runs, k)
+        if a is not None and a.value is not None and cert is not None:
+            gap[p.name] = {"certified": cert, "attacked": a.value, "ratio": props.gap_ratio(p, cert, a.value)}
+    return gap
 
 
 def verify_instance(problem: Problem, i: int, precomputed: Precomputed | None = None) -> InstanceResult:
     """Bound, attack (per ``problem.attack_order``) and decide one input (index ``i`` into
-    the loaded data). A property certified by an engine and violated by a witness is a
-    soundness failure: the instance then carries an internal error and no verdicts.
-    ``precomputed`` (from :func:`batched_bounds`) replaces running those engines here when
-    it explains the same class (a batched forward pass may break a near-tie differently)."""
-    spec = problem.spec
-    x = problem.x[i : i + 1]
-    label = int(problem.y[i])
-    with torch.no_grad():
-        pred = int(problem.net.forward(x).argmax(dim=1))
-    target = _target_class(problem, pred, label)
-    t = torch.tensor([target], device=problem.device)
-    output = Output(spec.explanation.output)
-    threat = threat_for(problem, i, target)
-    runs: list[EngineRun] = []
-    if problem.explainer.probabilistic:
-        # sampled maps: the smoothing certificate replaces the bound engines; attacks do not apply
-        v0, run = _smoothing_run(problem, threat)
-        runs.append(run)
-    else:
-        v0 = explain(problem.explainer, problem.net, x, t, output)
-    order = problem.attack_order
+    the loaded data), in stages: boxes → explain → attacks before → engines (and the optional
+    radius search, second-order bounds, combination) → attacks after → verdicts. A property
+    certified by an engine and violated by a witness is a soundness failure: the instance
+    then carries an internal error and no verdicts."""
+    spec, order = problem.spec, problem.attack_order
+    inst = instance(problem, i)
+    threat = inst.threat
+    v0, runs = _centre_map(problem, inst)
     attacks: dict[str, AttackOutcome] = {}
     if order in (AttackOrder.BEFORE, AttackOrder.BOTH):
         attacks = _run_attacks(problem, threat, i, problem.properties)
-    all_falsified = order == AttackOrder.BEFORE and all(a.violated for a in attacks.values()) and bool(attacks)
-    ready = precomputed.engines if precomputed is not None and precomputed.target == target else {}
-    for m in (() if all_falsified or problem.explainer.probabilistic else problem.methods):
-        res, dt = ready[m] if m in ready else _timed_bounds(problem, m, threat.box, t)
-        _check_contains_centre(m.value, res.bounds, v0, problem.dtype)
-        runs.append(_engine_run(m.value, res.actual_method or m.value, dt, res.notes, res.bounds, problem, v0))
+    all_falsified = order == AttackOrder.BEFORE and bool(attacks) and all(a.violated for a in attacks.values())
+    if not (all_falsified or problem.explainer.probabilistic):
+        runs += _bound(problem, inst, v0, precomputed)
     radius = {}
     if spec.radius.search and spec.perturbation.input is not None and not problem.explainer.probabilistic:
         radius = _radius_search(problem, threat, v0)
     second = {}
     if spec.second_order.hessian or spec.second_order.literature:
         second = _second_order(problem, threat, v0, runs)
-    if spec.bounds.combine == Combine.INTERSECT and len(runs) > 1:
-        b = runs[0].bounds
-        for r in runs[1:]:
-            b = b.intersect(r.bounds)
-        runs.append(_engine_run(COMBINED, "+".join(r.method for r in runs), sum(r.time_s for r in runs),
-                                ("intersection of " + ", ".join(r.method for r in runs),), b, problem, v0))
-    certified = {p.name: any(r.properties[k].verdict == Verdict.CERTIFIED for r in runs)
-                 for k, p in enumerate(problem.properties)}
+    runs += _combined(problem, runs, v0)
+    verdicts = _verdicts(problem, runs, attacks)
     if order == AttackOrder.AFTER:
-        attacks = _run_attacks(problem, threat, i, [p for p in problem.properties if not certified[p.name]])
-    gap = {}
-    for k, p in enumerate(problem.properties):
-        a, cert = attacks.get(p.name), _tightest(p, runs, k)
-        if a is not None and a.value is not None and cert is not None:
-            gap[p.name] = {"certified": cert, "attacked": a.value, "ratio": props.gap_ratio(p, cert, a.value)}
-    empirical = _empirical(problem, threat) if problem.empirical else {}
-    base = dict(index=i + spec.data.start, label=label, prediction=pred, target=target, engines=tuple(runs),
-                explanation=v0[0].detach().cpu(), attacks=attacks, gap=gap, empirical=empirical,
-                second_order=second, radius=radius)
+        attacks = _run_attacks(problem, threat, i, [p for p in problem.properties if verdicts[p.name] != Verdict.CERTIFIED])
+        verdicts = _verdicts(problem, runs, attacks)
+    result = InstanceResult(i + spec.data.start, inst.label, inst.prediction, inst.target, tuple(runs), verdicts,
+                            v0[0].detach().cpu(), attacks=attacks, gap=_gaps(problem, runs, attacks),
+                            empirical=_empirical(problem, threat) if problem.empirical else {},
+                            second_order=second, radius=radius)
     conflicts = _conflicts(problem, runs, attacks)
     if conflicts:
         msg = ("SoundnessError: certified and falsified at once — a verigrad bug, please report it: "
                + "; ".join(conflicts))
-        return InstanceResult(**base, error=msg, internal_error=True)
-    verdicts = {}
-    for p in problem.properties:
-        a = attacks.get(p.name)
-        verdicts[p.name] = (Verdict.CERTIFIED if certified[p.name] else
-                            Verdict.FALSIFIED if a is not None and a.violated else Verdict.UNKNOWN)
-    return InstanceResult(**base, verdicts=verdicts)
+        return dataclasses.replace(result, verdicts={}, error=msg, internal_error=True)
+    return result
 
 
 def verify(
@@ -622,7 +650,7 @@ def verify_many(problem: Problem, indices: Sequence[int]) -> Iterator[tuple[Inst
     except Exception:  # noqa: BLE001 - retried per input below, where the failure is reported
         pre = [None] * len(indices)
     share = (time.perf_counter() - start) / max(len(indices), 1)
-    for i, p in zip(indices, pre):
+    for i, p in zip(indices, pre, strict=True):
         t = time.perf_counter()
         r = verify_isolated(problem, i, p)
         yield r, share + time.perf_counter() - t
@@ -644,7 +672,7 @@ class ReplayResult:
     direction: str
     violated: bool
 
-    @property
+    @builtins.property  # the field ``property`` shadows the builtin in this class body
     def confirmed(self) -> bool:
         return self.same_input and self.same_target and self.in_box and self.violated
 

@@ -15,10 +15,9 @@ import torch
 
 from verigrad.explanations import explain
 from verigrad.properties import Property, direction_text
-from verigrad.spec import AttackMethod
 
-from verigrad.attacks.search import ATTACKS, AttackOptions, Found, applicable, run_attack, score, worse
-from verigrad.attacks.threat import ParamThreat, Point, Threat
+from verigrad.attacks.search import ATTACKS, AttackMethod, AttackOptions, AttackOrder, Found, applicable, run_attack, score, worse
+from verigrad.attacks.threat import Point, Threat
 from verigrad.attacks.witness import (
     Evaluation,
     LoadedWitness,
@@ -90,7 +89,7 @@ def attack_property(threat: Threat, prop: Property, options: AttackOptions,
 
 
 __all__ = [
-    "ATTACKS", "AttackOptions", "AttackOutcome", "Evaluation", "Found", "LoadedWitness", "ParamThreat", "Point",
+    "ATTACKS", "AttackMethod", "AttackOptions", "AttackOrder", "AttackOutcome", "Evaluation", "Found", "LoadedWitness", "Point",
     "Threat", "Witness", "applicable", "attack_property", "evaluate_point", "load_witness", "run_attack",
     "save_witness", "score", "witness_bytes",
 ]

@@ -24,6 +24,7 @@ Attacks (the registry ``ATTACKS``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable
 
 import torch
@@ -31,10 +32,28 @@ import torch
 from verigrad import properties as props
 from verigrad.graph.gradient_graph import logits as net_logits
 from verigrad.explanations import explain
-from verigrad.properties import Direction, Property
-from verigrad.spec import AttackMethod, Kind
+from verigrad.properties import Direction, Kind, Property
 
 from verigrad.attacks.threat import Point, Threat
+
+
+class AttackOrder(str, Enum):
+    """When attacks run relative to bounding."""
+
+    BEFORE = "before"  # attack every property first; bound unless all are falsified
+    AFTER = "after"  # bound first; attack only properties left unknown
+    BOTH = "both"  # bound and attack everything (needed for the certificate–attack gap)
+    SKIP = "skip"  # never attack
+
+
+class AttackMethod(str, Enum):
+    """Attacks by name (the registry in verigrad.attacks maps each to its function)."""
+
+    PGD = "pgd"  # ℓ∞ PGD on the property's own metric
+    TARGETED = "targeted"  # Dombrowski et al. 2019: towards the target map, output kept
+    IFIA = "ifia"  # Ghorbani et al.: top-k mass of the original map, signed steps
+    LEVINE_TOPK = "levine_topk"  # Levine et al.: ℓ2 steps on top-k, backtracking on class change
+    PARAMS = "params"  # Heo et al.-style weight manipulation inside the parameter box
 
 
 @dataclass(frozen=True)
@@ -80,7 +99,8 @@ def _features(prop: Property, n: int) -> torch.Tensor | slice:
 
 def _topk_score(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """−(share of |v| on the original top-k): the IFIA / Levine objective."""
-    k = int(prop.k)  # type: ignore[attr-defined]
+    assert prop.k is not None  # a topk property always has k (checked by Property)
+    k = int(prop.k)
     idx = _flat(v0).abs().topk(k, dim=1).indices
     a = _flat(v).abs()
     return -(a.gather(1, idx.expand(a.shape[0], -1)).sum(1) / a.sum(1).clamp_min(1e-30))
@@ -153,7 +173,7 @@ def _step(threat: Threat, p: Point, grads: dict[str, torch.Tensor], how: _Search
     params = dict(p.params)
     if how.move_params:
         for name, (w, b) in p.params.items():
-            lb = threat.params.get(name)  # type: ignore[union-attr]
+            lb = threat.params.get(name) if threat.params is not None else None
             assert lb is not None
             params[name] = (move(w, grads[f"{name}.w"], lb.weight.radius), move(b, grads[f"{name}.b"], lb.bias.radius))
     return threat.project(Point(x, params))
@@ -191,7 +211,7 @@ def _run(threat: Threat, prop: Property, v0: torch.Tensor, opts: AttackOptions, 
             s = s - opts.output_weight * ((z - z0) ** 2).sum()
         names = list(leaves)
         gs = torch.autograd.grad(s, [leaves[k] for k in names], allow_unused=True)
-        return s.detach(), {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(names, gs)}
+        return s.detach(), {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(names, gs, strict=True)}
 
     for r in range(opts.restarts):
         if r == 0:

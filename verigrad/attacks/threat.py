@@ -1,9 +1,9 @@
 """The threat set an attack searches — the same clipped input box and parameter box that the
 certificate covers — and points inside it.
 
-A :class:`Threat` keeps what it was built from (ε, domain, parameter-box settings), so that
-it can be rebuilt exactly in float64 for re-evaluating a witness: converting a float32 box
-would carry float32 rounding of x ± ε into the check.
+A :class:`Threat` keeps the :class:`~verigrad.perturbation.Perturbation` it was built from, so
+that it can be rebuilt exactly in float64 for re-evaluating a witness: converting a float32
+box would carry float32 rounding of x ± ε into the check.
 """
 from __future__ import annotations
 
@@ -16,19 +16,9 @@ from verigrad.bounds.base import Bounds
 from verigrad.explanations import SALIENCY, Explainer
 from verigrad.graph.gradient_graph import Output
 from verigrad.models.network import Network
-from verigrad.perturbation import ParamBox, ParamMode, input_box, param_box
+from verigrad.perturbation import LayerParamBox, ParamBox, Perturbation
 
 ParamValues = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class ParamThreat:
-    """How the parameter box was specified (see ``perturbation.param_box``)."""
-
-    gamma: float
-    mode: ParamMode = ParamMode.RELATIVE
-    layers: tuple[str, ...] | None = None  # None = every perturbable affine layer
-    include_bias: bool = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,30 +38,44 @@ class Point:
 
 @dataclass(frozen=True, eq=False)
 class Threat:
-    """x (batch of 1) explained (by ``explainer``) for class ``target``, perturbed within the ℓ∞ box of radius
-    ``epsilon`` clipped to ``domain`` and, if ``param`` is given, within the parameter box."""
+    """x (batch of 1) explained (by ``explainer``) for class ``target``, perturbed within
+    ``box`` and, where ``perturbation`` has a parameter box, within ``params``: the boxes of
+    ``perturbation`` for this input and network (build it with :meth:`around`)."""
 
     net: Network
     x: torch.Tensor
     target: int
     output: Output
-    epsilon: float
-    domain: tuple[float, float] | None
-    param: ParamThreat | None = None
+    perturbation: Perturbation
+    box: Bounds = field(repr=False)
+    params: ParamBox | None = field(repr=False)
     explainer: Explainer = SALIENCY  # the explanation method whose map is attacked
-    box: Bounds = field(init=False, repr=False)
-    params: ParamBox | None = field(init=False, repr=False)
+
+    @classmethod
+    def around(cls, net: Network, x: torch.Tensor, target: int, output: Output, perturbation: Perturbation,
+               explainer: Explainer = SALIENCY, params: ParamBox | None = None) -> "Threat":
+        """The threat of ``perturbation`` at ``x``. ``params``: its parameter box when the
+        caller has already built it for ``net`` (one box for engines and attacks alike)."""
+        if params is None:
+            params = perturbation.param_box(net)
+        return cls(net, x, target, output, perturbation, perturbation.input_box(x), params, explainer)
 
     def __post_init__(self) -> None:
         if self.x.shape[0] != 1:
             raise ValueError(f"a threat holds one input, got a batch of {self.x.shape[0]}")
-        object.__setattr__(self, "box", input_box(self.x, self.epsilon, self.domain))
-        pb = None
-        if self.param is not None:
-            p = self.param
-            pb = param_box(self.net, p.gamma, p.mode, list(p.layers) if p.layers is not None else None,
-                           p.include_bias)
-        object.__setattr__(self, "params", pb)
+        if self.box.lower.shape != self.x.shape:
+            raise ValueError(f"input box of shape {tuple(self.box.lower.shape)} for an input of shape "
+                             f"{tuple(self.x.shape)}")
+        if (self.params is None) != (self.perturbation.param is None):
+            raise ValueError("a parameter box is given exactly when the perturbation defines one")
+
+    @property
+    def epsilon(self) -> float:
+        return self.perturbation.epsilon
+
+    @property
+    def domain(self) -> tuple[float, float] | None:
+        return self.perturbation.domain
 
     @property
     def target_tensor(self) -> torch.Tensor:
@@ -88,12 +92,12 @@ class Threat:
 
     def astype(self, dtype: torch.dtype) -> "Threat":
         """The same threat rebuilt from its definition in ``dtype``."""
-        return Threat(self.net.to(dtype=dtype), self.x.to(dtype), self.target, self.output, self.epsilon,
-                      self.domain, self.param, self.explainer)
+        return Threat.around(self.net.to(dtype=dtype), self.x.to(dtype), self.target, self.output, self.perturbation,
+                             self.explainer)
 
     def centre(self) -> Point:
-        return Point(self.x, {n: (self.net.layer(n).weight, self.net.layer(n).bias)  # type: ignore[union-attr]
-                              for n in (self.params.layers if self.params is not None else {})})
+        layers = [self.net.affine_layer(n) for n in (self.params.layers if self.params is not None else ())]
+        return Point(self.x, {l.name: (l.weight, l.bias) for l in layers})
 
     def project(self, point: Point) -> Point:
         """The nearest point of the box, coordinate by coordinate (clip)."""
@@ -129,7 +133,7 @@ class Threat:
             params[name] = (draw(lb.weight), draw(lb.bias))
         return Point(draw(self.box), params)
 
-    def _layer_box(self, name: str):
+    def _layer_box(self, name: str) -> LayerParamBox:
         lb = self.params.get(name) if self.params is not None else None
         if lb is None:
             raise KeyError(f"parameters of layer {name!r} are not in the parameter box")

@@ -97,7 +97,8 @@ def witness_bytes(witness: Witness, extra: dict[str, Any]) -> bytes:
     ``meta``. Bytes let a remote worker hand the file to the process that writes results."""
     meta = {"schema": WITNESS_SCHEMA, **witness.meta(), **extra}
     buf = io.BytesIO()
-    np.savez_compressed(buf, meta=np.array(json.dumps(meta)), **witness.arrays())
+    # allow_pickle spelled out (numpy's default): the array names can then never be taken for it
+    np.savez_compressed(buf, meta=np.array(json.dumps(meta)), allow_pickle=True, **witness.arrays())
     return buf.getvalue()
 
 

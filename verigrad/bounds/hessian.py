@@ -25,10 +25,11 @@ almost everywhere and the gradient jumps, so no Hessian bound implies anything
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from enum import Enum
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -302,11 +303,15 @@ def _group_bounds(net: Network, box: Bounds, target: torch.Tensor, output: Outpu
             diag = _add(diag, (sq[0].sum(-1), sq[1].sum(-1)))
         elif isinstance(layer, Reshape):
             sh = net.shapes[i]
-            g = _map_ends(lambda v: v.reshape(v.shape[0], *sh), g)
+            g = _map_ends(functools.partial(_per_sample, shape=sh), g)
         else:
             assert isinstance(layer, (Linear, Conv2d))
             g = _affine_backward(layer, g, net.shapes[i], None, Product.MIDPOINT_RADIUS)
     return (hl, hu), diag
+
+
+def _per_sample(v: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    return v.reshape(v.shape[0], *shape)
 
 
 def _sample_chunk(net: Network, d: int) -> int:

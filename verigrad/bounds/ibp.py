@@ -133,7 +133,7 @@ def ibp_bounds(
         node = nodes[i]
         g = grads.pop(node.name)
         xs = [vals[m] for m in wiring[i]]
-        for name, gi in zip(wiring[i], node.ibp_vjp(xs, g, net.in_shapes(i), ctxs[i])):
+        for name, gi in zip(wiring[i], node.ibp_vjp(xs, g, net.in_shapes(i), ctxs[i]), strict=True):
             if gi is not None:
                 grads[name] = add(grads[name], gi) if name in grads else gi
     g = grads[INPUT]

@@ -22,7 +22,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, cast
 
 import torch
 from torch import nn
@@ -250,7 +250,7 @@ class _GradBoundedModule(BoundedModule):
     spec_chunk: int | None = None
     spec_chunks_used: int = 0
 
-    def compute_intermediate_bounds(self, node, prior_checked=False):  # type: ignore[override]
+    def compute_intermediate_bounds(self, node, prior_checked=False):
         if getattr(node, "lower", None) is not None:
             return
         consumer = self._relu_grad_consumer(node)
@@ -290,7 +290,7 @@ class _GradBoundedModule(BoundedModule):
         node.lower, node.upper = lo, up
         node.interval = (lo, up)
 
-    def batched_backward(self, node, C, unstable_idx, batch_size, bound_lower=True, bound_upper=True):  # type: ignore[override]
+    def batched_backward(self, node, C, unstable_idx, batch_size, bound_lower=True, bound_upper=True):
         """auto_LiRPA's own chunked CROWN for the intermediate nodes it bounds itself (pre-activations
         of ReLUs with more unstable neurons than bound_opts['crown_batch_size'], which _bound_chunk
         sets to the same row limit): the same passes, without its print and progress bar."""
@@ -365,7 +365,7 @@ def _seed_input(graph: GradientGraph, net: Network, target: int, batch: int, par
     """The per-sample seed rows W_L[c] (B, n), boxed by the last layer's parameter box if any.
     In a row-seed graph the last layer is used by nothing else (the logits are never formed),
     so an independent box on this input loses no correlation."""
-    row = graph.seed_row.expand(batch, -1).clone()
+    row = cast(torch.Tensor, graph.seed_row).expand(batch, -1).clone()  # a registered buffer or parameter
     last = net.layers[-1]
     if params is None or last.name not in params:
         return row
@@ -666,6 +666,8 @@ class _HessianGraph(nn.Module):
     are skipped (the graph is an MLP on flattened vectors: reshapes permute nothing). The seed
     W_L[c] is a second, batched input, as in :class:`_Flat`."""
 
+    eye: torch.Tensor  # a parameter, registered only when the chain starts with an activation
+
     def __init__(self, net: Network) -> None:
         super().__init__()
         self.kinds: list[tuple[str, int]] = []  # ("linear", index) / ("act", index) in chain order
@@ -677,6 +679,8 @@ class _HessianGraph(nn.Module):
                 self.register_parameter(f"b{i}", nn.Parameter(layer.bias.detach().clone(), requires_grad=False))
                 self.kinds.append(("linear", i))
             else:
+                # a chain (require_chain) of Linear, Reshape and activations (_check_hessian_graph: no conv)
+                assert isinstance(layer, _Activation), f"no Hessian graph for layer {layer.name!r}"
                 self.acts[i] = layer
                 self.kinds.append(("act", i))
         self.d = math.prod(net.input_shape)
@@ -778,6 +782,7 @@ def crown_hessian_bounds(net: Network, box: Bounds, target: torch.Tensor, output
     lower = torch.empty(b, d, d, dtype=box.lower.dtype, device=device)
     upper = torch.empty_like(lower)
     last = net.layers[-1]
+    assert isinstance(last, _Linear)  # _check_hessian_graph
     where = f"{net.source}, Hessian"
     with _lirpa_context(net.dtype) as log_lines:
         graph = _HessianGraph(net)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 import types
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +30,27 @@ import torch
 _DONE = False
 # names of the fixes applied in this process (for diagnostics and tests)
 APPLIED: list[str] = []
+
+
+class _NamedMembersOwner(Protocol):
+    """What :func:`_fix_named_members` patches (auto_LiRPA's BoundedModule; untyped)."""
+
+    _named_members: Callable[..., Any]
+
+
+class _ReluMaskOwner(Protocol):
+    """What :func:`_fix_alpha_clamp` patches (auto_LiRPA's BoundRelu; untyped)."""
+
+    _relu_mask_alpha: ClassVar[Callable[..., Any]]
+
+
+def _is_wrapped(fn: object) -> bool:
+    return bool(getattr(fn, "_verigrad_wrapped", False))
+
+
+def _mark_wrapped(fn: Callable[..., Any]) -> None:
+    # a function attribute (what _is_wrapped reads); functions keep them in their __dict__
+    vars(fn)["_verigrad_wrapped"] = True
 
 
 def clamp_blocks_gradient_at_bounds() -> bool:
@@ -55,12 +76,15 @@ def _fix_opset_setter() -> None:
     try:
         from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
     except ImportError:  # older layouts kept GLOBALS here
-        from torch.onnx._globals import GLOBALS  # type: ignore[no-redef]
+        from torch.onnx._globals import GLOBALS as _OLD_GLOBALS
+
+        GLOBALS = _OLD_GLOBALS
 
     def _set_opset_version(opset_version: int) -> None:
         GLOBALS.export_onnx_opset_version = opset_version
 
-    sh._set_opset_version = _set_opset_version  # type: ignore[attr-defined]
+    # re-adds a module attribute that torch (and so its stubs) no longer has
+    vars(sh)["_set_opset_version"] = _set_opset_version
     APPLIED.append("opset_setter")
 
 
@@ -74,7 +98,8 @@ def _fix_node_getitem() -> None:
         # has a getter method of that name
         return getattr(self, self.kindOf(key))(key)
 
-    node_cls.__getitem__ = __getitem__  # type: ignore[attr-defined]
+    # torch's stub still declares Node.__getitem__, which its runtime no longer has
+    node_cls.__getitem__ = __getitem__  # type: ignore[method-assign]
     APPLIED.append("node_getitem")
 
 
@@ -85,14 +110,14 @@ def _fix_numpy_arraysetops() -> None:
     except ImportError:
         pass
     mod = types.ModuleType("numpy.lib.arraysetops")
-    mod.isin = np.isin  # type: ignore[attr-defined]
+    vars(mod)["isin"] = np.isin  # the module's namespace (a new module: no declared attributes)
     sys.modules["numpy.lib.arraysetops"] = mod
     APPLIED.append("numpy_arraysetops")
 
 
-def _fix_named_members(bounded_module_cls: type) -> None:
-    orig: Callable[..., Any] = bounded_module_cls._named_members
-    if getattr(orig, "_verigrad_wrapped", False):
+def _fix_named_members(bounded_module_cls: type[_NamedMembersOwner]) -> None:
+    orig = bounded_module_cls._named_members
+    if _is_wrapped(orig):
         return
 
     def _named_members(self: Any, get_members_fn: Any, prefix: str = "", recurse: bool = True,
@@ -100,13 +125,14 @@ def _fix_named_members(bounded_module_cls: type) -> None:
         # auto_LiRPA's override always removes duplicates, which is what callers ask for by default
         return orig(self, get_members_fn, prefix, recurse)
 
-    _named_members._verigrad_wrapped = True  # type: ignore[attr-defined]
+    _mark_wrapped(_named_members)
     bounded_module_cls._named_members = _named_members
     APPLIED.append("named_members")
 
 
 def _relu_mask_alpha_passthrough(lower: torch.Tensor, upper: torch.Tensor, lb_lower_d: torch.Tensor | None,
-                                 ub_lower_d: torch.Tensor | None):
+                                 ub_lower_d: torch.Tensor | None
+                                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """BoundRelu's alpha masking (stable neurons get slope 1 or 0, unstable ones alpha),
     with the straight-through clamp so gradients reach alphas sitting at 0 or 1."""
     lower_mask = (lower >= 0).to(lower.dtype)
@@ -120,13 +146,13 @@ def _relu_mask_alpha_passthrough(lower: torch.Tensor, upper: torch.Tensor, lb_lo
     return lb_lower_d, ub_lower_d, zero_coeffs
 
 
-def _fix_alpha_clamp(bound_relu_cls: type, force: bool = False) -> None:
+def _fix_alpha_clamp(bound_relu_cls: type[_ReluMaskOwner], force: bool = False) -> None:
     if not (force or clamp_blocks_gradient_at_bounds()):
         return
-    if getattr(bound_relu_cls._relu_mask_alpha, "_verigrad_wrapped", False):
+    if _is_wrapped(bound_relu_cls._relu_mask_alpha):
         return
     fn = staticmethod(_relu_mask_alpha_passthrough)
-    _relu_mask_alpha_passthrough._verigrad_wrapped = True  # type: ignore[attr-defined]
+    _mark_wrapped(_relu_mask_alpha_passthrough)
     bound_relu_cls._relu_mask_alpha = fn
     APPLIED.append("alpha_clamp")
 

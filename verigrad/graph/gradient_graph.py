@@ -195,7 +195,7 @@ class GradientGraph(nn.Module):
             node = nodes[i]
             g = grads.pop(node.name)
             xs = [vals[m] for m in wiring[i]]
-            for name, gi in zip(wiring[i], node.vjp(xs, g, net.in_shapes(i), self._tensors(i))):
+            for name, gi in zip(wiring[i], node.vjp(xs, g, net.in_shapes(i), self._tensors(i)), strict=True):
                 if gi is not None:
                     grads[name] = grads[name] + gi if name in grads else gi
         return grads[INPUT]

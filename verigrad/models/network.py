@@ -85,7 +85,7 @@ class Network:
             prev = node.name
         # every node must feed the logits (the last node): a dangling branch is a loader bug
         needed = {self.layers[-1].name}
-        for node, ins in zip(reversed(self.layers), reversed(wiring)):
+        for node, ins in zip(reversed(self.layers), reversed(wiring), strict=True):
             if node.name in needed:
                 needed.update(ins)
             else:
@@ -107,7 +107,7 @@ class Network:
     @property
     def is_chain(self) -> bool:
         prev = INPUT
-        for node, ins in zip(self.layers, self.wiring):
+        for node, ins in zip(self.layers, self.wiring, strict=True):
             if ins != (prev,):
                 return False
             prev = node.name
@@ -117,7 +117,7 @@ class Network:
         """Raise :class:`OpUnsupported` unless the network is a chain of ``kinds`` (ending in an
         affine layer when ``last_affine``): for engines written for the chain representation."""
         prev = INPUT
-        for node, ins in zip(self.layers, self.wiring):
+        for node, ins in zip(self.layers, self.wiring, strict=True):
             if ins != (prev,):
                 raise OpUnsupported(engine, node, f"it reads {list(ins)}: this engine handles chains only")
             if not isinstance(node, kinds):
@@ -157,13 +157,20 @@ class Network:
                 return l
         raise KeyError(name)
 
+    def affine_layer(self, name: str) -> AffineLayer:
+        """The affine layer ``name`` (KeyError if there is none of that name)."""
+        l = self.layer(name)
+        if not isinstance(l, (Linear, Conv2d)):
+            raise KeyError(f"layer {name!r} is a {l.op}, not an affine layer")
+        return l
+
     # -- evaluation --------------------------------------------------------------------
     def evaluate(self, x: torch.Tensor,
                  apply: Callable[[int, Node, list[torch.Tensor]], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Every node's value for input x (B, *input_shape); ``apply(i, node, inputs)`` replaces
         ``node.forward`` (e.g. with other parameters)."""
         vals: dict[str, torch.Tensor] = {INPUT: x}
-        for i, (node, ins) in enumerate(zip(self.layers, self.wiring)):
+        for i, (node, ins) in enumerate(zip(self.layers, self.wiring, strict=True)):
             xs = [vals[n] for n in ins]
             vals[node.name] = node.forward(xs) if apply is None else apply(i, node, xs)
         return vals

@@ -132,7 +132,7 @@ def avgpool_layer(
     w = torch.zeros(channels, channels, kh, kw, dtype=torch.float64)
     idx = torch.arange(channels)
     w[idx, idx] = 1.0 / (kh * kw)
-    return Conv2d(name, w.to(dtype), torch.zeros(channels, dtype=dtype), tuple(stride), tuple(padding), perturbable=False)
+    return Conv2d(name, w.to(dtype), torch.zeros(channels, dtype=dtype), stride, padding, perturbable=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,8 +226,7 @@ class _Walker:
         # Two "worlds" with different batch sizes: shape arithmetic evaluated in both shows
         # whether a Reshape keeps the batch dimension apart. A fixed batch size in the file
         # means the graph was traced for that size only, and both worlds use it.
-        fixed = batch is not None and batch > 0
-        self.batches = (batch, batch) if fixed else (2, 3)
+        self.batches: tuple[int, int] = (batch, batch) if batch is not None and batch > 0 else (2, 3)
         self.vals: dict[str, _Val] = {}
         self._new_val(inp.name, INPUT, self.input_shape)
         self.layers: list[Layer] = []
@@ -323,7 +322,7 @@ class _Walker:
         if input_shape is not None:
             shape = tuple(int(s) for s in input_shape)
             if len(shape) != len(declared) or any(
-                isinstance(d, int) and d > 0 and d != s for d, s in zip(declared, shape)
+                isinstance(d, int) and d > 0 and d != s for d, s in zip(declared, shape, strict=True)
             ):
                 raise ModelError(
                     f"{source}: input_shape {shape} does not match the model's declared "
@@ -336,7 +335,7 @@ class _Walker:
                 f"{source}: input {inp.name!r} has symbolic per-sample dims "
                 f"{tuple(declared)}; pass input_shape"
             )
-        return tuple(int(d) for d in declared)  # type: ignore[arg-type]
+        return tuple(int(d) for d in declared)
 
     # -- errors ------------------------------------------------------------------------
     def err(self, node: onnx.NodeProto, label: str, msg: str) -> ModelError:
@@ -386,6 +385,7 @@ class _Walker:
         """The network tensor holding ``tensor``, materialising a pending affine map."""
         v = self.vals[tensor]
         if v.scale is not None:
+            assert v.shift is not None  # a pending map sets scale and shift together
             suffix = "normalize" if v.src == INPUT else "affine"
             try:
                 layer = channel_affine_layer(self.unique(f"{v.label}/{suffix}"), v.scale, v.shift, v.shape, F64)
@@ -410,12 +410,17 @@ class _Walker:
         shift = np.broadcast_to(np.asarray(shift, np.float64), (c,)).copy()
         if fold_ok and v.foldable and v.scale is None and self._exclusive(v):
             k = self.index[v.src]
-            self.layers[k] = fold_channel_affine(self.layers[k], scale, shift)  # type: ignore[arg-type]
+            producer = self.layers[k]
+            assert isinstance(producer, (Linear, Conv2d))  # foldable: src is a user Linear/Conv2d
+            self.layers[k] = fold_channel_affine(producer, scale, shift)
             self.alias(node.output[0], v)
             return
+        s0: np.ndarray
+        t0: np.ndarray
         if v.scale is None:
             s0, t0, name = np.ones(c), np.zeros(c), label
         else:
+            assert v.shift is not None  # a pending map sets scale and shift together
             s0, t0, name = v.scale, v.shift, v.label
         # s2·(s1·x + t1) + t2
         self._new_val(node.output[0], v.src, v.shape, scale=scale * s0, shift=scale * t0 + shift, label=name)
@@ -535,12 +540,14 @@ class _Walker:
 
     def shape_of(self, node: onnx.NodeProto, data: str) -> None:
         per = self.vals[data].shape
-        if node.op_type == "Size":
-            vals = tuple(np.array(b * math.prod(per), np.int64) for b in self.batches)
-        else:
-            a = _attrs(node)
-            vals = tuple(np.array([b, *per], np.int64)[a.get("start", 0) : a.get("end", None)] for b in self.batches)
-        self.consts[node.output[0]] = vals  # type: ignore[assignment]
+        a = _attrs(node)
+
+        def value(b: int) -> np.ndarray:  # the node's output in the world of batch size b
+            if node.op_type == "Size":
+                return np.array(b * math.prod(per), np.int64)
+            return np.array([b, *per], np.int64)[a.get("start", 0) : a.get("end", None)]
+
+        self.consts[node.output[0]] = (value(self.batches[0]), value(self.batches[1]))
 
     def eval_const(self, node: onnx.NodeProto, label: str) -> None:
         fn = _CONST_OPS.get(node.op_type)
@@ -628,12 +635,23 @@ class _Walker:
         if a.get("group", 1) != 1:
             raise self.err(node, label, f"group={a['group']} is not supported")
         pads = self._sym_pads(node, label, a)
-        strides = tuple(int(s) for s in a.get("strides", [1, 1]))
+        strides = self._strides(node, label, a)
         bias = self.opt_const(node, label, 2)
         bias = np.zeros(w.shape[0]) if bias is None else bias
         src = self.use(node.input[0])
-        layer = Conv2d(self.unique(label), self.tensor(w), self.tensor(bias), strides, pads)  # type: ignore[arg-type]
+        layer = Conv2d(self.unique(label), self.tensor(w), self.tensor(bias), strides, pads)
         self.emit_out(node, label, layer, [src], foldable=True)
+
+    def _two(self, node: onnx.NodeProto, label: str, values: Sequence[int], what: str) -> tuple[int, int]:
+        """A 2-D attribute (kernel_shape, strides) as a pair of ints; ``what``: the error otherwise."""
+        v = tuple(int(x) for x in values)
+        if len(v) != 2:
+            raise self.err(node, label, what)
+        return v[0], v[1]
+
+    def _strides(self, node: onnx.NodeProto, label: str, a: dict) -> tuple[int, int]:
+        strides = a.get("strides", [1, 1])
+        return self._two(node, label, strides, f"only 2-D strides are supported, got {list(strides)}")
 
     def _pads4(self, node: onnx.NodeProto, label: str, a: dict) -> list[int]:
         auto = _str_attr(a, "auto_pad", "NOTSET")
@@ -659,12 +677,13 @@ class _Walker:
     def h_avgpool(self, node: onnx.NodeProto, i: int, label: str) -> None:
         v = self._spatial(node, label)
         a = _attrs(node)
+        kernel: tuple[int, int]
+        strides: tuple[int, int]
+        pads: tuple[int, int]
         if node.op_type == "GlobalAveragePool":
-            kernel, strides, pads = tuple(v.shape[1:]), (1, 1), (0, 0)
+            kernel, strides, pads = (v.shape[1], v.shape[2]), (1, 1), (0, 0)  # v: (C, H, W)
         else:
-            kernel = tuple(int(k) for k in a["kernel_shape"])
-            if len(kernel) != 2:
-                raise self.err(node, label, "only 2-D pooling is supported")
+            kernel = self._two(node, label, a["kernel_shape"], "only 2-D pooling is supported")
             if a.get("ceil_mode", 0):
                 raise self.err(node, label, "ceil_mode=1 is not supported")
             if any(d != 1 for d in a.get("dilations", [1, 1])):
@@ -674,16 +693,17 @@ class _Walker:
             # not 1/(kh·kw), which a fixed conv cannot express
             if any(pads) and not a.get("count_include_pad", 0):
                 raise self.err(node, label, "padding with count_include_pad=0 is not supported")
-            strides = tuple(int(s) for s in a.get("strides", [1, 1]))
-        layer = avgpool_layer(self.unique(f"{label}/avgpool"), v.shape[0], kernel, strides, pads, F64)  # type: ignore[arg-type]
+            strides = self._strides(node, label, a)
+        layer = avgpool_layer(self.unique(f"{label}/avgpool"), v.shape[0], kernel, strides, pads, F64)
         # a fixed pooling layer: never fold a following BN/Add into it
         self.emit_out(node, label, layer, [self.use(node.input[0])])
 
     def h_reducemean(self, node: onnx.NodeProto, i: int, label: str) -> None:
         v = self.data_input(node, label)
         a = _attrs(node)
-        axes = self.opt_const(node, label, 1)
-        axes = [int(x) for x in np.asarray(axes).reshape(-1)] if axes is not None else a.get("axes")
+        const_axes = self.opt_const(node, label, 1)
+        axes: list[int] | None = (
+            [int(x) for x in np.asarray(const_axes).reshape(-1)] if const_axes is not None else a.get("axes"))
         rank = len(v.shape) + 1
         if axes is None or len(axes) == 0:
             if a.get("noop_with_empty_axes", 0):
@@ -694,7 +714,7 @@ class _Walker:
         if norm != [2, 3] or rank != 4:
             raise self.err(node, label, f"ReduceMean over axes {list(axes)} of a tensor of per-sample shape {v.shape} "
                                         "is not supported (only the spatial axes [2, 3] of an (N, C, H, W) tensor)")
-        pool = avgpool_layer(self.unique(f"{label}/avgpool"), v.shape[0], tuple(v.shape[1:]), (1, 1), (0, 0), F64)
+        pool = avgpool_layer(self.unique(f"{label}/avgpool"), v.shape[0], (v.shape[1], v.shape[2]), (1, 1), (0, 0), F64)
         if a.get("keepdims", 1):
             self.emit_out(node, label, pool, [self.use(node.input[0])])
             return
@@ -704,14 +724,12 @@ class _Walker:
     def h_maxpool(self, node: onnx.NodeProto, i: int, label: str) -> None:
         self._spatial(node, label)
         a = _attrs(node)
-        kernel = tuple(int(k) for k in a["kernel_shape"])
-        if len(kernel) != 2:
-            raise self.err(node, label, "only 2-D pooling is supported")
+        kernel = self._two(node, label, a["kernel_shape"], "only 2-D pooling is supported")
         if any(d != 1 for d in a.get("dilations", [1, 1])):
             raise self.err(node, label, f"dilations {list(a['dilations'])} are not supported (need 1)")
-        pads = self._pads4(node, label, a)  # ONNX order [top, left, bottom, right], as MaxPool's
-        strides = tuple(int(s) for s in a.get("strides", [1, 1]))
-        layer = MaxPool(self.unique(label), kernel, strides, tuple(pads), bool(a.get("ceil_mode", 0)))  # type: ignore[arg-type]
+        p = self._pads4(node, label, a)  # ONNX order [top, left, bottom, right], as MaxPool's
+        strides = self._strides(node, label, a)
+        layer = MaxPool(self.unique(label), kernel, strides, (p[0], p[1], p[2], p[3]), bool(a.get("ceil_mode", 0)))
         self.emit_out(node, label, layer, [self.use(node.input[0])])
 
     def h_flatten(self, node: onnx.NodeProto, i: int, label: str) -> None:
@@ -728,7 +746,7 @@ class _Walker:
             raise self.err(node, label, "the target shape must be constant")
         allowzero = _attrs(node).get("allowzero", 0)
         per_sample = []
-        for b, target in zip(self.batches, self.consts[node.input[1]]):
+        for b, target in zip(self.batches, self.consts[node.input[1]], strict=True):
             full = (b, *v.shape)
             dims = [int(t) for t in np.asarray(target).reshape(-1)]
             out = [full[k] if (t == 0 and not allowzero) else t for k, t in enumerate(dims)]
@@ -749,7 +767,7 @@ class _Walker:
         fn = _c_squeeze if node.op_type == "Squeeze" else _c_unsqueeze
         a = _attrs(node)
         per_sample = []
-        for w, b in enumerate(self.batches):
+        for b in self.batches:
             args: list = [np.broadcast_to(np.zeros((), np.int8), (b, *v.shape))]
             if len(node.input) > 1 and node.input[1]:
                 args.append(self.const(node.input[1], node, label))
@@ -800,9 +818,9 @@ class _Walker:
             pads = [int(p) for p in np.asarray(self.const(node.input[1], node, label)).reshape(-1)]
             cv = self.opt_const(node, label, 2)
             value = 0.0 if cv is None else _exact(cv)
-            ax = self.opt_const(node, label, 3)
-            axes = list(range(rank)) if ax is None else [int(x) + rank if int(x) < 0 else int(x)
-                                                         for x in np.asarray(ax).reshape(-1)]
+            const_axes = self.opt_const(node, label, 3)
+            axes = list(range(rank)) if const_axes is None else [int(x) + rank if int(x) < 0 else int(x)
+                                                                 for x in np.asarray(const_axes).reshape(-1)]
         if len(pads) != 2 * len(axes):
             raise self.err(node, label, f"{len(pads)} pads for {len(axes)} axes")
         full = [(0, 0)] * rank
@@ -1059,6 +1077,8 @@ def _c_squeeze(args: list, a: dict) -> np.ndarray:
 
 def _c_slice(args: list, a: dict) -> np.ndarray:
     x = np.asarray(args[0])
+    axes: Sequence[int] | np.ndarray
+    steps: Sequence[int] | np.ndarray
     if len(args) > 1:
         starts, ends = (np.asarray(v).reshape(-1) for v in args[1:3])
         axes = np.asarray(args[3]).reshape(-1) if len(args) > 3 and args[3] is not None else np.arange(len(starts))
@@ -1067,7 +1087,7 @@ def _c_slice(args: list, a: dict) -> np.ndarray:
         starts, ends = a["starts"], a["ends"]
         axes, steps = a.get("axes", list(range(len(starts)))), [1] * len(starts)
     idx = [slice(None)] * x.ndim
-    for s, e, ax, st in zip(starts, ends, axes, steps):
+    for s, e, ax, st in zip(starts, ends, axes, steps, strict=True):
         idx[int(ax)] = slice(int(s), int(e), int(st))
     return x[tuple(idx)]
 
