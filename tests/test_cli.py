@@ -227,3 +227,19 @@ def test_cli_flags_are_the_schemas(tmp_path):
                 assert list(opts[fl.dest].type.choices) == [m.value for m in fl.type]
     assert flag_overrides({"epsilon": 0.1, "methods": ("crown",), "device": None}) == {
         "perturbation.input.epsilon": 0.1, "bounds.methods": ["crown"]}
+
+
+def test_batch_flag_defaults_are_the_librarys():
+    import inspect
+
+    from verigrad import batch as b
+
+    opts = {o.name: o for o in main.commands["batch"].params}
+    for name in ("jobs", "threads", "out"):
+        assert opts[name].default == getattr(b.DEFAULTS, name)
+    assert opts["backend"].default == b.DEFAULTS.backend.value
+    assert opts["unknown_as"].default == b.DEFAULTS.unknown_as.value
+    assert list(opts["unknown_as"].type.choices) == [u.value for u in b.UnknownAs]
+    run = inspect.signature(b.run_batch).parameters
+    assert run["jobs"].default == b.DEFAULTS.jobs and run["threads"].default == b.DEFAULTS.threads
+    assert run["backend"].default == b.DEFAULTS.backend

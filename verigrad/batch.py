@@ -56,6 +56,28 @@ class Backend(str, Enum):
     DASK = "dask"
 
 
+class UnknownAs(str, Enum):
+    """How an unknown verdict appears in the JUnit XML."""
+
+    SKIPPED = "skipped"
+    FAILURE = "failure"
+
+
+@dataclass(frozen=True)
+class BatchDefaults:
+    """The defaults of a batch run, declared once: :func:`run_batch`, :func:`junit_xml` and
+    the ``verigrad batch`` flags read them from here."""
+
+    jobs: int = 1
+    threads: int = 1  # torch threads per worker
+    backend: Backend = Backend.LOCAL
+    unknown_as: UnknownAs = UnknownAs.SKIPPED
+    out: str = "results/batch"
+
+
+DEFAULTS = BatchDefaults()
+
+
 @dataclass(frozen=True)
 class Task:
     spec_path: str
@@ -185,7 +207,7 @@ class LocalPool:
     """``jobs`` spawned worker processes (a clean interpreter each: no inherited torch
     threads or locks), one unit at a time per process, answered over a pipe."""
 
-    def __init__(self, jobs: int, threads: int = 1) -> None:
+    def __init__(self, jobs: int, threads: int = DEFAULTS.threads) -> None:
         self._ctx = mp.get_context("spawn")
         self._threads = threads
         self._procs = [self._spawn() for _ in range(jobs)]
@@ -261,7 +283,7 @@ class DaskPool:
     data at the same paths (results come back to this process, which writes them). A unit
     that overruns is cancelled and its worker restarted (through its nanny) to stop it."""
 
-    def __init__(self, jobs: int, threads: int = 1, scheduler: str | None = None) -> None:
+    def __init__(self, jobs: int, threads: int = DEFAULTS.threads, scheduler: str | None = None) -> None:
         try:
             from distributed import Client, LocalCluster
         except ImportError:
@@ -324,7 +346,7 @@ class DaskPool:
             self._cluster.close()
 
 
-def make_pool(backend: Backend | str, jobs: int, threads: int = 1, scheduler: str | None = None) -> _Pool:
+def make_pool(backend: Backend | str, jobs: int, threads: int = DEFAULTS.threads, scheduler: str | None = None) -> _Pool:
     b = Backend(backend)
     if b == Backend.DASK:
         return DaskPool(jobs, threads, scheduler)
@@ -441,9 +463,10 @@ class Progress:
     eta_s: float
 
 
-def run_batch(tasks: Sequence[Task], out: Path, jobs: int = 1, timeout: float | None = None, resume: bool = False,
-              threads: int = 1, on_result: Callable[[dict, Progress], None] | None = None,
-              backend: Backend | str = Backend.LOCAL, batch_size: int | None = None,
+def run_batch(tasks: Sequence[Task], out: Path, jobs: int = DEFAULTS.jobs, timeout: float | None = None,
+              resume: bool = False, threads: int = DEFAULTS.threads,
+              on_result: Callable[[dict, Progress], None] | None = None,
+              backend: Backend | str = DEFAULTS.backend, batch_size: int | None = None,
               scheduler: str | None = None, pool: _Pool | None = None) -> list[dict]:
     """Run ``tasks`` on ``jobs`` workers of ``backend``; append each finished instance to
     ``out/results.jsonl`` as it finishes (its files first). Returns this run's records
@@ -574,7 +597,7 @@ def summary(records: Sequence[dict]) -> dict:
             "verdicts": counts, "exit_code": int(exit_code_for_counts(counts))}
 
 
-def junit_xml(records: Sequence[dict], unknown_as: str = "skipped") -> str:
+def junit_xml(records: Sequence[dict], unknown_as: UnknownAs | str = DEFAULTS.unknown_as) -> str:
     """One test case per instance × property: certified passes, falsified fails (with the
     witness path), unknown is skipped (or a failure with ``unknown_as='failure'``), errors
     and crashes are errors."""
@@ -588,7 +611,7 @@ def junit_xml(records: Sequence[dict], unknown_as: str = "skipped") -> str:
         elif v == "falsified":
             w = ((rec["result"].get("attacks") or {}).get(name) or {}).get("witness")
             cases.append(f'<testcase {attrs}><failure message="falsified">witness: {escape(str(w))}</failure></testcase>')
-        elif v == "unknown" and unknown_as == "skipped":
+        elif v == "unknown" and UnknownAs(unknown_as) == UnknownAs.SKIPPED:
             reason = rec["reason"] or "neither certified nor falsified"
             cases.append(f'<testcase {attrs}><skipped message="{escape(reason)}"/></testcase>')
         elif v == "unknown":

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from verigrad.batch import DEFAULTS as BATCH
+from verigrad.batch import Backend, UnknownAs
 from verigrad.bounds import Method
 from verigrad.spec import CLI_FLAGS
 
@@ -200,18 +202,21 @@ def _batch_size(value: str) -> int | None:
 
 @main.command()
 @click.argument("specs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="workers")
+@click.option("--jobs", type=click.IntRange(min=1), default=BATCH.jobs, show_default=True, help="workers")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="seconds per instance (input)")
-@click.option("--out", type=click.Path(file_okay=False), default="results/batch", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=BATCH.out, show_default=True)
 @click.option("--resume", is_flag=True, help="skip instances already in OUT/results.jsonl with the same spec hash")
-@click.option("--unknown-as", type=click.Choice(["skipped", "failure"]), default="skipped", show_default=True,
+@click.option("--unknown-as", type=click.Choice([u.value for u in UnknownAs]), default=BATCH.unknown_as.value,
+              show_default=True,
               help="how unknown verdicts appear in the JUnit XML")
-@click.option("--backend", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+@click.option("--backend", type=click.Choice([k.value for k in Backend]), default=BATCH.backend.value,
+              show_default=True,
               help="local worker processes, or a Dask cluster (loopback LocalCluster unless --scheduler)")
 @click.option("--scheduler", help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786 (--backend dask)")
 @click.option("--batch-size", default="auto", show_default=True, callback=lambda c, p, v: _batch_size(v),
               help="inputs of one spec per work unit (IBP bounds them in one call); auto sizes units from measured times")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per worker")
+@click.option("--threads", type=click.IntRange(min=1), default=BATCH.threads, show_default=True,
+              help="torch threads per worker")
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: when stderr is a terminal)")
 @click.option("--max-inputs", type=click.IntRange(min=1), help="only the first N inputs of each spec (a smoke run)")
 def batch(specs, jobs, timeout, out, resume, unknown_as, backend, scheduler, batch_size, threads, progress,

@@ -86,7 +86,8 @@ class Activation(Node):
     def forward(self, xs: Sequence[torch.Tensor], t: Tensors | None = None) -> torch.Tensor:
         return self.apply(xs[0])
 
-    def vjp(self, xs, g, in_shapes, t=None):
+    def vjp(self, xs: Sequence[torch.Tensor], g: torch.Tensor, in_shapes: Sequence[Shape],
+            t: Tensors | None = None) -> tuple[torch.Tensor, ...]:
         z, k = xs[0], self.kind
         if k == ActKind.RELU:
             return (ops.relu_grad(z, g),)
@@ -187,7 +188,8 @@ class Activation(Node):
     def ibp_forward(self, xs: Sequence[Interval], in_shapes: Sequence[Shape], ctx: IbpContext) -> Interval:
         return map_ends(self.apply, xs[0])  # σ is nondecreasing for every kind here
 
-    def ibp_vjp(self, xs, g, in_shapes, ctx):
+    def ibp_vjp(self, xs: Sequence[Interval], g: Interval, in_shapes: Sequence[Shape],
+                ctx: IbpContext) -> tuple[Interval, ...]:
         return (mul_nonneg_interval(self.derivative_bounds(*xs[0]), g),)
 
 
@@ -218,17 +220,18 @@ class PReLU(Node):
                              f"than its input's shape {shape}")
         return shape
 
-    def forward(self, xs, t=None):
+    def forward(self, xs: Sequence[torch.Tensor], t: Tensors | None = None) -> torch.Tensor:
         z, a = xs[0], self._t(t, "slope")
         r = torch.relu(z)
         return r + a * (z - r)
 
-    def vjp(self, xs, g, in_shapes, t=None):
+    def vjp(self, xs: Sequence[torch.Tensor], g: torch.Tensor, in_shapes: Sequence[Shape],
+            t: Tensors | None = None) -> tuple[torch.Tensor, ...]:
         a = self._t(t, "slope")
         r = ops.relu_grad(xs[0], g)
         return (r + a * (g - r),)
 
-    def ibp_forward(self, xs, in_shapes, ctx):
+    def ibp_forward(self, xs: Sequence[Interval], in_shapes: Sequence[Shape], ctx: IbpContext) -> Interval:
         lo, up = xs[0]
         a = self.slope
 
@@ -239,7 +242,8 @@ class PReLU(Node):
         zero = torch.where((lo <= 0) & (up >= 0), torch.zeros_like(fl), fl)
         return hull([fl, fu, zero])
 
-    def ibp_vjp(self, xs, g, in_shapes, ctx):
+    def ibp_vjp(self, xs: Sequence[Interval], g: Interval, in_shapes: Sequence[Shape],
+                ctx: IbpContext) -> tuple[Interval, ...]:
         zl, zu = xs[0]
         a = self.slope.expand_as(zl)
         one = torch.ones_like(zl)

@@ -77,7 +77,8 @@ class Linear(Node):
     def forward(self, xs: Sequence[torch.Tensor], t: Tensors | None = None) -> torch.Tensor:
         return F.linear(xs[0], self._t(t, "weight"), self._t(t, "bias"))
 
-    def vjp(self, xs, g, in_shapes, t=None):
+    def vjp(self, xs: Sequence[torch.Tensor], g: torch.Tensor, in_shapes: Sequence[Shape],
+            t: Tensors | None = None) -> tuple[torch.Tensor, ...]:
         return (torch.matmul(g, self._t(t, "weight")),)
 
     def ibp_forward(self, xs: Sequence[Interval], in_shapes: Sequence[Shape], ctx: IbpContext) -> Interval:
@@ -94,7 +95,8 @@ class Linear(Node):
             lo, up = bilinear_midrad(lambda a, m: F.linear(a, m), x, w)
         return _add_bias(lo, up, b)
 
-    def ibp_vjp(self, xs, g, in_shapes, ctx):
+    def ibp_vjp(self, xs: Sequence[Interval], g: Interval, in_shapes: Sequence[Shape],
+                ctx: IbpContext) -> tuple[Interval, ...]:
         w, _, perturbed = _weights(self, ctx)
         if perturbed and ctx.product == "exact":
             wl, wu = w[0][None], w[1][None]
@@ -195,10 +197,11 @@ class Conv2d(Node):
             out["embed"] = embed
         return out
 
-    def forward(self, xs, t=None):
+    def forward(self, xs: Sequence[torch.Tensor], t: Tensors | None = None) -> torch.Tensor:
         return F.conv2d(xs[0], self._t(t, "weight"), self._t(t, "bias"), self.stride, self.padding)
 
-    def vjp(self, xs, g, in_shapes, t=None):
+    def vjp(self, xs: Sequence[torch.Tensor], g: torch.Tensor, in_shapes: Sequence[Shape],
+            t: Tensors | None = None) -> tuple[torch.Tensor, ...]:
         # auto_LiRPA 0.3's ConvTranspose asserts padding 0 and output_padding 0: the stride
         # remainder is appended by a second transposed conv with the constant kernel ``embed``
         _, h, w = in_shapes[0]
@@ -214,7 +217,7 @@ class Conv2d(Node):
     def backward(self, g: torch.Tensor, in_shape: Shape) -> torch.Tensor:
         return conv_transpose(g, self.weight, self.stride, self.padding, self.output_padding(in_shape), in_shape)
 
-    def ibp_forward(self, xs, in_shapes, ctx):
+    def ibp_forward(self, xs: Sequence[Interval], in_shapes: Sequence[Shape], ctx: IbpContext) -> Interval:
         w, b, perturbed = _weights(self, ctx)
         x = xs[0]
         if perturbed and ctx.product == "exact":
@@ -223,7 +226,8 @@ class Conv2d(Node):
             lo, up = bilinear_midrad(lambda a, m: F.conv2d(a, m, None, self.stride, self.padding), x, w)
         return _add_bias(lo, up, b)
 
-    def ibp_vjp(self, xs, g, in_shapes, ctx):
+    def ibp_vjp(self, xs: Sequence[Interval], g: Interval, in_shapes: Sequence[Shape],
+                ctx: IbpContext) -> tuple[Interval, ...]:
         w, _, perturbed = _weights(self, ctx)
         in_shape = tuple(in_shapes[0])
         if perturbed and ctx.product == "exact":

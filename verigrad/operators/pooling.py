@@ -23,9 +23,11 @@ from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import FunctionCtx
 
 from verigrad.errors import ModelError
-from verigrad.operators.base import Node, Shape, register
+from verigrad.operators.base import IbpContext, Node, Shape, Tensors, register
+from verigrad.operators.interval import Interval
 
 Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int]]  # kernel, stride, (t, l, b, r)
 
@@ -40,7 +42,8 @@ def pool_out_size(n: int, k: int, s: int, before: int, after: int, ceil_mode: bo
     return out
 
 
-def _geometry_pads(shape: Shape, kernel, stride, pads, ceil_mode) -> tuple[int, int, int, int, int, int]:
+def _geometry_pads(shape: Shape, kernel: tuple[int, int], stride: tuple[int, int], pads: tuple[int, int, int, int],
+                   ceil_mode: bool) -> tuple[int, int, int, int, int, int]:
     """(oh, ow, t, l, b', r'): the output size and the −∞ padding that realises it, b' and r'
     including the extra rows/cols of ceil_mode (or fewer, when floor drops a remainder)."""
     _, h, w = shape
@@ -150,7 +153,10 @@ def _untraced() -> Iterator[None]:
         c._set_tracing_state(state)
 
 
-def _functions(geo: "MaxPool") -> tuple[type, type]:
+_FunctionType = type[torch.autograd.Function]
+
+
+def _functions(geo: "MaxPool") -> tuple[_FunctionType, _FunctionType]:
     """MaxPool and its gradient as ONE traced node each, ``verigrad::MaxPool(x)`` and
     ``verigrad::MaxPoolGrad(x, g)`` (auto_LiRPA 0.3's MaxPool has no ceil_mode and symmetric
     pads only; a comparison-based routing would reach it as ops it cannot bound). The geometry is
@@ -163,32 +169,33 @@ def _functions(geo: "MaxPool") -> tuple[type, type]:
 
     class Pool(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        def forward(ctx: FunctionCtx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
             ctx.save_for_backward(x)
             with _untraced():
                 return geo.forward([x])
 
         @staticmethod
-        def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
             (x,) = ctx.saved_tensors
             return geo.route(x, g, tuple(x.shape[1:]))
 
         @staticmethod
-        def symbolic(graph, x):
+        def symbolic(graph: Any, x: torch._C.Value) -> torch._C.Value:
             out = graph.op("verigrad::MaxPool", x, **attrs)
-            sizes = x.type().sizes()  # (B, C, H, W): the output type the exporter cannot infer
-            out.setType(x.type().with_sizes([sizes[0], *geo.out_shape([tuple(sizes[1:])])]))
+            xt: Any = x.type()  # a TensorType (its stub declares sizes() optional, JitType has none)
+            sizes = xt.sizes()  # (B, C, H, W): the output type the exporter cannot infer
+            out.setType(xt.with_sizes([sizes[0], *geo.out_shape([tuple(sizes[1:])])]))
             return out
 
     class PoolGrad(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        def forward(ctx: FunctionCtx, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
             ctx.save_for_backward(x)
             with _untraced():
                 return geo.route(x, g, tuple(x.shape[1:]))
 
         @staticmethod
-        def backward(ctx, gh: torch.Tensor):  # type: ignore[override]
+        def backward(ctx: Any, gh: torch.Tensor) -> tuple[None, torch.Tensor]:  # type: ignore[override]
             (x,) = ctx.saved_tensors
             shape = tuple(x.shape[1:])
             # the transpose of the routing: read gh at each window's argmax tap
@@ -196,7 +203,7 @@ def _functions(geo: "MaxPool") -> tuple[type, type]:
             return None, gg.reshape(gg.shape[0], *geo.out_shape([shape]))
 
         @staticmethod
-        def symbolic(graph, x, g):
+        def symbolic(graph: Any, x: torch._C.Value, g: torch._C.Value) -> torch._C.Value:
             out = graph.op("verigrad::MaxPoolGrad", x, g, **attrs)
             out.setType(x.type())
             return out
@@ -205,7 +212,7 @@ def _functions(geo: "MaxPool") -> tuple[type, type]:
     return Pool, PoolGrad
 
 
-_FUNCTIONS: dict[tuple, tuple[type, type]] = {}
+_FUNCTIONS: dict[tuple, tuple[_FunctionType, _FunctionType]] = {}
 
 
 @register
@@ -226,7 +233,7 @@ class MaxPool(Node):
         shape = tuple(in_shapes[0])
         if len(shape) != 3:
             raise ModelError(f"layer {self.name!r}: MaxPool needs a (C, H, W) input, got {shape}")
-        if any(p > k // 2 for p, k in zip(self.pads, self.kernel * 2)):
+        if any(p > k // 2 for p, k in zip(self.pads, self.kernel * 2, strict=True)):
             raise ModelError(f"layer {self.name!r}: MaxPool pads {self.pads} exceed half the kernel {self.kernel}")
         oh, ow, *_ = _geometry_pads(shape, self.kernel, self.stride, self.pads, self.ceil_mode)
         if oh < 1 or ow < 1:
@@ -234,14 +241,14 @@ class MaxPool(Node):
         return (shape[0], oh, ow)
 
     # -- concrete ----------------------------------------------------------------------
-    def forward(self, xs, t=None):
+    def forward(self, xs: Sequence[torch.Tensor], t: Tensors | None = None) -> torch.Tensor:
         x = xs[0]
         b, c = x.shape[:2]
         oh, ow, tp, le, bb, rr = _geometry_pads(tuple(x.shape[1:]), self.kernel, self.stride, self.pads, self.ceil_mode)
         xp = _padded(x, tp, le, bb, rr, float("-inf"))
         return F.max_pool2d(xp, self.kernel, self.stride)
 
-    def graph_forward(self, xs, t=None):
+    def graph_forward(self, xs: Sequence[torch.Tensor], t: Tensors | None = None) -> torch.Tensor:
         return _functions(self)[0].apply(xs[0])
 
     def argmax_onehot(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,18 +262,20 @@ class MaxPool(Node):
         onehot = self.argmax_onehot(x)
         return _scatter_taps(onehot * g.reshape(g.shape[0], g.shape[1], 1, -1), self, in_shape)
 
-    def vjp(self, xs, g, in_shapes, t=None):
+    def vjp(self, xs: Sequence[torch.Tensor], g: torch.Tensor, in_shapes: Sequence[Shape],
+            t: Tensors | None = None) -> tuple[torch.Tensor, ...]:
         return (_functions(self)[1].apply(xs[0], g),)
 
     # -- abstract ----------------------------------------------------------------------
-    def ibp_forward(self, xs, in_shapes, ctx):
+    def ibp_forward(self, xs: Sequence[Interval], in_shapes: Sequence[Shape], ctx: IbpContext) -> Interval:
         lo, up = xs[0]
         if lo is up:
             v = self.forward([lo])
             return v, v
         return self.forward([lo]), self.forward([up])  # max is nondecreasing in each tap
 
-    def ibp_vjp(self, xs, g, in_shapes, ctx):
+    def ibp_vjp(self, xs: Sequence[Interval], g: Interval, in_shapes: Sequence[Shape],
+                ctx: IbpContext) -> tuple[Interval, ...]:
         certain, possible = tap_states(*xs[0], self)
         b, c = g[0].shape[:2]
         gl, gu = g[0].reshape(b, c, 1, -1), g[1].reshape(b, c, 1, -1)

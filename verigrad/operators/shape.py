@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from verigrad.errors import ModelError, OpUnsupported
-from verigrad.operators.base import Node, Shape, register
-from verigrad.operators.interval import add, map_ends, neg
+from verigrad.operators.base import IbpContext, Node, Shape, Tensors, register
+from verigrad.operators.interval import Interval, add, map_ends, neg
 
 # entries of the dense 0/1 matrix that lowers a non-spatial Pad for auto_LiRPA
 _MAX_EMBED = 4_000_000
@@ -39,20 +39,22 @@ class Reshape(Node):
             )
         return tuple(self.shape)
 
-    def forward(self, xs, t=None):
+    def forward(self, xs: Sequence[torch.Tensor], t: Tensors | None = None) -> torch.Tensor:
         x = xs[0]
         return x.reshape(x.shape[0], *self.shape)
 
-    def vjp(self, xs, g, in_shapes, t=None):
+    def vjp(self, xs: Sequence[torch.Tensor], g: torch.Tensor, in_shapes: Sequence[Shape],
+            t: Tensors | None = None) -> tuple[torch.Tensor, ...]:
         return (g.reshape(g.shape[0], *in_shapes[0]),)
 
     def backward(self, g: torch.Tensor, in_shape: Shape) -> torch.Tensor:
         return g.reshape(g.shape[0], *in_shape)
 
-    def ibp_forward(self, xs, in_shapes, ctx):
+    def ibp_forward(self, xs: Sequence[Interval], in_shapes: Sequence[Shape], ctx: IbpContext) -> Interval:
         return map_ends(lambda v: self.forward([v]), xs[0])
 
-    def ibp_vjp(self, xs, g, in_shapes, ctx):
+    def ibp_vjp(self, xs: Sequence[Interval], g: Interval, in_shapes: Sequence[Shape],
+                ctx: IbpContext) -> tuple[Interval, ...]:
         return (map_ends(lambda v: v.reshape(v.shape[0], *in_shapes[0]), g),)
 
 
@@ -78,16 +80,18 @@ class Transpose(Node):
             inv[p] = i
         return tuple(inv)
 
-    def forward(self, xs, t=None):
+    def forward(self, xs: Sequence[torch.Tensor], t: Tensors | None = None) -> torch.Tensor:
         return xs[0].permute(0, *(p + 1 for p in self.perm))
 
-    def vjp(self, xs, g, in_shapes, t=None):
+    def vjp(self, xs: Sequence[torch.Tensor], g: torch.Tensor, in_shapes: Sequence[Shape],
+            t: Tensors | None = None) -> tuple[torch.Tensor, ...]:
         return (g.permute(0, *(p + 1 for p in self._inverse())),)
 
-    def ibp_forward(self, xs, in_shapes, ctx):
+    def ibp_forward(self, xs: Sequence[Interval], in_shapes: Sequence[Shape], ctx: IbpContext) -> Interval:
         return map_ends(lambda v: self.forward([v]), xs[0])
 
-    def ibp_vjp(self, xs, g, in_shapes, ctx):
+    def ibp_vjp(self, xs: Sequence[Interval], g: Interval, in_shapes: Sequence[Shape],
+                ctx: IbpContext) -> tuple[Interval, ...]:
         return (map_ends(lambda v: self.vjp([v], v, in_shapes)[0], g),)
 
 
@@ -112,7 +116,7 @@ class Pad(Node):
         if len(self.pads) != len(in_shape) or any(a < 0 or b < 0 for a, b in self.pads):
             raise ModelError(f"layer {self.name!r}: pads {self.pads} must give (before, after) >= 0 for each of "
                              f"the {len(in_shape)} dimensions of its input {in_shape}")
-        return tuple(s + a + b for s, (a, b) in zip(in_shape, self.pads))
+        return tuple(s + a + b for s, (a, b) in zip(in_shape, self.pads, strict=True))
 
     def _flat_pads(self) -> list[int]:
         out: list[int] = []
@@ -149,10 +153,10 @@ class Pad(Node):
         e[(where[j] - 1).long(), j] = 1.0
         return {"embed": e, "fill": fill}
 
-    def forward(self, xs, t=None):
+    def forward(self, xs: Sequence[torch.Tensor], t: Tensors | None = None) -> torch.Tensor:
         return F.pad(xs[0], self._flat_pads(), value=float(self.value))
 
-    def graph_forward(self, xs, t=None):
+    def graph_forward(self, xs: Sequence[torch.Tensor], t: Tensors | None = None) -> torch.Tensor:
         x = xs[0]
         if t is not None and "shift" in t:
             (t0, b0), (l0, r0) = self.pads[1], self.pads[2]
@@ -163,17 +167,19 @@ class Pad(Node):
             return self.forward(xs)
         return y + t["fill"] if self.value != 0 else y
 
-    def vjp(self, xs, g, in_shapes, t=None):
-        idx = [slice(None)] + [slice(a, a + s) for (a, _), s in zip(self.pads, in_shapes[0])]
+    def vjp(self, xs: Sequence[torch.Tensor], g: torch.Tensor, in_shapes: Sequence[Shape],
+            t: Tensors | None = None) -> tuple[torch.Tensor, ...]:
+        idx = [slice(None)] + [slice(a, a + s) for (a, _), s in zip(self.pads, in_shapes[0], strict=True)]
         return (g[tuple(idx)],)
 
-    def ibp_forward(self, xs, in_shapes, ctx):
+    def ibp_forward(self, xs: Sequence[Interval], in_shapes: Sequence[Shape], ctx: IbpContext) -> Interval:
         return map_ends(lambda v: self.forward([v]), xs[0])
 
-    def ibp_vjp(self, xs, g, in_shapes, ctx):
+    def ibp_vjp(self, xs: Sequence[Interval], g: Interval, in_shapes: Sequence[Shape],
+                ctx: IbpContext) -> tuple[Interval, ...]:
         return (map_ends(lambda v: self.vjp([v], v, in_shapes)[0], g),)
 
-    def check_engine(self, engine, in_shapes, perturbed=False):
+    def check_engine(self, engine: str, in_shapes: Sequence[Shape], perturbed: bool = False) -> None:
         if engine in ("crown", "alpha-crown") and self._lowering(tuple(in_shapes[0])) is None:
             raise OpUnsupported(engine, self, f"a pad of a {tuple(in_shapes[0])} tensor other than on H and W of "
                                 f"(C, H, W) is lowered as a dense matrix, limited to {_MAX_EMBED} entries")
@@ -194,15 +200,19 @@ class Concat(Node):
         shapes = [tuple(s) for s in in_shapes]
         ref = shapes[0]
         if not 0 <= self.axis < len(ref) or any(
-            len(s) != len(ref) or any(a != b for i, (a, b) in enumerate(zip(s, ref)) if i != self.axis) for s in shapes
+            len(s) != len(ref) or any(a != b for i, (a, b) in enumerate(zip(s, ref, strict=True)) if i != self.axis) for s in shapes
         ):
             raise ModelError(f"layer {self.name!r}: cannot concatenate shapes {shapes} along per-sample axis {self.axis}")
         return ref[: self.axis] + (sum(s[self.axis] for s in shapes),) + ref[self.axis + 1 :]
 
-    def forward(self, xs, t=None):
+    def forward(self, xs: Sequence[torch.Tensor], t: Tensors | None = None) -> torch.Tensor:
         return torch.cat(list(xs), dim=self.axis + 1)
 
-    def vjp(self, xs, g, in_shapes, t=None):
+    def vjp(self, xs: Sequence[torch.Tensor], g: torch.Tensor, in_shapes: Sequence[Shape],
+            t: Tensors | None = None) -> tuple[torch.Tensor, ...]:
+        return self._split(g, in_shapes)
+
+    def _split(self, g: torch.Tensor, in_shapes: Sequence[Shape]) -> tuple[torch.Tensor, ...]:
         out, start = [], 0
         for s in in_shapes:
             n = s[self.axis]
@@ -211,17 +221,18 @@ class Concat(Node):
             start += n
         return tuple(out)
 
-    def ibp_forward(self, xs, in_shapes, ctx):
+    def ibp_forward(self, xs: Sequence[Interval], in_shapes: Sequence[Shape], ctx: IbpContext) -> Interval:
         if all(x[0] is x[1] for x in xs):
             v = self.forward([x[0] for x in xs])
             return v, v
         return self.forward([x[0] for x in xs]), self.forward([x[1] for x in xs])
 
-    def ibp_vjp(self, xs, g, in_shapes, ctx):
-        lo = self.vjp(xs, g[0], in_shapes)
+    def ibp_vjp(self, xs: Sequence[Interval], g: Interval, in_shapes: Sequence[Shape],
+                ctx: IbpContext) -> tuple[Interval, ...]:
+        lo = self._split(g[0], in_shapes)
         if g[0] is g[1]:
             return tuple((p, p) for p in lo)
-        return tuple(zip(lo, self.vjp(xs, g[1], in_shapes)))
+        return tuple(zip(lo, self._split(g[1], in_shapes), strict=True))
 
 
 def _same_shapes(node: Node, in_shapes: Sequence[Shape]) -> Shape:
@@ -240,19 +251,21 @@ class Add(Node):
     op: ClassVar[str] = "add"
     arity: ClassVar[int] = 2
 
-    def out_shape(self, in_shapes):
+    def out_shape(self, in_shapes: Sequence[Shape]) -> Shape:
         return _same_shapes(self, in_shapes)
 
-    def forward(self, xs, t=None):
+    def forward(self, xs: Sequence[torch.Tensor], t: Tensors | None = None) -> torch.Tensor:
         return xs[0] + xs[1]
 
-    def vjp(self, xs, g, in_shapes, t=None):
+    def vjp(self, xs: Sequence[torch.Tensor], g: torch.Tensor, in_shapes: Sequence[Shape],
+            t: Tensors | None = None) -> tuple[torch.Tensor, ...]:
         return (g, g)
 
-    def ibp_forward(self, xs, in_shapes, ctx):
+    def ibp_forward(self, xs: Sequence[Interval], in_shapes: Sequence[Shape], ctx: IbpContext) -> Interval:
         return add(xs[0], xs[1])
 
-    def ibp_vjp(self, xs, g, in_shapes, ctx):
+    def ibp_vjp(self, xs: Sequence[Interval], g: Interval, in_shapes: Sequence[Shape],
+                ctx: IbpContext) -> tuple[Interval, ...]:
         return (g, g)
 
 
@@ -264,17 +277,19 @@ class Sub(Node):
     op: ClassVar[str] = "sub"
     arity: ClassVar[int] = 2
 
-    def out_shape(self, in_shapes):
+    def out_shape(self, in_shapes: Sequence[Shape]) -> Shape:
         return _same_shapes(self, in_shapes)
 
-    def forward(self, xs, t=None):
+    def forward(self, xs: Sequence[torch.Tensor], t: Tensors | None = None) -> torch.Tensor:
         return xs[0] - xs[1]
 
-    def vjp(self, xs, g, in_shapes, t=None):
+    def vjp(self, xs: Sequence[torch.Tensor], g: torch.Tensor, in_shapes: Sequence[Shape],
+            t: Tensors | None = None) -> tuple[torch.Tensor, ...]:
         return (g, -g)
 
-    def ibp_forward(self, xs, in_shapes, ctx):
+    def ibp_forward(self, xs: Sequence[Interval], in_shapes: Sequence[Shape], ctx: IbpContext) -> Interval:
         return add(xs[0], neg(xs[1]))
 
-    def ibp_vjp(self, xs, g, in_shapes, ctx):
+    def ibp_vjp(self, xs: Sequence[Interval], g: Interval, in_shapes: Sequence[Shape],
+                ctx: IbpContext) -> tuple[Interval, ...]:
         return (g, neg(g))
