@@ -114,7 +114,8 @@ def load_dataset(
         with resources.as_file(ref) as real:
             x, y = _read_npz(Path(real), label)
     else:
-        p = Path(path)  # type: ignore[arg-type]
+        assert path is not None  # exactly one of name and path, checked above
+        p = Path(path)
         label = str(p)
         x, y = _read_npz(p, label)
 

@@ -7,7 +7,7 @@ Jacobian is J(x) ∈ R^{d×d} with J_ij = ∂g_i/∂x_j (numerator layout), so t
 g(x + δ) − g(x) ≈ J δ. For saliency J is the Hessian of o and is symmetric; for
 gradient×input or IG it is not, and the orientation matters (see ``first_order_linf``).
 
-Sources (plain-text copies under ``shared/papers``):
+Sources (cited by tag below):
 
 - [CAR] "Certification of attribution robustness for Euclidean distance and cosine
   similarity measure" (anonymous ICLR submission, Wang & Kong line of work): Theorem 1

@@ -145,7 +145,10 @@ def _expected(what: str, got: Any) -> _Invalid:
 class Check:
     """Parses one YAML value (raising _Invalid) and dumps it back to plain YAML data."""
 
-    what: str = "a value"
+    @property
+    def what(self) -> str:
+        """What a valid value is, as error messages say it ("a number > 0")."""
+        return "a value"
 
     def parse(self, value: Any, at: _At) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
@@ -177,7 +180,7 @@ class Num(Check):
     le: float | None = None
 
     @property
-    def what(self) -> str:  # type: ignore[override]
+    def what(self) -> str:
         r = _range_text(self.gt, self.ge, self.lt, self.le)
         return f"a number {r}" if r else "a number"
 
@@ -195,7 +198,7 @@ class Int(Check):
     ge: int | None = None
 
     @property
-    def what(self) -> str:  # type: ignore[override]
+    def what(self) -> str:
         r = _range_text(self.gt, self.ge)
         return f"an int {r}" if r else "an int"
 
@@ -210,7 +213,9 @@ class Int(Check):
 
 @dataclass(frozen=True)
 class Bool(Check):
-    what: str = "true or false"
+    @property
+    def what(self) -> str:
+        return "true or false"
 
     def parse(self, value: Any, at: _At) -> bool:
         if not isinstance(value, bool):
@@ -220,7 +225,9 @@ class Bool(Check):
 
 @dataclass(frozen=True)
 class Str(Check):
-    what: str = "a non-empty string"
+    @property
+    def what(self) -> str:
+        return "a non-empty string"
 
     def parse(self, value: Any, at: _At) -> str:
         if not isinstance(value, str) or not value:
@@ -235,7 +242,7 @@ class Const(Check):
     value: str
 
     @property
-    def what(self) -> str:  # type: ignore[override]
+    def what(self) -> str:
         return repr(self.value)
 
     def parse(self, value: Any, at: _At) -> str:
@@ -252,7 +259,7 @@ class Choice(Check):
     aliases: tuple[tuple[Any, str], ...] = ()
 
     @property
-    def what(self) -> str:  # type: ignore[override]
+    def what(self) -> str:
         return "one of " + " | ".join(str(m.value) for m in self.enum)
 
     def parse(self, value: Any, at: _At) -> Enum:
@@ -275,7 +282,7 @@ class Nullable(Check):
     inner: Check
 
     @property
-    def what(self) -> str:  # type: ignore[override]
+    def what(self) -> str:
         return f"{self.inner.what} or null"
 
     def parse(self, value: Any, at: _At) -> Any:
@@ -299,7 +306,7 @@ class OneOf(Check):
     options: tuple[Check, ...]
 
     @property
-    def what(self) -> str:  # type: ignore[override]
+    def what(self) -> str:
         return " or ".join(o.what for o in self.options)
 
     def parse(self, value: Any, at: _At) -> Any:
@@ -331,7 +338,7 @@ class ListOf(Check):
     post: Callable[[tuple], tuple] | None = None
 
     @property
-    def what(self) -> str:  # type: ignore[override]
+    def what(self) -> str:
         n = (f"{self.min_len}" if self.max_len == self.min_len
              else f"at least {self.min_len}" if self.max_len is None
              else f"{self.min_len} to {self.max_len}")
@@ -366,7 +373,7 @@ class PathCheck(Check):
     must_exist: bool = True
 
     @property
-    def what(self) -> str:  # type: ignore[override]
+    def what(self) -> str:
         return "a path" + (f" ending in {' or '.join(self.suffixes)}" if self.suffixes else "")
 
     def parse(self, value: Any, at: _At) -> Path:
@@ -422,7 +429,7 @@ class Section(Check):
     extra_keys: tuple[str, ...] = ()  # keys handled by a wrapper (Tagged's type), listed as allowed
 
     @property
-    def what(self) -> str:  # type: ignore[override]
+    def what(self) -> str:
         return "a mapping" + (" or null" if self.optional else "")
 
     def parse(self, value: Any, at: _At) -> Any:
@@ -476,7 +483,7 @@ class Tagged(Check):
     tag: str = "type"
 
     @property
-    def what(self) -> str:  # type: ignore[override]
+    def what(self) -> str:
         return f"a mapping with {self.tag}: " + " | ".join(str(m.value) for m in self.enum)
 
     def parse(self, value: Any, at: _At) -> Any:

@@ -197,7 +197,8 @@ class _SequentialWalker:
                 raise self.refuse(name, m, "padding='same' with an even kernel is asymmetric; not supported")
             pad = (kh // 2, kw // 2)
         else:
-            pad = _pair(m.padding)  # type: ignore[arg-type]
+            assert not isinstance(m.padding, str)  # "valid" / "same" handled above
+            pad = _pair(m.padding)
         return Conv2d(name, self.tensor(m.weight), self.bias(m, m.out_channels), _pair(m.stride), pad)
 
     def _needs_image(self, name: str, m: nn.Module) -> None:
@@ -269,7 +270,9 @@ class _SequentialWalker:
         s, t = bn_scale_shift(gamma, beta, mean, var, m.eps)
         if self.fresh_affine:
             # exact: W' = W·s, b' = (b − mean)·s + β, in float64
-            self.layers[-1] = fold_channel_affine(self.layers[-1], s, t)  # type: ignore[arg-type]
+            last = self.layers[-1]
+            assert isinstance(last, (Linear, Conv2d))  # fresh_affine: the last layer is affine
+            self.layers[-1] = fold_channel_affine(last, s, t)
             self.fresh_affine = False
             return
         if not self.shape or self.shape[0] != c:

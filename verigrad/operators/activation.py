@@ -62,7 +62,7 @@ class Activation(Node):
             )
 
     @property
-    def piecewise_linear(self) -> bool:  # type: ignore[override]
+    def piecewise_linear(self) -> bool:
         return self.kind in (ActKind.RELU, ActKind.LEAKY_RELU)
 
     # -- concrete ----------------------------------------------------------------------
@@ -206,7 +206,7 @@ class PReLU(Node):
 
     op: ClassVar[str] = "prelu"
     tensor_fields: ClassVar[tuple[str, ...]] = ("slope",)
-    piecewise_linear: ClassVar[bool] = True
+    piecewise: ClassVar[bool] = True
 
     def out_shape(self, in_shapes: Sequence[Shape]) -> Shape:
         shape = tuple(in_shapes[0])

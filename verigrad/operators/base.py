@@ -56,8 +56,13 @@ class Node:
     # fields holding tensors (cast by Network.to); parameter-box capable ones in param_keys
     tensor_fields: ClassVar[tuple[str, ...]] = ()
     param_keys: ClassVar[tuple[str, ...]] = ()
-    # piecewise-linear kinds (their second derivative is 0 almost everywhere)
-    piecewise_linear: ClassVar[bool] = False
+    # piecewise-linear kinds (their second derivative is 0 almost everywhere); a kind whose
+    # answer depends on its settings (Activation) overrides the property
+    piecewise: ClassVar[bool] = False
+
+    @property
+    def piecewise_linear(self) -> bool:
+        return self.piecewise
 
     # -- concrete semantics ------------------------------------------------------------
     def out_shape(self, in_shapes: Sequence[Shape]) -> Shape:
@@ -118,13 +123,13 @@ class Node:
 
 OPS: dict[str, type[Node]] = {}
 
-N = TypeVar("N", bound=type)
+N = TypeVar("N", bound="type[Node]")
 
 
 def register(cls: N) -> N:
     """Class decorator: add an operator kind to :data:`OPS` under its ``kind``."""
-    kind = cls.op  # type: ignore[attr-defined]
+    kind = cls.op
     if kind in OPS and OPS[kind] is not cls:
         raise ValueError(f"operator kind {kind!r} registered twice")
-    OPS[kind] = cls  # type: ignore[assignment]
+    OPS[kind] = cls
     return cls

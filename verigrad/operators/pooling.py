@@ -227,7 +227,7 @@ class MaxPool(Node):
     ceil_mode: bool = False
 
     op: ClassVar[str] = "maxpool"
-    piecewise_linear: ClassVar[bool] = True
+    piecewise: ClassVar[bool] = True
 
     def out_shape(self, in_shapes: Sequence[Shape]) -> Shape:
         shape = tuple(in_shapes[0])
