@@ -183,7 +183,7 @@ def test_joint_attack_moves_input_and_weights_and_replays_through_the_pipeline(t
     writer(r)
     (path,) = writer.witnesses.values()
     rr = _run("replay", path)
-    assert rr.exit_code == 0, rr.output
+    assert rr.exit_code == ExitCode.FALSIFIED, rr.output
     z = dict(np.load(path))
     assert "dparam//fc3/Gemm/weight" in z and float(np.abs(z["dparam//fc3/Gemm/weight"]).max()) > 0
 
@@ -303,7 +303,7 @@ def test_verify_falsifies_the_vanilla_model_and_every_witness_replays(tmp_path):
             assert inst["verdicts"][name] != "certified" or not a["violated"]
     for p in paths:
         rr = _run("replay", p)
-        assert rr.exit_code == 0 and "CONFIRMED" in rr.output, rr.output
+        assert rr.exit_code == ExitCode.FALSIFIED and "CONFIRMED" in rr.output, rr.output
     w = load_witness(paths[0])
     assert w.meta["index"] in (0, 1) and float((w.x - w.x0).abs().max()) <= 0.02 + 1e-12
     assert {"pcc", "kendall_tau"} <= set(w.meta["similarity"])
@@ -319,7 +319,7 @@ def test_replay_rejects_a_tampered_witness(tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, **arrays)
     rr = _run("replay", bad)
-    assert rr.exit_code == 1 and "inside the box: NO" in rr.output
+    assert rr.exit_code == ExitCode.UNKNOWN and "inside the box: NO" in rr.output
     arrays["x0"] = arrays["x0"] * 0.5  # not the data set's input
     np.savez(bad, **arrays)
     assert "same input as the data set: NO" in _run("replay", bad).output

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from verigrad import batch as b
 from verigrad.cli import main
+from verigrad.reports import ExitCode
 
 ROOT = Path(__file__).resolve().parents[1]
 FC = str(ROOT / "examples/models/mnist_fc.onnx")
@@ -60,7 +61,7 @@ def test_batch_runs_streams_and_reports(tmp_path, backend):
     for c in fails:  # each failure names a witness that replays
         assert c.get("classname") == "bad"
         w = c.find("failure").text.removeprefix("witness: ")
-        assert CliRunner().invoke(main, ["replay", w]).exit_code == 0
+        assert CliRunner().invoke(main, ["replay", w]).exit_code == ExitCode.FALSIFIED
     # the same verdicts as a plain verify of the same spec
     v = CliRunner().invoke(main, ["verify", str(ok)])
     assert v.exit_code == 0
@@ -262,7 +263,7 @@ def test_dask_backend_gives_the_local_results_and_stays_on_loopback(tmp_path):
         for _name, a in rd["attacks"].items():  # witnesses written by the driver and replayable
             if a["witness"]:
                 assert Path(a["witness"]).is_relative_to(tmp_path / "dask")
-                assert CliRunner().invoke(main, ["replay", a["witness"]]).exit_code == 0
+                assert CliRunner().invoke(main, ["replay", a["witness"]]).exit_code == ExitCode.FALSIFIED
     assert b.summary(dask)["verdicts"] == b.summary(local)["verdicts"]
     assert b.summary(dask)["verdicts"]["falsified"] >= 1
 
@@ -347,4 +348,4 @@ def test_specs_sharing_a_file_name_keep_their_files_apart(tmp_path):
     assert len(paths) == 2 and len({p for pair in paths.values() for p in pair}) == 4
     for spec, (_, w) in paths.items():  # each witness replays against its own spec's threshold
         r = CliRunner().invoke(main, ["replay", w])
-        assert r.exit_code == 0 and ("2e-09" in r.output) == (spec == str(bb)), r.output
+        assert r.exit_code == ExitCode.FALSIFIED and ("2e-09" in r.output) == (spec == str(bb)), r.output

@@ -201,7 +201,7 @@ def test_verify_other_explanation_methods_end_to_end(tmp_path, method):
     assert doc["explanation"]["method"] == method and doc["explanation"]["guarantee"] == "sound"
     assert doc["instances"][0]["engines"]["ibp"]["guarantee"] == "sound"
     w = doc["instances"][0]["attacks"]["l2"]["witness"]
-    assert w and _run("replay", w).exit_code == 0
+    assert w and _run("replay", w).exit_code == ExitCode.FALSIFIED  # confirmed: the property is falsified
     bad = _spec(tmp_path, explanation={"method": method, "integrated_gradients": {"steps": 1, "rule": "riemann_left"}})
     r = _run("verify", bad)
     assert r.exit_code == ExitCode.BAD_INPUT and "explanation.integrated_gradients.steps" in r.output

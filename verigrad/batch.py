@@ -38,13 +38,14 @@ from typing import Any, Callable, Protocol, Sequence
 from xml.sax.saxutils import escape
 
 from verigrad.data import load_dataset
+from verigrad.errors import UserError
 from verigrad.spec import load_spec
 
 UNIT_SECONDS = 0.5  # target wall time of an auto-sized unit
 MAX_UNIT = 32  # at most this many inputs per auto-sized unit
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError):
     """The backend cannot start (a missing package, an unreachable scheduler)."""
 
 

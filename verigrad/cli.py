@@ -1,6 +1,7 @@
 """``verigrad`` command line: parses arguments and calls the library, nothing more."""
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -13,13 +14,75 @@ from verigrad.bounds import Method
 from verigrad.spec import CLI_FLAGS
 
 
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    from verigrad.data import DataError
-    from verigrad.models.network import ModelError
-    from verigrad.spec import SpecError
-    from verigrad.verify import SetupError
+def _one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line (torch and onnx messages span several)."""
+    return "; ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
 
-    return (SpecError, ModelError, DataError, SetupError)
+
+def _crash_report(e: BaseException) -> Path:
+    """Write the full traceback of an internal error to a file of its own and return its path."""
+    import tempfile
+    import time
+    import traceback
+
+    path = Path(tempfile.gettempdir()) / f"verigrad-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    path.write_text("".join(traceback.format_exception(e)))
+    return path
+
+
+class _Guarded(click.Group):
+    """Every command's failures become exit codes here and nowhere else: bad input (a
+    :class:`~verigrad.errors.UserError`, or an OS error on a named file) exits 2 with one line;
+    anything else is an internal error, exit 4, one line plus where the traceback was written
+    (``--debug`` prints it instead). Exit codes 1 and 3 come only from verdicts."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        from verigrad.errors import UserError
+        from verigrad.reports import ExitCode
+
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except UserError as e:
+            click.echo(f"error: {_one_line(e)}", err=True)
+            ctx.exit(int(ExitCode.BAD_INPUT))
+        except OSError as e:
+            if e.filename is None:
+                raise _InternalFailure(e, bool(ctx.params.get("debug"))) from e
+            click.echo(f"error: {e.filename}: {e.strerror or _one_line(e)}", err=True)
+            ctx.exit(int(ExitCode.BAD_INPUT))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except Exception as e:  # noqa: BLE001 - the one place internal errors are reported
+            raise _InternalFailure(e, bool(ctx.params.get("debug"))) from e
+        return None  # pragma: no cover - ctx.exit raises
+
+
+class _InternalFailure(click.ClickException):
+    """An internal error, reported as one line (exit 4)."""
+
+    exit_code = 4
+
+    def __init__(self, e: BaseException, debug: bool) -> None:
+        super().__init__("")
+        self.error, self.debug = e, debug
+
+    def show(self, file: object = None) -> None:
+        e = self.error
+        if self.debug:
+            import traceback
+
+            click.echo("".join(traceback.format_exception(e)), err=True, nl=False)
+            where = "traceback above"
+        else:
+            try:
+                where = f"traceback: {_crash_report(e)}"
+            except OSError:
+                where = "run with --debug for the traceback"
+        click.echo(f"INTERNAL ERROR (a verigrad bug, please report it): {type(e).__name__}: {_one_line(e)} "
+                   f"({where})", err=True)
 
 
 def _load(spec_path: str, flags: dict):
@@ -47,17 +110,13 @@ def _run(spec_path, flags: dict, out, bounds_npz, dump_config, table, attack_onl
     from verigrad.spec import dump_spec
     from verigrad.verify import prepare, verify
 
-    try:
-        spec = _load(spec_path, flags)
-        if dump_config:
-            click.echo(dump_spec(spec), nl=False)
-            sys.exit(0)
-        problem = prepare(spec, methods=() if attack_only else None)
-        if attack_only:
-            problem = dataclasses.replace(problem, empirical=True)
-    except _bad_input_errors() as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(int(reports.ExitCode.BAD_INPUT))
+    spec = _load(spec_path, flags)
+    if dump_config:
+        click.echo(dump_spec(spec), nl=False)
+        sys.exit(0)
+    problem = prepare(spec, methods=() if attack_only else None)
+    if attack_only:
+        problem = dataclasses.replace(problem, empirical=True)
     stem = Path(spec_path).stem + (".attack" if attack_only else "")
     json_path = Path(out) if out else spec.general.results / f"{stem}.json"
     npz_path = Path(bounds_npz) if bounds_npz else json_path.with_suffix(".npz")
@@ -83,10 +142,16 @@ def _run(spec_path, flags: dict, out, bounds_npz, dump_config, table, attack_onl
     sys.exit(doc["summary"]["exit_code"])
 
 
-@click.group()
+@click.group(cls=_Guarded)
 @click.version_option(package_name="verigrad")
-def main() -> None:
-    """Certify how far a network's saliency map can move over an input / parameter box."""
+@click.option("--debug", is_flag=True, help="print the traceback of an internal error (exit 4)")
+def main(debug: bool) -> None:
+    """Certify how far a network's saliency map can move over an input / parameter box.
+
+    Exit codes, for every command: 0 done (all certified), 1 some property falsified, 2 bad
+    input (one line names the file and the key or node), 3 some property unknown, 4 an
+    internal error or a failed instance.
+    """
 
 
 @main.command()
@@ -136,16 +201,14 @@ def attack(spec, out, bounds_npz, **flags):
 def replay(witness):
     """Re-check a WITNESS .npz in float64 from its model, data and embedded spec.
 
-    Exit code: 0 the witness violates its property at a point in the box (confirmed),
-    1 it does not, 2 the file or what it names cannot be read.
+    Exit code, as for verify: 1 the witness violates its property at a point in the box
+    (confirmed: the property is falsified), 3 it does not (nothing is shown), 2 the file or
+    what it names cannot be read.
     """
+    from verigrad.reports import ExitCode
     from verigrad.verify import replay as replay_witness
 
-    try:
-        r = replay_witness(witness)
-    except (ValueError, OSError, *_bad_input_errors()) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    r = replay_witness(witness)
     ok = lambda b: "yes" if b else "NO"  # noqa: E731
     click.echo(f"witness {r.path}: property {r.property!r} on input {r.index}")
     click.echo(f"  same input as the data set: {ok(r.same_input)}; same explained class: {ok(r.same_target)}")
@@ -154,7 +217,7 @@ def replay(witness):
                f"property: {r.direction}")
     click.echo(f"  violated: {ok(r.violated)}")
     click.echo("CONFIRMED: a counterexample" if r.confirmed else "NOT CONFIRMED")
-    sys.exit(0 if r.confirmed else 1)
+    sys.exit(int(ExitCode.FALSIFIED if r.confirmed else ExitCode.UNKNOWN))
 
 
 @main.command()
@@ -167,11 +230,7 @@ def train(config):
     """
     from verigrad.training.trainer import load_train_config, train as run_training
 
-    try:
-        cfg = load_train_config(config)
-    except _bad_input_errors() as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    cfg = load_train_config(config)
 
     def progress(row: dict) -> None:
         if cfg.general.progress:
@@ -179,11 +238,7 @@ def train(config):
                        f"{row['penalty']:.4g}) train acc {row['train_accuracy']:.3f} certified box "
                        f"{row['certified_box_l2']:.4g} [{row['time_s']:.1f} s]", err=True)
 
-    try:
-        res = run_training(cfg, on_epoch=progress)
-    except (*_bad_input_errors(), ValueError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    res = run_training(cfg, on_epoch=progress)
     click.echo(f"model: {res.onnx_path}\nverification spec: {res.spec_path} (run: verigrad verify {res.spec_path})"
                f"\nlog: {res.log_path}")
 
@@ -233,13 +288,8 @@ def batch(specs, jobs, timeout, out, resume, unknown_as, backend, scheduler, bat
     from verigrad import batch as b
 
     if scheduler is not None and backend != "dask":
-        click.echo("error: --scheduler needs --backend dask", err=True)
-        sys.exit(2)
-    try:
-        tasks = b.expand(specs, max_inputs)
-    except _bad_input_errors() as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        raise click.UsageError("--scheduler needs --backend dask")
+    tasks = b.expand(specs, max_inputs)
     counts = {"certified": 0, "falsified": 0, "unknown": 0, "error": 0}
     began = time.monotonic()
     # without a terminal (CI logs) the bar would print control characters: one line per instance instead.
@@ -266,11 +316,8 @@ def batch(specs, jobs, timeout, out, resume, unknown_as, backend, scheduler, bat
     try:
         b.run_batch(tasks, outp, jobs=jobs, timeout=timeout, resume=resume, on_result=on_result,
                     backend=backend, batch_size=batch_size, scheduler=scheduler, threads=threads)
-    except b.BackendError as e:
+    finally:
         bar.close()
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    bar.close()
     records = b.load_records(outp)
     s = b.summary(records)
     (outp / "summary.json").write_text(_json.dumps(s, indent=1))
@@ -296,13 +343,9 @@ def report(results, html_path, max_instances, bounds_npz):
 
     Exit code: 0 written, 2 RESULTS missing or not verigrad results.
     """
-    from verigrad.report_html import ReportError, write_report
+    from verigrad.report_html import write_report
 
-    try:
-        pages = write_report(results, html_path, max_instances=max_instances, bounds_npz=bounds_npz)
-    except ReportError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    pages = write_report(results, html_path, max_instances=max_instances, bounds_npz=bounds_npz)
     click.echo(f"report: {pages[0]}")
     for p in pages[1:]:
         click.echo(f"  spec page: {p}", err=True)

@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from verigrad.errors import UserError
+
 __all__ = ["BUILTIN_DATASETS", "DataError", "BuiltinDataset", "load_dataset", "describe"]
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset that cannot be loaded: unknown name, unreadable file, bad arrays or range."""
 
 

@@ -4,11 +4,26 @@ from __future__ import annotations
 from typing import Any
 
 
-class ModelError(ValueError):
+class VerigradError(Exception):
+    """Root of verigrad's own errors. Every command maps them to exit codes in one place:
+    :class:`UserError` → 2, anything else (including :class:`InternalError`) → 4; exit codes
+    1 and 3 are reserved for falsified / unknown verdicts."""
+
+
+class UserError(VerigradError, ValueError):
+    """Bad input — a spec, model, data set, option, witness, results file or output location —
+    with a one-line message naming the file, the key path or node, and what was expected."""
+
+
+class InternalError(VerigradError, RuntimeError):
+    """A verigrad bug (or one of a dependency's) detected at run time: never a verdict."""
+
+
+class ModelError(UserError):
     """A model that verigrad cannot represent (unsupported op, bad shapes, bad graph)."""
 
 
-class EngineUnsupported(Exception):
+class EngineUnsupported(VerigradError):
     """An engine cannot bound this configuration (e.g. auto_LiRPA and perturbed conv
     weights). The pipeline falls back to ``ibp`` and records why."""
 

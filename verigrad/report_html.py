@@ -25,6 +25,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from verigrad.errors import UserError
+
 __all__ = ["write_report", "ReportError", "encode_png", "diverging", "sequential", "NAN_COLOUR"]
 
 RESULTS_SCHEMA = "verigrad.results/1"
@@ -39,7 +41,7 @@ EXIT_MEANING = {
 }
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """The results path cannot be reported on: missing, unreadable, or not verigrad results.
     The message names the path and what was expected (the CLI prints it and exits 2)."""
 

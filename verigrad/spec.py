@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from verigrad.bounds import EngineOptions, Method, Product
+from verigrad.errors import UserError
 from verigrad.explanations import SMOOTHING_METHODS, Explainer, ExplanationMethod, IGRule
 from verigrad.graph.gradient_graph import Output
 from verigrad.attacks import AttackMethod, AttackOptions, AttackOrder
@@ -35,7 +36,7 @@ from verigrad.properties import METRIC_KINDS, Kind, Metric, Normalize, Property
 from verigrad import properties as _props
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """An invalid spec: ``source`` (file or '<dict>'), ``key`` (e.g. 'properties[1].threshold',
     '' for the whole document) and ``message`` (what was expected, what was found)."""
 

@@ -20,8 +20,10 @@ import torch
 from verigrad import properties as props
 from verigrad.attacks import AttackMethod, AttackOptions, AttackOrder, AttackOutcome, Point, Threat, attack_property
 from verigrad.attacks import evaluate_point, load_witness
-from verigrad.bounds import Bounds, BoundsError, EngineOptions, EngineResult, EngineUnsupported, Method
+from verigrad.attacks.witness import WitnessError
+from verigrad.bounds import Bounds, EngineOptions, EngineResult, EngineUnsupported, Method
 from verigrad.data import load_dataset
+from verigrad.errors import InternalError, UserError
 from verigrad.explanations import (
     Explainer, ExplanationMethod, explain, explanation_bounds, jacobian_bounds,
 )
@@ -36,12 +38,12 @@ from verigrad.spec import Combine, Device, Spec, TargetClass, spec_from_dict
 COMBINED = "combined"
 
 
-class SoundnessError(RuntimeError):
+class SoundnessError(InternalError):
     """An engine's bounds exclude the explanation at the centre of the box: a bug in
     verigrad (or a dependency), reported loudly and never turned into a verdict."""
 
 
-class SetupError(ValueError):
+class SetupError(UserError):
     """A spec that validates but cannot run (e.g. device cuda without CUDA, a class index
     out of range, a layer name the model does not have)."""
 
@@ -632,8 +634,8 @@ def verify_isolated(problem: Problem, i: int, precomputed: Precomputed | None = 
     try:
         return verify_instance(problem, i, precomputed)
     except Exception as e:  # noqa: BLE001 - isolate one instance's failure, report it
-        # inverted bounds or a centre outside them are verigrad bugs, whatever their base class
-        internal = isinstance(e, (SoundnessError, BoundsError)) or not isinstance(e, (ValueError, KeyError))
+        # only bad input is the user's; anything else on an instance is a verigrad bug
+        internal = not isinstance(e, UserError)
         detail = "".join(traceback.format_exception_only(type(e), e)).strip()
         return InstanceResult(i + problem.spec.data.start, int(problem.y[i]), error=detail, internal_error=internal)
 
@@ -688,14 +690,14 @@ def replay(path: str) -> ReplayResult:
     try:
         spec_dict, index, name = meta["spec"], int(meta["index"]), str(meta["property"])
     except KeyError as e:
-        raise ValueError(f"{path}: witness metadata lacks {e.args[0]!r}") from None
+        raise WitnessError(f"{path}: witness metadata lacks {e.args[0]!r}") from None
     spec_dict = {**spec_dict, "data": {**spec_dict["data"], "start": index, "end": index + 1},
                  "bounds": {**spec_dict["bounds"], "dtype": "float64"}}
     spec = spec_from_dict(spec_dict, source=f"{path} (embedded spec)")
     problem = prepare(spec, methods=())
     by_name = {p.name: p for p in problem.properties}
     if name not in by_name:
-        raise ValueError(f"{path}: the embedded spec has no property {name!r}")
+        raise WitnessError(f"{path}: the embedded spec has no property {name!r}")
     prop = by_name[name]
     x0 = problem.x[0:1]
     same_input = x0.shape == w.x0.shape and bool(torch.equal(x0.cpu(), w.x0))

@@ -20,10 +20,16 @@ import numpy as np
 import torch
 
 from verigrad import properties as props
+from verigrad.errors import UserError
 from verigrad.explanations import explain
 from verigrad.properties import Property, Verdict
 
 from verigrad.attacks.threat import Point, Threat
+
+class WitnessError(UserError):
+    """A witness file that cannot be replayed: unreadable, not a witness, or inconsistent
+    with the model, data and spec it names."""
+
 
 WITNESS_SCHEMA = "verigrad.witness/1"
 
@@ -126,15 +132,15 @@ def load_witness(path: str | Path) -> LoadedWitness:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+        raise WitnessError(f"{path}: not a readable .npz file ({e})") from None
     if "meta" not in arrays:
-        raise ValueError(f"{path}: not a verigrad witness (no 'meta' entry)")
+        raise WitnessError(f"{path}: not a verigrad witness (no 'meta' entry)")
     meta = json.loads(str(arrays["meta"]))
     if meta.get("schema") != WITNESS_SCHEMA:
-        raise ValueError(f"{path}: unsupported witness schema {meta.get('schema')!r} (expected {WITNESS_SCHEMA})")
+        raise WitnessError(f"{path}: unsupported witness schema {meta.get('schema')!r} (expected {WITNESS_SCHEMA})")
     missing = [k for k in ("x0", "x", "v") if k not in arrays]
     if missing:
-        raise ValueError(f"{path}: witness lacks arrays {missing}")
+        raise WitnessError(f"{path}: witness lacks arrays {missing}")
     t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
     params = {n: (t(arrays[f"param/{n}/weight"]), t(arrays[f"param/{n}/bias"])) for n in meta.get("param_layers", [])}
     return LoadedWitness(meta, t(arrays["x0"]), t(arrays["x"]), params, t(arrays["v"]))

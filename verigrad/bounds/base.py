@@ -6,8 +6,10 @@ from typing import Any, Callable
 
 import torch
 
+from verigrad.errors import InternalError
 
-class BoundsError(ValueError):
+
+class BoundsError(InternalError, ValueError):
     """Bounds that violate lower <= upper (an engine bug, never a user error)."""
 
 

@@ -27,6 +27,7 @@ from typing import Iterator, cast
 import torch
 from torch import nn
 
+from verigrad.errors import InternalError
 from verigrad.bounds.base import Bounds, EngineResult, EngineUnsupported, check_inputs, uncross
 from verigrad.bounds.lirpa_compat import import_auto_lirpa
 from verigrad.bounds.options import CrownOptions
@@ -51,7 +52,7 @@ from verigrad.bounds.lirpa_ops import (  # noqa: E402
 __all__ = ["CrownOptions", "LirpaError", "crown_bounds", "memory_budget_bytes", "pick_output_chunk"]
 
 
-class LirpaError(RuntimeError):
+class LirpaError(InternalError):
     """auto_LiRPA failed on a configuration verigrad claims to support (a bug to report);
     the original exception is chained as ``__cause__``."""
 

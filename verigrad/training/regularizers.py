@@ -303,11 +303,16 @@ def _pgd_at(model: nn.Module, net: Network, x: torch.Tensor, y: torch.Tensor, cf
     return F.cross_entropy(net.forward(xadv), y), {"epsilon": eps}
 
 
-def _hessian(model: nn.Module, net: Network, x: torch.Tensor, y: torch.Tensor, cfg: RegularizerConfig,
-             step_frac: float) -> tuple[torch.Tensor, Info]:
-    if _uses_piecewise_linear(net):
+def check_applies(net: Network, cfg: RegularizerConfig) -> None:
+    """Raise ValueError when the regulariser cannot act on ``net``."""
+    if Regularizer(cfg.name) == Regularizer.HESSIAN and _uses_piecewise_linear(net):
         raise ValueError("the hessian regularizer needs twice-differentiable activations (softplus, sigmoid, "
                          "tanh): relu / leaky_relu / PReLU have a zero input Hessian almost everywhere")
+
+
+def _hessian(model: nn.Module, net: Network, x: torch.Tensor, y: torch.Tensor, cfg: RegularizerConfig,
+             step_frac: float) -> tuple[torch.Tensor, Info]:
+    check_applies(net, cfg)
     xr = x.detach().clone().requires_grad_(True)
     g = saliency(net, xr, y, create_graph=True)
     total = torch.zeros((), dtype=x.dtype, device=x.device)

@@ -26,7 +26,7 @@ from verigrad.spec import (
     Bool, Choice, DataSpec, Device, Int, ListOf, Nullable, Num, PathCheck, Section, SpecError, Str, _Invalid, _opt,
     _show, parse_document, read_yaml,
 )
-from verigrad.training.regularizers import Regularizer, RegularizerConfig, gradcert_penalty, network_from_module
+from verigrad.training.regularizers import Regularizer, RegularizerConfig, check_applies, gradcert_penalty, network_from_module
 from verigrad.training.regularizers import training_loss
 
 
@@ -208,11 +208,18 @@ def train(cfg: TrainSpec, on_epoch: Callable[[dict], None] | None = None) -> Tra
                                                          f"not {_show(shape)}")
     x, y = x.to(device=device, dtype=torch.float32), y.to(device)
     model = build_model(cfg.model).to(device)
-    net = network_from_module(model, shape)
+    try:
+        net = network_from_module(model, shape)
+    except ValueError as e:
+        raise SpecError(cfg.source, "model", str(e)) from None
     o = cfg.optimizer
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     domain = cfg.model.input_range
-    reg = _reg_config(cfg.regularizer, domain)
+    try:
+        reg = _reg_config(cfg.regularizer, domain)
+        check_applies(net, reg)
+    except ValueError as e:  # a combination the schema admits but the regulariser does not
+        raise SpecError(cfg.source, "regularizer", str(e)) from None
     n = len(x)
     steps_total = o.epochs * ((n + o.batch_size - 1) // o.batch_size)
     out = cfg.general.results
