@@ -106,7 +106,9 @@ def test_output_by_index_selects_the_second_output(files):
     d["explanation"]["output"] = "logit"
     d["attack"]["order"] = "skip"
     spec.write_text(yaml.safe_dump(d))
-    r = _run("verify", spec)
+    r = _run("verify", spec)  # label 2 of the third input does not exist for the 2-class head
+    assert r.exit_code == 2 and "input 2 has label 2, out of range" in r.output, r.output
+    r = _run("verify", spec, "--end", "2")
     assert r.exit_code in (0, 3), r.output
     doc = json.loads((files / "res_aux/aux.json").read_text())
     assert all(i["prediction"] in (0, 1) for i in doc["instances"])  # the aux head has 2 classes

@@ -49,6 +49,13 @@ class SpecError(UserError):
 # Choices (str Enums: the value is what appears in YAML and on the command line)
 
 
+class OutsideRange(str, Enum):
+    """What an input outside ``model.input_range`` is."""
+
+    ERROR = "error"  # bad input: the ε-box the spec asks for is not the box that would be certified
+    ALLOW = "allow"  # certify the clipped box [max(x − ε, lo), min(x + ε, hi)] ∪ {x} anyway
+
+
 class DatasetName(str, Enum):
     MNIST_SAMPLE = "mnist_sample"
     GERMAN_CREDIT = "german_credit"
@@ -549,6 +556,9 @@ class DataSpec:
     path: Path | None = _opt(Nullable(PathCheck((".npz",))), None, ".npz with arrays x and y")
     start: int = _opt(Int(ge=0), 0)
     end: int | None = _opt(Nullable(Int(ge=1)), None, "exclusive; null = to the end")
+    outside_range: OutsideRange = _opt(Choice(OutsideRange), OutsideRange.ERROR,
+                                       "an input outside model.input_range: error (default) | allow (its box "
+                                       "is then clipped to the range and merely contains it)")
 
     def validate(self) -> None:
         if (self.dataset is None) == (self.path is None):
@@ -1045,6 +1055,8 @@ def apply_overrides(spec: Spec, changes: Mapping[str, Any]) -> Spec:
     re-validated as a whole. A missing section on the path is created (with that section's
     defaults), e.g. 'perturbation.input.epsilon' on a parameters-only spec. Relative paths
     given here resolve against the current directory."""
+    if not changes:
+        return spec
     d = spec.to_dict()
     changes = {k: [getattr(x, "value", x) for x in v] if isinstance(v, (list, tuple)) else getattr(v, "value", v)
                for k, v in changes.items()}

@@ -33,7 +33,7 @@ from verigrad.models import load_model
 from verigrad.models.network import Network
 from verigrad.perturbation import Norm, ParamBox, Perturbation
 from verigrad.properties import Direction, Kind, Metric, Property, PropertyResult, Verdict
-from verigrad.spec import Combine, Device, Spec, TargetClass, spec_from_dict
+from verigrad.spec import Combine, Device, OutsideRange, Spec, TargetClass, spec_from_dict
 
 COMBINED = "combined"
 
@@ -44,8 +44,13 @@ class SoundnessError(InternalError):
 
 
 class SetupError(UserError):
-    """A spec that validates but cannot run (e.g. device cuda without CUDA, a class index
-    out of range, a layer name the model does not have)."""
+    """A spec that validates but cannot run with its model and data (e.g. device cuda without
+    CUDA, a class index out of range, a layer name the model does not have): names the spec
+    file, the key and what was expected."""
+
+    def __init__(self, source: str, key: str, message: str) -> None:
+        self.source, self.key, self.message = source, key, message
+        super().__init__(f"{source}: {key}: {message}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,12 +143,12 @@ class InstanceResult:
         }
 
 
-def resolve_device(device: Device | str) -> torch.device:
+def resolve_device(device: Device | str, source: str = "<spec>") -> torch.device:
     d = Device(device)
     if d == Device.AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if d == Device.CUDA and not torch.cuda.is_available():
-        raise SetupError("general.device: cuda requested but torch.cuda.is_available() is False "
+        raise SetupError(source, "general.device", "cuda requested but torch.cuda.is_available() is False "
                          "(use device: auto or cpu)")
     return torch.device(d.value)
 
@@ -153,7 +158,8 @@ def prepare(spec: Spec, methods: Sequence[Method | str] | None = None) -> Proble
     the options each subsystem reads, the model and data on the device, the parameter box
     and the properties. ``methods`` replaces the spec's engines; an empty sequence runs none
     (attacks only)."""
-    device = resolve_device(spec.general.device)
+    device = resolve_device(spec.general.device, spec.source)
+    src = spec.source
     dtype = torch.float64 if spec.bounds.dtype.value == "float64" else torch.float32
     net, x, y = _load(spec, device, dtype)
     m = spec.model
@@ -161,23 +167,23 @@ def prepare(spec: Spec, methods: Sequence[Method | str] | None = None) -> Proble
     try:
         params = perturbation.param_box(net)
     except KeyError as e:
-        raise SetupError(f"perturbation.parameters.layers: {e.args[0]}") from None
+        raise SetupError(src, "perturbation.parameters.layers", e.args[0]) from None
     properties = []
     for i, entry in enumerate(spec.properties):
         try:
             properties.append(entry.build(net.input_shape, dtype, device))
         except ValueError as e:  # k or feature indices that do not fit this model's map, a bad target
-            raise SetupError(f"properties[{i}]: {e}") from None
+            raise SetupError(src, f"properties[{i}]", str(e)) from None
     chosen = tuple(Method(getattr(mm, "value", mm)) for mm in (spec.bounds.methods if methods is None else methods))
     a = spec.attack
     try:
         explainer = spec.explanation.explainer(spec.general.seed)
     except ValueError as err:
-        raise SetupError(f"explanation.smoothing: {err}") from None
+        raise SetupError(src, "explanation.smoothing", str(err)) from None
     _check_second_order(spec, net, explainer, params)
     pin = spec.perturbation.input
     if pin is not None and pin.norm == Norm.L2 and not explainer.probabilistic:
-        raise SetupError("perturbation.input.norm: l2 balls are certified only for smoothgrad / "
+        raise SetupError(src, "perturbation.input.norm", "l2 balls are certified only for smoothgrad / "
                          "sparsified_smoothgrad (the bound engines and attacks work on ℓ∞ boxes); use norm: inf")
     return Problem(spec, net, x, y, tuple(properties), perturbation, params, chosen, spec.bounds.engine_options(),
                    device, dtype, AttackOrder(a.order), a.options(spec.general.seed),
@@ -192,14 +198,37 @@ def _load(spec: Spec, device: torch.device, dtype: torch.dtype) -> tuple[Network
     x, y = load_dataset(
         spec.data.dataset.value if spec.data.dataset is not None else None, spec.data.path, spec.data.start, spec.data.end
     )
+    src = spec.source
     if tuple(x.shape[1:]) != net.input_shape:
-        raise SetupError(
-            f"data: inputs have shape {tuple(x.shape[1:])} per sample but model {m.path} expects {net.input_shape}"
-        )
+        raise SetupError(src, "data", f"inputs have shape {tuple(x.shape[1:])} per sample but model {m.path} "
+                                      f"expects {net.input_shape}")
     target = spec.explanation.target
     if isinstance(target, int) and not isinstance(target, bool) and target >= net.num_classes:
-        raise SetupError(f"explanation.target: class {target} out of range for a model with {net.num_classes} outputs")
+        raise SetupError(src, "explanation.target", f"class {target} out of range for model {m.path} with "
+                                                    f"{net.num_classes} outputs")
+    if len(y) and int(y.max()) >= net.num_classes:
+        k = int(torch.nonzero(y >= net.num_classes)[0, 0])
+        raise SetupError(src, "data", f"input {spec.data.start + k} has label {int(y[k])}, out of range for model "
+                                      f"{m.path} with {net.num_classes} outputs")
+    if m.input_range is not None and spec.data.outside_range == OutsideRange.ERROR:
+        _check_in_range(src, x, m.input_range, spec.data.start)
     return net, x.to(device=device, dtype=dtype), y.to(device)
+
+
+def _check_in_range(source: str, x: torch.Tensor, domain: tuple[float, float], start: int) -> None:
+    """Every input lies in the domain: for one outside it, the clipped box [x − ε, x + ε] ∩
+    domain would not be the ε-box the spec asks for (often a sign of unnormalised data)."""
+    lo, hi = domain
+    bad = (x < lo) | (x > hi) | torch.isnan(x)
+    if not bool(bad.any()):
+        return
+    k = int(torch.nonzero(bad.flatten(1).any(1))[0, 0])
+    j = int(torch.nonzero(bad[k].flatten())[0, 0])
+    coord = tuple(int(c) for c in torch.unravel_index(torch.tensor(j), tuple(x.shape[1:])))
+    raise SetupError(source, "data", f"input {start + k} has value {float(x[k].flatten()[j]):.6g} at coordinate "
+                                     f"{list(coord)}, outside model.input_range [{lo:g}, {hi:g}] "
+                                     f"({int(bad.flatten(1).any(1).sum())} input(s) affected); fix the data or the "
+                                     "range, or set data.outside_range: allow to certify the clipped box")
 
 
 def _check_second_order(spec: Spec, net: Network, explainer: Explainer, params: ParamBox | None) -> None:
@@ -210,13 +239,13 @@ def _check_second_order(spec: Spec, net: Network, explainer: Explainer, params: 
 
     where = "second_order.hessian"
     if explainer.probabilistic:
-        raise SetupError(f"{where}: {explainer.method.value} is sampled; its Jacobian cannot be bounded")
+        raise SetupError(spec.source, where, f"{explainer.method.value} is sampled; its Jacobian cannot be bounded")
     if params is not None:
-        raise SetupError(f"{where}: Hessian bounds cover input boxes only; remove perturbation.parameters")
+        raise SetupError(spec.source, where, "Hessian bounds cover input boxes only; remove perturbation.parameters")
     try:
         require_smooth(net, spec.explanation.output)
     except (SecondOrderUnsupported, EngineUnsupported) as e:
-        raise SetupError(f"{where}: {e}") from None
+        raise SetupError(spec.source, where, str(e)) from None
 
 
 def _target_class(problem: Problem, pred: int, label: int) -> int:

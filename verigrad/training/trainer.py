@@ -197,7 +197,7 @@ def train(cfg: TrainSpec, on_epoch: Callable[[dict], None] | None = None) -> Tra
     verification spec) and ``<name>.train.json`` (per-epoch log, rewritten every epoch)."""
     from verigrad.verify import resolve_device
 
-    device = resolve_device(cfg.general.device)
+    device = resolve_device(cfg.general.device, cfg.source)
     torch.manual_seed(cfg.general.seed)
     gen = torch.Generator().manual_seed(cfg.general.seed)
     d = cfg.data

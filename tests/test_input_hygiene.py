@@ -1,0 +1,72 @@
+"""Data the model's domain does not admit is bad input, named by input and coordinate; a
+box is never silently shrunk to [x, range bound]."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import verigrad.verify as vmod
+from verigrad.cli import main
+from verigrad.reports import ExitCode
+from verigrad.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+FC = str(ROOT / "examples/models/mnist_fc.onnx")
+
+
+def _spec(tmp_path: Path, x: np.ndarray, y: np.ndarray, **data) -> Path:
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump({
+        "model": {"path": FC}, "data": {"path": str(tmp_path / "d.npz"), **data},
+        "perturbation": {"input": {"epsilon": 0.01}},
+        "properties": [{"name": "l2", "kind": "untargeted", "metric": "l2", "threshold": 1000.0}],
+        "bounds": {"methods": ["ibp"]}, "attack": {"order": "skip"},
+        "general": {"results": str(tmp_path / "res")}}))
+    return p
+
+
+def _run(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("make, value", [
+    (lambda x: x + 5.0, "5."),  # x in [5, 6]
+    (lambda x: np.rint(x * 255.0), None),  # uint8-scale pixels with the default range [0, 1]
+    (lambda x: x - 0.475, "-0.475"),  # a control net's centred inputs
+])
+def test_inputs_outside_the_range_are_named_by_index_and_coordinate(tmp_path, make, value):
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 1, 28, 28)) * 0.5 + 0.25
+    x[1, 0, 4, 7] = 0.0  # inputs 0 and 2 are made to leave the range below
+    x = np.concatenate([make(x[:1]), x[1:2], make(x[2:])])
+    if value == "-0.475":
+        x[0] = 0.5
+        x[0, 0, 3, 9] = 0.5 - 0.975
+    r = _run("verify", _spec(tmp_path, x, np.array([0, 1, 2])))
+    assert r.exit_code == ExitCode.BAD_INPUT, r.output
+    line = r.output.strip()
+    assert "\n" not in line and "spec.yaml: data: input 0 has value" in line and "outside model.input_range [0, 1]" in line
+    assert "data.outside_range: allow" in line
+    assert "(2 input(s) affected)" in line
+    if value == "-0.475":
+        assert "coordinate [0, 3, 9]" in line and "value -0.475" in line
+
+
+def test_the_opt_out_certifies_the_clipped_box_containing_x(tmp_path):
+    x = np.full((1, 1, 28, 28), 0.5)
+    x[0, 0, 0, 0] = 1.5
+    spec = load_spec(_spec(tmp_path, x, np.array([3]), outside_range="allow"))
+    problem = vmod.prepare(spec)
+    box = vmod.threat_for(problem, 0, 3).box
+    assert float(box.lower[0, 0, 0, 0]) == 1.0 and float(box.upper[0, 0, 0, 0]) == 1.5  # [hi, x]: documented
+    assert _run("verify", tmp_path / "spec.yaml").exit_code == ExitCode.CERTIFIED
+
+
+def test_labels_outside_the_models_classes_are_bad_input(tmp_path):
+    x = np.full((2, 1, 28, 28), 0.5)
+    r = _run("verify", _spec(tmp_path, x, np.array([3, 10])))
+    assert r.exit_code == ExitCode.BAD_INPUT and "input 1 has label 10, out of range" in r.output, r.output
+    assert "mnist_fc.onnx with 10 outputs" in r.output
