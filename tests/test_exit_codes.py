@@ -82,3 +82,56 @@ def test_interrupt_is_not_a_verdict(tmp_path, monkeypatch):
 def test_usage_errors_exit_2(tmp_path):
     r = _run("batch", _spec(tmp_path), "--scheduler", "tcp://x:1")
     assert r.exit_code == 2 and "--scheduler needs --backend dask" in r.output
+
+
+# ---------------------------------------------------------------- output locations
+
+
+def test_outputs_under_a_plain_file_fail_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "plain").write_text("x")
+    _fail_prepare(monkeypatch, AssertionError("prepare must not run"))
+    for flag in ("--out", "--bounds-npz"):
+        r = _run("verify", _spec(tmp_path), flag, tmp_path / "plain" / "r.json")
+        assert r.exit_code == ExitCode.BAD_INPUT, r.output
+        assert r.output.startswith("error: cannot write ") and "plain" in r.output and "\n" not in r.output.strip()
+
+
+def test_a_read_only_output_directory_fails_before_any_work(tmp_path, monkeypatch):
+    import errno
+
+    import verigrad.reports as rmod
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    _fail_prepare(monkeypatch, AssertionError("prepare must not run"))
+    monkeypatch.setattr(rmod.tempfile, "mkstemp", read_only)
+    r = _run("verify", _spec(tmp_path))
+    assert r.exit_code == ExitCode.BAD_INPUT and "Read-only file system" in r.output, r.output
+
+
+def test_a_full_disk_mid_run_exits_2_and_keeps_what_was_written(tmp_path, monkeypatch):
+    import errno
+    import json
+
+    import verigrad.reports as rmod
+
+    spec = _spec(tmp_path)
+    d = yaml.safe_load(spec.read_text())
+    d["data"]["end"] = 3
+    spec.write_text(yaml.safe_dump(d))
+    real, calls = rmod._atomic_write, []
+
+    def fill_up(path, write):
+        calls.append(path)
+        if len(calls) > 2:  # the JSON and npz of the first instance fit, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, write)
+
+    monkeypatch.setattr(rmod, "_atomic_write", fill_up)
+    r = _run("verify", spec)
+    assert r.exit_code == ExitCode.BAD_INPUT, r.output
+    assert "No space left on device" in r.output and "keeps the 1 instance(s)" in r.output and "Traceback" not in r.output
+    doc = json.loads((tmp_path / "res/spec.json").read_text())
+    assert [i["index"] for i in doc["instances"]] == [0] and doc["complete"] is False
+    assert not list((tmp_path / "res").glob("*.tmp"))

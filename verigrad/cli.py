@@ -114,12 +114,14 @@ def _run(spec_path, flags: dict, out, bounds_npz, dump_config, table, attack_onl
     if dump_config:
         click.echo(dump_spec(spec), nl=False)
         sys.exit(0)
-    problem = prepare(spec, methods=() if attack_only else None)
-    if attack_only:
-        problem = dataclasses.replace(problem, empirical=True)
     stem = Path(spec_path).stem + (".attack" if attack_only else "")
     json_path = Path(out) if out else spec.general.results / f"{stem}.json"
     npz_path = Path(bounds_npz) if bounds_npz else json_path.with_suffix(".npz")
+    for path in (json_path, npz_path):  # before any work: a run must not end unable to write
+        reports.check_writable(path)
+    problem = prepare(spec, methods=() if attack_only else None)
+    if attack_only:
+        problem = dataclasses.replace(problem, empirical=True)
     writer = reports.ResultWriter(problem, json_path, npz_path)
     for note in problem.net.notes:  # what the loader did that changes what is explained
         click.echo(f"model: {note}", err=True)

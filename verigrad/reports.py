@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from verigrad.attacks import witness_bytes
+from verigrad.errors import UserError
 from verigrad.properties import Property, Verdict, direction_text
 from verigrad.verify import COMBINED, InstanceResult, Problem
 
@@ -200,6 +201,25 @@ def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+class OutputError(UserError):
+    """An output location that cannot be written (under a plain file, read-only, disk full);
+    names the path. Raised before any work when checked up front; mid-run, everything
+    written before stays as it was (every file is replaced atomically)."""
+
+
+def check_writable(path: Path) -> None:
+    """Raise OutputError unless a file can be created at ``path`` (its directory is made)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not path.is_file():
+            raise OutputError(f"cannot write {path}: it exists and is not a file")
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".verigrad-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -210,6 +230,11 @@ def _atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _savez(path: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez_compressed(f, allow_pickle=False, **arrays)
 
 
 def npz_arrays(results: Sequence[InstanceResult]) -> dict[str, np.ndarray]:
@@ -249,7 +274,13 @@ class ResultWriter:
 
     def __call__(self, r: InstanceResult) -> None:
         self.results.append(r)
-        for name, path in save_instance_witnesses(self.problem, r, self.witness_dir).items():
+        try:
+            saved = save_instance_witnesses(self.problem, r, self.witness_dir)
+        except OSError as e:
+            raise OutputError(f"writing a witness of input {r.index} to {self.witness_dir} failed "
+                              f"({e.strerror or e}); {self.json_path.name} keeps the {len(self.results) - 1} "
+                              "instance(s) written before") from None
+        for name, path in saved.items():
             self.witnesses[(r.index, name)] = path
         self._write(complete=False)
 
@@ -258,10 +289,17 @@ class ResultWriter:
 
     def _write(self, complete: bool) -> dict:
         doc = results_document(self.problem, self.results, self.started, complete, self.witnesses)
-        _atomic_write(self.json_path, lambda p: Path(p).write_text(json.dumps(doc, indent=1)))
-        if self.npz_path is not None:
-            arrays: dict = npz_arrays(self.results)
-            _atomic_write(self.npz_path, lambda p: np.savez_compressed(open(p, "wb"), **arrays))
+        target = self.json_path
+        try:
+            _atomic_write(target, lambda p: Path(p).write_text(json.dumps(doc, indent=1)))
+            if self.npz_path is not None:
+                target = self.npz_path
+                arrays: dict = npz_arrays(self.results)
+                _atomic_write(target, lambda p: _savez(p, arrays))
+        except OSError as e:
+            kept = len(self.results) - (0 if complete else 1)
+            raise OutputError(f"writing {target} failed ({e.strerror or e}); {target.name} keeps the "
+                              f"{kept} instance(s) written before") from None
         return doc
 
 
