@@ -21,7 +21,7 @@ from verigrad import properties as props
 from verigrad.attacks import AttackMethod, AttackOptions, AttackOrder, AttackOutcome, Point, Threat, attack_property
 from verigrad.attacks import evaluate_point, load_witness
 from verigrad.attacks.witness import WitnessError
-from verigrad.bounds import Bounds, EngineOptions, EngineResult, EngineUnsupported, Method
+from verigrad.bounds import Bounds, EngineOptions, EngineResult, EngineUnsupported, Method, rounding
 from verigrad.data import load_dataset
 from verigrad.errors import InternalError, UserError
 from verigrad.explanations import (
@@ -273,9 +273,22 @@ def _decide_all(problem: Problem, v0: torch.Tensor, bounds: Bounds) -> tuple[Pro
 
 
 def _engine_run(method: str, actual: str, dt: float, notes, bounds: Bounds, problem: Problem, v0) -> EngineRun:
+    """One run's record: its bounds widened for rounding (:mod:`verigrad.bounds.rounding`),
+    and every property decided on those widened bounds."""
+    bounds, note = rounding.widen(problem.net, bounds, problem.dtype, _extra_roundings(problem.explainer))
     w = bounds.width
-    return EngineRun(method, actual, dt, float(w.mean()), float(w.max()), tuple(notes),
+    return EngineRun(method, actual, dt, float(w.mean()), float(w.max()), (*notes, note),
                      _decide_all(problem, v0, bounds), bounds)
+
+
+def _extra_roundings(explainer: Explainer) -> int:
+    """Roundings the explanation adds to the gradient's: a sum over the quadrature nodes
+    (integrated gradients) or the samples (smoothing), a product with the input."""
+    if explainer.method == ExplanationMethod.INTEGRATED_GRADIENTS:
+        return explainer.steps + 2
+    if explainer.smoothing is not None:
+        return int(explainer.smoothing.samples) + 2
+    return 2
 
 
 def threat_for(problem: Problem, i: int, target: int) -> Threat:

@@ -64,12 +64,12 @@ class Bounds:
         return ok.reshape(ok.shape[0], -1).all(dim=1)
 
     def intersect(self, other: "Bounds") -> "Bounds":
-        """[max(l1, l2), min(u1, u2)]: sound when both are. Disjoint intervals mean one engine
-        is unsound, which is reported rather than papered over."""
+        """[max(l1, l2), min(u1, u2)]: sound when both are. Intervals disjoint by more than
+        round-off mean one engine is unsound, which is reported (BoundsError) rather than
+        papered over."""
         lo, up = torch.maximum(self.lower, other.lower), torch.minimum(self.upper, other.upper)
-        if bool((lo > up).any()):
-            raise BoundsError("intersecting disjoint bounds: one of the engines is unsound")
-        return Bounds(lo, up)
+        # intervals that miss each other by round-off only meet at [min, max] of the crossing ends
+        return Bounds(*uncross(lo, up, "the intersection of two engines' bounds (one of them is unsound)"))
 
     def __getitem__(self, idx) -> "Bounds":
         return Bounds(self.lower[idx], self.upper[idx])

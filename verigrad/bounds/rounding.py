@@ -1,0 +1,68 @@
+"""Floating-point rounding before a verdict.
+
+The engines compute their bounds in the run's dtype with round-to-nearest, so a computed
+bound can sit on the wrong side of the exact one by the rounding error of the computation
+that produced it. Before any property is decided, every bound map is widened outward by an
+allowance for that error, in the style of the classical a-priori forward error bound for
+sums of products (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1):
+
+    |fl(Σ_k a_k b_k) − Σ_k a_k b_k| ≤ γ_n Σ_k |a_k b_k|,   γ_n = n·u / (1 − n·u),
+
+with u the unit roundoff of the dtype and n the longest chain of roundings. Here n is
+taken as 4·Σ_nodes (reduction length + 2) — every node of the network on one path, two
+passes (values and gradients), each an interval product — and the magnitude Σ|a_k b_k| as
+|l_i| + |u_i| + s, with s the largest |bound| of the sample's map, so that a coordinate
+whose bound cancels to near 0 still gets an allowance on the scale of the map. This is an
+allowance, not a proof: directed (outward) rounding of every operation would be one, and
+is not implemented. In float64 it is ~1e-12 of the map's scale; in float32 ~1e-3 (float32
+certificates are looser by that much). Properties compare the widened bounds with their
+threshold, so a case whose margin is within round-off is ``unknown``, never ``certified``.
+"""
+from __future__ import annotations
+
+import torch
+
+from verigrad.bounds.base import Bounds
+from verigrad.models.network import Network
+
+
+def chain_length(net: Network) -> int:
+    """n: an upper bound on the roundings along any path of the bound computation."""
+    total = 0
+    for node in net.layers:
+        w = getattr(node, "weight", None)
+        reduction = 1
+        if isinstance(w, torch.Tensor) and w.dim() >= 2:
+            fan_in = w[0].numel()  # in-features, or C_in·kh·kw
+            fan_out = w.shape[0] * (w[0, 0].numel() if w.dim() > 2 else 1)  # the gradient pass's sum
+            reduction = max(fan_in, fan_out)
+        total += reduction + 2 + len(node.inputs)
+    return 4 * total
+
+
+def gamma(n: int, dtype: torch.dtype) -> float:
+    """γ_n = n·u / (1 − n·u) for the unit roundoff u of ``dtype``."""
+    u = torch.finfo(dtype).eps / 2
+    if n * u >= 0.5:
+        raise ValueError(f"{n} roundings in {dtype} leave no significant bits: compute in float64")
+    return n * u / (1 - n * u)
+
+
+def allowance(bounds: Bounds, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """γ_n · (|l| + |u| + s) per coordinate, s the largest |bound| of each sample's map."""
+    mag = torch.maximum(bounds.lower.abs(), bounds.upper.abs())
+    scale = mag.flatten(1).max(dim=1).values.reshape(-1, *([1] * (mag.dim() - 1)))
+    g = gamma(n, dtype)
+    return g * (bounds.lower.abs() + bounds.upper.abs() + scale)
+
+
+def widen(net: Network, bounds: Bounds, dtype: torch.dtype, extra: int = 0) -> tuple[Bounds, str]:
+    """``bounds`` widened outward by the rounding allowance of a computation in ``dtype`` on
+    ``net`` (``extra`` more roundings, e.g. an integrated-gradients sum), and a note saying so."""
+    n = chain_length(net) + extra
+    a = allowance(bounds, n, dtype)
+    lo = torch.nextafter(bounds.lower - a, torch.full_like(bounds.lower, -torch.inf))
+    up = torch.nextafter(bounds.upper + a, torch.full_like(bounds.upper, torch.inf))
+    note = (f"rounding: bounds widened outward by γ_n·(|l|+|u|+max|bound|), n = {n} roundings in "
+            f"{str(dtype).removeprefix('torch.')} (γ_n = {gamma(n, dtype):.2e})")
+    return Bounds(lo, up), note
