@@ -106,6 +106,10 @@ def gaussian_map(shape: Sequence[int], center: Sequence[float], sigma: float, am
     if len(center) != len(spatial):
         raise ValueError(f"gaussian target: center {list(center)} has {len(center)} coordinate(s), "
                          f"the map's spatial shape {spatial} needs {len(spatial)}")
+    if not (math.isfinite(sigma) and sigma > 0) or not math.isfinite(amplitude) \
+            or not all(math.isfinite(c) for c in center):
+        raise ValueError(f"gaussian target: sigma {sigma} must be finite and > 0, amplitude {amplitude} and "
+                         f"center {list(center)} finite")
     grids = torch.meshgrid(*[torch.arange(n, dtype=dtype) for n in spatial], indexing="ij")
     sq = sum(((g - c) ** 2 for g, c in zip(grids, center, strict=True)), torch.zeros(spatial, dtype=dtype))
     return (amplitude * torch.exp(-sq / (2 * sigma**2))).expand(shape).clone()
@@ -119,6 +123,9 @@ def square_map(shape: Sequence[int], position: Sequence[int], size: int, value: 
     if len(position) != len(spatial):
         raise ValueError(f"square target: position {list(position)} has {len(position)} coordinate(s), "
                          f"the map's spatial shape {spatial} needs {len(spatial)}")
+    if size < 1 or any(p < 0 for p in position) or not math.isfinite(value):
+        raise ValueError(f"square target: size {size} must be >= 1, position {list(position)} non-negative "
+                         f"and value {value} finite")
     if any(p + size > n for p, n in zip(position, spatial, strict=True)):
         raise ValueError(f"square target: a square of size {size} at {list(position)} does not fit "
                          f"in the map's spatial shape {spatial}")
@@ -128,9 +135,29 @@ def square_map(shape: Sequence[int], position: Sequence[int], size: int, value: 
 
 
 def file_map(path: str | Path, shape: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The target map stored in the .npy file ``path`` (exactly the per-sample shape, finite)."""
+    """The target map stored in the .npy file ``path`` (exactly the per-sample shape, real
+    numbers, finite). ValueError naming the file for anything else: not a .npy (an .npz
+    archive, a text or empty file, pickled objects), strings or complex numbers."""
     shape = tuple(int(n) for n in shape)
-    arr = np.load(Path(path), allow_pickle=False)
+    try:
+        loaded = np.load(Path(path), allow_pickle=False)
+    except EOFError:
+        raise ValueError(f"target file {path}: the file is empty, expected a .npy array") from None
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) or e.filename is not None:
+            raise ValueError(f"target file {path}: cannot read it ({e.strerror or e})") from None
+        raise ValueError(f"target file {path}: not a .npy array ({e})") from None
+    except ValueError as e:  # pickled objects, or a format numpy cannot parse
+        raise ValueError(f"target file {path}: not a .npy array of numbers ({e})") from None
+    if not isinstance(loaded, np.ndarray):
+        if hasattr(loaded, "close"):
+            loaded.close()
+        raise ValueError(f"target file {path}: an .npz archive, expected a single .npy array")
+    arr = loaded
+    if arr.dtype.kind not in "fiub":  # booleans are a 0/1 mask
+        what = {"c": "complex numbers", "U": "strings", "S": "bytes", "O": "objects", "V": "structured records"}
+        raise ValueError(f"target file {path}: holds {what.get(arr.dtype.kind, str(arr.dtype))} (dtype {arr.dtype}), "
+                         "expected real numbers")
     if tuple(arr.shape) != shape:
         raise ValueError(f"target file {path}: shape {tuple(arr.shape)} differs from the per-sample "
                          f"explanation shape {shape}")

@@ -17,7 +17,9 @@ import base64
 import html
 import json
 import math
+import os
 import struct
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,9 +172,232 @@ class _Run:
     batch: bool = False
 
 
+# Validation: the parts of the documented schema (docs/results-schema.md) that the report
+# reads, walked once when a file is loaded, so that a malformed file is a ReportError naming
+# the file and the JSON path (``instances[2].index``) instead of a crash while rendering.
+# Keys the report only prints (through _num / _e) are left unchecked; unknown keys are allowed.
+
+
+class _Bad(Exception):
+    def __init__(self, path: str, expected: str, got: Any, missing: bool = False) -> None:
+        super().__init__(path)
+        self.path, self.expected, self.got, self.missing = path, expected, got, missing
+
+    def message(self, file: Path | str) -> str:
+        if self.missing:
+            return f"{file}: {self.path} is missing (expected {self.expected})"
+        return f"{file}: {self.path} is {_json_kind(self.got)}, expected {self.expected}"
+
+
+def _json_kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"the boolean {str(v).lower()}"
+    if isinstance(v, (int, float)):
+        return f"the number {v!r}"
+    if isinstance(v, str):
+        return f"the string {v[:40]!r}"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def _child(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    if key.isidentifier():
+        return f"{path}.{key}" if path else key
+    return f"{path}[{json.dumps(key)}]"
+
+
+class _Schema:
+    expected = "anything"
+
+    def check(self, v: Any, path: str) -> None:
+        pass
+
+
+class _Scalar(_Schema):
+    def __init__(self, expected: str, ok: Callable[[Any], bool]) -> None:
+        self.expected, self.ok = expected, ok
+
+    def check(self, v: Any, path: str) -> None:
+        if not self.ok(v):
+            raise _Bad(path, self.expected, v)
+
+
+class _Nullable(_Schema):
+    def __init__(self, inner: _Schema) -> None:
+        self.inner, self.expected = inner, f"{inner.expected} or null"
+
+    def check(self, v: Any, path: str) -> None:
+        if v is not None:
+            try:
+                self.inner.check(v, path)
+            except _Bad as e:
+                if e.path == path:
+                    e.expected = self.expected
+                raise
+
+
+class _List(_Schema):
+    def __init__(self, item: _Schema) -> None:
+        self.item, self.expected = item, f"a list (of {item.expected})"
+
+    def check(self, v: Any, path: str) -> None:
+        if not isinstance(v, list):
+            raise _Bad(path, self.expected, v)
+        for i, x in enumerate(v):
+            self.item.check(x, _child(path, i))
+
+
+class _Map(_Schema):
+    def __init__(self, value: _Schema, what: str) -> None:
+        self.value, self.expected = value, f"an object ({what} → {value.expected})"
+
+    def check(self, v: Any, path: str) -> None:
+        if not isinstance(v, dict):
+            raise _Bad(path, self.expected, v)
+        for k, x in v.items():
+            self.value.check(x, _child(path, k))
+
+
+class _Obj(_Schema):
+    def __init__(self, what: str, fields: dict[str, _Schema], required: Sequence[str] = ()) -> None:
+        self.fields, self.required, self.expected = fields, tuple(required), what
+
+    def check(self, v: Any, path: str) -> None:
+        if not isinstance(v, dict):
+            raise _Bad(path, self.expected, v)
+        for k in self.required:
+            if k not in v:
+                raise _Bad(_child(path, k), self.fields[k].expected, None, missing=True)
+        for k, schema in self.fields.items():
+            if k in v:
+                schema.check(v[k], _child(path, k))
+
+
+_ANY = _Schema()
+_STR = _Scalar("a string", lambda v: isinstance(v, str))
+_BOOL = _Scalar("a boolean", lambda v: isinstance(v, bool))
+_INT = _Scalar("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
+_INDEX = _Scalar("a non-negative integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+_NUMBER = _Scalar("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+_ENGINE = _Obj("an engine object", {
+    "properties": _Nullable(_List(_Obj("a property result object", {"name": _STR, "verdict": _Nullable(_STR)},
+                                       required=("name",)))),
+    "notes": _Nullable(_List(_STR)),
+})
+_ATTACK = _Nullable(_Obj("an attack object", {"witness": _Nullable(_STR)}))
+
+
+def _instance_schema(required: Sequence[str]) -> _Obj:
+    return _Obj("an instance object", {
+        "index": _INDEX,
+        "error": _Nullable(_STR),
+        "verdicts": _Nullable(_Map(_STR, "property name → verdict")),
+        "engines": _Nullable(_Map(_ENGINE, "engine name → engine object")),
+        "attacks": _Nullable(_Map(_ATTACK, "property name → attack object")),
+        "gap": _Nullable(_Map(_Nullable(_Obj("a gap object", {})), "property name → gap object")),
+        "bounds_npz": _Nullable(_STR),
+    }, required=required)
+
+
+_RESULTS = _Obj("a verigrad results document", {
+    "complete": _BOOL,
+    "started": _Nullable(_STR),
+    "device": _Nullable(_STR),
+    "dtype": _Nullable(_STR),
+    "spec": _Obj("an object (source, sha256, resolved)", {"source": _Nullable(_STR), "sha256": _Nullable(_STR)}),
+    "properties": _List(_Obj("a property object", {"name": _STR}, required=("name",))),
+    "methods": _List(_STR),
+    "explanation": _Nullable(_Obj("an explanation object", {"method": _Nullable(_STR),
+                                                            "guarantee": _Nullable(_STR)})),
+    "instances": _List(_instance_schema(("index",))),
+    "summary": _Nullable(_Obj("a summary object", {"exit_code": _Nullable(_INT)})),
+}, required=("spec", "properties", "instances"))
+
+_RECORD = _Obj("a batch record object", {
+    "spec": _STR, "spec_sha256": _STR, "data_index": _INDEX, "status": _STR, "reason": _Nullable(_STR),
+    "seconds": _Nullable(_NUMBER), "result": _Nullable(_instance_schema(())),
+}, required=("spec", "spec_sha256", "data_index", "status"))
+
+
+def _validate(doc: Any, schema: _Schema, file: Path | str, where: str = "") -> None:
+    """ReportError naming ``file`` and the JSON path of the first value not matching ``schema``."""
+    try:
+        schema.check(doc, where)
+    except _Bad as e:
+        raise ReportError(e.message(file)) from None
+
+
+_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
 def _read_npz(path: Path, prefix: str | None = None) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files if prefix is None or k.startswith(prefix)}
+    """The arrays of an .npz (those whose key starts with ``prefix``); ValueError for a file that
+    is not an .npz archive (a single .npy, an empty or cut file, pickled objects)."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except EOFError:
+        raise ValueError("the file is empty") from None
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"not an .npz archive ({e})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError("a single .npy array, not an .npz archive")
+    try:
+        with loaded as z:
+            return {k: z[k] for k in z.files if prefix is None or k.startswith(prefix)}
+    except (EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"an entry cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _npz_keys(path: Path) -> list[str]:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except EOFError:
+        raise ValueError("the file is empty") from None
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"not an .npz archive ({e})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError("a single .npy array, not an .npz archive")
+    with loaded as z:
+        return list(z.files)
+
+
+def _check_npz(npz: Path, indices: Sequence[int]) -> None:
+    """The bound maps file of a results JSON must be an .npz of this run: readable, with
+    verigrad's keys, and (when it holds any maps) holding those of at least one of its inputs."""
+    try:
+        keys = _npz_keys(npz)
+    except _NPZ_ERRORS as e:
+        raise ReportError(f"{npz}: not a verigrad bound maps .npz ({e})") from None
+    have = sorted({int(k[1:].split("/", 1)[0]) for k in keys
+                   if k.startswith("i") and "/" in k and k[1:].split("/", 1)[0].isdigit()})
+    if not have and keys:
+        raise ReportError(f"{npz}: not a verigrad bound maps .npz (expected keys i{{index}}/explanation, "
+                          f"i{{index}}/{{engine}}/lower|upper; got {keys[:3]})")
+    if indices and have and not set(have) & set(indices):
+        raise ReportError(f"{npz}: holds the bound maps of inputs {have[:5]}, none of the results' inputs "
+                          f"{list(indices)[:5]} (bound maps of another run?)")
+
+
+def _check_maps(inst: _Instance) -> None:
+    """The maps of one input: real numeric arrays, and every engine's lower / upper of the
+    explanation's shape."""
+    assert inst.maps_file is not None
+    shape = None
+    for k, a in inst.maps.items():
+        if a.dtype.kind not in "fiu":
+            raise ReportError(f"{inst.maps_file}: entry i{inst.index}/{k} has dtype {a.dtype}, expected real numbers")
+        if shape is None:
+            shape = a.shape
+        elif a.shape != shape:
+            raise ReportError(f"{inst.maps_file}: entry i{inst.index}/{k} has shape {a.shape}, expected {shape} "
+                              f"(the shape of the other maps of input {inst.index})")
 
 
 def _load_maps(inst: _Instance) -> None:
@@ -182,9 +407,9 @@ def _load_maps(inst: _Instance) -> None:
     pre = f"i{inst.index}/"
     try:
         inst.maps = {k[len(pre):]: v for k, v in _read_npz(inst.maps_file, pre).items()}
-    except (OSError, ValueError, EOFError) as e:
-        inst.maps_note = f"bound maps unavailable: cannot read {inst.maps_file} ({e})"
-        return
+    except _NPZ_ERRORS as e:
+        raise ReportError(f"{inst.maps_file}: not a readable bound maps .npz ({e})") from None
+    _check_maps(inst)
     if not inst.maps:
         inst.maps_note = f"no bound maps for input {inst.index} in {inst.maps_file}"
 
@@ -251,12 +476,17 @@ def _load_json(path: Path, bounds_npz: Path | None) -> tuple[_Run, Callable[[], 
     missing = [k for k in ("spec", "properties", "instances") if k not in doc]
     if missing:
         raise ReportError(f"{path}: verigrad results file lacks {missing}")
+    _validate(doc, _RESULTS, path)
+    if bounds_npz is not None and not bounds_npz.is_file():
+        raise ReportError(f"{bounds_npz}: no such file (expected the bound maps .npz given by --bounds-npz)")
     npz = bounds_npz or path.with_suffix(".npz")
     maps_note = None if npz.is_file() else f"bound maps unavailable: no {npz}"
+    if maps_note is None:
+        _check_npz(npz, [d["index"] for d in doc["instances"]])
     witness_dir = path.with_name(path.stem + ".witnesses")
     instances = []
     for d in doc["instances"]:
-        inst = _Instance(index=int(d["index"]), doc=d, maps_note=maps_note,
+        inst = _Instance(index=d["index"], doc=d, maps_note=maps_note,
                          maps_file=npz if maps_note is None else None)
         _attach_witnesses(inst, [witness_dir])
         instances.append(inst)
@@ -288,12 +518,30 @@ def _attach_witnesses(inst: _Instance, dirs: Sequence[Path], base: Path | None =
         inst.witnesses[name] = found if found is not None else f"witness file not found: {raw}"
 
 
+def _validate_lines(lines: Path) -> None:
+    """Every line of a batch ``results.jsonl`` that parses must be a record of the documented
+    schema (a line that does not parse is one cut by a kill, which ``load_records`` skips)."""
+    try:
+        text = lines.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ReportError(f"{lines}: cannot read it ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ReportError(f"{lines}: not verigrad batch records (not UTF-8 text: {e})") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        _validate(rec, _RECORD, f"{lines} line {n}", "record")
+
+
 def _load_batch(out: Path) -> list[tuple[_Run, Callable[[], Any]]]:
     from verigrad.batch import load_records
 
     lines = out / "results.jsonl"
     if not lines.is_file():
         raise ReportError(f"{out}: not a verigrad batch directory (expected {lines}) nor a results JSON file")
+    _validate_lines(lines)
     try:
         records = load_records(out)
     except (KeyError, TypeError) as e:
@@ -321,7 +569,7 @@ def _load_batch(out: Path) -> list[tuple[_Run, Callable[[], Any]]]:
         explanation: dict = {}
         for r in recs:
             d = r.get("result")
-            inst = _Instance(index=int(r["data_index"]), doc=d, status=str(r["status"]), reason=r.get("reason"),
+            inst = _Instance(index=r["data_index"], doc=d, status=str(r["status"]), reason=r.get("reason"),
                              seconds=r.get("seconds"))
             if d is not None:
                 for engine in d.get("engines") or {}:
@@ -966,9 +1214,13 @@ def _witness_section(images: _Images, run: _Run, inst: _Instance) -> str:
         try:
             w = _read_npz(where)
             meta = json.loads(str(w["meta"]))
-            if meta.get("schema") != WITNESS_SCHEMA or any(k not in w for k in ("x0", "x", "v0", "v")):
+            if (not isinstance(meta, dict) or meta.get("schema") != WITNESS_SCHEMA
+                    or any(k not in w or w[k].dtype.kind not in "fiu" or w[k].size == 0
+                           for k in ("x0", "x", "v0", "v"))):
                 raise ValueError(f"not a {WITNESS_SCHEMA} file")
-        except (OSError, ValueError, KeyError) as e:
+            if len({w[k].size for k in ("x0", "x", "v0", "v")}) != 1:
+                raise ValueError("its arrays x0, x, v0, v differ in size")
+        except _NPZ_ERRORS as e:
             out.append(f'<div class="witness"><h3>witness for {_e(prop)}</h3>'
                        f'<p class="note">cannot read {_e(where)}: {_e(e)}</p></div>')
             continue
@@ -982,9 +1234,10 @@ def _witness_section(images: _Images, run: _Run, inst: _Instance) -> str:
                 _signed_fig(images, v0, vmax, f"{tag}_v0", "explanation v0 at x0"),
                 _signed_fig(images, v, vmax, f"{tag}_v", "explanation v at x"),
                 _signed_fig(images, dv, _abs_max([dv]), f"{tag}_dv", "v − v0 (own scale)")]
-        sim = meta.get("similarity") or {}
-        sim_text = ", ".join(f"{k} {_num(val, 3)}" for k, val in sim.items())
-        layers = meta.get("param_layers") or []
+        sim = meta.get("similarity")
+        sim_text = ", ".join(f"{k} {_num(val, 3)}" for k, val in sim.items()) if isinstance(sim, dict) else ""
+        raw_layers = meta.get("param_layers")
+        layers = [str(n) for n in raw_layers] if isinstance(raw_layers, list) else []
         out.append(
             f'<div class="witness"><h3>witness for {_e(prop)}: {_e(meta.get("direction", ""))} is violated</h3>'
             f'<p class="meta">attack {_e(meta.get("attack"))}: value {_num(meta.get("value"))} (threshold '
@@ -1150,6 +1403,25 @@ def _write(path: Path, text: str) -> None:
         raise ReportError(f"{path}: cannot write the report ({e})") from None
 
 
+def _check_writable(page: Path) -> None:
+    """ReportError naming ``page`` unless it (and its ``_files`` folder beside it) can be
+    written: checked before anything is rendered, so a bad ``--html`` costs no work."""
+    if page.is_dir():
+        raise ReportError(f"{page}: cannot write the report there (it is a directory; expected an .html file path)")
+    folder = page.with_name(page.stem + "_files")
+    if folder.exists() and not folder.is_dir():
+        raise ReportError(f"{page}: cannot write the report's pictures to {folder} (it is a file, expected a folder)")
+    parent = page.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ReportError(f"{page}: cannot write the report there ({parent} is a file, not a directory)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ReportError(f"{page}: cannot write the report there ({parent} is not writable)")
+    if page.exists() and not os.access(page, os.W_OK):
+        raise ReportError(f"{page}: cannot write the report there (the file is not writable)")
+
+
 def write_report(results_path: str | Path, html_path: str | Path | None = None, *, max_instances: int = 20,
                  bounds_npz: str | Path | None = None) -> list[Path]:
     """Write the HTML report of ``results_path`` and return the pages written.
@@ -1194,6 +1466,11 @@ def write_report(results_path: str | Path, html_path: str | Path | None = None, 
         run, factory = _load_json(src, Path(bounds_npz) if bounds_npz is not None else None)
         runs = [(run, factory)]
         out = Path(html_path) if html_path is not None else src.with_suffix(".html")
+
+    _check_writable(out)
+    if len(runs) > 1:
+        for run, _ in runs:
+            _check_writable(out.with_name(f"{out.stem}_{run.title}.html"))
 
     def page(run: _Run, factory: Callable[[], Any], path: Path, back: str | None) -> None:
         shown = run.instances[:max_instances]

@@ -726,30 +726,55 @@ class ReplayResult:
 
 def replay(path: str) -> ReplayResult:
     """Re-check a witness file from the model, data and spec it names, in float64 (nothing
-    from the search is trusted but the point itself)."""
+    from the search is trusted but the point itself).
+
+    The file's structure is checked by :func:`~verigrad.attacks.witness.load_witness`; its
+    consistency with what the embedded spec loads (the data index, the class, the shapes of
+    the input and of the boxed parameters) here, before anything is evaluated: an
+    inconsistent witness raises WitnessError (exit 2), a consistent one that fails a check
+    is "not confirmed"."""
+    from verigrad.data import DataError
+
     w = load_witness(path)
-    meta = w.meta
-    try:
-        spec_dict, index, name = meta["spec"], int(meta["index"]), str(meta["property"])
-    except KeyError as e:
-        raise WitnessError(f"{path}: witness metadata lacks {e.args[0]!r}") from None
-    spec_dict = {**spec_dict, "data": {**spec_dict["data"], "start": index, "end": index + 1},
-                 "bounds": {**spec_dict["bounds"], "dtype": "float64"}}
+    index, name = w.index, w.property
+    spec_dict = {**w.spec, "data": {**w.spec["data"], "start": index, "end": index + 1},
+                 "bounds": {**w.spec["bounds"], "dtype": "float64"}}
     spec = spec_from_dict(spec_dict, source=f"{path} (embedded spec)")
-    problem = prepare(spec, methods=())
+    try:
+        problem = prepare(spec, methods=())
+    except DataError as e:
+        raise WitnessError(f"{path}: witness meta 'index' {index} names no input of the embedded spec's data "
+                           f"({e})") from None
     by_name = {p.name: p for p in problem.properties}
     if name not in by_name:
-        raise WitnessError(f"{path}: the embedded spec has no property {name!r}")
+        raise WitnessError(f"{path}: witness meta 'property' {name!r} is not a property of the embedded spec "
+                           f"(expected one of {sorted(n for n in by_name if n is not None)})")
     prop = by_name[name]
+    classes = problem.net.num_classes
+    if w.target >= classes:
+        raise WitnessError(f"{path}: witness meta 'target' {w.target} is out of range for the model "
+                           f"(expected a class in 0..{classes - 1})")
     x0 = problem.x[0:1]
-    same_input = x0.shape == w.x0.shape and bool(torch.equal(x0.cpu(), w.x0))
+    if tuple(w.x.shape) != tuple(x0.shape):
+        raise WitnessError(f"{path}: witness entry 'x' has shape {tuple(w.x.shape)}, expected {tuple(x0.shape)} "
+                           "(a batch of one input of the model)")
+    for layer, (wt, b) in w.params.items():
+        lb = problem.params.get(layer) if problem.params is not None else None
+        if lb is None:
+            raise WitnessError(f"{path}: witness meta 'param_layers' names layer {layer!r}, which the embedded "
+                               "spec's parameter box does not contain")
+        for key, a, want in (("weight", wt, tuple(lb.weight.shape)), ("bias", b, tuple(lb.bias.shape))):
+            if tuple(a.shape) != want:
+                raise WitnessError(f"{path}: witness entry 'param/{layer}/{key}' has shape {tuple(a.shape)}, "
+                                   f"expected {want}")
+    same_input = bool(torch.equal(x0.cpu(), w.x0))
     with torch.no_grad():
         pred = int(problem.net.forward(x0).argmax(dim=1))
     target = _target_class(problem, pred, int(problem.y[0]))
-    threat = threat_for(problem, 0, int(meta["target"]))
+    threat = threat_for(problem, 0, w.target)
     dev = problem.device
     point = Point(w.x.to(dev), {n: (a.to(dev), b.to(dev)) for n, (a, b) in w.params.items()})
-    in_box = threat.contains(point) if point.x.shape == threat.x.shape else False
+    in_box = threat.contains(point)
     ev = evaluate_point(threat, prop, point)
-    return ReplayResult(str(path), name, index, same_input, target == int(meta["target"]), in_box, ev.value,
-                        float(meta["value"]), prop.threshold, props.direction_text(prop), ev.violated and in_box)
+    return ReplayResult(str(path), name, index, same_input, target == w.target, in_box, ev.value,
+                        w.value, prop.threshold, props.direction_text(prop), ev.violated and in_box)

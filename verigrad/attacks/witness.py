@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,29 +121,107 @@ def save_witness(path: str | Path, witness: Witness, extra: dict[str, Any]) -> P
 
 @dataclass(frozen=True, eq=False)
 class LoadedWitness:
+    """A witness file whose structure :func:`load_witness` has checked: the metadata keys
+    ``verigrad replay`` uses are typed below, the arrays are real float64 tensors."""
+
     meta: dict[str, Any]
     x0: torch.Tensor
     x: torch.Tensor
     params: dict[str, tuple[torch.Tensor, torch.Tensor]]
     v: torch.Tensor
+    property: str = ""
+    index: int = 0
+    target: int = 0
+    value: float = math.nan
+    spec: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the .npz at ``path``; WitnessError for anything that is not one."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except EOFError:  # numpy's answer to an empty file (click would turn it into "Aborted!")
+        raise WitnessError(f"{path}: not a readable .npz file (it is empty)") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise WitnessError(f"{path}: not a readable .npz file ({e})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise WitnessError(f"{path}: not a verigrad witness (a single .npy array, expected an .npz archive)")
+    try:
+        with loaded as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise WitnessError(f"{path}: not a readable .npz file (an entry cannot be read: {e})") from None
+
+
+def _int_meta(path: Path, meta: dict[str, Any], key: str) -> int:
+    v = meta.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise WitnessError(f"{path}: witness meta {key!r} is {v!r}, expected a non-negative integer")
+    return v
+
+
+def _real_array(path: Path, arrays: dict[str, np.ndarray], key: str, finite: bool = True) -> torch.Tensor:
+    """Entry ``key`` as a float64 tensor: a real numeric (not bool, complex, string or object),
+    non-empty array, finite where ``finite``."""
+    a = arrays[key]
+    if a.dtype.kind not in "fiu":
+        raise WitnessError(f"{path}: witness entry {key!r} has dtype {a.dtype}, expected a real numeric array")
+    if a.size == 0:
+        raise WitnessError(f"{path}: witness entry {key!r} is empty (shape {a.shape}), expected the input's shape")
+    if finite and not bool(np.isfinite(a).all()):
+        raise WitnessError(f"{path}: witness entry {key!r} has {int((~np.isfinite(a)).sum())} non-finite "
+                           "value(s), expected finite values")
+    return torch.as_tensor(a, dtype=torch.float64)
 
 
 def load_witness(path: str | Path) -> LoadedWitness:
-    """Read a witness file (float64 tensors); ValueError if it is not one."""
+    """Read a witness file (float64 tensors), checking its whole structure here, before any use:
+    WitnessError (a UserError) names the file and the entry or metadata key that is wrong and
+    what was expected. Consistency with the model and data is checked by ``verify.replay``."""
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise WitnessError(f"{path}: not a readable .npz file ({e})") from None
+    arrays = _read_arrays(path)
     if "meta" not in arrays:
         raise WitnessError(f"{path}: not a verigrad witness (no 'meta' entry)")
-    meta = json.loads(str(arrays["meta"]))
+    raw = arrays["meta"]
+    if raw.dtype.kind not in "US" or raw.size != 1:
+        raise WitnessError(f"{path}: witness entry 'meta' is a {raw.dtype} array of shape {raw.shape}, "
+                           "expected one JSON string")
+    try:
+        text = raw.reshape(()).item()
+        meta = json.loads(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WitnessError(f"{path}: witness entry 'meta' is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise WitnessError(f"{path}: witness entry 'meta' is a JSON {type(meta).__name__}, expected an object")
     if meta.get("schema") != WITNESS_SCHEMA:
         raise WitnessError(f"{path}: unsupported witness schema {meta.get('schema')!r} (expected {WITNESS_SCHEMA})")
-    missing = [k for k in ("x0", "x", "v") if k not in arrays]
+    name = meta.get("property")
+    if not isinstance(name, str) or not name:
+        raise WitnessError(f"{path}: witness meta 'property' is {name!r}, expected a property name")
+    index, target = _int_meta(path, meta, "index"), _int_meta(path, meta, "target")
+    value = meta.get("value")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise WitnessError(f"{path}: witness meta 'value' is {value!r}, expected a number")
+    spec = meta.get("spec")
+    if not isinstance(spec, dict):
+        raise WitnessError(f"{path}: witness meta 'spec' is {type(spec).__name__}, expected the resolved spec "
+                           "(an object)")
+    for key in ("data", "bounds"):
+        if not isinstance(spec.get(key), dict):
+            what = "missing" if key not in spec else f"a {type(spec[key]).__name__}"
+            raise WitnessError(f"{path}: witness meta 'spec.{key}' is {what}, expected an object")
+    layers = meta.get("param_layers", [])
+    if not isinstance(layers, list) or not all(isinstance(n, str) and n for n in layers):
+        raise WitnessError(f"{path}: witness meta 'param_layers' is {layers!r}, expected a list of layer names")
+    needed = ["x0", "x", "v"] + [f"param/{n}/{k}" for n in layers for k in ("weight", "bias")]
+    missing = [k for k in needed if k not in arrays]
     if missing:
         raise WitnessError(f"{path}: witness lacks arrays {missing}")
-    t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
-    params = {n: (t(arrays[f"param/{n}/weight"]), t(arrays[f"param/{n}/bias"])) for n in meta.get("param_layers", [])}
-    return LoadedWitness(meta, t(arrays["x0"]), t(arrays["x"]), params, t(arrays["v"]))
+    x0, x = (_real_array(path, arrays, k) for k in ("x0", "x"))
+    v = _real_array(path, arrays, "v", finite=False)
+    if x.ndim < 2 or x.shape[0] != 1 or x0.shape != x.shape:
+        raise WitnessError(f"{path}: witness entries 'x0' {tuple(x0.shape)} and 'x' {tuple(x.shape)} must have "
+                           "one shape (1, *input shape)")
+    params = {n: (_real_array(path, arrays, f"param/{n}/weight"), _real_array(path, arrays, f"param/{n}/bias"))
+              for n in layers}
+    return LoadedWitness(meta, x0, x, params, v, name, index, target, float(value), spec)
