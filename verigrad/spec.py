@@ -16,11 +16,13 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, NoReturn, Sequence, Union
 
 import torch
 import yaml
@@ -138,7 +140,8 @@ def _show(v: Any) -> str:
     if isinstance(v, Enum):
         v = v.value
     if isinstance(v, str):
-        return repr(v)
+        s = repr(v)
+        return s if len(s) <= 60 else s[:56] + "...'"
     if isinstance(v, Mapping):
         s = "a mapping {" + ", ".join(map(str, list(v)[:5])) + ("...}" if len(v) > 5 else "}")
         return s
@@ -202,19 +205,41 @@ class Num(Check):
 
 @dataclass(frozen=True)
 class Int(Check):
+    """An int (integral floats accepted, bools rejected) in an optional range. Counts that
+    size an allocation or a loop declare ``le`` (see the *_MAX limits below)."""
+
     gt: int | None = None
     ge: int | None = None
+    le: int | None = None
 
     @property
     def what(self) -> str:
-        r = _range_text(self.gt, self.ge)
+        r = _range_text(self.gt, self.ge, None, self.le)
         return f"an int {r}" if r else "an int"
 
     def parse(self, value: Any, at: _At) -> int:
         # YAML writes 3.0 for some tools; accept integral floats but not 3.5 or true
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or not _in_range(value, self.gt, self.ge):
+        if isinstance(value, bool) or not isinstance(value, int) or not _in_range(value, self.gt, self.ge,
+                                                                                   None, self.le):
+            raise _expected(self.what, value)
+        return value
+
+
+@dataclass(frozen=True)
+class FileName(Check):
+    """A string used as a file name (stem) inside an output directory: letters, digits, '.',
+    '_' and '-', not starting with '.' (no path separators, no '..'), at most 128 characters."""
+
+    pattern: str = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"
+
+    @property
+    def what(self) -> str:
+        return "a file name of letters, digits, '.', '_' or '-' (not starting with '.', at most 128 characters)"
+
+    def parse(self, value: Any, at: _At) -> str:
+        if not isinstance(value, str) or re.fullmatch(self.pattern, value) is None:
             raise _expected(self.what, value)
         return value
 
@@ -401,6 +426,9 @@ class PathCheck(Check):
         return str(value)
 
 
+SEED = Int(ge=0, le=2**32 - 1)  # what numpy's legacy seeding accepts; torch.Generator takes it (+ instance index)
+
+
 def _parse_at(check: Check, value: Any, at: _At) -> Any:
     """Run a check, turning its _Invalid into a SpecError at the right key path."""
     try:
@@ -575,7 +603,8 @@ _EXPLAINER = Explainer()  # the explanation settings' defaults are the explainer
 class IntegratedGradientsSpec:
     """(x − b) ⊙ Σ_k w_k ∂o/∂x(b + α_k(x − b)), nodes and weights as captum builds them."""
 
-    steps: int = _opt(Int(ge=1), _EXPLAINER.steps, "m quadrature nodes (captum's n_steps)")
+    steps: int = _opt(Int(ge=1, le=10_000), _EXPLAINER.steps,
+                      "m quadrature nodes (captum's n_steps); all m path points go through one pass")
     rule: IGRule = _opt(Choice(IGRule), _EXPLAINER.rule, "captum's method: gausslegendre | riemann_*")
     baseline: float = _opt(Num(), _EXPLAINER.baseline, "constant baseline b")
 
@@ -593,9 +622,9 @@ class SmoothingSpec:
     (Levine et al. 2019): probabilistic, failing with probability ≤ failure_probability."""
 
     sigma: float = _opt(Num(gt=0), _SMOOTHING.sigma, "noise std in input units")
-    samples: int = _opt(Int(gt=0), _SMOOTHING.samples, "noise draws n")
-    seed: int | None = _opt(Nullable(Int(ge=0)), None, "null = general.seed")
-    batch_size: int = _opt(Int(gt=0), _SMOOTHING.batch_size, "noisy inputs per pass (memory only)")
+    samples: int = _opt(Int(ge=1, le=10_000_000), _SMOOTHING.samples, "noise draws n")
+    seed: int | None = _opt(Nullable(SEED), None, "null = general.seed")
+    batch_size: int = _opt(Int(ge=1, le=65_536), _SMOOTHING.batch_size, "noisy inputs per pass (memory only)")
     sparsify: float = _opt(Num(gt=0, le=1), _SMOOTHING.sparsify, "K as a fraction of the features (top-K of |∇o| → 1)")
     relaxed: bool = _opt(Bool(), _SMOOTHING.relaxed, "relaxed Sparsified SmoothGrad (needs clip)")
     clip: float | None = _opt(Nullable(Num(ge=0, le=1)), None, "relaxed: fraction C of features clipped to 1 (C ≤ K)")
@@ -803,7 +832,7 @@ class IbpSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class AlphaCrownSpec:
-    iterations: int = _opt(Int(gt=0), _ENGINE.alpha_iterations)
+    iterations: int = _opt(Int(ge=1, le=100_000), _ENGINE.alpha_iterations)
     lr: float = _opt(Num(gt=0), _ENGINE.alpha_lr)
 
 
@@ -815,9 +844,9 @@ class CrownSpec:
     output_chunk: Union[str, int] = _opt(OneOf((Const("auto"), Int(ge=1))), "auto",
                                          "rows per backward pass; auto = all d when they fit in memory_mb, "
                                          "else as many as fit")
-    memory_mb: float | None = _opt(Nullable(Num(gt=0)), None,
+    memory_mb: float | None = _opt(Nullable(Num(gt=0, le=1_048_576)), None,
                                    "budget (MiB) for auto; null = a quarter of the memory available at run "
-                                   "time (free GPU memory on cuda), at most 1024")
+                                   "time (free GPU memory on cuda), at most 1024; a given budget is at most 1 TiB")
 
     @property
     def chunk(self) -> int | None:
@@ -854,18 +883,19 @@ class AttackSpec:
     methods: Union[str, tuple[AttackMethod, ...]] = _opt(
         OneOf((Const("auto"), ListOf(Choice(AttackMethod), min_len=1, unique=True))), "auto",
         "auto = every attack that applies to the property and the threat set")
-    steps: int = _opt(Int(gt=0), _ATTACK.steps)
-    restarts: int = _opt(Int(gt=0), _ATTACK.restarts, "the first start is the box centre, later ones random")
+    steps: int = _opt(Int(ge=1, le=100_000), _ATTACK.steps)
+    restarts: int = _opt(Int(ge=1, le=10_000), _ATTACK.restarts, "the first start is the box centre, later ones random")
     step_size: float = _opt(Num(gt=0), _ATTACK.step_size, "per step, as a fraction of the box half-width")
-    seed: int | None = _opt(Nullable(Int(ge=0)), None, "null = general.seed")
+    seed: int | None = _opt(Nullable(SEED), None, "null = general.seed")
     surrogate_beta: float | None = _opt(Nullable(Num(gt=0)), _ATTACK.surrogate_beta,
                                         "softplus β replacing relu while attacking; null = none")
     output_weight: float = _opt(Num(ge=0), _ATTACK.output_weight, "penalty on ‖logits − logits0‖² (targeted, params)")
     keep_class: bool = _opt(Bool(), _ATTACK.keep_class, "levine_topk backtracks steps that change the class")
     noise_levels: tuple[float, ...] = _opt(ListOf(Num(ge=0), min_len=1), (0.01, 0.05, 0.1),
                                            "ν for random-perturbation similarity (verigrad attack)")
-    noise_samples: int = _opt(Int(gt=0), 8)
-    sensitivity_samples: int = _opt(Int(gt=0), 8, "draws for max-sensitivity (verigrad attack)")
+    noise_samples: int = _opt(Int(ge=1, le=10_000), 8, "draws per noise level, explained in one batch")
+    sensitivity_samples: int = _opt(Int(ge=1, le=10_000), 8,
+                                    "draws for max-sensitivity (verigrad attack), explained in one batch")
 
     def options(self, seed: int) -> AttackOptions:
         """The search settings (``seed``: general.seed, for a null attack.seed)."""
@@ -882,7 +912,7 @@ class SecondOrderSpec:
                                             "engines bounding the attribution's Jacobian (Hessian) over the "
                                             "box; each adds a sound mean-value engine 'hessian-<engine>'")
     literature: bool = _opt(Bool(), False, "also report the literature's bounds, each labelled by its guarantee")
-    hutchinson_samples: int = _opt(Int(gt=0), 64, "probes for the stochastic Hessian Frobenius estimate")
+    hutchinson_samples: int = _opt(Int(ge=1, le=100_000), 64, "probes for the stochastic Hessian Frobenius estimate")
 
     def validate(self) -> None:
         if BoundMethod.ALPHA_CROWN in self.hessian:
@@ -899,13 +929,13 @@ class RadiusSpec:
                                             (BoundMethod.IBP, BoundMethod.CROWN),
                                             "engines tried at each ε, in order, until one certifies")
     eps_max: float = _opt(Num(gt=0), 0.1, "upper end of the search")
-    iterations: int = _opt(Int(gt=0), 10, "bisection steps")
+    iterations: int = _opt(Int(ge=1, le=100), 10, "bisection steps (float64 has 53 bits)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class GeneralSpec:
     device: Device = _opt(Choice(Device), Device.CPU)
-    seed: int = _opt(Int(ge=0), 0)
+    seed: int = _opt(SEED, 0)
     results: Path = _opt(PathCheck(must_exist=False), "results", "output directory")
 
 
@@ -940,8 +970,63 @@ class Spec:
 # Public entry points
 
 
+# Limits on a spec file before and while it is parsed (a real spec is a few KB, a few hundred values)
+MAX_FILE_BYTES = 1 << 20  # 1 MiB, checked before anything is read into memory
+MAX_DEPTH = 64  # nesting of mappings / lists
+MAX_VALUES = 100_000  # values in the document with every alias expanded (stops "billion laughs")
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one), nesting
+    deeper than MAX_DEPTH and documents that expand (through aliases) to more than
+    MAX_VALUES values; both are counted while composing, before anything is constructed."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._values = 0  # values so far, each alias counted as the size of what it repeats
+        self._sizes: dict[int, int] = {}  # id(node) -> its expanded size, once composed
+
+    def _refuse(self, problem: str) -> NoReturn:
+        raise yaml.composer.ComposerError(None, None, problem, self.peek_event().start_mark)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            size = self._sizes.get(id(node))
+            if size is None:
+                self._refuse("an alias inside its own anchor (a recursive structure)")
+            self._values += size
+        else:
+            self._depth += 1
+            if self._depth > MAX_DEPTH:
+                self._refuse(f"nested more than {MAX_DEPTH} levels deep")
+            self._values += 1
+            node = super().compose_node(parent, index)
+            self._depth -= 1
+            if isinstance(node, yaml.SequenceNode):
+                size = 1 + sum(self._sizes[id(c)] for c in node.value)
+            elif isinstance(node, yaml.MappingNode):
+                size = 1 + sum(self._sizes[id(k)] + self._sizes[id(v)] for k, v in node.value)
+            else:
+                size = 1
+            self._sizes[id(node)] = size
+        if self._values > MAX_VALUES:
+            self._refuse(f"more than {MAX_VALUES} values with aliases expanded (an alias bomb?); refusing "
+                         "to expand it")
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, OverflowError) as e:  # e.g. 2020-13-45, an int of 5000 digits
+            what = _show(node.value) if isinstance(node, yaml.ScalarNode) else "this value"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {what}: {_one_line_text(e)}", node.start_mark) from None
+
+
+def _one_line_text(e: BaseException) -> str:
+    return "; ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -949,6 +1034,9 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     out: dict = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, str):  # _check_keys names the key path first; this is the backstop
+            raise yaml.constructor.ConstructorError(
+                None, None, f"expected a key name (a string), got {_show(key)}", key_node.start_mark)
         if key in out:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -963,6 +1051,40 @@ _UniqueKeyLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+_STR_TAG, _MERGE_TAG = "tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"
+
+
+def _where(mark: Any) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _check_keys(root: yaml.Node, source: str) -> None:
+    """Every mapping key is a plain string (no ``? [a, b]`` complex keys, no 1: or null: keys);
+    the error names the key path of the mapping that holds the bad key. Each node is visited
+    once (an anchored node repeated by aliases is checked where it is defined)."""
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((c, f"{path}[{i}]") for i, c in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag == _MERGE_TAG:
+                    stack.append((v, path))
+                    continue
+                if not isinstance(k, yaml.ScalarNode) or k.tag != _STR_TAG:
+                    kind = ("a list" if isinstance(k, yaml.SequenceNode) else "a mapping"
+                            if isinstance(k, yaml.MappingNode) else f"the {k.tag.rsplit(':', 1)[-1]}")
+                    text = k.value if isinstance(k, yaml.ScalarNode) else ""
+                    shown = f" {_show(text)[1:-1]}" if text else ""
+                    raise SpecError(source, path, f"expected a key name (a string), got {kind} key{shown} at "
+                                                  f"{_where(k.start_mark)}")
+                stack.append((v, f"{path}.{k.value}" if path else str(k.value)))
 
 
 def parse_document(cls: type, d: Any, source: str = "<dict>", base_dir: str | Path | None = None) -> Any:
@@ -986,21 +1108,79 @@ def load_spec(path: str | Path) -> Spec:
     return spec_from_dict(read_yaml(p, "spec"), source=str(p), base_dir=p.resolve().parent)
 
 
-def read_yaml(p: Path, what: str) -> Any:
-    """A YAML document (duplicate keys rejected); errors name the file and line."""
+def _read_bytes(p: Path, what: str) -> bytes:
+    """The file's bytes: a regular file (not a directory, FIFO or device: those are refused
+    before opening, so a FIFO cannot hang) of at most MAX_FILE_BYTES."""
+    def fail(message: str) -> SpecError:
+        return SpecError(str(p), "", message)
+
+    def check(st: os.stat_result) -> None:
+        if stat.S_ISDIR(st.st_mode):
+            raise fail(f"cannot read {what} file: it is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise fail(f"cannot read {what} file: not a regular file (a FIFO, socket or device)")
+        if st.st_size > MAX_FILE_BYTES:
+            raise fail(f"{what} file is {st.st_size} bytes, more than the limit of {MAX_FILE_BYTES} bytes "
+                       f"(1 MiB; a {what} is a few KB)")
+
     try:
-        text = p.read_text()
+        check(os.stat(p))
+        # O_NONBLOCK: should the path be swapped for a FIFO after the check, open does not wait
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            check(os.fstat(f.fileno()))
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
-        raise SpecError(str(p), "", f"cannot read {what} file: {e.strerror or e}") from None
+        raise fail(f"cannot read {what} file: {e.strerror or e}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise fail(f"{what} file is more than the limit of {MAX_FILE_BYTES} bytes (1 MiB; a {what} is a few KB)")
+    return data
+
+
+def _decode(data: bytes, p: Path, what: str) -> str:
+    """Strict UTF-8 (a UTF-8 byte-order mark is dropped); other encodings and binary data are
+    refused naming the byte offset."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise SpecError(str(p), "", f"{what} file is UTF-16 (byte-order mark at byte offset 0); save it as UTF-8")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise SpecError(str(p), "", f"{what} file is binary, not YAML text: a NUL byte at byte offset {nul}")
     try:
-        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise SpecError(str(p), "", f"{what} file is not UTF-8 text: byte 0x{data[e.start]:02x} at byte offset "
+                                    f"{e.start} (line {line}) ({e.reason}); save it as UTF-8") from None
+
+
+def read_yaml(p: Path, what: str) -> Any:
+    """A YAML document (duplicate keys rejected); errors name the file and line. The file is
+    read as bytes (at most MAX_FILE_BYTES), decoded as strict UTF-8, composed with nesting
+    and alias-expansion limits, its keys checked, and only then constructed."""
+    text = _decode(_read_bytes(p, what), p, what)
+    loader = None
+    try:
+        loader = _UniqueKeyLoader(text)  # checks for control characters
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_keys(node, str(p))
+        return loader.construct_document(node)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "unknown position"
+        where = _where(mark) if mark is not None else "unknown position"
         raise SpecError(str(p), "", f"YAML error at {where}: {e.problem or e.context}") from None
+    except yaml.reader.ReaderError as e:  # a control character
+        line = text.count("\n", 0, e.position) + 1
+        raise SpecError(str(p), "", f"YAML error at line {line}: {e.reason} (character #x{e.character:04x}); "
+                                    "a spec is plain text") from None
     except yaml.YAMLError as e:
-        raise SpecError(str(p), "", f"YAML error: {e}") from None
-    return doc
+        raise SpecError(str(p), "", f"YAML error: {_one_line_text(e)}") from None
+    except RecursionError:  # a backstop: compose_node refuses nesting beyond MAX_DEPTH first
+        raise SpecError(str(p), "", f"YAML error: nested more than {MAX_DEPTH} levels deep") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def dump_spec(spec: Spec) -> str:

@@ -23,8 +23,8 @@ from torch import nn
 
 from verigrad.data import load_dataset
 from verigrad.spec import (
-    Bool, Choice, DataSpec, Device, Int, ListOf, Nullable, Num, PathCheck, Section, SpecError, Str, _Invalid, _opt,
-    _show, parse_document, read_yaml,
+    SEED, Bool, Choice, DataSpec, Device, FileName, Int, ListOf, Nullable, Num, PathCheck, Section, SpecError, _Invalid,
+    _opt, _show, parse_document, read_yaml,
 )
 from verigrad.training.regularizers import Regularizer, RegularizerConfig, check_applies, gradcert_penalty, network_from_module
 from verigrad.training.regularizers import training_loss
@@ -45,8 +45,10 @@ class Act(str, Enum):
 @dataclass(frozen=True, kw_only=True)
 class ArchitectureSpec:
     kind: Arch = _opt(Choice(Arch), Arch.FC, "fc: Linear layers; cnn: two stride-2 convs, then fc")
-    hidden: tuple[int, ...] = _opt(ListOf(Int(gt=0), min_len=1), (128, 128), "fc widths (cnn: the fc width, first)")
-    channels: tuple[int, ...] = _opt(ListOf(Int(gt=0), min_len=1, max_len=4), (8, 16), "cnn conv channels")
+    # limits: a 16384 x 16384 Linear is 268M parameters (1 GiB in float32), a 1024 -> 1024 conv 9.4M
+    hidden: tuple[int, ...] = _opt(ListOf(Int(ge=1, le=16_384), min_len=1, max_len=64), (128, 128),
+                                   "fc widths (cnn: the fc width, first)")
+    channels: tuple[int, ...] = _opt(ListOf(Int(ge=1, le=1024), min_len=1, max_len=4), (8, 16), "cnn conv channels")
     activation: Act = _opt(Choice(Act), Act.SOFTPLUS)
     beta: float = _opt(Num(gt=0), 10.0, "softplus β")
 
@@ -54,7 +56,7 @@ class ArchitectureSpec:
 @dataclass(frozen=True, kw_only=True)
 class TrainModelSpec:
     input_shape: tuple[int, ...] = _opt(ListOf(Int(gt=0), min_len=1))
-    classes: int = _opt(Int(ge=2), 10)
+    classes: int = _opt(Int(ge=2, le=100_000), 10, "at least the data's largest label + 1")
     input_range: tuple[float, float] | None = _opt(Nullable(ListOf(Num(), 2, 2)), (0.0, 1.0))
     architecture: ArchitectureSpec = _opt(Section(ArchitectureSpec), {})
 
@@ -68,8 +70,8 @@ class TrainModelSpec:
 class OptimizerSpec:
     lr: float = _opt(Num(gt=0), 1e-3)
     weight_decay: float = _opt(Num(ge=0), 0.0, "plain L2 weight decay (AdamW)")
-    epochs: int = _opt(Int(gt=0), 10)
-    batch_size: int = _opt(Int(gt=0), 32)
+    epochs: int = _opt(Int(ge=1, le=100_000), 10)
+    batch_size: int = _opt(Int(ge=1, le=65_536), 32)
 
 
 # the regulariser's defaults are declared once, by the options object it consumes
@@ -83,14 +85,14 @@ class RegularizerSpec:
     epsilon: float = _opt(Num(ge=0), _REG.epsilon, "input box radius at the end of the ramp")
     gamma: float = _opt(Num(ge=0), _REG.gamma, "relative parameter box radius at the end of the ramp (gradcert)")
     ramp_fraction: float = _opt(Num(ge=0, le=1), _REG.ramp_fraction, "fraction of training over which ε, γ ramp up from 0")
-    pgd_steps: int = _opt(Int(gt=0), _REG.pgd_steps, "gnorm / pgd_at inner steps")
-    samples: int = _opt(Int(gt=0), _REG.samples, "grad_norm noise draws / hessian probes")
+    pgd_steps: int = _opt(Int(ge=1, le=1000), _REG.pgd_steps, "gnorm / pgd_at inner steps (per batch)")
+    samples: int = _opt(Int(ge=1, le=1000), _REG.samples, "grad_norm noise draws / hessian probes (per batch)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainGeneralSpec:
-    name: str = _opt(Str(), "model", "output file stem")
-    seed: int = _opt(Int(ge=0), 0)
+    name: str = _opt(FileName(), "model", "output file stem inside results (no path separators)")
+    seed: int = _opt(SEED, 0)
     device: Device = _opt(Choice(Device), Device.CPU)
     results: Path = _opt(PathCheck(must_exist=False), "results", "output directory")
     progress: bool = _opt(Bool(), True)
@@ -202,6 +204,13 @@ def train(cfg: TrainSpec, on_epoch: Callable[[dict], None] | None = None) -> Tra
     gen = torch.Generator().manual_seed(cfg.general.seed)
     d = cfg.data
     x, y = load_dataset(d.dataset.value if d.dataset is not None else None, d.path, d.start, d.end)
+    if len(y):
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0:
+            raise SpecError(cfg.source, "data", f"labels must be >= 0, the data has label {lo}")
+        if hi >= cfg.model.classes:
+            raise SpecError(cfg.source, "model.classes", f"expected an int > the data's largest label ({hi}), "
+                                                         f"got {cfg.model.classes}")
     shape = tuple(cfg.model.input_shape)
     if tuple(x.shape[1:]) != shape:
         raise SpecError(cfg.source, "model.input_shape", f"the data has per-sample shape {tuple(x.shape[1:])}, "
