@@ -70,3 +70,26 @@ def test_labels_outside_the_models_classes_are_bad_input(tmp_path):
     r = _run("verify", _spec(tmp_path, x, np.array([3, 10])))
     assert r.exit_code == ExitCode.BAD_INPUT and "input 1 has label 10, out of range" in r.output, r.output
     assert "mnist_fc.onnx with 10 outputs" in r.output
+
+
+def test_a_weight_beyond_float32_is_refused_in_a_float32_run(tmp_path):
+    from onnx import TensorProto, helper
+
+    from tests.helpers import hand_onnx, save_onnx
+
+    w = np.full((10, 4), 0.1)
+    w[3, 2] = 1e300  # finite in float64, inf in float32
+    model = hand_onnx([helper.make_node("Gemm", ["x", "W", "b"], ["y"], transB=1)],
+                      {"W": w, "b": np.zeros(10)}, [4], [10], elem=TensorProto.DOUBLE)
+    path = save_onnx(model, tmp_path / "big.onnx")
+    np.savez(tmp_path / "d.npz", x=np.full((1, 4), 0.5), y=np.array([0]))
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({
+        "model": {"path": str(path)}, "data": {"path": str(tmp_path / "d.npz")},
+        "perturbation": {"input": {"epsilon": 0.01}},
+        "properties": [{"name": "l2", "kind": "untargeted", "metric": "l2", "threshold": 1.0}],
+        "bounds": {"methods": ["ibp"], "dtype": "float32"}, "attack": {"order": "skip"},
+        "general": {"results": str(tmp_path / "res")}}))
+    r = _run("verify", spec)
+    assert r.exit_code == ExitCode.BAD_INPUT and "bounds.dtype" in r.output and "float32" in r.output, r.output
+    assert _run("verify", spec, "--dtype", "float64").exit_code != ExitCode.BAD_INPUT

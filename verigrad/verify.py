@@ -23,14 +23,14 @@ from verigrad.attacks import evaluate_point, load_witness
 from verigrad.attacks.witness import WitnessError
 from verigrad.bounds import Bounds, EngineOptions, EngineResult, EngineUnsupported, Method, rounding
 from verigrad.data import load_dataset
-from verigrad.errors import InternalError, UserError
+from verigrad.errors import InternalError, ModelError, UserError
 from verigrad.explanations import (
     Explainer, ExplanationMethod, explain, explanation_bounds, jacobian_bounds,
 )
 from verigrad.graph.gradient_graph import Output
 from verigrad.guarantees import Guarantee
 from verigrad.models import load_model
-from verigrad.models.network import Network
+from verigrad.models.network import Network, check_loaded
 from verigrad.perturbation import Norm, ParamBox, Perturbation
 from verigrad.properties import Direction, Kind, Metric, Property, PropertyResult, Verdict
 from verigrad.spec import Combine, Device, OutsideRange, Spec, TargetClass, spec_from_dict
@@ -194,7 +194,11 @@ def _load(spec: Spec, device: torch.device, dtype: torch.dtype) -> tuple[Network
     """The model and the data, checked against each other, on ``device`` in ``dtype``."""
     m = spec.model
     norm = (m.normalization.mean, m.normalization.std) if m.normalization is not None else None
-    net = load_model(m.path, m.input_shape, norm, m.output).to(dtype=dtype, device=device)
+    net = load_model(m.path, m.input_shape, norm, m.output)
+    try:  # a float64 weight beyond float32's range becomes inf in a float32 run
+        net = check_loaded(net.to(dtype=dtype, device=device))
+    except ModelError as e:
+        raise SetupError(spec.source, "bounds.dtype", f"model {m.path} in {str(dtype).removeprefix('torch.')}: {e}") from None
     x, y = load_dataset(
         spec.data.dataset.value if spec.data.dataset is not None else None, spec.data.path, spec.data.start, spec.data.end
     )

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 from torch import nn
 
-from verigrad.models.network import INPUT, ModelError, Network
+from verigrad.models.network import INPUT, ModelError, Network, check_loaded, named_error
 from verigrad.models.onnx_loader import channel_affine_layer, load_onnx
 from verigrad.models.torch_loader import from_module, load_torchscript
 
@@ -46,11 +46,14 @@ def add_normalization(net: Network, mean: Sequence[float], std: Sequence[float])
         name = f"input/normalize_{k}"
         k += 1
     # (x − m)/s = (1/s)·x − m/s
-    layer = channel_affine_layer(name, 1.0 / s, -m / s, shape, net.dtype)
+    try:
+        layer = channel_affine_layer(name, 1.0 / s, -m / s, shape, net.dtype)
+    except ModelError as e:
+        raise named_error(e, net.source) from None
     # nodes reading the network input now read the normalized input
     rest = tuple(l.renamed(inputs=[name if i == INPUT else i for i in l.inputs]) if INPUT in l.inputs else l
                  for l in net.layers)
-    out = Network((layer, *rest), shape, net.source, net.notes)
+    out = check_loaded(Network((layer, *rest), shape, net.source, net.notes))
     return out if net.device.type == "cpu" else out.to(device=net.device)
 
 

@@ -11,7 +11,9 @@ Shapes are per sample: a batch dimension is always prepended at run time.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence, Union
 
@@ -27,7 +29,7 @@ from verigrad.operators.shape import Add, Concat, Pad, Reshape, Sub, Transpose
 __all__ = [
     "INPUT", "ActKind", "Activation", "Add", "AffineLayer", "Concat", "Conv2d", "Layer", "Linear", "MaxPool",
     "ModelError", "Network", "Node", "OPS", "PReLU", "Pad", "Reshape", "Sub", "Transpose", "chain",
-    "conv_transpose",
+    "check_loaded", "conv_transpose", "named_error", "one_line",
 ]
 
 INPUT = "input"  # the name of the network's input tensor
@@ -80,7 +82,10 @@ class Network:
                 if i not in shape_of:
                     raise ModelError(f"{self.source}: layer {node.name!r} ({node.op}) reads {i!r}, which is neither "
                                      f"{INPUT!r} nor an earlier layer")
-            shape_of[node.name] = tuple(int(s) for s in node.out_shape([shape_of[i] for i in ins]))
+            try:
+                shape_of[node.name] = tuple(int(s) for s in node.out_shape([shape_of[i] for i in ins]))
+            except ModelError as e:
+                raise named_error(e, self.source) from None
             wiring.append(ins)
             prev = node.name
         # every node must feed the logits (the last node): a dangling branch is a loader bug
@@ -189,3 +194,80 @@ class Network:
 def chain(layers: Sequence[Node], input_shape: Sequence[int], source: str = "<module>") -> Network:
     """Build a :class:`Network`, validating shapes layer by layer."""
     return Network(tuple(layers), tuple(int(s) for s in input_shape), source)
+
+
+# -- hygiene of loaded networks ----------------------------------------------------------
+
+_EXC_LINE = re.compile(r"^\s*(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception)): (\S.*)$")
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """The first meaningful line of a (possibly multi-line) message: for a pasted traceback
+    (TorchScript's "Traceback of TorchScript …") the last ``SomeError: …`` line, else the first
+    non-empty line; cut to ``limit`` characters."""
+    lines = [l.strip() for l in str(text).splitlines() if l.strip()]
+    if not lines:
+        return ""
+    line = lines[0]
+    if len(lines) > 1:
+        exc = [m for m in (_EXC_LINE.match(l) for l in lines) if m]
+        if exc:
+            line = f"{exc[-1].group(1)}: {exc[-1].group(2)}"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def named_error(e: ModelError, source: str) -> ModelError:
+    """``e`` as a one-line :class:`ModelError` whose message starts with ``source`` (the model
+    file): the one place loaders make sure a layer's error names the file."""
+    msg = str(e)
+    flat = msg if "\n" not in msg else "; ".join(l.strip() for l in msg.splitlines() if l.strip())
+    if flat.startswith(source) and flat == msg:
+        return e
+    return ModelError(flat if flat.startswith(source) else f"{source}: {flat}")
+
+
+def _count_bad(t: torch.Tensor) -> str | None:
+    """'3 non-finite values of 12 (2 NaN, 1 +inf)' for a float tensor with NaN/±inf, else None."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return None
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return None
+    n_nan = int(torch.isnan(t).sum())
+    n_pos = int((t == math.inf).sum())
+    n_neg = int((t == -math.inf).sum())
+    n = n_nan + n_pos + n_neg
+    kinds = ", ".join(f"{k} {w}" for k, w in ((n_nan, "NaN"), (n_pos, "+inf"), (n_neg, "-inf")) if k)
+    return f"{n} non-finite value{'s' if n != 1 else ''} of {t.numel()} ({kinds})"
+
+
+def check_loaded(net: Network) -> Network:
+    """Refuse what a loader must never hand on (returns ``net``): NaN or ±inf in any node
+    tensor (weights, biases, folded BatchNorm and normalisation constants, slopes) or float
+    hyperparameter, a Linear/Conv2d bias that does not match its outputs, an empty tensor
+    anywhere, and logits with no classes. Called once at the end of every loader (ONNX,
+    TorchScript, ``nn.Module``, added normalisation)."""
+    src = net.source
+    for l in net.layers:
+        kind = type(l).__name__
+        for k in l.tensor_fields:
+            t = getattr(l, k)
+            if isinstance(t, torch.Tensor):
+                bad = _count_bad(t)
+                if bad:
+                    raise ModelError(f"{src}: layer {l.name!r} ({kind}): {k} has {bad}")
+        for f in dataclasses.fields(l):
+            v = getattr(l, f.name, None)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ModelError(f"{src}: layer {l.name!r} ({kind}): {f.name} is {v} (must be finite)")
+        if isinstance(l, (Linear, Conv2d)) and tuple(l.bias.shape) != (l.weight.shape[0],):
+            raise ModelError(f"{src}: layer {l.name!r} ({kind}): bias of shape {tuple(l.bias.shape)} for "
+                             f"{l.weight.shape[0]} outputs (expected ({l.weight.shape[0]},))")
+    if math.prod(net.input_shape) == 0:
+        raise ModelError(f"{src}: the input shape {net.input_shape} has no values")
+    for l, shape in zip(net.layers, net.shapes[1:], strict=True):
+        if math.prod(shape) == 0:
+            what = "the output" if l is net.layers[-1] else f"layer {l.name!r} ({kind})"
+            raise ModelError(f"{src}: {what} has shape {shape}: an empty tensor"
+                             + (" (0 classes)" if l is net.layers[-1] else ""))
+    return net

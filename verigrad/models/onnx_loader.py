@@ -69,6 +69,9 @@ from verigrad.models.network import (
     Reshape,
     Sub,
     Transpose,
+    check_loaded,
+    named_error,
+    one_line,
 )
 
 F64 = torch.float64
@@ -159,6 +162,55 @@ def _node_label(node: onnx.NodeProto, index: int) -> str:
     return node.name or f"{node.op_type}_{index}"
 
 
+_MANY = 1 << 30
+# (fewest, most) inputs of the standard ops the walker reads (the first ``fewest`` may not be
+# empty) and the attributes it needs; checked for every node before the walk relies on them
+_ARITY: dict[str, tuple[int, int]] = {
+    "Gemm": (2, 3), "MatMul": (2, 2), "Conv": (2, 3), "AveragePool": (1, 1), "GlobalAveragePool": (1, 1),
+    "ReduceMean": (1, 2), "MaxPool": (1, 1), "Flatten": (1, 1), "Reshape": (2, 2), "Squeeze": (1, 2),
+    "Unsqueeze": (1, 2), "Transpose": (1, 1), "Pad": (1, 4), "Concat": (1, _MANY), "Relu": (1, 1),
+    "LeakyRelu": (1, 1), "Softplus": (1, 1), "Sigmoid": (1, 1), "Tanh": (1, 1), "PRelu": (2, 2),
+    "BatchNormalization": (5, 5), "Add": (2, 2), "Sub": (2, 2), "Mul": (2, 2), "Div": (2, 2), "Neg": (1, 1),
+    "Identity": (1, 1), "Dropout": (1, 3), "Cast": (1, 1), "Softmax": (1, 1), "LogSoftmax": (1, 1),
+    "Shape": (1, 1), "Size": (1, 1), "Constant": (0, 0), "Gather": (2, 2), "Slice": (1, 5), "Expand": (2, 2),
+    "Abs": (1, 1), "Sqrt": (1, 1), "Max": (1, _MANY), "Min": (1, _MANY), "Equal": (2, 2), "Less": (2, 2),
+    "Greater": (2, 2), "Not": (1, 1), "Where": (3, 3), "Range": (3, 3), "Mod": (2, 2), "ConstantOfShape": (1, 1),
+}
+_REQUIRED_ATTRS: dict[str, tuple[str, ...]] = {
+    "AveragePool": ("kernel_shape",), "MaxPool": ("kernel_shape",), "Concat": ("axis",), "Cast": ("to",),
+}
+
+
+def _structure_problem(node: onnx.NodeProto) -> str | None:
+    """What is wrong with a node's inputs, outputs or required attributes (None if nothing):
+    the one check of the arity and attribute presence every handler relies on."""
+    if not any(node.output):
+        return "has no outputs"
+    if node.domain not in ("", "ai.onnx"):
+        return None  # refused as an unsupported op if the output needs it
+    arity = _ARITY.get(node.op_type)
+    if arity is not None:
+        lo, hi = arity
+        n = len(node.input)
+        if not lo <= n <= hi or not all(node.input[:lo]):
+            want = f"{lo}" if lo == hi else (f"at least {lo}" if hi == _MANY else f"{lo} to {hi}")
+            got = [str(x) for x in node.input]
+            return f"expects {want} input{'s' if hi != 1 else ''}, got {n} {got}"
+    names = {a.name for a in node.attribute}
+    missing = [k for k in _REQUIRED_ATTRS.get(node.op_type, ()) if k not in names]
+    if missing:
+        return f"the required attribute {missing[0]!r} is missing"
+    return None
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal arrays, NaN equal to NaN (a NaN weight is the same in both batch worlds)."""
+    try:
+        return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    except TypeError:
+        return bool(np.array_equal(a, b))
+
+
 @dataclass(eq=False)
 class _Val:
     """A data tensor: the output of network node ``src`` (or the input), optionally followed by
@@ -204,9 +256,13 @@ class _Walker:
         self.nodes = list(g.node)
         self.producer: dict[str, int] = {}
         for i, n in enumerate(self.nodes):
+            problem = _structure_problem(n)
+            if problem:
+                raise ModelError(f"{source}: node {_node_label(n, i)!r} ({n.op_type}): {problem}")
             for o in n.output:
                 if o:
                     self.producer[o] = i
+        self._check_output_source()
         self.softmax: tuple[str, int] | None = None  # a stripped final Softmax: (label, axis)
         self._strip_softmax()
         self.keep = self._needed(self.out_name)
@@ -264,6 +320,8 @@ class _Walker:
     # -- setup -------------------------------------------------------------------------
     def _choose_output(self, output: str | int | None) -> str:
         names = [o.name for o in self.graph.output]
+        if not names:
+            raise ModelError(f"{self.source}: the graph has no outputs (expected one output, the logits)")
         if output is None:
             if len(names) != 1:
                 raise ModelError(
@@ -278,6 +336,17 @@ class _Walker:
         if output not in names:
             raise ModelError(f"{self.source}: no graph output named {output!r}; the outputs are {names}")
         return str(output)
+
+    def _check_output_source(self) -> None:
+        """The chosen output must be computed by a node (or be the graph input)."""
+        name = self.out_name
+        if name in self.producer:
+            return
+        if name in self.consts:
+            raise ModelError(f"{self.source}: output {name!r} is an initializer (a constant), not computed from "
+                             "the input")
+        if name not in {i.name for i in self.graph.input}:
+            raise ModelError(f"{self.source}: output {name!r} is not produced by any node (nor is it a graph input)")
 
     def _strip_softmax(self) -> None:
         i = self.producer.get(self.out_name)
@@ -431,8 +500,14 @@ class _Walker:
         if name not in self.consts:
             raise self.err(node, label, f"needs a constant for input {name!r}")
         a, b = self.consts[name]
-        if a.shape != b.shape or not np.array_equal(a, b):
+        if a.shape != b.shape or not _same(a, b):
             raise self.err(node, label, f"input {name!r} depends on the batch size")
+        if a.dtype.kind in "fc" and not np.all(np.isfinite(a)):
+            n_nan, n_pos, n_neg = int(np.isnan(a).sum()), int(np.sum(a == np.inf)), int(np.sum(a == -np.inf))
+            kinds = ", ".join(f"{k} {w}" for k, w in ((n_nan, "NaN"), (n_pos, "+inf"), (n_neg, "-inf")) if k)
+            n = n_nan + n_pos + n_neg
+            raise self.err(node, label, f"input {name!r} has {n} non-finite value{'s' if n != 1 else ''} of "
+                                        f"{a.size} ({kinds}); expected finite parameters")
         return a
 
     def opt_const(self, node: onnx.NodeProto, label: str, k: int) -> np.ndarray | None:
@@ -499,7 +574,15 @@ class _Walker:
             if extra:
                 raise self.err(node, label, f"its output {extra[0]!r} is used; only the first output of a "
                                             "data node is supported")
-            handler(self, node, i, label)
+            try:
+                handler(self, node, i, label)
+            except (IndexError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
+                # a malformed node that no explicit check above caught: still named, one line
+                raise self.err(node, label, f"malformed node ({type(e).__name__}: {one_line(e)})") from e
+            except ValueError as e:
+                if isinstance(e, ModelError):
+                    raise
+                raise self.err(node, label, f"malformed node ({type(e).__name__}: {one_line(e)})") from e
         if self.out_name not in self.vals:
             raise ModelError(f"{self.source}: output {self.out_name!r} does not depend on the input {self.input_name!r}")
         return self._finish(self.use(self.out_name))
@@ -565,7 +648,7 @@ class _Walker:
             except ModelError as e:
                 raise ModelError(f"{self.source}: node {label!r} ({node.op_type}): {e}") from e
             except Exception as e:  # numpy errors on malformed constant subgraphs
-                raise ModelError(f"{self.source}: cannot evaluate constant node {label!r} ({node.op_type}): {e}") from e
+                raise ModelError(f"{self.source}: cannot evaluate constant node {label!r} ({node.op_type}): {one_line(e)}") from e
         self.consts[node.output[0]] = (np.asarray(worlds[0]), np.asarray(worlds[1]))
 
     def data_input(self, node: onnx.NodeProto, label: str, k: int = 0) -> _Val:
@@ -599,6 +682,8 @@ class _Walker:
         if len(v.shape) != 1:
             raise self.err(node, label, f"needs flat input, got shape {v.shape}")
         b = self.const(node.input[1], node, label).astype(np.float64)
+        if b.ndim != 2:
+            raise self.err(node, label, f"weight {node.input[1]!r} must be 2-D, got shape {b.shape}")
         b = b.T if a.get("transB", 0) else b  # (in, out)
         out = b.shape[1]
         w = _exact(a.get("alpha", 1.0)) * b.T
@@ -618,7 +703,7 @@ class _Walker:
             raise self.err(node, label, f"needs flat input, got shape {v.shape}")
         w = self.const(node.input[1], node, label)
         if w.ndim != 2:
-            raise self.err(node, label, f"weight must be 2-D, got {w.shape}")
+            raise self.err(node, label, f"weight {node.input[1]!r} must be 2-D, got shape {w.shape}")
         # the bias of a following Add is folded in by h_elementwise
         src = self.use(node.input[0])
         layer = Linear(self.unique(label), self.tensor(w.T), torch.zeros(w.shape[1], dtype=F64))
@@ -630,28 +715,47 @@ class _Walker:
         w = self.const(node.input[1], node, label)
         if w.ndim != 4:
             raise self.err(node, label, f"only 2-D convolutions are supported, weight {w.shape}")
-        if any(d != 1 for d in a.get("dilations", [1, 1])):
-            raise self.err(node, label, f"dilation {a['dilations']} is not supported")
+        if "kernel_shape" in a and [int(k) for k in a["kernel_shape"]] != list(w.shape[2:]):
+            raise self.err(node, label, f"kernel_shape {list(a['kernel_shape'])} does not match the weight "
+                                        f"{node.input[1]!r} of shape {w.shape}")
+        self._dilations(node, label, a)
         if a.get("group", 1) != 1:
             raise self.err(node, label, f"group={a['group']} is not supported")
         pads = self._sym_pads(node, label, a)
         strides = self._strides(node, label, a)
         bias = self.opt_const(node, label, 2)
         bias = np.zeros(w.shape[0]) if bias is None else bias
+        if bias.shape != (w.shape[0],):
+            raise self.err(node, label, f"bias {node.input[2]!r} of shape {bias.shape} for {w.shape[0]} output "
+                                        f"channels (expected ({w.shape[0]},))")
         src = self.use(node.input[0])
         layer = Conv2d(self.unique(label), self.tensor(w), self.tensor(bias), strides, pads)
         self.emit_out(node, label, layer, [src], foldable=True)
 
-    def _two(self, node: onnx.NodeProto, label: str, values: Sequence[int], what: str) -> tuple[int, int]:
-        """A 2-D attribute (kernel_shape, strides) as a pair of ints; ``what``: the error otherwise."""
+    def _two(self, node: onnx.NodeProto, label: str, values: Sequence[int], what: str,
+             key: str = "") -> tuple[int, int]:
+        """A 2-D attribute (kernel_shape, strides) as a pair of ints; ``what``: the error otherwise.
+        With ``key`` (the attribute's name) both must be ≥ 1."""
         v = tuple(int(x) for x in values)
         if len(v) != 2:
-            raise self.err(node, label, what)
+            raise self.err(node, label, f"{what}, got {key or 'attribute'} {list(v)}" if key else what)
+        if key and min(v) < 1:
+            raise self.err(node, label, f"{key} {list(v)} must be positive")
         return v[0], v[1]
 
     def _strides(self, node: onnx.NodeProto, label: str, a: dict) -> tuple[int, int]:
         strides = a.get("strides", [1, 1])
-        return self._two(node, label, strides, f"only 2-D strides are supported, got {list(strides)}")
+        return self._two(node, label, strides, "only 2-D strides are supported", "strides")
+
+    def _kernel(self, node: onnx.NodeProto, label: str, a: dict) -> tuple[int, int]:
+        return self._two(node, label, a["kernel_shape"], "only 2-D pooling is supported", "kernel_shape")
+
+    def _dilations(self, node: onnx.NodeProto, label: str, a: dict) -> None:
+        d = [int(x) for x in a.get("dilations", [1, 1])]
+        if len(d) != 2:
+            raise self.err(node, label, f"dilations {d} must have 2 values (2-D)")
+        if any(x != 1 for x in d):
+            raise self.err(node, label, f"dilations {d} are not supported (need 1)")
 
     def _pads4(self, node: onnx.NodeProto, label: str, a: dict) -> list[int]:
         auto = _str_attr(a, "auto_pad", "NOTSET")
@@ -660,6 +764,8 @@ class _Walker:
         pads = [int(p) for p in a.get("pads", [0, 0, 0, 0])] if auto == "NOTSET" else [0, 0, 0, 0]
         if len(pads) != 4:
             raise self.err(node, label, f"only 2-D pads are supported, got {pads}")
+        if min(pads) < 0:
+            raise self.err(node, label, f"negative pads {pads} are not supported")
         return pads
 
     def _sym_pads(self, node: onnx.NodeProto, label: str, a: dict) -> tuple[int, int]:
@@ -683,11 +789,10 @@ class _Walker:
         if node.op_type == "GlobalAveragePool":
             kernel, strides, pads = (v.shape[1], v.shape[2]), (1, 1), (0, 0)  # v: (C, H, W)
         else:
-            kernel = self._two(node, label, a["kernel_shape"], "only 2-D pooling is supported")
+            kernel = self._kernel(node, label, a)
             if a.get("ceil_mode", 0):
                 raise self.err(node, label, "ceil_mode=1 is not supported")
-            if any(d != 1 for d in a.get("dilations", [1, 1])):
-                raise self.err(node, label, "dilation is not supported")
+            self._dilations(node, label, a)
             pads = self._sym_pads(node, label, a)
             # ONNX's default count_include_pad is 0: the divisor near a padded border is then
             # not 1/(kh·kw), which a fixed conv cannot express
@@ -724,9 +829,8 @@ class _Walker:
     def h_maxpool(self, node: onnx.NodeProto, i: int, label: str) -> None:
         self._spatial(node, label)
         a = _attrs(node)
-        kernel = self._two(node, label, a["kernel_shape"], "only 2-D pooling is supported")
-        if any(d != 1 for d in a.get("dilations", [1, 1])):
-            raise self.err(node, label, f"dilations {list(a['dilations'])} are not supported (need 1)")
+        kernel = self._kernel(node, label, a)
+        self._dilations(node, label, a)
         p = self._pads4(node, label, a)  # ONNX order [top, left, bottom, right], as MaxPool's
         strides = self._strides(node, label, a)
         layer = MaxPool(self.unique(label), kernel, strides, (p[0], p[1], p[2], p[3]), bool(a.get("ceil_mode", 0)))
@@ -749,10 +853,21 @@ class _Walker:
         for b, target in zip(self.batches, self.consts[node.input[1]], strict=True):
             full = (b, *v.shape)
             dims = [int(t) for t in np.asarray(target).reshape(-1)]
+            if any(t < -1 for t in dims) or dims.count(-1) > 1:
+                raise self.err(node, label, f"target shape {dims} is invalid (dims must be ≥ -1, at most one -1)")
+            if any(t == 0 and k >= len(full) and not allowzero for k, t in enumerate(dims)):
+                raise self.err(node, label, f"target shape {dims} copies (0) a dimension that the input "
+                                            f"{tuple(full)} does not have")
             out = [full[k] if (t == 0 and not allowzero) else t for k, t in enumerate(dims)]
             if out.count(-1) == 1:
                 known = math.prod(d for d in out if d != -1)
-                out[out.index(-1)] = math.prod(full) // known if known else 0
+                if not known or math.prod(full) % known:
+                    raise self.err(node, label, f"cannot reshape the input {tuple(full)} ({math.prod(full)} values) "
+                                                f"to {dims}")
+                out[out.index(-1)] = math.prod(full) // known
+            if out and out[0] == b and math.prod(out) != math.prod(full):
+                raise self.err(node, label, f"cannot reshape the input {tuple(full)} ({math.prod(full)} values) "
+                                            f"to {dims}")
             if not out or out[0] != b or math.prod(out) != math.prod(full):
                 raise self.err(node, label, f"target {dims} does not keep the batch dimension of input {tuple(full)} "
                                             "separate (only per-sample reshapes are supported)")
@@ -811,10 +926,14 @@ class _Walker:
             raise self.err(node, label, f"mode={mode} is not supported (only constant)")
         rank = len(v.shape) + 1
         if self.opset < 11 or "pads" in a:
+            if "pads" not in a:
+                raise self.err(node, label, "the required attribute 'pads' is missing")
             pads = [int(p) for p in a["pads"]]
             value = float(a.get("value", 0.0))
             axes = list(range(rank))
         else:
+            if len(node.input) < 2 or not node.input[1]:
+                raise self.err(node, label, "the pads input (input 1) is missing")
             pads = [int(p) for p in np.asarray(self.const(node.input[1], node, label)).reshape(-1)]
             cv = self.opt_const(node, label, 2)
             value = 0.0 if cv is None else _exact(cv)
@@ -842,6 +961,8 @@ class _Walker:
                                         "(only computed tensors are supported)")
         rank = len(self.vals[node.input[0]].shape) + 1
         axis = int(_attrs(node)["axis"])
+        if not -rank <= axis < rank:
+            raise self.err(node, label, f"axis={axis} is out of range for tensors of rank {rank}")
         axis = axis + rank if axis < 0 else axis
         if axis < 1:
             raise self.err(node, label, "concatenation along the batch dimension is not supported")
@@ -892,9 +1013,16 @@ class _Walker:
         if a.get("training_mode", 0):
             raise self.err(node, label, "training_mode=1 is not supported")
         gamma, beta, mean, var = (self.const(n, node, label) for n in node.input[1:5])
-        s, t = bn_scale_shift(gamma, beta, mean, var, _exact(a.get("epsilon", 1e-5)))
-        if s.shape != (v.shape[0],):
-            raise self.err(node, label, f"{s.shape[0]} channels for data of shape {v.shape}")
+        c = v.shape[0] if v.shape else 0
+        for what, name, arr in zip(("scale", "B", "mean", "var"), node.input[1:5], (gamma, beta, mean, var),
+                                   strict=True):
+            if arr.shape != (c,):
+                raise self.err(node, label, f"{what} {name!r} has shape {arr.shape}; expected ({c},) for data of "
+                                            f"shape {v.shape} ({c} channels)")
+        eps = _exact(a.get("epsilon", 1e-5))
+        if not np.all(np.asarray(var, np.float64) + eps > 0):
+            raise self.err(node, label, f"var {node.input[4]!r} + epsilon {eps} must be > 0")
+        s, t = bn_scale_shift(gamma, beta, mean, var, eps)
         self.channel_affine(node, label, node.input[0], s, t, fold_ok=True)
 
     def h_neg(self, node: onnx.NodeProto, i: int, label: str) -> None:
@@ -1156,7 +1284,13 @@ def from_onnx_model(
     output: str | int | None = None,
 ) -> Network:
     """Lower an in-memory ONNX model to a float64 :class:`Network` (see :func:`load_onnx`)."""
-    return _Walker(model, input_shape, source, output).run()
+    if not model.HasField("graph"):
+        raise ModelError(f"{source}: not an ONNX model (the file holds no graph)")
+    try:
+        net = _Walker(model, input_shape, source, output).run()
+        return check_loaded(net)
+    except ModelError as e:
+        raise named_error(e, source) from e.__cause__
 
 
 def load_onnx(path: str | Path, input_shape: Sequence[int] | None = None, output: str | int | None = None) -> Network:
@@ -1178,5 +1312,5 @@ def load_onnx(path: str | Path, input_shape: Sequence[int] | None = None, output
     try:
         model = onnx.load(str(path))
     except Exception as e:  # protobuf's DecodeError and friends
-        raise ModelError(f"{path.name}: not a readable ONNX file ({e})") from e
+        raise ModelError(f"{path.name}: not a readable ONNX file ({one_line(e) or type(e).__name__})") from e
     return from_onnx_model(model, input_shape, path.name, output)

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from verigrad.models.network import (
-    ActKind, Activation, Conv2d, Layer, Linear, MaxPool, ModelError, Network, PReLU, Reshape,
+    ActKind, Activation, Conv2d, Layer, Linear, MaxPool, ModelError, Network, PReLU, Reshape, check_loaded,
+    named_error, one_line,
 )
 from verigrad.models.onnx_loader import (
     avgpool_layer,
@@ -154,7 +155,10 @@ class _SequentialWalker:
             self.emit(self._conv(name, m), fresh=True)
         elif isinstance(m, (nn.Flatten, nn.Unflatten)):
             # a pure row-major reshape: run it on a batch of 2 to read the per-sample shape
-            out = m(torch.zeros(2, *self.shape))
+            try:
+                out = m(torch.zeros(2, *self.shape))
+            except RuntimeError as e:
+                raise self.refuse(name, m, f"cannot apply to per-sample shape {self.shape} ({one_line(e)})") from None
             if out.shape[0] != 2:
                 raise self.refuse(name, m, "mixes the batch dimension")
             if tuple(out.shape[1:]) != self.shape:
@@ -312,6 +316,14 @@ def _is_builtin(m: nn.Module) -> bool:
     return type(m).__module__.startswith("torch.nn.")
 
 
+def _exc_line(e: BaseException) -> str:
+    """``Type: first meaningful line`` of an exception from torch (no pasted TorchScript trace)."""
+    line = one_line(e)
+    if not line:
+        return type(e).__name__
+    return line if line.split(":", 1)[0].endswith(("Error", "Exception")) else f"{type(e).__name__}: {line}"
+
+
 def _via_onnx(module: nn.Module, input_shape: tuple[int, ...], source: str,
               output: str | int | None = None) -> Network:
     """Export to ONNX in memory (legacy exporter) and lower that."""
@@ -330,7 +342,7 @@ def _via_onnx(module: nn.Module, input_shape: tuple[int, ...], source: str,
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
             )
     except Exception as e:
-        raise ModelError(f"{source}: could not export to ONNX for conversion: {type(e).__name__}: {e}") from e
+        raise ModelError(f"{source}: could not export to ONNX for conversion: {_exc_line(e)}") from e
     finally:
         module.train(was_training)
     return from_onnx_model(onnx.load_from_string(buf.getvalue()), input_shape, f"{source} (via ONNX export)", output)
@@ -346,10 +358,23 @@ def module_network(module: nn.Module, input_shape: Sequence[int], *, live: bool,
     parameters (an ``nn.Sequential`` of torch.nn layers only; BatchNorm and active Dropout
     refused). Raises :class:`LayerRefused` (a :class:`ModelError`) naming the offending layer.
     """
-    shape = tuple(int(s) for s in input_shape)
     name = type(module).__name__
     if source is None:
         source = f"<{name} view>" if live else name
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except (TypeError, ValueError):
+        raise ModelError(f"{source}: input_shape must be a sequence of ints, got {input_shape!r}") from None
+    try:
+        net = _module_network(module, shape, live, source)
+    except ModelError as e:
+        raise named_error(e, source) from e.__cause__
+    # a live view follows the module's training: only a copy is checked once, here
+    return net if live else check_loaded(net)
+
+
+def _module_network(module: nn.Module, shape: tuple[int, ...], live: bool, source: str) -> Network:
+    name = type(module).__name__
     if _walkable(module):
         leaves = list(_leaves(module))
         custom = [(n, m) for n, m in leaves if not isinstance(m, _KNOWN) and not _is_builtin(m)]
@@ -393,8 +418,10 @@ def load_torchscript(path: str | Path, input_shape: Sequence[int], output: str |
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:
         raise ModelError(
-            f"{path.name}: not a TorchScript archive ({type(e).__name__}); a module saved with "
+            f"{path.name}: not a TorchScript archive ({_exc_line(e)}); a module saved with "
             "torch.save must be loaded by your code and passed to from_module"
         ) from e
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"{path.name}: the TorchScript archive holds a {type(module).__name__}, not a module")
     module.eval()
     return _via_onnx(module, tuple(int(s) for s in input_shape), path.name, output)
