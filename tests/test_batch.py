@@ -19,11 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 FC = str(ROOT / "examples/models/mnist_fc.onnx")
 
 
-def _spec(tmp_path: Path, name: str, threshold: float, end: int = 2) -> Path:
+# attacks on every property, long: an input takes about half a second (a timeout of 0.05 s is hit on
+# the input itself; the timeout does not count worker start-up)
+SLOW_ATTACK = {"order": "both", "steps": 300, "restarts": 2}
+
+
+def _spec(tmp_path: Path, name: str, threshold: float, end: int = 2, attack: dict | None = None) -> Path:
     d = {"model": {"path": FC}, "data": {"dataset": "mnist_sample", "start": 0, "end": end},
          "perturbation": {"input": {"epsilon": 0.001}},
          "properties": [{"name": "l2", "kind": "untargeted", "metric": "l2", "threshold": threshold}],
-         "bounds": {"methods": ["ibp"]}, "attack": {"order": "after", "steps": 5, "restarts": 1},
+         "bounds": {"methods": ["ibp"]}, "attack": attack or {"order": "after", "steps": 5, "restarts": 1},
          "general": {"results": str(tmp_path / "res")}}
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(d))
@@ -69,7 +74,8 @@ def test_batch_runs_streams_and_reports(tmp_path, backend):
 
 def test_timeout_is_unknown_not_a_crash(tmp_path):
     out = tmp_path / "out"
-    r = _run(_spec(tmp_path, "slow", 1000.0), "--timeout", 0.05, "--out", out, "--unknown-as", "failure")
+    r = _run(_spec(tmp_path, "slow", 1000.0, attack=SLOW_ATTACK), "--timeout", 0.05, "--out", out, "--unknown-as",
+             "failure")
     assert r.exit_code == 3, r.output
     recs = b.load_records(out)
     assert len(recs) == 2 and all(x["status"] == "timeout" and "timeout" in x["reason"] for x in recs)
@@ -136,10 +142,12 @@ def test_batched_ibp_equals_one_input_at_a_time(tmp_path):
         pre = vmod.batched_bounds(problem, idx)
         for i, p in zip(idx, pre, strict=True):
             (res, seconds) = p.engines[vmod.Method.IBP]
-            alone = vmod.verify_instance(problem, i).engines[0].bounds
+            alone = vmod.verify_instance(problem, i).engines[0].bounds  # widened for rounding
+            batched = vmod.verify_instance(problem, i, p).engines[0].bounds  # the same, from the batch
             assert seconds >= 0
-            torch.testing.assert_close(res.bounds.lower, alone.lower, rtol=0, atol=1e-12)
-            torch.testing.assert_close(res.bounds.upper, alone.upper, rtol=0, atol=1e-12)
+            torch.testing.assert_close(batched.lower, alone.lower, rtol=0, atol=1e-12)
+            torch.testing.assert_close(batched.upper, alone.upper, rtol=0, atol=1e-12)
+            assert bool((batched.lower <= res.bounds.lower).all()) and bool((batched.upper >= res.bounds.upper).all())
             assert any("one batch of 4 inputs" in n for n in res.notes), over
         many = [r for r, _ in vmod.verify_many(problem, idx)]
         assert [r.verdicts for r in many] == [vmod.verify_instance(problem, i).verdicts for i in idx]
@@ -271,7 +279,8 @@ def test_dask_backend_gives_the_local_results_and_stays_on_loopback(tmp_path):
 def test_dask_backend_timeout_restarts_the_worker_and_goes_on(tmp_path):
     pytest.importorskip("distributed")
     out = tmp_path / "out"
-    r = _run(_spec(tmp_path, "slow", 1000.0), "--backend", "dask", "--timeout", 0.05, "--out", out)
+    r = _run(_spec(tmp_path, "slow", 1000.0, attack=SLOW_ATTACK), "--backend", "dask", "--timeout", 0.05, "--out",
+             out)
     assert r.exit_code == 3, r.output
     recs = b.load_records(out)
     assert len(recs) == 2 and all(x["status"] == "timeout" for x in recs)

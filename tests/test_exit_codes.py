@@ -135,3 +135,13 @@ def test_a_full_disk_mid_run_exits_2_and_keeps_what_was_written(tmp_path, monkey
     doc = json.loads((tmp_path / "res/spec.json").read_text())
     assert [i["index"] for i in doc["instances"]] == [0] and doc["complete"] is False
     assert not list((tmp_path / "res").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("args, text", [
+    (["verify", "/"], "is a directory"),
+    (["verify", "--bogus", "x"], "No such option '--bogus'"),
+    (["bogus"], "No such command 'bogus'"),
+])
+def test_usage_errors_are_one_line(args, text):
+    r = _run(*args)
+    assert r.exit_code == 2 and r.output.startswith("error: ") and text in r.output and r.output.count("\n") == 1

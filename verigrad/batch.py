@@ -15,27 +15,42 @@ Each line of ``results.jsonl`` is one finished instance:
 unless done) plus ``bounds_npz``, the path of its bound maps. Workers return files as bytes
 and the driver writes them, then the line: a remote worker needs no access to ``out``, and
 a line is never written before its files. ``resume`` skips instances whose (spec hash,
-index) already has a line. A unit gets ``timeout`` seconds per input; a unit that runs out
-is killed with its worker and, if it held several inputs, split and re-run one input at a
-time, so a timeout is charged to one input only. A crashed worker makes its unit's inputs
-``error`` and the batch goes on. ``summary.json`` and a JUnit XML (one test case per
-instance × property) follow.
+index) last line is a complete result (certified / falsified / unknown verdicts) and re-runs
+those that ended in ``error`` or ``timeout``; without ``resume`` a directory that already
+holds results is refused unless ``overwrite`` discards them. One batch at a time writes to
+``out``: it holds ``out/.lock`` (an ``flock``, with the holder's pid, host and start time).
+A unit gets ``timeout`` seconds per input, counted from when a worker starts it (its spec
+loaded), not from its submission: worker start-up is not charged to the inputs. A unit that
+runs out is killed with its worker and, if it held several inputs, split and re-run one input
+at a time, so a timeout is charged to one input only. A crashed (or killed) worker makes its
+unit's inputs ``error`` and the batch goes on. SIGTERM stops the workers and leaves ``out``
+resumable; a failed write (disk full) is a :class:`~verigrad.errors.UserError` naming the
+file, with everything finished before kept. ``summary.json`` and a JUnit XML (one test case
+per instance × property) follow.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
 import json
 import logging
 import math
 import multiprocessing as mp
 import multiprocessing.connection as mpc
+import os
+import re
+import signal
+import socket
+import threading
 import time
 import traceback
+import xml.etree.ElementTree as ET
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
-from xml.sax.saxutils import escape
+from typing import Any, BinaryIO, Callable, Iterator, Protocol, Sequence
 
 from verigrad.data import load_dataset
 from verigrad.errors import UserError
@@ -43,10 +58,26 @@ from verigrad.spec import load_spec
 
 UNIT_SECONDS = 0.5  # target wall time of an auto-sized unit
 MAX_UNIT = 32  # at most this many inputs per auto-sized unit
+START_SECONDS = 600.0  # with a timeout: a unit no worker has started this long after submission fails
+
+log = logging.getLogger(__name__)
 
 
 class BackendError(UserError):
     """The backend cannot start (a missing package, an unreachable scheduler)."""
+
+
+class OutputError(UserError):
+    """The output directory cannot be used or written (a plain file in its place, read-only,
+    disk full); names the path."""
+
+
+class OutputLocked(OutputError):
+    """Another batch holds the output directory's lock; names the holder."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The driver got SIGTERM: the workers were stopped, what finished is kept (resume)."""
 
 
 class Backend(str, Enum):
@@ -117,9 +148,11 @@ def _error_text(e: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(e), e)).strip()
 
 
-def run_unit(tasks: Sequence[Task], problems: dict) -> list[Outcome]:
+def run_unit(tasks: Sequence[Task], problems: dict, on_start: Callable[[], None] | None = None) -> list[Outcome]:
     """Verify inputs of one spec together (in a worker). ``problems`` caches the loaded spec
-    (model, data, boxes) across calls; a spec that fails to load fails each of its inputs."""
+    (model, data, boxes) across calls; a spec that fails to load fails each of its inputs.
+    ``on_start()`` is called once the spec is loaded, when the inputs start (the driver's
+    timeout counts from there)."""
     import io
 
     import numpy as np
@@ -139,6 +172,8 @@ def run_unit(tasks: Sequence[Task], problems: dict) -> list[Outcome]:
     # two specs may share a file name (a/spec.yaml, b/spec.yaml), and an edited spec is another
     # spec: its hash keeps their files apart
     stem = f"{Path(first.spec_path).stem}-{first.spec_sha256[:8]}"
+    if on_start is not None:
+        on_start()
     out = []
     for r, seconds in verify_many(problem, [t.index for t in tasks]):
         doc = r.to_dict()
@@ -165,6 +200,11 @@ def run_unit(tasks: Sequence[Task], problems: dict) -> list[Outcome]:
 
 
 class _Pool(Protocol):
+    """What :func:`run_batch` needs of a backend. A pool may also have ``started(handle)``:
+    the ``time.monotonic()`` at which a worker started the unit (None while it has not), from
+    which the unit's timeout counts (without it: from submission); and ``terminate()``: stop
+    at once (SIGTERM, a failed write), not after the running units."""
+
     capacity: int
 
     def submit(self, unit: Sequence[Task]) -> Any: ...
@@ -178,23 +218,34 @@ class _Pool(Protocol):
     def close(self) -> None: ...
 
 
+_STARTED = ("started",)  # a local worker's message: the unit's spec is loaded, its inputs start
+
+
 def _serve(threads: int, conn) -> None:
     """Local worker process: run units received on ``conn`` until it gets None. Starting
     Python and torch costs more than most instances, so a worker lives for the whole batch
-    unless a timeout kills it."""
-    import torch
+    unless a timeout kills it. Ctrl-C (sent to the whole process group) is the driver's to
+    handle: it stops the workers; a driver gone away ends the worker without a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import torch
 
-    torch.set_num_threads(threads)
-    problems: dict = {}
-    while True:
-        unit = conn.recv()
-        if unit is None:
-            break
-        try:
-            conn.send(run_unit(unit, problems))
-        except Exception as e:  # noqa: BLE001 - reported for the unit's inputs, the batch goes on
-            conn.send(_error_text(e))
-    conn.close()
+        torch.set_num_threads(threads)
+        problems: dict = {}
+        while True:
+            unit = conn.recv()
+            if unit is None:
+                break
+            try:
+                answer: list[Outcome] | str = run_unit(unit, problems, on_start=lambda: conn.send(_STARTED))
+            except Exception as e:  # noqa: BLE001 - reported for the unit's inputs, the batch goes on
+                answer = _error_text(e)
+            conn.send(answer)
+    except (EOFError, OSError):  # the driver is gone (killed, or it stopped us): nobody to answer
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            conn.close()
 
 
 @dataclass
@@ -202,11 +253,16 @@ class _Proc:
     proc: Any
     conn: Any
     busy: bool = False
+    started: float | None = None  # monotonic time the running unit started (its "started" message)
 
 
 class LocalPool:
     """``jobs`` spawned worker processes (a clean interpreter each: no inherited torch
-    threads or locks), one unit at a time per process, answered over a pipe."""
+    threads or locks), one unit at a time per process, answered over a pipe. A worker
+    reports when it starts a unit (``started``); one that dies (killed, out of memory) fails
+    its unit and is replaced."""
+
+    _target: Callable[..., None] = staticmethod(_serve)  # the worker's main loop
 
     def __init__(self, jobs: int, threads: int = DEFAULTS.threads) -> None:
         self._ctx = mp.get_context("spawn")
@@ -216,41 +272,66 @@ class LocalPool:
 
     def _spawn(self) -> _Proc:
         here, there = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_serve, args=(self._threads, there), daemon=True)
+        proc = self._ctx.Process(target=type(self)._target, args=(self._threads, there), daemon=True)
         proc.start()
         there.close()
         return _Proc(proc, here)
 
+    def _replace(self, k: int) -> None:
+        p = self._procs[k]
+        if p.proc.is_alive():
+            p.proc.kill()
+        p.proc.join()
+        with contextlib.suppress(OSError):
+            p.conn.close()
+        self._procs[k] = self._spawn()
+
+    def pids(self) -> list[int]:
+        """The worker processes' ids, by handle (the slot a unit runs in)."""
+        return [p.proc.pid for p in self._procs]
+
     def submit(self, unit: Sequence[Task]) -> int:
         k = next(k for k, p in enumerate(self._procs) if not p.busy)
-        self._procs[k].busy = True
-        self._procs[k].conn.send(list(unit))
+        try:
+            self._procs[k].conn.send(list(unit))
+        except OSError:  # the idle worker died (killed from outside): a fresh one takes the unit
+            self._replace(k)
+            self._procs[k].conn.send(list(unit))
+        self._procs[k].busy, self._procs[k].started = True, None
         return k
+
+    def started(self, handle: int) -> float | None:
+        return self._procs[handle].started
 
     def wait(self, seconds: float) -> list[tuple[int, list[Outcome] | str]]:
         busy = {k: p for k, p in enumerate(self._procs) if p.busy}
         ready = set(mpc.wait([p.conn for p in busy.values()] + [p.proc.sentinel for p in busy.values()], seconds))
-        done = []
+        done: list[tuple[int, list[Outcome] | str]] = []
         for k, p in busy.items():
-            if p.conn in ready or p.proc.sentinel in ready:
-                try:
-                    answer = p.conn.recv() if p.conn.poll() else None
-                except EOFError:
-                    answer = None
-                if answer is None:  # the process died before answering
-                    p.proc.join()
-                    answer = f"worker exited with code {p.proc.exitcode} before returning a result"
-                    self._procs[k] = self._spawn()
-                else:
-                    p.busy = False
+            if p.conn not in ready and p.proc.sentinel not in ready:
+                continue
+            answer: list[Outcome] | str | None = None
+            dead = p.proc.sentinel in ready
+            try:
+                while answer is None and p.conn.poll():
+                    msg = p.conn.recv()
+                    if isinstance(msg, tuple) and msg == _STARTED:
+                        p.started = time.monotonic()
+                    else:
+                        answer = msg
+            except (EOFError, OSError):  # the process died before answering
+                dead = True
+            if answer is not None:
+                p.busy = False
                 done.append((k, answer))
+            elif dead:
+                p.proc.join()
+                done.append((k, f"worker exited with code {p.proc.exitcode} before returning a result"))
+                self._replace(k)
         return done
 
     def kill(self, handle: int) -> None:
-        p = self._procs[handle]
-        p.proc.kill()
-        p.proc.join()
-        self._procs[handle] = self._spawn()
+        self._replace(handle)
 
     def close(self) -> None:
         for p in self._procs:
@@ -262,11 +343,23 @@ class LocalPool:
             p.proc.join(10)
             if p.proc.is_alive():
                 p.proc.kill()
+                p.proc.join()
+
+    def terminate(self) -> None:
+        """Kill every worker now (their running units are lost; resume re-runs them)."""
+        for p in self._procs:
+            if p.proc.is_alive():
+                p.proc.kill()
+        for p in self._procs:
+            p.proc.join()
+            with contextlib.suppress(OSError):
+                p.conn.close()
 
 
-def _dask_unit(unit: Sequence[Task], threads: int) -> list[Outcome]:
+def _dask_unit(unit: Sequence[Task], threads: int, topic: str | None = None) -> list[Outcome]:
     """A unit on a Dask worker; the loaded specs are cached on the worker object, the way a
-    local worker keeps them for the whole batch."""
+    local worker keeps them for the whole batch. Its start is logged as an event on
+    ``topic`` (the driver's timeout counts from there)."""
     import torch
     from distributed import get_worker
 
@@ -274,7 +367,9 @@ def _dask_unit(unit: Sequence[Task], threads: int) -> list[Outcome]:
     worker = get_worker()
     # the cache lives in the worker object's own attributes (Worker declares no such field)
     problems: dict = vars(worker).setdefault("verigrad_problems", {})
-    return run_unit(unit, problems)
+    key = worker.get_current_task()
+    on_start = None if topic is None else (lambda: worker.log_event(topic, str(key)))
+    return run_unit(unit, problems, on_start)
 
 
 class DaskPool:
@@ -302,11 +397,20 @@ class DaskPool:
                 raise BackendError(f"cannot reach the Dask scheduler at {scheduler!r}: {e}") from None
         self.capacity = max(1, sum(self._client.nthreads().values()))
         self._futures: dict[Any, Any] = {}
+        self._started: dict[str, float] = {}  # str(future key) → monotonic time its unit started
+        self._topic = f"verigrad-started-{self._client.id}"
+        self._client.subscribe_topic(self._topic, self._on_started)
+
+    def _on_started(self, event: tuple[float, Any]) -> None:
+        self._started[str(event[1])] = time.monotonic()
 
     def submit(self, unit: Sequence[Task]) -> Any:
-        fut = self._client.submit(_dask_unit, list(unit), self._threads, pure=False)
+        fut = self._client.submit(_dask_unit, list(unit), self._threads, self._topic, pure=False)
         self._futures[fut.key] = fut
         return fut.key
+
+    def started(self, handle: Any) -> float | None:
+        return self._started.get(str(handle))
 
     def wait(self, seconds: float) -> list[tuple[Any, list[Outcome] | str]]:
         from distributed import wait
@@ -322,6 +426,7 @@ class DaskPool:
         for key, fut in list(self._futures.items()):
             if fut.done():
                 del self._futures[key]
+                self._started.pop(str(key), None)
                 try:
                     done.append((key, fut.result()))
                 except Exception as e:  # noqa: BLE001 - e.g. KilledWorker: the unit fails, the batch goes on
@@ -330,6 +435,7 @@ class DaskPool:
 
     def kill(self, handle: Any) -> None:
         fut = self._futures.pop(handle, None)
+        self._started.pop(str(handle), None)
         if fut is None:
             return
         where = [w for w, keys in self._client.processing().items() if handle in keys]
@@ -360,16 +466,191 @@ def make_pool(backend: Backend | str, jobs: int, threads: int = DEFAULTS.threads
 # The driver
 
 
+def _complete(rec: dict) -> bool:
+    """A record that resume keeps: a finished result with verdicts (certified / falsified /
+    unknown), not an error, a failed instance or a timeout."""
+    result = rec.get("result")
+    return rec.get("status") == "done" and isinstance(result, dict) and result.get("error") is None
+
+
 def _done_keys(path: Path) -> set[tuple[str, int]]:
-    keys = set()
+    """(spec hash, data index) of the instances whose last line is a complete result: resume
+    runs the others (errors and timeouts too) again."""
+    last: dict[tuple[str, int], bool] = {}
     if path.exists():
         for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
-                keys.add((rec["spec_sha256"], rec["data_index"]))
-            except (ValueError, KeyError):
+                last[(rec["spec_sha256"], rec["data_index"])] = _complete(rec)
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # a line cut off by a kill: that instance runs again
-    return keys
+    return {k for k, ok in last.items() if ok}
+
+
+# ---------------------------------------------------------------------------------------
+# The output directory: one writer at a time, SIGTERM at a safe point, writes that fail cleanly
+
+
+_HELD: dict[tuple[str, int], int] = {}  # (lock path, thread) → depth: the lock is re-entrant per thread
+
+
+class _TermGuard:
+    """While a batch holds its output directory (main thread only), SIGTERM raises
+    :class:`Terminated`, deferred to the end of a line being written so no record is cut."""
+
+    def __init__(self) -> None:
+        self.critical = 0
+        self.pending = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if self.critical:
+            self.pending = True
+        else:
+            raise Terminated(f"terminated by signal {signum}")
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.critical += 1
+        try:
+            yield
+        finally:
+            self.critical -= 1
+        if not self.critical and self.pending:
+            self.pending = False
+            raise Terminated("terminated by SIGTERM")
+
+
+_TERM = _TermGuard()
+
+
+def _holder_text(info: dict) -> str:
+    return f"pid {info.get('pid', '?')} on host {info.get('host', '?')}, started {info.get('started', '?')}"
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        info = json.loads(os.read(fd, 4096).decode() or "{}")
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _acquire(out: Path, on_note: Callable[[str], None]) -> int:
+    """Make ``out`` and take its lock (an exclusive ``flock`` on ``out/.lock``, which the kernel
+    drops when its holder dies, so a lock left by a killed batch is taken over); writing the
+    holder into the file doubles as the check that ``out`` is writable."""
+    import fcntl
+
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"cannot use {out} as the output directory: it exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot use {out} as the output directory: {e.strerror or e}") from None
+    if not out.is_dir():
+        raise OutputError(f"cannot use {out} as the output directory: it exists and is not a directory")
+    path = out / ".lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise OutputLocked(f"{out} is in use by another verigrad batch ({_holder_text(holder)}); wait for it "
+                               "to finish, stop it, or use another --out") from None
+        except OSError as e:
+            os.close(fd)
+            raise OutputError(f"cannot lock {path}: {e.strerror or e}") from None
+        try:  # a holder releasing the lock unlinks the file: the one locked must still be the one there
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    old = _read_holder(fd)
+    if old:
+        on_note(f"took over the lock of {out}: its holder ({_holder_text(old)}) is no longer running")
+    info = {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    try:
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(info).encode())
+    except OSError as e:
+        _release(path, fd)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    return fd
+
+
+def _release(path: Path, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.unlink(path)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, on_note: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold ``out`` for one batch: create it, take ``out/.lock`` (:class:`OutputLocked`,
+    naming the holder, if another batch has it; :class:`OutputError` if ``out`` cannot be
+    written), and, in the main thread, turn SIGTERM into :class:`Terminated`. Re-entrant in
+    one thread (the CLI holds it around :func:`run_batch`, which takes it too)."""
+    key = (str((Path(out) / ".lock").absolute()), threading.get_ident())
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    fd = _acquire(Path(out), on_note or log.warning)
+    _HELD[key] = 1
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _TERM.handler) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
+        del _HELD[key]
+        _release(Path(out) / ".lock", fd)
+
+
+def _write_error(path: Path, e: OSError, lines: Path, kept: int) -> OutputError:
+    return OutputError(f"cannot write {path}: {e.strerror or e}; {lines} keeps the {kept} results finished before "
+                       "it (continue with --resume once it can be written)")
+
+
+def _open_lines(path: Path) -> BinaryIO:
+    """``results.jsonl`` for appending, unbuffered: a record is on disk (or failed) when written."""
+    return open(path, "ab", buffering=0)  # noqa: SIM115 - closed by run_batch
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _append(f: BinaryIO, data: bytes) -> None:
+    """Write ``data`` whole or raise, cutting the file back to where it was (no partial line)."""
+    pos = os.fstat(f.fileno()).st_size
+    try:
+        view = memoryview(data)
+        while view:
+            n = f.write(view)
+            if not n:
+                raise OSError(errno.EIO, "short write")
+            view = view[n:]
+    except OSError:
+        with contextlib.suppress(OSError):
+            f.truncate(pos)
+        raise
 
 
 def _drop_cut_tail(path: Path) -> None:
@@ -464,40 +745,98 @@ class Progress:
     eta_s: float
 
 
+def _count_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def _prepare_output(out: Path, resume: bool, overwrite: bool) -> set[tuple[str, int]]:
+    """Refuse to discard finished results unasked; return the instances resume skips."""
+    lines = out / "results.jsonl"
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other: continue the results, or discard them")
+    if resume:
+        _drop_cut_tail(lines)
+        return _done_keys(lines)
+    if lines.exists():
+        n = len(load_records(out))
+        if n and not overwrite:
+            raise UserError(f"{out} has {n} finished results; use --resume to continue or --overwrite to discard them")
+        for name in ("results.jsonl", "summary.json", "junit.xml"):  # the summaries of what is discarded
+            (out / name).unlink(missing_ok=True)
+    return set()
+
+
+def _stop(pool: _Pool, now: bool) -> None:
+    terminate = getattr(pool, "terminate", None)
+    if now and terminate is not None:
+        terminate()
+    else:
+        pool.close()
+
+
 def run_batch(tasks: Sequence[Task], out: Path, jobs: int = DEFAULTS.jobs, timeout: float | None = None,
               resume: bool = False, threads: int = DEFAULTS.threads,
               on_result: Callable[[dict, Progress], None] | None = None,
               backend: Backend | str = DEFAULTS.backend, batch_size: int | None = None,
-              scheduler: str | None = None, pool: _Pool | None = None) -> list[dict]:
+              scheduler: str | None = None, pool: _Pool | None = None, overwrite: bool = False,
+              on_note: Callable[[str], None] | None = None) -> list[dict]:
     """Run ``tasks`` on ``jobs`` workers of ``backend``; append each finished instance to
     ``out/results.jsonl`` as it finishes (its files first). Returns this run's records
     (with ``resume``, nothing for the skipped ones: they are already in the file).
-    ``batch_size``: inputs per unit (None: sized from measured times). ``on_result(record,
-    progress)`` is called after each line is written. ``pool`` replaces the backend's
-    (any object with ``capacity``, ``submit``, ``wait``, ``kill``, ``close``)."""
-    out.mkdir(parents=True, exist_ok=True)
+    ``resume`` skips instances whose last line is a complete result and re-runs errors and
+    timeouts; without it, a ``results.jsonl`` holding results is a :class:`UserError` unless
+    ``overwrite`` (discard them). ``out`` is locked for the run (:func:`output_lock`;
+    ``on_note`` hears of a stale lock taken over). ``batch_size``: inputs per unit (None:
+    sized from measured times). ``on_result(record, progress)`` is called after each line is
+    written. ``pool`` replaces the backend's (any object with ``capacity``, ``submit``,
+    ``wait``, ``kill``, ``close``; optionally ``started`` and ``terminate``, see
+    :class:`_Pool`). A write that fails raises :class:`OutputError` naming the file; SIGTERM
+    raises :class:`Terminated`; either way the workers are stopped and every line written
+    before stays."""
+    out = Path(out)
+    with output_lock(out, on_note):
+        return _run_locked(tasks, out, jobs, timeout, resume, threads, on_result, backend, batch_size, scheduler,
+                           pool, overwrite)
+
+
+@dataclass
+class _Running:
+    unit: list[Task]
+    submitted: float
+    started: float | None = None
+
+
+def _run_locked(tasks: Sequence[Task], out: Path, jobs: int, timeout: float | None, resume: bool, threads: int,
+                on_result: Callable[[dict, Progress], None] | None, backend: Backend | str,
+                batch_size: int | None, scheduler: str | None, pool: _Pool | None,
+                overwrite: bool) -> list[dict]:
     lines = out / "results.jsonl"
-    if not resume and lines.exists():
-        lines.unlink()
-    if resume:
-        _drop_cut_tail(lines)
-    skip = _done_keys(lines) if resume else set()
+    skip = _prepare_output(out, resume, overwrite)
     todo = [t for t in tasks if (t.spec_sha256, t.data_index) not in skip]
     records: list[dict] = []
     if not todo:
         return records
-    if pool is None:
-        pool = make_pool(backend, min(jobs, len(todo)), threads, scheduler)
-    plan = _Planner(todo, batch_size, pool.capacity)
-    running: dict[Any, tuple[list[Task], float, float]] = {}  # handle → (unit, start, deadline)
-    with lines.open("a") as f:
+    try:
+        f = _open_lines(lines)
+    except OSError as e:
+        raise OutputError(f"cannot write {lines}: {e.strerror or e}") from None
+    kept = _count_lines(lines)
+    with f:
+        if pool is None:
+            pool = make_pool(backend, min(jobs, len(todo)), threads, scheduler)
+        plan = _Planner(todo, batch_size, pool.capacity)
+        started_of: Callable[[Any], float | None] | None = getattr(pool, "started", None)
+        running: dict[Any, _Running] = {}
 
         def finish(t: Task, status: str, reason: str | None, seconds: float, result: dict | None,
                    files: dict[str, bytes] | None = None) -> None:
+            nonlocal kept
             for rel, data in (files or {}).items():
                 path = out / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
+                try:
+                    _write_file(path, data)
+                except OSError as e:
+                    raise _write_error(path, e, lines, kept) from None
             if result is not None:  # name the files by their paths as seen from here
                 if result.get("bounds_npz"):
                     result["bounds_npz"] = str(out / result["bounds_npz"])
@@ -506,39 +845,56 @@ def run_batch(tasks: Sequence[Task], out: Path, jobs: int = DEFAULTS.jobs, timeo
                         a["witness"] = str(out / a["witness"])
             record = {"spec": t.spec_path, "spec_sha256": t.spec_sha256, "data_index": t.data_index,
                       "status": status, "reason": reason, "seconds": seconds, "result": result}
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+            with _TERM.deferred():  # SIGTERM waits for the line: a record is written whole or not at all
+                try:
+                    _append(f, (json.dumps(record) + "\n").encode())
+                except OSError as e:
+                    raise _write_error(lines, e, lines, kept) from None
+            kept += 1
             records.append(record)
             plan.record(t, seconds)
             if on_result is not None:
                 on_result(record, Progress(len(records), len(todo), plan.eta()))
 
+        clean = False
         try:
             while plan or running:
                 while plan and len(running) < pool.capacity:
                     unit = plan.next_unit()
-                    allowed = math.inf if timeout is None else timeout * len(unit)
                     now = time.monotonic()
-                    running[pool.submit(unit)] = (unit, now, now + allowed)
+                    running[pool.submit(unit)] = _Running(unit, now, None if started_of else now)
                 for handle, answer in pool.wait(0.05):
-                    unit, began, _ = running.pop(handle)
+                    r = running.pop(handle)
                     if isinstance(answer, str):
-                        for t in unit:
-                            finish(t, "error", answer, (time.monotonic() - began) / len(unit), None)
+                        began = r.started if r.started is not None else r.submitted
+                        for t in r.unit:
+                            finish(t, "error", answer, (time.monotonic() - began) / len(r.unit), None)
                         continue
-                    for t, o in zip(unit, answer, strict=True):  # run_unit: one outcome per task
+                    for t, o in zip(r.unit, answer, strict=True):  # run_unit: one outcome per task
                         finish(t, o.status, o.reason, o.seconds, o.result, o.files)
+                if timeout is None:
+                    continue
                 now = time.monotonic()
-                for handle, (unit, _, deadline) in list(running.items()):
-                    if now > deadline:
+                for handle, r in list(running.items()):
+                    if r.started is None and started_of is not None:
+                        r.started = started_of(handle)
+                    if r.started is None:  # not started yet: worker start-up and spec loading are not charged
+                        if now - r.submitted > START_SECONDS:
+                            pool.kill(handle)
+                            del running[handle]
+                            for t in r.unit:
+                                finish(t, "error", f"no worker started it within {START_SECONDS:g} s", 0.0, None)
+                        continue
+                    if now > r.started + timeout * len(r.unit):
                         pool.kill(handle)
                         del running[handle]
-                        if len(unit) > 1:
-                            plan.alone(unit)  # find the slow input: each alone, with its own timeout
+                        if len(r.unit) > 1:
+                            plan.alone(r.unit)  # find the slow input: each alone, with its own timeout
                         else:
-                            finish(unit[0], "timeout", f"timeout after {timeout:g} s", float(timeout or 0), None)
+                            finish(r.unit[0], "timeout", f"timeout after {timeout:g} s", float(timeout), None)
+            clean = True
         finally:
-            pool.close()
+            _stop(pool, now=not clean)
     return records
 
 
@@ -598,34 +954,44 @@ def summary(records: Sequence[dict]) -> dict:
             "verdicts": counts, "exit_code": int(exit_code_for_counts(counts))}
 
 
+# characters XML 1.0 cannot hold, not even as references: shown as \\xNN / \\uNNNN instead
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_text(value: object) -> str:
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+                        str(value))
+
+
 def junit_xml(records: Sequence[dict], unknown_as: UnknownAs | str = DEFAULTS.unknown_as) -> str:
     """One test case per instance × property: certified passes, falsified fails (with the
     witness path), unknown is skipped (or a failure with ``unknown_as='failure'``), errors
-    and crashes are errors."""
-    rows = verdict_rows(records)
-    cases = []
-    for rec, name, v in rows:
-        cls = escape(Path(rec["spec"]).stem)
-        attrs = f'classname="{cls}" name="input{rec["data_index"]}.{escape(name)}" time="{rec["seconds"]:.3f}"'
+    and crashes are errors. Built with ElementTree: any name or message gives well-formed XML."""
+    suite = ET.Element("testsuite", name="verigrad")
+    counts = Counter[str]()
+    for rec, name, v in verdict_rows(records):
+        case = ET.SubElement(suite, "testcase", classname=_xml_text(Path(rec["spec"]).stem),
+                             name=_xml_text(f"input{rec['data_index']}.{name}"), time=f"{rec['seconds']:.3f}")
         if v == "certified":
-            cases.append(f"<testcase {attrs}/>")
-        elif v == "falsified":
+            continue
+        if v == "falsified":
             w = ((rec["result"].get("attacks") or {}).get(name) or {}).get("witness")
-            cases.append(f'<testcase {attrs}><failure message="falsified">witness: {escape(str(w))}</failure></testcase>')
+            kind, message, text = "failure", "falsified", f"witness: {w}"
         elif v == "unknown" and UnknownAs(unknown_as) == UnknownAs.SKIPPED:
-            reason = rec["reason"] or "neither certified nor falsified"
-            cases.append(f'<testcase {attrs}><skipped message="{escape(reason)}"/></testcase>')
+            kind, message, text = "skipped", rec["reason"] or "neither certified nor falsified", None
         elif v == "unknown":
-            cases.append(f'<testcase {attrs}><failure message="unknown">{escape(rec["reason"] or "")}</failure></testcase>')
+            kind, message, text = "failure", "unknown", rec["reason"] or ""
         else:
-            err = rec["reason"] or (rec["result"] or {}).get("error") or ""
-            cases.append(f'<testcase {attrs}><error message="error">{escape(err)}</error></testcase>')
-    failures = sum("<failure" in c for c in cases)
-    errors = sum("<error" in c for c in cases)
-    skipped = sum("<skipped" in c for c in cases)
-    body = "\n  ".join(cases)
-    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="verigrad" tests="{len(cases)}" '
-            f'failures="{failures}" errors="{errors}" skipped="{skipped}">\n  {body}\n</testsuite>\n')
+            kind, message, text = "error", "error", rec["reason"] or (rec["result"] or {}).get("error") or ""
+        child = ET.SubElement(case, kind, message=_xml_text(message))
+        if text is not None:
+            child.text = _xml_text(text)
+        counts[kind] += 1
+    for k, attr in (("tests", None), ("failure", "failures"), ("error", "errors"), ("skipped", "skipped")):
+        suite.set(attr or k, str(len(suite) if attr is None else counts[k]))
+    ET.indent(suite, space="  ")
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suite, encoding="unicode") + "\n"
 
 
-__all__ = ["Backend", "BackendError", "DaskPool", "LocalPool", "Outcome", "Progress", "Task", "expand", "instance_verdicts", "make_pool", "run_batch", "run_unit", "load_records", "summary", "junit_xml", "verdict_rows"]
+__all__ = ["Backend", "BackendError", "DaskPool", "LocalPool", "OutputError", "OutputLocked", "Outcome",
+           "Progress", "Task", "Terminated", "output_lock", "expand", "instance_verdicts", "make_pool", "run_batch", "run_unit", "load_records", "summary", "junit_xml", "verdict_rows"]

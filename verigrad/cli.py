@@ -14,7 +14,7 @@ from verigrad.bounds import Method
 from verigrad.spec import CLI_FLAGS
 
 
-def _one_line(e: BaseException) -> str:
+def _one_line(e: BaseException | str) -> str:
     """The message of ``e`` on one line (torch and onnx messages span several)."""
     return "; ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
 
@@ -42,6 +42,9 @@ class _Guarded(click.Group):
 
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # one line, as for every other bad input
+            click.echo(f"error: {_one_line(e.format_message())}", err=True)
+            ctx.exit(e.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except UserError as e:
@@ -262,7 +265,12 @@ def _batch_size(value: str) -> int | None:
 @click.option("--jobs", type=click.IntRange(min=1), default=BATCH.jobs, show_default=True, help="workers")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="seconds per instance (input)")
 @click.option("--out", type=click.Path(file_okay=False), default=BATCH.out, show_default=True)
-@click.option("--resume", is_flag=True, help="skip instances already in OUT/results.jsonl with the same spec hash")
+@click.option("--resume", is_flag=True,
+              help="continue OUT: skip instances whose last line in OUT/results.jsonl (same spec hash) is a complete "
+                   "result (certified/falsified/unknown verdicts); re-run those that ended in error or timeout")
+@click.option("--overwrite", is_flag=True,
+              help="discard the results already in OUT (without --resume or --overwrite, an OUT holding results "
+                   "is refused)")
 @click.option("--unknown-as", type=click.Choice([u.value for u in UnknownAs]), default=BATCH.unknown_as.value,
               show_default=True,
               help="how unknown verdicts appear in the JUnit XML")
@@ -276,10 +284,12 @@ def _batch_size(value: str) -> int | None:
               help="torch threads per worker")
 @click.option("--progress/--no-progress", default=None, help="progress bar (default: when stderr is a terminal)")
 @click.option("--max-inputs", type=click.IntRange(min=1), help="only the first N inputs of each spec (a smoke run)")
-def batch(specs, jobs, timeout, out, resume, unknown_as, backend, scheduler, batch_size, threads, progress,
+def batch(specs, jobs, timeout, out, resume, overwrite, unknown_as, backend, scheduler, batch_size, threads, progress,
           max_inputs):
-    """Verify every input of every SPEC on a pool of workers, with a timeout per input;
-    stream results to OUT/results.jsonl, then write OUT/summary.json and OUT/junit.xml.
+    """Verify every input of every SPEC on a pool of workers, with a timeout per input
+    (counted from when a worker starts it); stream results to OUT/results.jsonl, then write
+    OUT/summary.json and OUT/junit.xml. One batch at a time per OUT (OUT/.lock). SIGTERM
+    stops the workers and leaves OUT resumable (exit 143).
     Exit code as for verify, over all instances (a timeout counts as unknown).
     """
     import json as _json
@@ -291,39 +301,47 @@ def batch(specs, jobs, timeout, out, resume, unknown_as, backend, scheduler, bat
 
     if scheduler is not None and backend != "dask":
         raise click.UsageError("--scheduler needs --backend dask")
-    tasks = b.expand(specs, max_inputs)
-    counts = {"certified": 0, "falsified": 0, "unknown": 0, "error": 0}
-    began = time.monotonic()
-    # without a terminal (CI logs) the bar would print control characters: one line per instance instead.
-    # The ETA is the library's (per-spec mean times), not tqdm's single rate.
-    bar = tqdm(total=len(tasks), unit="inst", file=sys.stderr, dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
-               disable=not (sys.stderr.isatty() if progress is None else progress))
-
-    def on_result(rec: dict, p) -> None:
-        if p.done == 1:
-            bar.reset(total=p.total)  # resumed runs have fewer to do than the specs hold
-        for _, _, v in b.verdict_rows([rec]):
-            counts[v] += 1
-        eta = f"ETA {p.eta_s:.0f} s"
-        if bar.disable:
-            click.echo(f"[{p.done}/{p.total}] {Path(rec['spec']).stem} input {rec['data_index']}: {rec['status']}"
-                       f"{' (' + rec['reason'] + ')' if rec['reason'] else ''}  elapsed "
-                       f"{time.monotonic() - began:.0f} s, {eta}", err=True)
-        else:
-            bar.set_postfix_str(f"{eta}; " + " ".join(f"{k[:4]} {n}" for k, n in counts.items()), refresh=False)
-            bar.update(1)
-
     outp = Path(out)
-    try:
-        b.run_batch(tasks, outp, jobs=jobs, timeout=timeout, resume=resume, on_result=on_result,
-                    backend=backend, batch_size=batch_size, scheduler=scheduler, threads=threads)
-    finally:
-        bar.close()
-    records = b.load_records(outp)
-    s = b.summary(records)
-    (outp / "summary.json").write_text(_json.dumps(s, indent=1))
-    (outp / "junit.xml").write_text(b.junit_xml(records, unknown_as))
+    # OUT is locked (and shown writable) before any work, and stays locked until its summaries are written
+    with b.output_lock(outp, on_note=lambda note: click.echo(f"note: {note}", err=True)):
+        tasks = b.expand(specs, max_inputs)
+        counts = {"certified": 0, "falsified": 0, "unknown": 0, "error": 0}
+        began = time.monotonic()
+        # without a terminal (CI logs) the bar would print control characters: one line per instance instead.
+        # The ETA is the library's (per-spec mean times), not tqdm's single rate.
+        bar = tqdm(total=len(tasks), unit="inst", file=sys.stderr, dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+                   disable=not (sys.stderr.isatty() if progress is None else progress))
+
+        def on_result(rec: dict, p) -> None:
+            if p.done == 1:
+                bar.reset(total=p.total)  # resumed runs have fewer to do than the specs hold
+            for _, _, v in b.verdict_rows([rec]):
+                counts[v] += 1
+            eta = f"ETA {p.eta_s:.0f} s"
+            if bar.disable:
+                click.echo(f"[{p.done}/{p.total}] {Path(rec['spec']).stem} input {rec['data_index']}: {rec['status']}"
+                           f"{' (' + rec['reason'] + ')' if rec['reason'] else ''}  elapsed "
+                           f"{time.monotonic() - began:.0f} s, {eta}", err=True)
+            else:
+                bar.set_postfix_str(f"{eta}; " + " ".join(f"{k[:4]} {n}" for k, n in counts.items()), refresh=False)
+                bar.update(1)
+
+        try:
+            b.run_batch(tasks, outp, jobs=jobs, timeout=timeout, resume=resume, on_result=on_result,
+                        backend=backend, batch_size=batch_size, scheduler=scheduler, threads=threads,
+                        overwrite=overwrite)
+        except b.Terminated:
+            bar.close()
+            click.echo(f"terminated: the workers were stopped; {outp / 'results.jsonl'} keeps every finished result "
+                       "(continue with --resume)", err=True)
+            sys.exit(128 + 15)
+        finally:
+            bar.close()
+        records = b.load_records(outp)
+        s = b.summary(records)
+        (outp / "summary.json").write_text(_json.dumps(s, indent=1))
+        (outp / "junit.xml").write_text(b.junit_xml(records, unknown_as))
     click.echo(f"{s['instances']} instances: {s['verdicts']}; timeouts {s['timeouts']}")
     click.echo(f"results: {outp / 'results.jsonl'}  summary: {outp / 'summary.json'}  junit: {outp / 'junit.xml'}",
                err=True)
