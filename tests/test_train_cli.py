@@ -74,3 +74,19 @@ def test_train_is_reproducible(tmp_path):
     b = train(train_config_from_dict(_cfg(tmp_path / "b")))
     for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+
+def test_an_unwritable_results_directory_fails_before_training(tmp_path, monkeypatch):
+    import verigrad.training.trainer as tmod
+
+    (tmp_path / "plain").write_text("x")
+    cfg = _cfg(tmp_path, general={"name": "tiny", "results": str(tmp_path / "plain" / "out"), "progress": False})
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+
+    def no_training(*a, **k):
+        raise AssertionError("training must not start")
+
+    monkeypatch.setattr(tmod, "training_loss", no_training)
+    r = CliRunner().invoke(main, ["train", str(p)])
+    assert r.exit_code == 2 and r.output.startswith("error: cannot write ") and "plain" in r.output, r.output

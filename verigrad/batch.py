@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Protocol, Sequence
 
 from verigrad.data import load_dataset
-from verigrad.errors import UserError
+from verigrad.errors import OutputError, UserError
 from verigrad.spec import load_spec
 
 UNIT_SECONDS = 0.5  # target wall time of an auto-sized unit
@@ -65,11 +65,6 @@ log = logging.getLogger(__name__)
 
 class BackendError(UserError):
     """The backend cannot start (a missing package, an unreachable scheduler)."""
-
-
-class OutputError(UserError):
-    """The output directory cannot be used or written (a plain file in its place, read-only,
-    disk full); names the path."""
 
 
 class OutputLocked(OutputError):

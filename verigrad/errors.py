@@ -19,6 +19,11 @@ class InternalError(VerigradError, RuntimeError):
     """A verigrad bug (or one of a dependency's) detected at run time: never a verdict."""
 
 
+class OutputError(UserError):
+    """An output location that cannot be written (a plain file in its place, read-only, disk
+    full); names the path. Checked before any work; a failure mid-run keeps what was written."""
+
+
 class ModelError(UserError):
     """A model that verigrad cannot represent (unsupported op, bad shapes, bad graph)."""
 

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from verigrad.attacks import witness_bytes
-from verigrad.errors import UserError
+from verigrad.errors import OutputError
 from verigrad.properties import Property, Verdict, direction_text
 from verigrad.verify import COMBINED, InstanceResult, Problem
 
@@ -199,12 +199,6 @@ def save_instance_witnesses(problem: Problem, r: InstanceResult, directory: Path
 
 def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-class OutputError(UserError):
-    """An output location that cannot be written (under a plain file, read-only, disk full);
-    names the path. Raised before any work when checked up front; mid-run, everything
-    written before stays as it was (every file is replaced atomically)."""
 
 
 def check_writable(path: Path) -> None:

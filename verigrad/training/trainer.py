@@ -22,6 +22,7 @@ import yaml
 from torch import nn
 
 from verigrad.data import load_dataset
+from verigrad.reports import check_writable
 from verigrad.spec import (
     SEED, Bool, Choice, DataSpec, Device, FileName, Int, ListOf, Nullable, Num, PathCheck, Section, SpecError, _Invalid,
     _opt, _show, parse_document, read_yaml,
@@ -232,8 +233,9 @@ def train(cfg: TrainSpec, on_epoch: Callable[[dict], None] | None = None) -> Tra
     n = len(x)
     steps_total = o.epochs * ((n + o.batch_size - 1) // o.batch_size)
     out = cfg.general.results
-    out.mkdir(parents=True, exist_ok=True)
     stem = cfg.general.name
+    for suffix in (".onnx", ".verify.yaml", ".train.json"):  # before training, not after it
+        check_writable(out / f"{stem}{suffix}")
     log_path = out / f"{stem}.train.json"
     log: list[dict] = []
     step = 0
