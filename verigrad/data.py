@@ -8,6 +8,7 @@ and ``y`` (``numpy.savez(path, x=..., y=...)``). Every problem with a file is re
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -17,11 +18,39 @@ import torch
 
 from verigrad.errors import UserError
 
-__all__ = ["BUILTIN_DATASETS", "DataError", "BuiltinDataset", "load_dataset", "describe"]
+__all__ = ["BUILTIN_DATASETS", "DataError", "NPZ_ERRORS", "open_npz", "read_npz", "BuiltinDataset", "load_dataset", "describe"]
 
 
 class DataError(UserError):
     """A dataset that cannot be loaded: unknown name, unreadable file, bad arrays or range."""
+
+
+NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)  # what a bad .npz raises
+
+
+def open_npz(path: str | Path) -> np.lib.npyio.NpzFile:
+    """The .npz archive at ``path``, opened without unpickling (close it, e.g. ``with``);
+    ValueError saying why for anything else: an empty or cut file, a single .npy array."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except EOFError:  # numpy's answer to an empty file
+        raise ValueError("the file is empty") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ValueError(f"not an .npz archive ({e})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError("a single .npy array, not an .npz archive")
+    return loaded
+
+
+def read_npz(path: str | Path, prefix: str | None = None) -> dict[str, np.ndarray]:
+    """The arrays of the .npz archive at ``path`` (those whose key starts with ``prefix``);
+    ValueError as :func:`open_npz`, or for an entry that cannot be read."""
+    archive = open_npz(path)
+    try:
+        with archive as z:
+            return {k: z[k] for k in z.files if prefix is None or k.startswith(prefix)}
+    except NPZ_ERRORS as e:
+        raise ValueError(f"an entry cannot be read ({type(e).__name__}: {e})") from None
 
 
 @dataclass(frozen=True)

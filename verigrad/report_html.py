@@ -19,7 +19,6 @@ import json
 import math
 import os
 import struct
-import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from verigrad.data import NPZ_ERRORS, open_npz, read_npz
 from verigrad.errors import UserError
 
 __all__ = ["write_report", "ReportError", "encode_png", "diverging", "sequential", "NAN_COLOUR"]
@@ -334,37 +334,11 @@ def _validate(doc: Any, schema: _Schema, file: Path | str, where: str = "") -> N
         raise ReportError(e.message(file)) from None
 
 
-_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
-
-
-def _read_npz(path: Path, prefix: str | None = None) -> dict[str, np.ndarray]:
-    """The arrays of an .npz (those whose key starts with ``prefix``); ValueError for a file that
-    is not an .npz archive (a single .npy, an empty or cut file, pickled objects)."""
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except EOFError:
-        raise ValueError("the file is empty") from None
-    except zipfile.BadZipFile as e:
-        raise ValueError(f"not an .npz archive ({e})") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise ValueError("a single .npy array, not an .npz archive")
-    try:
-        with loaded as z:
-            return {k: z[k] for k in z.files if prefix is None or k.startswith(prefix)}
-    except (EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-        raise ValueError(f"an entry cannot be read ({type(e).__name__}: {e})") from None
+_NPZ_ERRORS = NPZ_ERRORS
 
 
 def _npz_keys(path: Path) -> list[str]:
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except EOFError:
-        raise ValueError("the file is empty") from None
-    except zipfile.BadZipFile as e:
-        raise ValueError(f"not an .npz archive ({e})") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise ValueError("a single .npy array, not an .npz archive")
-    with loaded as z:
+    with open_npz(path) as z:
         return list(z.files)
 
 
@@ -406,7 +380,7 @@ def _load_maps(inst: _Instance) -> None:
         return
     pre = f"i{inst.index}/"
     try:
-        inst.maps = {k[len(pre):]: v for k, v in _read_npz(inst.maps_file, pre).items()}
+        inst.maps = {k[len(pre):]: v for k, v in read_npz(inst.maps_file, pre).items()}
     except _NPZ_ERRORS as e:
         raise ReportError(f"{inst.maps_file}: not a readable bound maps .npz ({e})") from None
     _check_maps(inst)
@@ -1212,7 +1186,7 @@ def _witness_section(images: _Images, run: _Run, inst: _Instance) -> str:
             out.append(f'<div class="witness"><h3>witness for {_e(prop)}</h3><p class="note">{_e(where)}</p></div>')
             continue
         try:
-            w = _read_npz(where)
+            w = read_npz(where)
             meta = json.loads(str(w["meta"]))
             if (not isinstance(meta, dict) or meta.get("schema") != WITNESS_SCHEMA
                     or any(k not in w or w[k].dtype.kind not in "fiu" or w[k].size == 0

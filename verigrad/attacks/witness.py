@@ -13,8 +13,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 
 from verigrad import properties as props
+from verigrad.data import read_npz
 from verigrad.errors import UserError
 from verigrad.explanations import explain
 from verigrad.properties import Property, Verdict
@@ -139,18 +138,9 @@ class LoadedWitness:
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     """Every array of the .npz at ``path``; WitnessError for anything that is not one."""
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except EOFError:  # numpy's answer to an empty file (click would turn it into "Aborted!")
-        raise WitnessError(f"{path}: not a readable .npz file (it is empty)") from None
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        return read_npz(path)
+    except ValueError as e:  # an empty file must not reach click (it would print "Aborted!")
         raise WitnessError(f"{path}: not a readable .npz file ({e})") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise WitnessError(f"{path}: not a verigrad witness (a single .npy array, expected an .npz archive)")
-    try:
-        with loaded as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-        raise WitnessError(f"{path}: not a readable .npz file (an entry cannot be read: {e})") from None
 
 
 def _int_meta(path: Path, meta: dict[str, Any], key: str) -> int:
