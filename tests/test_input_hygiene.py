@@ -93,3 +93,28 @@ def test_a_weight_beyond_float32_is_refused_in_a_float32_run(tmp_path):
     r = _run("verify", spec)
     assert r.exit_code == ExitCode.BAD_INPUT and "bounds.dtype" in r.output and "float32" in r.output, r.output
     assert _run("verify", spec, "--dtype", "float64").exit_code != ExitCode.BAD_INPUT
+
+
+@pytest.mark.parametrize("explanation, key", [
+    ({"method": "integrated_gradients", "integrated_gradients": {"steps": 2000}},
+     "explanation.integrated_gradients.steps"),
+    ({"method": "smoothgrad", "smoothing": {"batch_size": 4096, "samples": 8}}, "explanation.smoothing.batch_size"),
+])
+def test_a_pass_that_would_not_fit_in_memory_is_refused_by_its_key(tmp_path, monkeypatch, explanation, key):
+    """The limit is derived from the run: points per pass × the model's activations against the
+    memory available now (here made 64 MiB), not a fixed cap."""
+    x = np.full((1, 1, 28, 28), 0.5)
+    p = _spec(tmp_path, x, np.array([3]))
+    d = yaml.safe_load(p.read_text())
+    d["explanation"] = explanation
+    p.write_text(yaml.safe_dump(d))
+    monkeypatch.setattr(vmod, "available_memory_bytes", lambda device: 64 * 2.0**20)
+    r = _run("verify", p)
+    assert r.exit_code == ExitCode.BAD_INPUT, r.output
+    line = r.output.strip()
+    assert "\n" not in line and f"spec.yaml: {key}:" in line and "GiB, more than the 0.06 GiB available" in line
+    fit = int(line.rsplit("at most about ", 1)[1].split()[0])
+    d["explanation"][next(k for k in explanation if k != "method")][key.rsplit(".", 1)[1]] = fit
+    p.write_text(yaml.safe_dump(d))
+    r = _run("verify", p)  # the suggested size fits: the run goes on to a verdict
+    assert r.exit_code in (ExitCode.CERTIFIED, ExitCode.UNKNOWN), r.output

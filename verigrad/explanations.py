@@ -16,6 +16,7 @@ The smoothing methods are certified by randomized smoothing instead (probabilist
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -134,12 +135,33 @@ class Explainer:
             return b.expand_as(x)
         return torch.full_like(x, float(self.baseline))
 
+    @property
+    def pass_points(self) -> int:
+        """Inputs one pass evaluates per sample: the m path points of integrated gradients, the
+        noisy batch of the smoothing methods, else the input itself."""
+        if self.method == ExplanationMethod.INTEGRATED_GRADIENTS:
+            return self.steps
+        if self.probabilistic:
+            return int(self.smoothing.batch_size)
+        return 1
+
     def nodes(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         a, w = ig_nodes(self.rule, self.steps)
         return (torch.as_tensor(a, dtype=dtype, device=device), torch.as_tensor(w, dtype=dtype, device=device))
 
 
 SALIENCY = Explainer()
+
+# tensors one pass keeps per node and point: the value and the gradient, each as the two ends
+# of an interval pass and as autograd's saved copies
+TENSORS_PER_NODE = 8
+
+
+def pass_bytes(explainer: Explainer, net: Network, dtype: torch.dtype) -> int:
+    """Bytes one pass of ``explainer`` allocates for one sample, estimated as
+    points × Σ_nodes numel(node output) × TENSORS_PER_NODE × itemsize (the input included)."""
+    numel = sum(math.prod(s) for s in net.shapes)
+    return explainer.pass_points * numel * TENSORS_PER_NODE * torch.finfo(dtype).bits // 8
 
 
 def _ig(explainer: Explainer, net: Network, x: torch.Tensor, target: torch.Tensor, output: Output,

@@ -22,10 +22,11 @@ from verigrad.attacks import AttackMethod, AttackOptions, AttackOrder, AttackOut
 from verigrad.attacks import evaluate_point, load_witness
 from verigrad.attacks.witness import WitnessError
 from verigrad.bounds import Bounds, EngineOptions, EngineResult, EngineUnsupported, Method, rounding
+from verigrad.bounds.options import available_memory_bytes
 from verigrad.data import load_dataset
 from verigrad.errors import InternalError, ModelError, UserError
 from verigrad.explanations import (
-    Explainer, ExplanationMethod, explain, explanation_bounds, jacobian_bounds,
+    Explainer, ExplanationMethod, explain, explanation_bounds, jacobian_bounds, pass_bytes,
 )
 from verigrad.graph.gradient_graph import Output
 from verigrad.guarantees import Guarantee
@@ -181,6 +182,7 @@ def prepare(spec: Spec, methods: Sequence[Method | str] | None = None) -> Proble
     except ValueError as err:
         raise SetupError(src, "explanation.smoothing", str(err)) from None
     _check_second_order(spec, net, explainer, params)
+    _check_allocation(spec, net, explainer, dtype, device)
     pin = spec.perturbation.input
     if pin is not None and pin.norm == Norm.L2 and not explainer.probabilistic:
         raise SetupError(src, "perturbation.input.norm", "l2 balls are certified only for smoothgrad / "
@@ -233,6 +235,22 @@ def _check_in_range(source: str, x: torch.Tensor, domain: tuple[float, float], s
                                      f"{list(coord)}, outside model.input_range [{lo:g}, {hi:g}] "
                                      f"({int(bad.flatten(1).any(1).sum())} input(s) affected); fix the data or the "
                                      "range, or set data.outside_range: allow to certify the clipped box")
+
+
+def _check_allocation(spec: Spec, net: Network, explainer: Explainer, dtype: torch.dtype,
+                      device: torch.device) -> None:
+    """Refuse, before any work, an explanation whose single pass would not fit in the memory
+    available now (:func:`verigrad.explanations.pass_bytes`), naming the key that sizes it."""
+    need, avail = pass_bytes(explainer, net, dtype), available_memory_bytes(device)
+    if avail is None or need <= avail:
+        return
+    points = explainer.pass_points
+    key = ("explanation.integrated_gradients.steps" if explainer.method == ExplanationMethod.INTEGRATED_GRADIENTS
+           else "explanation.smoothing.batch_size" if explainer.probabilistic else "model")
+    fit = max(1, int(points * avail / need))
+    raise SetupError(spec.source, key, f"{points} points per pass on model {spec.model.path} would allocate about "
+                                       f"{need / 2**30:.2f} GiB, more than the {avail / 2**30:.2f} GiB available on "
+                                       f"{device}; at most about {fit} fit")
 
 
 def _check_second_order(spec: Spec, net: Network, explainer: Explainer, params: ParamBox | None) -> None:

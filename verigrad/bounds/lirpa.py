@@ -30,7 +30,7 @@ from torch import nn
 from verigrad.errors import InternalError
 from verigrad.bounds.base import Bounds, EngineResult, EngineUnsupported, check_inputs, uncross
 from verigrad.bounds.lirpa_compat import import_auto_lirpa
-from verigrad.bounds.options import CrownOptions
+from verigrad.bounds.options import CrownOptions, available_memory_bytes
 from verigrad.graph.gradient_graph import GradientGraph, Output
 from verigrad.models.network import Conv2d, Network
 from verigrad.perturbation import ParamBox
@@ -71,26 +71,6 @@ FALLBACK_MEMORY_MB = 1024.0  # budget where the available memory cannot be read
 # CROWN, 4.5 for alpha-CROWN
 SAFETY_CROWN = 2.0
 SAFETY_ALPHA = 6.0
-
-
-def available_memory_bytes(device: torch.device | str) -> float | None:
-    """Free memory on ``device`` now: torch.cuda.mem_get_info on CUDA, MemAvailable from
-    /proc/meminfo on CPU; None where it cannot be read."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        try:
-            free, _ = torch.cuda.mem_get_info(device)
-            return float(free)
-        except Exception:  # noqa: BLE001 - no driver / not initialised: fall back
-            return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024.0  # kB
-    except OSError:
-        return None
-    return None
 
 
 def memory_budget_bytes(device: torch.device | str, memory_mb: float | None) -> float:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class CrownOptions:
@@ -67,3 +69,23 @@ class CrownOptions:
         if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float))
                                or not math.isfinite(mb) or not mb > 0):
             raise ValueError(f"memory_mb must be None (auto) or a finite number > 0, got {mb!r}")
+
+
+def available_memory_bytes(device: torch.device | str) -> float | None:
+    """Free memory on ``device`` now: torch.cuda.mem_get_info on CUDA, MemAvailable from
+    /proc/meminfo on CPU; None where it cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+            return float(free)
+        except Exception:  # noqa: BLE001 - no driver / not initialised: fall back
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024.0  # kB
+    except OSError:
+        return None
+    return None
