@@ -419,24 +419,39 @@ def _bound_chunk(
     where = f"{net.source}, class {target}, output {output.value}"
     bound_opts = dict(_BOUND_OPTS, sparse_intermediate_bounds=params is None)
     with _lirpa_context(net.dtype) as log_lines:
-        graph = _perturbed_graph(net, target, output, params)
-        inputs: tuple[torch.Tensor, ...] = (centre,)
-        if graph.uses_row_seed:
-            inputs = (centre, _seed_input(graph, net, target, b, params))
-        try:
-            model = _GradBoundedModule(_Flat(graph), inputs, bound_opts=bound_opts, custom_ops=CUSTOM_OPS, device=lo.device)
-        except AssertionError as e:
-            raise EngineUnsupported(f"auto_LiRPA 0.3 asserted while converting the gradient graph of {where}: "
-                                    f"{_first_line(e) or 'assertion failed'}") from e
-        except NotImplementedError as e:
-            ops = _unsupported_ops(log_lines)
-            if ops:
-                raise EngineUnsupported(f"auto_LiRPA 0.3 has no bound for op(s) {ops} in the gradient graph of {where}") from e
-            raise EngineUnsupported(f"auto_LiRPA 0.3 cannot convert the gradient graph of {where}: {e}") from e
-        except Exception as e:
-            raise LirpaError(f"auto_LiRPA failed to convert the gradient graph of {where}: {type(e).__name__}: {e}") from e
+        def convert() -> tuple[GradientGraph, _GradBoundedModule]:
+            graph = _perturbed_graph(net, target, output, params)
+            inputs: tuple[torch.Tensor, ...] = (centre,)
+            if graph.uses_row_seed:
+                inputs = (centre, _seed_input(graph, net, target, b, params))
+            try:
+                model = _GradBoundedModule(_Flat(graph), inputs, bound_opts=bound_opts, custom_ops=CUSTOM_OPS,
+                                           device=lo.device)
+            except AssertionError as e:
+                raise EngineUnsupported(f"auto_LiRPA 0.3 asserted while converting the gradient graph of {where}: "
+                                        f"{_first_line(e) or 'assertion failed'}") from e
+            except NotImplementedError as e:
+                ops = _unsupported_ops(log_lines)
+                if ops:
+                    raise EngineUnsupported(f"auto_LiRPA 0.3 has no bound for op(s) {ops} in the gradient graph of "
+                                            f"{where}") from e
+                raise EngineUnsupported(f"auto_LiRPA 0.3 cannot convert the gradient graph of {where}: {e}") from e
+            except Exception as e:
+                raise LirpaError(f"auto_LiRPA failed to convert the gradient graph of {where}: "
+                                 f"{type(e).__name__}: {e}") from e
+            return graph, model
 
-        x = (BoundedTensor(centre, PerturbationLpNorm(norm=math.inf, x_L=lo, x_U=up)), *inputs[1:])
+        if params is None:
+            # tracing and conversion cost as much as the bounds on small nets: once per class,
+            # output and batch size for this network, reused across inputs (every call sets the
+            # new box as the input and recomputes all bounds from it)
+            key = ("crown-gradient-graph", target, output, b, str(lo.device), net.dtype)
+            graph, model = net.memo(key, convert)
+        else:  # the parameter box is part of the traced graph (its BoundedParameters)
+            graph, model = convert()
+        model.spec_chunks_used = 0
+        seed = (_seed_input(graph, net, target, b, params),) if graph.uses_row_seed else ()
+        x = (BoundedTensor(centre, PerturbationLpNorm(norm=math.inf, x_L=lo, x_U=up)), *seed)
         d = math.prod(net.input_shape)
         chunking = _ChunkPlan.make(opts, model, d, b, net.dtype, lo.device, alpha)
         model.spec_chunk = chunking.pass_rows
@@ -468,6 +483,7 @@ def _bound_chunk(
             # On point boxes the two can differ by round-off: _uncross settles that, and
             # reports a real disagreement (one of them unsound)
             cl, cu = torch.maximum(cl, al), torch.minimum(cu, au)
+        _release(model)
     cl, cu = _uncross(cl, cu, where)
     shape = (b, *net.input_shape)
     chunking = dataclasses.replace(chunking, chunks=len(ranges), spec_chunks=model.spec_chunks_used)
@@ -534,6 +550,14 @@ def _crown_rows(model: BoundedModule, x: tuple[torch.Tensor, ...], ranges: list[
         upper[:, r0:r1] = cu.detach().reshape(batch, r1 - r0)
         _drop_final_A(model)
     return lower, upper
+
+
+def _release(model: BoundedModule) -> None:
+    """Free what one call leaves on a model that is kept for reuse: the final A matrices and
+    alpha-CROWN's α (dense: rows × neurons per activation; init_slope creates them afresh)."""
+    _drop_final_A(model)
+    for node in model.optimizable_activations:
+        node.opt_init()
 
 
 def _drop_final_A(model: BoundedModule) -> None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Sequence, Union
+from typing import Callable, Hashable, Iterator, Mapping, Sequence, TypeVar, Union, cast
 
 import torch
 
@@ -38,6 +39,10 @@ Layer = Node
 AffineLayer = Union[Linear, Conv2d]
 # the kinds of the original chain representation (what chain-only engines understand)
 CHAIN_KINDS = (Linear, Conv2d, Reshape, Activation)
+# derived objects a network keeps (Network.memo): a traced graph per class and output for the
+# batch sizes in use, a few MB each on the shipped models
+MEMO_SIZE = 32
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,6 +62,8 @@ class Network:
     shapes: tuple[tuple[int, ...], ...] = field(init=False)
     wiring: tuple[tuple[str, ...], ...] = field(init=False)  # resolved input names per node
     shape_of: Mapping[str, tuple[int, ...]] = field(init=False)
+    # what engines derive from this network once (see memo); not part of its value
+    _memo: "OrderedDict[Hashable, object]" = field(init=False, repr=False, default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -168,6 +175,23 @@ class Network:
         if not isinstance(l, (Linear, Conv2d)):
             raise KeyError(f"layer {name!r} is a {l.op}, not an affine layer")
         return l
+
+    # -- derived objects ---------------------------------------------------------------
+    def memo(self, key: Hashable, build: Callable[[], T]) -> T:
+        """``build()``, computed once per ``key`` for this network and kept while it lives (at
+        most MEMO_SIZE objects, the least recently used dropped first): e.g. a traced auto_LiRPA
+        graph per class, reused across inputs. The key also holds every tensor's version
+        counter, so an in-place change of a weight rebuilds instead of reusing a stale object."""
+        full = (key, tuple(getattr(l, k)._version for l in self.layers for k in l.tensor_fields))
+        memo = self._memo
+        if full in memo:
+            memo.move_to_end(full)
+            return cast(T, memo[full])
+        value = build()
+        memo[full] = value
+        while len(memo) > MEMO_SIZE:
+            memo.popitem(last=False)
+        return value
 
     # -- evaluation --------------------------------------------------------------------
     def evaluate(self, x: torch.Tensor,
