@@ -846,7 +846,7 @@ class CrownSpec:
                                          "else as many as fit")
     memory_mb: float | None = _opt(Nullable(Num(gt=0, le=1_048_576)), None,
                                    "budget (MiB) for auto; null = a quarter of the memory available at run "
-                                   "time (free GPU memory on cuda), at most 1024; a given budget is at most 1 TiB")
+                                   "time (free GPU memory on cuda), at most 512; a given budget is at most 1 TiB")
 
     @property
     def chunk(self) -> int | None:

@@ -63,10 +63,11 @@ class LirpaError(InternalError):
 # The auto budget: a quarter of the available memory, at most AUTO_MEMORY_CAP_MB. Chunks cost
 # no time in tools/bench_crown_memory.py (a 3×32×32 CNN was faster in 128-row chunks than in
 # one pass), so a modest budget loses nothing and leaves room for parallel batch workers,
-# each of which sees the same free memory.
+# each of which sees the same free memory. At 512 MiB the 3×32×32 CNN peaks at 0.65 GB (process
+# included) in the same time as at 1024 MiB, which peaked at 1.0 GB (tools/bench_bounds.py --targets).
 AUTO_MEMORY_FRACTION = 0.25
-AUTO_MEMORY_CAP_MB = 1024.0
-FALLBACK_MEMORY_MB = 1024.0  # budget where the available memory cannot be read
+AUTO_MEMORY_CAP_MB = 512.0
+FALLBACK_MEMORY_MB = 512.0  # budget where the available memory cannot be read
 # measured resident memory per row over the estimate 2·B·Σn·bytes (3×32×32 CNN, float64): 1.1 for
 # CROWN, 4.5 for alpha-CROWN
 SAFETY_CROWN = 2.0

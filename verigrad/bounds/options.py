@@ -41,8 +41,8 @@ class CrownOptions:
     None = auto: the most rows that fit in the memory budget; all d in one pass when they fit
     (exactly the unchunked path of before).
     memory_mb: the budget auto sizes chunks for, in MiB; None = a quarter of the memory available
-    when the call starts, at most 1024 MiB (free device memory on CUDA, MemAvailable from
-    /proc/meminfo on CPU; 1024 MiB where neither can be read). The estimate
+    when the call starts, at most 512 MiB (free device memory on CUDA, MemAvailable from
+    /proc/meminfo on CPU; 512 MiB where neither can be read). The estimate
     per row is 2 · B · Σ n · dtype bytes times a safety factor: 2 for CROWN (measured 1.1× the
     estimate), 6 for alpha-CROWN (measured 4.5×: its autograd graph keeps every pass's tensors).
     """
