@@ -37,7 +37,7 @@ from verigrad.perturbation import ParamBox
 
 auto_LiRPA = import_auto_lirpa()
 from auto_LiRPA import BoundedModule, BoundedParameter, BoundedTensor  # noqa: E402
-from auto_LiRPA.operators import BoundBuffers, BoundConstant, BoundParams  # noqa: E402
+from auto_LiRPA.operators import BoundBuffers, BoundConstant, BoundMatMul, BoundParams  # noqa: E402
 from auto_LiRPA.perturbations import PerturbationLpNorm  # noqa: E402
 
 from verigrad.bounds.lirpa_ops import (  # noqa: E402
@@ -231,6 +231,21 @@ class _GradBoundedModule(BoundedModule):
     # the largest number of passes one g-node needed (for the engine's notes); set by _bound_chunk
     spec_chunk: int | None = None
     spec_chunks_used: int = 0
+
+    def check_prior_bounds(self, node):
+        """auto_LiRPA's MatMul asks for bounds on both operands, which only its bilinear case
+        (both perturbed) reads; with one operand constant it is the linear case, which reads
+        the constant alone. The gradient graph's backward products gᵀW are all of that kind
+        without a parameter box, and each such request cost a CROWN pass over every coordinate
+        of g (a third of the intermediate bounds on the MNIST MLP): ask only for the constant's."""
+        if isinstance(node, BoundMatMul) and not node.prior_checked and not all(i.perturbed for i in node.inputs):
+            saved = node.requires_input_bounds
+            node.requires_input_bounds = [i for i, inp in enumerate(node.inputs) if not inp.perturbed]
+            try:
+                return super().check_prior_bounds(node)
+            finally:
+                node.requires_input_bounds = saved
+        return super().check_prior_bounds(node)
 
     def compute_intermediate_bounds(self, node, prior_checked=False):
         if getattr(node, "lower", None) is not None:
