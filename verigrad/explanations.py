@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from verigrad.bounds import Bounds, EngineOptions, EngineResult, EngineUnsupported, Method, compute_bounds
+from verigrad.bounds import (
+    Bounds, EngineOptions, EngineResult, EngineUnsupported, Method, compute_bounds, input_product_bounds,
+)
 from verigrad.bounds.ibp import mul_interval
 from verigrad.graph.gradient_graph import Output, ParamOverride, saliency
 from verigrad.guarantees import Guarantee
@@ -245,7 +247,12 @@ def explanation_bounds(
         res = compute_bounds(method, net, box, target, output, params, options)
         lo, up = mul_interval((box.lower, box.upper), (res.bounds.lower, res.bounds.upper))
         note = "x ⊙ g: exact interval product of the input box and the engine's gradient bounds"
-        return EngineResult(Bounds(lo, up), res.method, res.notes + (note,), res.actual_method)
+        joint = input_product_bounds(method, net, box, target, output, params, options)
+        if joint is None:
+            return EngineResult(Bounds(lo, up), res.method, res.notes + (note,), res.actual_method)
+        both = Bounds(lo, up).intersect(joint.bounds)  # both sound: never wider than either
+        note += "; intersected with x ⊙ g bounded jointly (one graph)"
+        return EngineResult(both, res.method, res.notes + (note,), res.actual_method)
     if m == ExplanationMethod.INTEGRATED_GRADIENTS:
         boxes, w = _scaled_boxes(explainer, box)
         k = len(w)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Bounds", "BoundsError", "CrownOptions", "EngineResult", "EngineUnsupported", "EngineOptions", "Method",
-    "Product", "compute_bounds", "ibp_bounds",
+    "Product", "compute_bounds", "ibp_bounds", "input_product_bounds",
 ]
 
 
@@ -75,6 +75,30 @@ ENGINES: dict[Method, Engine] = {
     Method.CROWN: _lirpa(alpha=False),
     Method.ALPHA_CROWN: _lirpa(alpha=True),
 }
+
+
+def input_product_bounds(
+    method: Method | str,
+    net: Network,
+    box: Bounds,
+    target: torch.Tensor,
+    output: Output = Output.LOGIT,
+    params: ParamBox | None = None,
+    options: EngineOptions = EngineOptions(),  # noqa: B008 (a frozen dataclass of immutable fields: a constant)
+) -> EngineResult | None:
+    """Bounds on x ⊙ ∂o/∂x bounded as one product (a joint relaxation of x and g), from the
+    engines that can (CROWN, alpha-CROWN); None for the others and where the engine cannot
+    handle the configuration — callers then take the interval product of the box and g's bounds."""
+    m = Method(method)
+    if m == Method.IBP:
+        return None
+    from verigrad.bounds import lirpa
+
+    try:
+        return lirpa.crown_bounds(net, box, target, output, params, alpha=m == Method.ALPHA_CROWN,
+                                  options=options.crown(), times_input=True)
+    except EngineUnsupported:
+        return None
 
 
 def compute_bounds(

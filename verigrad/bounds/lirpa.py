@@ -29,7 +29,7 @@ from torch import nn
 
 from verigrad.errors import InternalError
 from verigrad.bounds.base import Bounds, EngineResult, EngineUnsupported, check_inputs, uncross
-from verigrad.bounds.ibp import ibp_bounds
+from verigrad.bounds.ibp import ibp_bounds, mul_interval
 from verigrad.bounds.lirpa_compat import import_auto_lirpa
 from verigrad.bounds.options import CrownOptions, available_memory_bytes
 from verigrad.graph.gradient_graph import GradientGraph, Output
@@ -148,8 +148,10 @@ def crown_bounds(
     *,
     alpha: bool = False,
     options: CrownOptions | None = None,
+    times_input: bool = False,
 ) -> EngineResult:
-    """Bounds l ≤ ∂o/∂x ≤ u holding for every x in ``box`` (and every parameter in ``params``).
+    """Bounds l ≤ ∂o/∂x ≤ u holding for every x in ``box`` (and every parameter in ``params``);
+    with ``times_input``, bounds on x ⊙ ∂o/∂x instead (the product is part of the bounded graph).
 
     box: Bounds of shape (B, *net.input_shape), already clipped to the input domain, in the
     network's dtype; it fixes the device. target: LongTensor (B,), the class c of each sample.
@@ -178,7 +180,8 @@ def crown_bounds(
         idx = (target == c).nonzero().flatten()
         for start in range(0, idx.numel(), opts.max_batch):
             chunk = idx[start : start + opts.max_batch]
-            lo, up, plan = _bound_chunk(net, int(c), box.lower[chunk], box.upper[chunk], output, params, alpha, opts)
+            lo, up, plan = _bound_chunk(net, int(c), box.lower[chunk], box.upper[chunk], output, params, alpha, opts,
+                                        times_input)
             lower[chunk] = lo
             upper[chunk] = up
             note = plan.note()
@@ -187,6 +190,8 @@ def crown_bounds(
 
     # never wider than interval arithmetic, per coordinate (both are sound; IBP costs milliseconds)
     ibp = ibp_bounds(net, box, target, output, params).bounds
+    if times_input:
+        ibp = Bounds(*mul_interval((box.lower, box.upper), (ibp.lower, ibp.upper)))
     tighter = int(((ibp.lower > lower) | (ibp.upper < upper)).sum())
     combined = Bounds(lower, upper).intersect(ibp)
     lower, upper = combined.lower, combined.upper
@@ -201,6 +206,9 @@ def crown_bounds(
         notes.append("probability seed p_c(e_c − p) bounded by its range over the logit box")
     if params is not None:
         notes.append(f"parameter box on {sorted(params.layers)}")
+    if times_input:
+        notes.append("x ⊙ g bounded as one graph (the product relaxed jointly in x and g by auto_LiRPA), "
+                     "intersected with the interval product of the box and IBP's g")
     if alpha:
         notes.append(
             f"alpha-CROWN: {opts.alpha_iterations} Adam steps (lr {opts.alpha_lr}) from CROWN's relaxation, "
@@ -375,12 +383,15 @@ class _Flat(nn.Module):
     W_L[c] is a second, batched input: auto_LiRPA mishandles batch-free tensors of shape (1, n)
     broadcast against the batch, and as an input it can carry the last layer's row box."""
 
-    def __init__(self, graph: GradientGraph) -> None:
+    def __init__(self, graph: GradientGraph, times_input: bool = False) -> None:
         super().__init__()
         self.graph = graph
+        self.times_input = times_input
 
     def forward(self, x: torch.Tensor, seed: torch.Tensor | None = None) -> torch.Tensor:
         v = self.graph(x, seed)
+        if self.times_input:  # x ⊙ g as one graph: CROWN relaxes the product jointly in (x, g)
+            v = x * v
         return v.reshape(v.shape[0], -1)
 
 
@@ -468,6 +479,7 @@ def _bound_chunk(
     params: ParamBox | None,
     alpha: bool,
     opts: CrownOptions,
+    times_input: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, "_ChunkPlan"]:
     """CROWN (then alpha-CROWN) for samples that share one target class, and how the output
     rows were chunked."""
@@ -482,8 +494,8 @@ def _bound_chunk(
             if graph.uses_row_seed:
                 inputs = (centre, _seed_input(graph, net, target, b, params))
             try:
-                model = _GradBoundedModule(_Flat(graph), inputs, bound_opts=bound_opts, custom_ops=CUSTOM_OPS,
-                                           device=lo.device)
+                model = _GradBoundedModule(_Flat(graph, times_input), inputs, bound_opts=bound_opts,
+                                           custom_ops=CUSTOM_OPS, device=lo.device)
             except AssertionError as e:
                 raise EngineUnsupported(f"auto_LiRPA 0.3 asserted while converting the gradient graph of {where}: "
                                         f"{_first_line(e) or 'assertion failed'}") from e
@@ -502,7 +514,7 @@ def _bound_chunk(
             # tracing and conversion cost as much as the bounds on small nets: once per class,
             # output and batch size for this network, reused across inputs (every call sets the
             # new box as the input and recomputes all bounds from it)
-            key = ("crown-gradient-graph", target, output, b, str(lo.device), net.dtype)
+            key = ("crown-gradient-graph", target, output, b, str(lo.device), net.dtype, times_input)
             graph, model = net.memo(key, convert)
         else:  # the parameter box is part of the traced graph (its BoundedParameters)
             graph, model = convert()
