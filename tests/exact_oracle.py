@@ -16,7 +16,10 @@ the region's witness (re-checked exactly). Patterns met only on a lower-dimensio
 z_j = 0) are left out: the gradient at such tie points (relu'(0) = 0) is not an essential
 value of the gradient, and for generic weights every point of B but a null set lies in an
 included region. ``interior=False`` uses closed half-spaces s_j z_j ≥ 0 instead (t ≥ −TOL),
-which adds those degenerate patterns and can only widen the range.
+which adds those degenerate patterns and can only widen the range. Every value of the interior
+range is autograd's gradient at some point of B, so a sound engine must contain it (the
+engines' bounds also cover tie points; the interior range is the part of that every box
+point but a null set produces).
 
 A unit whose pre-activation is constant on the box given the earlier pattern (e.g. a relu of
 a dead unit) takes autograd's convention σ'(z) (relu'(0) = 0) — with ``interior=False`` and
