@@ -39,17 +39,13 @@ sys.path.insert(0, str(ROOT))
 MODELS = ("mnist_fc", "mnist_cnn", "control", "small_mlp", "cifar_cnn")
 
 
-def _random_mlp(sizes: tuple[int, ...], seed: int = 0):
-    from verigrad.models.network import ActKind, Activation, Linear, Network
+def _random_mlp(sizes: tuple[int, ...]):
+    """The test suite's random ReLU MLP (He-scaled weights, seed 0), named after its sizes."""
+    from tests.helpers import random_mlp
+    from verigrad.models.network import ActKind, Network
 
-    g = torch.Generator().manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        w = torch.randn(b, a, generator=g, dtype=torch.float64) * (2.0 / a) ** 0.5
-        layers.append(Linear(f"fc{i}", w, torch.randn(b, generator=g, dtype=torch.float64) * 0.1))
-        if i < len(sizes) - 2:
-            layers.append(Activation(f"act{i}", ActKind.RELU))
-    return Network(tuple(layers), (sizes[0],), f"mlp{'-'.join(map(str, sizes))}")
+    net = random_mlp(ActKind.RELU, sizes=sizes, seed=0)
+    return Network(net.layers, net.input_shape, f"mlp{'-'.join(map(str, sizes))}")
 
 
 def _small_cnn(shape: tuple[int, int, int], seed: int = 0):

@@ -61,11 +61,12 @@ def _ibp(net, box, target, output, params, opts: EngineOptions) -> EngineResult:
     return ibp_bounds(net, box, target, output, params, product=opts.product)
 
 
-def _lirpa(alpha: bool) -> Engine:
+def _lirpa(alpha: bool, times_input: bool = False) -> Engine:
     def run(net, box, target, output, params, opts: EngineOptions) -> EngineResult:
         from verigrad.bounds import lirpa  # auto_LiRPA is heavy and optional for IBP-only use
 
-        return lirpa.crown_bounds(net, box, target, output, params, alpha=alpha, options=opts.crown())
+        return lirpa.crown_bounds(net, box, target, output, params, alpha=alpha, options=opts.crown(),
+                                  times_input=times_input)
 
     return run
 
@@ -74,6 +75,11 @@ ENGINES: dict[Method, Engine] = {
     Method.IBP: _ibp,
     Method.CROWN: _lirpa(alpha=False),
     Method.ALPHA_CROWN: _lirpa(alpha=True),
+}
+# engines that bound x ⊙ ∂o/∂x as one product (a joint relaxation of x and g)
+INPUT_PRODUCT_ENGINES: dict[Method, Engine] = {
+    Method.CROWN: _lirpa(alpha=False, times_input=True),
+    Method.ALPHA_CROWN: _lirpa(alpha=True, times_input=True),
 }
 
 
@@ -89,14 +95,11 @@ def input_product_bounds(
     """Bounds on x ⊙ ∂o/∂x bounded as one product (a joint relaxation of x and g), from the
     engines that can (CROWN, alpha-CROWN); None for the others and where the engine cannot
     handle the configuration — callers then take the interval product of the box and g's bounds."""
-    m = Method(method)
-    if m == Method.IBP:
+    engine = INPUT_PRODUCT_ENGINES.get(Method(method))
+    if engine is None:
         return None
-    from verigrad.bounds import lirpa
-
     try:
-        return lirpa.crown_bounds(net, box, target, output, params, alpha=m == Method.ALPHA_CROWN,
-                                  options=options.crown(), times_input=True)
+        return engine(net, box, target, output, params, options)
     except EngineUnsupported:
         return None
 
