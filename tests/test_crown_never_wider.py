@@ -32,7 +32,7 @@ def deep_sigmoid(depth: int = 6, width: int = 24, d: int = 10, scale: float = 4.
 def _never_wider(net: Network, x: torch.Tensor, eps: float, output: Output, alpha: bool) -> None:
     box, t = input_box(x, eps, None), torch.tensor([1])
     c = crown_bounds(net, box, t, output, alpha=alpha, options=CrownOptions(alpha_iterations=5))
-    ib = ibp_bounds(net, box, t, output).bounds
+    ib = ibp_bounds(net, box, t, output, outward=True).bounds
     assert bool((c.bounds.lower >= ib.lower).all()) and bool((c.bounds.upper <= ib.upper).all())
     pts = box_points(box, 300, 300, seed=3)
     v = saliency(net, pts, t.expand(len(pts)), output)

@@ -1,11 +1,14 @@
-"""Rounding before a verdict: float32 bounds widened by the allowance of verigrad.bounds.rounding
-contain the float64 truth, and a margin within round-off is unknown, never certified."""
+"""Rounding before a verdict: outward-rounded IBP encloses the exact (float64) gradient and the
+exact IBP result, mask decisions included; float32 bounds widened by the allowance of
+verigrad.bounds.rounding contain the float64 truth; a margin within round-off is unknown,
+never certified."""
 import pytest
 import torch
 
 from tests.helpers import ACT_IDS, ACTS, box_points, random_mlp
 from verigrad import properties as props
 from verigrad.bounds import Bounds, compute_bounds, rounding
+from verigrad.bounds.ibp import ibp_bounds
 from verigrad.graph.gradient_graph import Output, saliency
 from verigrad.models.network import Linear, Network
 from verigrad.perturbation import input_box
@@ -30,13 +33,16 @@ def test_a_margin_inside_float32_round_off_is_unknown_not_certified():
     prop = Property("small", Kind.FEATURE_BOUND, None, computed, features=(0,))  # |v_0| <= the rounded value
     x = torch.zeros(1, 1, dtype=F32)
     target = torch.tensor([0])
-    raw = compute_bounds("ibp", net, input_box(x, 0.0, None), target, Output.LOGIT).bounds
+    raw = ibp_bounds(net, input_box(x, 0.0, None), target, Output.LOGIT).bounds  # round-to-nearest IBP
     v0 = saliency(net, x, target)
     assert props.evaluate(prop, v0, raw)[0].verdict == Verdict.CERTIFIED  # round-off alone would certify it
     truth = saliency(net.to(dtype=F64), x.double(), target)
     assert float(truth.abs().max()) > prop.threshold  # ...though the exact map violates it
     widened, note = rounding.widen(net, raw, F32)
     assert props.evaluate(prop, v0, widened)[0].verdict == Verdict.UNKNOWN and "float32" in note
+    # the engine (outward-rounded IBP) needs no allowance: its own bounds already leave it unknown
+    res = compute_bounds("ibp", net, input_box(x, 0.0, None), target, Output.LOGIT)
+    assert res.rigorous and props.evaluate(prop, v0, res.bounds)[0].verdict == Verdict.UNKNOWN
 
 
 @pytest.mark.parametrize("act, param", ACTS, ids=ACT_IDS)
@@ -99,7 +105,178 @@ def test_the_pipeline_decides_on_widened_bounds(tmp_path):
     problem = vmod.prepare(load_spec(p))
     r = vmod.verify_instance(problem, 0)
     (run,) = r.engines
-    assert any(n.startswith("rounding: ") and "float32" in n for n in run.notes)
+    assert any(n.startswith("rounding: engine bounds rigorous") and "float32" in n for n in run.notes)
     inst = vmod.instance(problem, 0)
-    raw = compute_bounds("ibp", problem.net, inst.threat.box, inst.threat.target_tensor).bounds
-    assert bool((run.bounds.lower < raw.lower).all()) and bool((run.bounds.upper > raw.upper).all())
+    res = compute_bounds("ibp", problem.net, inst.threat.box, inst.threat.target_tensor)
+    assert res.rigorous  # outward-rounded: only the explanation's own roundings get an allowance
+    assert bool((run.bounds.lower < res.bounds.lower).all()) and bool((run.bounds.upper > res.bounds.upper).all())
+    full, _ = rounding.widen(problem.net, res.bounds, F32, 2)  # what a non-rigorous engine would get
+    assert float(run.bounds.width.mean()) < float(full.width.mean())
+
+
+# -- outward-rounded IBP: a rigorous enclosure --------------------------------------------------
+
+def _f32_nets() -> dict:
+    from tests.graph_nets import GRAPHS
+    from tests.helpers import random_cnn
+
+    nets = {f"mlp_{k.value}": (lambda k=k, p=p: random_mlp(k, p, sizes=(12, 16, 16, 5), seed=3, dtype=F32))
+            for k, p in ACTS}
+    nets.update({f"cnn_{k.value}": (lambda k=k, p=p: random_cnn(k, p, seed=1, dtype=F32)) for k, p in ACTS[::2]})
+    nets.update({name: (lambda f=f: f().to(dtype=F32)) for name, f in GRAPHS.items()})
+    return nets
+
+
+NETS32 = _f32_nets()
+
+
+def _params64(params):
+    from verigrad.perturbation import LayerParamBox, ParamBox
+
+    return ParamBox({k: LayerParamBox(b.weight.to(F64), b.bias.to(F64)) for k, b in params.layers.items()})
+
+
+def _check_outward(net, eps: float, output: Output, params=None, product: str = "midpoint_radius") -> None:
+    """Outward float32 IBP ⊇ float64 IBP of the same (float32) weights, and ∋ the float64 autograd
+    gradient at the centre, corners and random points of the box (and of the parameter box)."""
+    from tests.helpers import assert_contains_true_gradients
+
+    x = torch.rand(1, *net.input_shape, generator=torch.Generator().manual_seed(1), dtype=F32)
+    box, t = input_box(x, eps, (0.0, 1.0)), torch.tensor([1])
+    res = ibp_bounds(net, box, t, output, params, product=product, outward=True)
+    assert res.rigorous and not ibp_bounds(net, box, t, output, params, product=product).rigorous
+    net64, box64 = net.to(dtype=F64), box.to(F64)
+    p64 = _params64(params) if params is not None else None
+    exact_ibp = ibp_bounds(net64, box64, t, output, p64, product=product).bounds
+    lo, up = res.bounds.lower.double(), res.bounds.upper.double()
+    assert bool((lo <= exact_ibp.lower).all()), float((lo - exact_ibp.lower).max())
+    assert bool((up >= exact_ibp.upper).all()), float((exact_ibp.upper - up).max())
+    assert_contains_true_gradients(Bounds(lo, up), net64, box64, t, output, params=p64, n=150, tol=0.0)
+
+
+@pytest.mark.parametrize("output", list(Output), ids=[o.value for o in Output])
+@pytest.mark.parametrize("name", list(NETS32))
+def test_outward_ibp_encloses_the_float64_gradient_and_the_float64_ibp(name, output):
+    _check_outward(NETS32[name](), 0.05, output)
+
+
+@pytest.mark.parametrize("product", ["midpoint_radius", "exact"])
+@pytest.mark.parametrize("output", [Output.LOGIT, Output.LOSS], ids=["logit", "loss"])
+@pytest.mark.parametrize("name", ["mlp_relu", "mlp_tanh", "cnn_softplus", "residual_mlp", "prelu_cnn", "maxpool_cnn"])
+def test_outward_ibp_encloses_the_float64_gradient_with_a_parameter_box(name, output, product):
+    from verigrad.perturbation import param_box
+
+    net = NETS32[name]()
+    _check_outward(net, 0.02, output, param_box(net, 0.03, "relative"), product)
+
+
+def _mask_flip_net() -> tuple[Network, Bounds]:
+    """z = w·x + b over x ∈ [l, u] whose exact lower bound w·l + b is −3.9e-10 (−5.9e-9 of w·l),
+    but whose float32 midpoint-radius IBP, fl(fl(w·c) − fl(w·r)) + b, computes +7.5e-9 (found by a
+    random search over float32 w, l, u, b): then relu(z) → a 2-logit layer."""
+    from verigrad.models.network import Activation, ActKind
+
+    w, lo, up, b = 1.3964447975158691, 0.046864211559295654, 0.10374806821346283, -0.06544328480958939
+    t = lambda v: torch.tensor(v, dtype=F32)  # noqa: E731
+    net = Network((Linear("fc0", t([[w]]), t([b])), Activation("relu", ActKind.RELU),
+                   Linear("fc1", t([[1.0], [0.5]]), t([0.0, 0.0]))), (1,), "mask_flip")
+    return net, Bounds(t([[lo]]), t([[up]]))
+
+
+def test_a_relu_mask_flipped_by_round_off_is_caught_by_outward_ibp():
+    from fractions import Fraction
+
+    from verigrad.operators.base import IbpContext
+
+    net, box = _mask_flip_net()
+    fc0 = net.layers[0]
+    exact_lo = Fraction(float(fc0.weight)) * Fraction(float(box.lower)) + Fraction(float(fc0.bias))
+    assert exact_lo < 0  # the exact pre-activation is negative at x = l ...
+    z_lo, _ = fc0.ibp_forward([(box.lower, box.upper)], [(1,)], IbpContext())
+    assert float(z_lo) > 0  # ... float32 IBP computes it positive: relu' fixed to 1 on the box
+    t = torch.tensor([0])
+    truth = saliency(net.to(dtype=F64), box.lower.double(), t)  # at x = l: relu'(z) = 0, so v = 0
+    assert float(truth) == 0.0
+    plain = ibp_bounds(net, box, t).bounds
+    assert not bool(plain.contains(truth.float())[0])  # plain IBP excludes the true gradient
+    outward = compute_bounds("ibp", net, box, t).bounds  # the engine rounds outward
+    assert bool(outward.contains(truth.float())[0])
+    assert bool(outward.contains(saliency(net.to(dtype=F64), box.upper.double(), t).float())[0])
+
+
+def test_crown_intermediate_bounds_are_widened_so_round_off_fixes_no_mask(monkeypatch):
+    from verigrad.bounds import lirpa
+
+    net, box = _mask_flip_net()
+    t = torch.tensor([0])
+    truth = saliency(net.to(dtype=F64), box.lower.double(), t).float()
+    assert bool(lirpa.crown_bounds(net, box, t).bounds.contains(truth)[0])
+    # without the widening CROWN decides the mask on its round-to-nearest pre-activation bound
+    monkeypatch.setattr(lirpa._GradBoundedModule, "_widen_for_rounding", lambda self, node: None)
+    fresh = Network(net.layers, net.input_shape, "mask_flip_unwidened")  # not the memoised graph
+    assert not bool(lirpa.crown_bounds(fresh, box, t).bounds.contains(truth)[0])
+
+
+# At ε = 0 the outward bounds are no longer a point: Higham's γ_m per reduction (m ≈ fan-in)
+# compounded through the layers. Tolerance: |bound − v| ≤ 2e-3·max|v| (about 2e4 float32 ulps of
+# the map's scale; measured ≤ 4e-4 on these nets), and strictly wider than the plain point.
+@pytest.mark.parametrize("output", list(Output), ids=[o.value for o in Output])
+@pytest.mark.parametrize("act, param", ACTS, ids=ACT_IDS)
+def test_outward_ibp_at_zero_epsilon_is_within_tolerance_of_autograd(act, param, output):
+    net = random_mlp(act, param, sizes=(12, 16, 16, 5), seed=3, dtype=F32)
+    x = torch.rand(3, 12, generator=torch.Generator().manual_seed(4), dtype=F32)
+    t = torch.tensor([0, 2, 4])
+    b = ibp_bounds(net, input_box(x, 0.0, None), t, output, outward=True).bounds
+    v = saliency(net.to(dtype=F64), x.double(), t, output)
+    lo, up = b.lower.double(), b.upper.double()
+    assert bool(((lo <= v) & (v <= up)).all())
+    assert bool((b.width > 0).any())  # no longer bit-exact
+    scale = v.abs().flatten(1).max(dim=1, keepdim=True).values
+    assert float(((v - lo).flatten(1) / scale).max()) <= 2e-3 and float(((up - v).flatten(1) / scale).max()) <= 2e-3
+
+
+def test_every_registered_kind_has_a_rounding_error_model():
+    from verigrad.errors import OpUnsupported
+    from verigrad.operators.base import OPS, IbpContext, Node
+
+    for kind, cls in OPS.items():
+        assert cls.ibp_forward_error is not Node.ibp_forward_error, kind
+        assert cls.ibp_vjp_error is not Node.ibp_vjp_error, kind
+
+    class Bare(Node):
+        op = "bare"
+
+    x = (torch.zeros(1, 2), torch.ones(1, 2))
+    with pytest.raises(OpUnsupported, match="rounding-error model"):
+        Bare("n").ibp_forward_error([x], x, [(2,)], IbpContext())
+
+
+def test_ieee_float32_context_turns_tf32_off_and_restores_the_flags():
+    from verigrad.bounds.ibp import ieee_float32
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.enabled)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        with ieee_float32(torch.device("cuda")):  # only flags are touched: no GPU needed
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.enabled
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.enabled == saved[2]
+        assert torch.get_float32_matmul_precision() == "high"  # what allow_tf32 means for all backends
+        with ieee_float32(torch.device("cpu")):  # CPU: only a lowered matmul precision is raised
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.enabled = saved
+
+
+def test_rigorous_results_skip_the_allowance_but_not_the_explanation_roundings():
+    net = random_mlp(ACTS[0][0], sizes=(12, 16, 5), seed=3, dtype=F32)
+    x = torch.rand(1, 12, generator=torch.Generator().manual_seed(1), dtype=F32)
+    res = compute_bounds("ibp", net, input_box(x, 0.05, (0.0, 1.0)), torch.tensor([1]))
+    full, _ = rounding.widen(net, res.bounds, F32, 10)
+    rig, note = rounding.widen(net, res.bounds, F32, 10, rigorous=True)
+    bare, note0 = rounding.widen(net, res.bounds, F32, 0, rigorous=True)
+    assert bool((bare.lower < res.bounds.lower).all()) and bool((bare.upper > res.bounds.upper).all())  # one ulp
+    assert bool((rig.lower < bare.lower).all()) and bool((full.lower < rig.lower).all())
+    assert "10 further roundings" in note and "no allowance" in note0

@@ -249,10 +249,12 @@ def explanation_bounds(
         note = "x ⊙ g: exact interval product of the input box and the engine's gradient bounds"
         joint = input_product_bounds(method, net, box, target, output, params, options)
         if joint is None:
-            return EngineResult(Bounds(lo, up), res.method, res.notes + (note,), res.actual_method)
+            return EngineResult(Bounds(lo, up), res.method, res.notes + (note,), res.actual_method, res.rigorous)
         both = Bounds(lo, up).intersect(joint.bounds)  # both sound: never wider than either
         note += "; intersected with x ⊙ g bounded jointly (one graph)"
-        return EngineResult(both, res.method, res.notes + (note,), res.actual_method)
+        # the joint bounds are CROWN's (an allowance), but min/max are exact: the intersection keeps
+        # no guarantee beyond its parts, so it is rigorous only when both are
+        return EngineResult(both, res.method, res.notes + (note,), res.actual_method, res.rigorous and joint.rigorous)
     if m == ExplanationMethod.INTEGRATED_GRADIENTS:
         boxes, w = _scaled_boxes(explainer, box)
         k = len(w)
@@ -262,6 +264,8 @@ def explanation_bounds(
         lo, up = mul_interval((box.lower - b, box.upper - b), (s.lower, s.upper))
         note = (f"integrated gradients: {explainer.rule.value}, {k} nodes, each bounded on its scaled box; "
                 "interval product with x − b")
+        # not rigorous: the quadrature sum's round-off scales with Σ|w_k s_k|, which the allowance
+        # on the result's magnitude does not bound under cancellation (it gets the full allowance)
         return EngineResult(Bounds(lo, up), res.method, res.notes + (note,), res.actual_method)
     raise EngineUnsupported(f"{m.value} is certified by randomized smoothing, not by bound engines")
 

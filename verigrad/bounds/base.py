@@ -92,6 +92,10 @@ class EngineResult:
     notes: tuple[str, ...] = ()
     # the engine that actually produced the bounds, when it is not ``method`` (fallback)
     actual_method: str | None = None
+    # True when ``bounds`` enclose the exact (real-arithmetic) range despite floating point — the
+    # IBP engine's outward rounding; False: computed in round-to-nearest, so a verdict needs the
+    # a-priori allowance of verigrad.bounds.rounding first
+    rigorous: bool = False
 
 
 def check_inputs(net: Any, box: Bounds, target: torch.Tensor, *, check_dtype: bool = True) -> None:
@@ -136,4 +140,4 @@ def with_ibp_fallback(method: str, run: Callable[[], EngineResult], ibp: Callabl
     except EngineUnsupported as why:
         res = ibp()
         return EngineResult(res.bounds, method, (f"{method} unsupported here ({why}); fell back to ibp",) + res.notes,
-                            "ibp")
+                            "ibp", rigorous=res.rigorous)

@@ -32,6 +32,7 @@ from verigrad.bounds.base import Bounds, EngineResult, EngineUnsupported, check_
 from verigrad.bounds.ibp import ibp_bounds, mul_interval
 from verigrad.bounds.lirpa_compat import import_auto_lirpa
 from verigrad.bounds.options import CrownOptions, available_memory_bytes
+from verigrad.bounds.rounding import chain_length, gamma
 from verigrad.graph.gradient_graph import GradientGraph, Output
 from verigrad.models.network import Conv2d, Network
 from verigrad.perturbation import ParamBox
@@ -188,8 +189,10 @@ def crown_bounds(
             if note is not None and note not in chunk_notes:
                 chunk_notes.append(note)
 
-    # never wider than interval arithmetic, per coordinate (both are sound; IBP costs milliseconds)
-    ibp = ibp_bounds(net, box, target, output, params).bounds
+    # never wider than interval arithmetic, per coordinate (both are sound; IBP costs milliseconds).
+    # The outward-rounded IBP: a round-to-nearest one could fix a ReLU mask by round-off and
+    # carry that discrete error into the intersection
+    ibp = ibp_bounds(net, box, target, output, params, outward=True).bounds
     if times_input:
         ibp = Bounds(*mul_interval((box.lower, box.upper), (ibp.lower, ibp.upper)))
     tighter = int(((ibp.lower > lower) | (ibp.upper < upper)).sum())
@@ -197,8 +200,10 @@ def crown_bounds(
     lower, upper = combined.lower, combined.upper
     notes = [
         "auto_LiRPA 0.3 backward (CROWN) bounds on the gradient graph; relu'(z)·g relaxed jointly in (z, g); "
-        "every intermediate node intersected with its IBP bounds",
-        f"intersected per coordinate with IBP: IBP tighter on {tighter} of {lower.numel()} coordinate bounds",
+        "every intermediate node intersected with its IBP bounds, then widened by the rounding allowance "
+        "(verigrad.bounds.rounding)",
+        f"intersected per coordinate with (outward-rounded) IBP: IBP tighter on {tighter} of {lower.numel()} "
+        "coordinate bounds",
     ]
     if output == Output.LOSS:
         notes.append("cross-entropy seed softmax(z) − e_c bounded by the exact softmax range over the logit box")
@@ -247,6 +252,9 @@ class _GradBoundedModule(BoundedModule):
     # the largest number of passes one g-node needed (for the engine's notes); set by _bound_chunk
     spec_chunk: int | None = None
     spec_chunks_used: int = 0
+    # γ_n of verigrad.bounds.rounding for this network and dtype (set by _bound_chunk): every
+    # intermediate bound is widened by its allowance before use (_widen_for_rounding)
+    rounding_gamma: float = 0.0
 
     def check_prior_bounds(self, node):
         """auto_LiRPA's MatMul asks for bounds on both operands, which only its bilinear case
@@ -270,6 +278,7 @@ class _GradBoundedModule(BoundedModule):
         if consumer is None or not node.perturbed or self.use_forward:
             super().compute_intermediate_bounds(node, prior_checked)
             self._intersect_with_ibp(node)
+            self._widen_for_rounding(node)
             return
         if not prior_checked:
             self.check_prior_bounds(node)
@@ -304,6 +313,25 @@ class _GradBoundedModule(BoundedModule):
                     self.backward_from[name] = list({id(s): s for s in starts}.values())
         node.lower, node.upper = lo, up
         node.interval = (lo, up)
+        self._widen_for_rounding(node)
+
+    def _widen_for_rounding(self, node) -> None:
+        """Widen an intermediate node's bounds outward by the rounding allowance
+        γ_n·(|l| + |u| + s) of :mod:`verigrad.bounds.rounding` (s the largest |bound| of the node
+        per sample) and one ulp: auto_LiRPA computes in round-to-nearest, and a pre-activation
+        bound a rounding put on the wrong side of 0 would fix a ReLU mask (or a relaxation) that
+        the exact bounds leave open — a discrete error no final allowance covers."""
+        lo, up = getattr(node, "lower", None), getattr(node, "upper", None)
+        if (not self.rounding_gamma or not node.perturbed or not isinstance(lo, torch.Tensor)
+                or not isinstance(up, torch.Tensor) or lo.dim() == 0):
+            return
+        mag = torch.maximum(lo.abs(), up.abs())
+        scale = mag.reshape(mag.shape[0], -1).max(dim=1).values.reshape(-1, *([1] * (mag.dim() - 1)))
+        a = self.rounding_gamma * (lo.abs() + up.abs() + scale)
+        new_lo = torch.nextafter(lo - a, torch.full_like(lo, -math.inf))
+        new_up = torch.nextafter(up + a, torch.full_like(up, math.inf))
+        node.lower, node.upper = new_lo, new_up
+        node.interval = (new_lo, new_up)
 
     def _intersect_with_ibp(self, node) -> None:
         """[max(l_CROWN, l_IBP), min(u_CROWN, u_IBP)] for an intermediate node, IBP taken from
@@ -519,6 +547,7 @@ def _bound_chunk(
         else:  # the parameter box is part of the traced graph (its BoundedParameters)
             graph, model = convert()
         model.spec_chunks_used = 0
+        model.rounding_gamma = gamma(chain_length(net), net.dtype)
         seed = (_seed_input(graph, net, target, b, params),) if graph.uses_row_seed else ()
         x = (BoundedTensor(centre, PerturbationLpNorm(norm=math.inf, x_L=lo, x_U=up)), *seed)
         d = math.prod(net.input_shape)

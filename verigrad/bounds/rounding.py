@@ -1,10 +1,21 @@
 """Floating-point rounding before a verdict.
 
-The engines compute their bounds in the run's dtype with round-to-nearest, so a computed
-bound can sit on the wrong side of the exact one by the rounding error of the computation
-that produced it. Before any property is decided, every bound map is widened outward by an
-allowance for that error, in the style of the classical a-priori forward error bound for
-sums of products (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1):
+The engines compute in the run's dtype, so a computed bound can sit on the wrong side of the
+exact one. Before any property is decided every bound map must enclose the exact one:
+
+- **IBP is rigorous.** The ``ibp`` engine rounds outward (:func:`verigrad.bounds.ibp.ibp_bounds`
+  with ``outward=True``): every interval rule runs in round-to-nearest and each end is then
+  moved outward by the rule's a-priori error bound and one ulp — Higham's bound for the
+  reductions of the affine kinds (below), fixed ulp allowances for library functions. Its
+  result (``EngineResult.rigorous``) needs no allowance for the gradient; ReLU masks and
+  max-pool argmaxes are decided on rigorous bounds as well.
+- **CROWN / alpha-CROWN carry an allowance.** Their arithmetic runs inside auto_LiRPA and
+  cannot be instrumented, so their maps are widened by the a-priori allowance of this module
+  (and so are their intermediate bounds inside the pass, :mod:`verigrad.bounds.lirpa`, so a
+  ReLU mask is not decided by round-off).
+
+The allowance follows the classical forward error bound for sums of products (Higham,
+*Accuracy and Stability of Numerical Algorithms*, §3.1):
 
     |fl(Σ_k a_k b_k) − Σ_k a_k b_k| ≤ γ_n Σ_k |a_k b_k|,   γ_n = n·u / (1 − n·u),
 
@@ -13,9 +24,10 @@ taken as 4·Σ_nodes (reduction length + 2) — every node of the network on one
 passes (values and gradients), each an interval product — and the magnitude Σ|a_k b_k| as
 |l_i| + |u_i| + s, with s the largest |bound| of the sample's map, so that a coordinate
 whose bound cancels to near 0 still gets an allowance on the scale of the map. This is an
-allowance, not a proof: directed (outward) rounding of every operation would be one, and
-is not implemented. In float64 it is ~1e-12 of the map's scale; in float32 ~1e-3 (float32
-certificates are looser by that much). Properties compare the widened bounds with their
+allowance, not a proof (strong cancellation can exceed it). In float64 it is ~1e-12 of the
+map's scale; in float32 ~1e-3. The explanation's own arithmetic after the engine (an
+integrated-gradients sum, a product with the input: ``extra`` roundings) is widened the same
+way for every engine, rigorous or not. Properties compare the widened bounds with their
 threshold, so a case whose margin is within round-off is ``unknown``, never ``certified``.
 """
 from __future__ import annotations
@@ -56,13 +68,29 @@ def allowance(bounds: Bounds, n: int, dtype: torch.dtype) -> torch.Tensor:
     return g * (bounds.lower.abs() + bounds.upper.abs() + scale)
 
 
-def widen(net: Network, bounds: Bounds, dtype: torch.dtype, extra: int = 0) -> tuple[Bounds, str]:
+def widen(net: Network, bounds: Bounds, dtype: torch.dtype, extra: int = 0, *,
+          rigorous: bool = False) -> tuple[Bounds, str]:
     """``bounds`` widened outward by the rounding allowance of a computation in ``dtype`` on
-    ``net`` (``extra`` more roundings, e.g. an integrated-gradients sum), and a note saying so."""
-    n = chain_length(net) + extra
-    a = allowance(bounds, n, dtype)
-    lo = torch.nextafter(bounds.lower - a, torch.full_like(bounds.lower, -torch.inf))
-    up = torch.nextafter(bounds.upper + a, torch.full_like(bounds.upper, torch.inf))
-    note = (f"rounding: bounds widened outward by γ_n·(|l|+|u|+max|bound|), n = {n} roundings in "
-            f"{str(dtype).removeprefix('torch.')} (γ_n = {gamma(n, dtype):.2e})")
+    ``net`` (``extra`` more roundings, e.g. an integrated-gradients sum), and a note saying so.
+    ``rigorous``: ``bounds`` already enclose the exact gradient (outward-rounded IBP, or an
+    exact intersection of maps each widened already), so only the ``extra`` roundings get the
+    allowance (none when ``extra`` is 0), then one ulp outward."""
+    n = extra if rigorous else chain_length(net) + extra
+    if n:
+        a = allowance(bounds, n, dtype)
+        lo, up = bounds.lower - a, bounds.upper + a
+    else:
+        lo, up = bounds.lower, bounds.upper
+    lo = torch.nextafter(lo, torch.full_like(lo, -torch.inf))
+    up = torch.nextafter(up, torch.full_like(up, torch.inf))
+    name = str(dtype).removeprefix("torch.")
+    if not rigorous:
+        note = (f"rounding: bounds widened outward by γ_n·(|l|+|u|+max|bound|), n = {n} roundings in "
+                f"{name} (γ_n = {gamma(n, dtype):.2e})")
+    elif n:
+        note = (f"rounding: engine bounds rigorous (outward rounding); the explanation's {n} further roundings "
+                f"in {name} widened by γ_n·(|l|+|u|+max|bound|) (γ_n = {gamma(n, dtype):.2e})")
+    else:
+        note = (f"rounding: no allowance ({name} bounds rigorous, or an exact intersection of bounds each "
+                "widened already); one ulp outward")
     return Bounds(lo, up), note

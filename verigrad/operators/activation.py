@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from verigrad.errors import ModelError
 from verigrad.graph import ops
 from verigrad.operators.base import IbpContext, Node, Shape, Tensors, register
-from verigrad.operators.interval import Interval, hull, map_ends, mul_interval, mul_nonneg_interval
+from verigrad.operators.interval import (
+    Interval, hull, magnitude, map_ends, mul_interval, mul_nonneg_interval, single_rounding, unit_roundoff,
+)
 
 
 # sigmoid'' = s(1−s)(1−2s); its derivative s(1−s)(6s² − 6s + 1) vanishes at s = (3 ∓ √3)/6,
@@ -31,6 +33,20 @@ _SIGMOID_PEAK = _SQRT3 / 18.0
 # z = ∓atanh(1/√3) = ∓ln(2 + √3)/2: extrema ±4/(3√3)
 _TANH_CRIT = 0.5 * math.log(2.0 + _SQRT3)
 _TANH_PEAK = 4.0 / (3.0 * _SQRT3)
+
+# Rounding-error constants (multiples of the unit roundoff u) of the interval rules. Library
+# sigmoid / tanh / exp / log1p are not correctly rounded; every mainstream implementation (glibc,
+# SLEEF, CUDA's libdevice) is within 4 ulps, so _LIB = 16 u relative is generous.
+_LIB = 16.0
+# softplus_β(z) = log1p(exp(βz))/β: the library error (relative), plus the rounding of βz and of
+# β itself (2u relative on the argument), which moves the value by ≤ σ(βz)·|βz|·2u/β.
+_SOFTPLUS_ARG = 4.0
+_SOFTPLUS_CUT = 1.01 * math.exp(-20.0)  # torch's softplus threshold error, see ibp_forward_error
+# σ'(z) ≤ 1 computed with cancellation (1 − s, 1 − t²): ABSOLUTE allowances. softplus: σ(βz) with
+# 16u relative plus σ'(t)|t|·2u ≤ 0.23·2u from the rounded argument t = βz → 32u on a value ≤ 1;
+# sigmoid: s(1 − s) with s 16u off → ≤ ¼·18u + 16u·s² ≤ 21u → 32u; tanh: 1 − t·t with t 16u
+# off → ≤ 33u·t² + u → 64u; leaky_relu: the slope rounded to the dtype, ≤ u·α ≤ u → 2u.
+_DERIV_ABS = {"softplus": 32.0, "sigmoid": 32.0, "tanh": 64.0, "leaky_relu": 2.0, "relu": 0.0}
 
 
 class ActKind(str, Enum):
@@ -192,6 +208,41 @@ class Activation(Node):
                 ctx: IbpContext) -> tuple[Interval, ...]:
         return (mul_nonneg_interval(self.derivative_bounds(*xs[0]), g),)
 
+    def ibp_forward_error(self, xs: Sequence[Interval], out: Interval, in_shapes: Sequence[Shape],
+                          ctx: IbpContext) -> torch.Tensor | None:
+        """relu: exact. leaky_relu: α·z with α rounded to the dtype and one product rounding,
+        ≤ 2u|αz| ≤ 4u|y|. sigmoid / tanh: the library's error, 16u relative. softplus: that plus
+        the argument's rounding (see the constants)."""
+        k, u = self.kind, unit_roundoff(out[0].dtype)
+        if k == ActKind.RELU:
+            return None
+        tiny = single_rounding(out[0])
+        if k == ActKind.LEAKY_RELU:
+            return 4 * u * magnitude(out) + tiny
+        err = _LIB * u * magnitude(out) + tiny
+        if k == ActKind.SOFTPLUS:
+            z = xs[0]
+            zmag = magnitude(z)
+            # σ(βz)·|z| at the larger end (σ is increasing: its upper end bounds both), doubled for
+            # σ's own rounding
+            err = err + 2 * _SOFTPLUS_ARG * u * zmag * torch.sigmoid(self.param * z[1])
+            # torch returns t itself above t = βz > 20 (its threshold): log1p(e^t) − t ≤ e^-20
+            err = err + (self.param * z[1] > 20).to(err.dtype) * (_SOFTPLUS_CUT / self.param)
+        return err
+
+    def ibp_vjp_error(self, xs: Sequence[Interval], g: Interval, grads: tuple[Interval | None, ...],
+                      in_shapes: Sequence[Shape], ctx: IbpContext) -> tuple[torch.Tensor | None, ...]:
+        """[σ'] ⊙ [g] with σ' computed to within an absolute δ (the constants): the product rule
+        picks ends of [σ'] by the sign of g, so an end moves by ≤ |g|·δ, and the product rounds
+        once (u relative). relu: σ' ∈ {0, 1} and products with it are exact."""
+        if self.kind == ActKind.RELU:
+            return (None,)
+        out = grads[0]
+        assert out is not None
+        u = unit_roundoff(out[0].dtype)
+        delta = _DERIV_ABS[self.kind.value] * u
+        return (delta * magnitude(g) + 2 * u * magnitude(out) + single_rounding(out[0]),)
+
 
 @register
 @dataclass(frozen=True, eq=False)
@@ -250,3 +301,13 @@ class PReLU(Node):
         dl = torch.where(zl > 0, one, torch.where(zu <= 0, a, torch.minimum(a, one)))
         du = torch.where(zl > 0, one, torch.where(zu <= 0, a, torch.maximum(a, one)))
         return (mul_interval((dl, du), g),)
+
+    def ibp_forward_error(self, xs: Sequence[Interval], out: Interval, in_shapes: Sequence[Shape],
+                          ctx: IbpContext) -> torch.Tensor:
+        """z for z ≥ 0 (exact), a·z for z < 0 (one rounding; the slope is a stored tensor)."""
+        return single_rounding(out[0])
+
+    def ibp_vjp_error(self, xs: Sequence[Interval], g: Interval, grads: tuple[Interval | None, ...],
+                      in_shapes: Sequence[Shape], ctx: IbpContext) -> tuple[torch.Tensor, ...]:
+        """Each end is one product of an end of g with a stored slope or 1: one rounding."""
+        return (single_rounding(g[0]),)

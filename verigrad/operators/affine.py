@@ -3,6 +3,8 @@
 Interval rules: a point weight gives exact IBP (centre W·c, radius |W|·r). An interval weight
 (parameter box) uses the product rule of the context: ``midpoint_radius`` (Wicker et al. 2023,
 Lemma 1) or ``exact`` (the exact interval of every scalar product a_k·w_k, summed — never wider).
+Their rounding errors are bounded by Higham's a-priori bound for sums of products (see
+:mod:`verigrad.operators.interval`), with Σ|a_k||w_k| from one pass of the absolute operator.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 
 from verigrad.errors import ModelError, OpUnsupported
 from verigrad.operators.base import IbpContext, Node, Shape, Tensors, register
-from verigrad.operators.interval import Interval, bilinear_midrad, mul_interval
+from verigrad.operators.interval import Interval, bilinear_midrad, magnitude, mul_interval, reduction_error
 
 # elements of a broadcast product tensor per chunk in the exact rule (memory cap, ~64 MB in
 # float64 with the 4 endpoint products)
@@ -38,6 +40,19 @@ def _weights(node: "Linear | Conv2d", ctx: IbpContext) -> tuple[Interval, Interv
     if box is None:
         return (node.weight, node.weight), (node.bias, node.bias), False
     return (box.weight.lower, box.weight.upper), (box.bias.lower, box.bias.upper), True
+
+
+# roundings of an affine rule beyond its reduction of n products: the centre (l + u)/2 and
+# radius (u − l)/2 of x (and of W in a parameter box: together ≤ 2u of Σ|a||b|), Lemma 1's two
+# additions of its three radius products (2u), midpoint ± radius (u), the bias add (u); the
+# magnitude pass (n + 1 roundings) is covered by the same γ: 8 in all, with one to spare
+_AFFINE_SLACK = 8
+
+
+def _abs_params(node: "Linear | Conv2d", ctx: IbpContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """max |W| and max |b| over the parameter box (|W|, |b| for exact parameters)."""
+    w, b, _ = _weights(node, ctx)
+    return magnitude(w), magnitude(b)
 
 
 def _add_bias(lo: torch.Tensor, up: torch.Tensor, b: Interval) -> Interval:
@@ -106,6 +121,21 @@ class Linear(Node):
 
             return (_chunked(part, g[0].shape[0], w[0].numel()),)
         return (bilinear_midrad(lambda a, m: a @ m, g, w),)
+
+    def ibp_forward_error(self, xs: Sequence[Interval], out: Interval, in_shapes: Sequence[Shape],
+                          ctx: IbpContext) -> torch.Tensor:
+        """Higham's bound γ·(|W|·max(|l|, |u|) + |b|) for the in-features-long reduction (every
+        rule here — midpoint-radius, Lemma 1, exact per-term products — sums at most that many
+        terms whose |values| add up to no more than this magnitude)."""
+        wabs, babs = _abs_params(self, ctx)
+        mag = F.linear(magnitude(xs[0]), wabs) + babs
+        return reduction_error(mag, self.weight.shape[1] + _AFFINE_SLACK)
+
+    def ibp_vjp_error(self, xs: Sequence[Interval], g: Interval, grads: tuple[Interval | None, ...],
+                      in_shapes: Sequence[Shape], ctx: IbpContext) -> tuple[torch.Tensor, ...]:
+        """γ·|g|·|W| for the out-features-long reduction of gᵀW."""
+        wabs, _ = _abs_params(self, ctx)
+        return (reduction_error(magnitude(g) @ wabs, self.weight.shape[0] + _AFFINE_SLACK),)
 
     # back-compatible helpers of the chain representation
     def backward(self, g: torch.Tensor, in_shape: Shape) -> torch.Tensor:
@@ -234,6 +264,23 @@ class Conv2d(Node):
             return (self._conv_t_exact(g, w, in_shape),)
         op = self.output_padding(in_shape)
         return (bilinear_midrad(lambda a, m: conv_transpose(a, m, self.stride, self.padding, op, in_shape), g, w),)
+
+    def ibp_forward_error(self, xs: Sequence[Interval], out: Interval, in_shapes: Sequence[Shape],
+                          ctx: IbpContext) -> torch.Tensor:
+        """Higham's bound γ·(conv(max(|l|, |u|), |W|) + |b|), reduction length C_in·kh·kw."""
+        wabs, babs = _abs_params(self, ctx)
+        mag = F.conv2d(magnitude(xs[0]), wabs, None, self.stride, self.padding) + babs.reshape(1, -1, 1, 1)
+        return reduction_error(mag, self.weight[0].numel() + _AFFINE_SLACK)
+
+    def ibp_vjp_error(self, xs: Sequence[Interval], g: Interval, grads: tuple[Interval | None, ...],
+                      in_shapes: Sequence[Shape], ctx: IbpContext) -> tuple[torch.Tensor, ...]:
+        """γ·(|W|ᵀ max(|g_l|, |g_u|)): each input coordinate sums at most C_out·kh·kw terms (the
+        transposed conv's taps, and the fold of overlapping windows in the exact rule)."""
+        wabs, _ = _abs_params(self, ctx)
+        in_shape = tuple(in_shapes[0])
+        mag = conv_transpose(magnitude(g), wabs, self.stride, self.padding, self.output_padding(in_shape), in_shape)
+        m = self.weight.shape[0] * self.weight.shape[2] * self.weight.shape[3] + _AFFINE_SLACK
+        return (reduction_error(mag, m),)
 
     def check_engine(self, engine: str, in_shapes: Sequence[Shape], perturbed: bool = False) -> None:
         if engine in ("crown", "alpha-crown"):

@@ -6,7 +6,9 @@ A :class:`Node` is one operator applied to named input tensors. Every kind decla
   - ``forward``     y = f(x₁, …, x_k) (the concrete semantics),
   - ``vjp``         the gradient rule gᵢ = (∂f/∂xᵢ)ᵀ g, written with ops auto_LiRPA 0.3 can trace
                     and bound (so the gradient graph built from it is also its auto_LiRPA lowering),
-  - ``ibp_forward`` / ``ibp_vjp``: interval rules of both passes,
+  - ``ibp_forward`` / ``ibp_vjp``: interval rules of both passes, and
+    ``ibp_forward_error`` / ``ibp_vjp_error``: bounds on their rounding errors (the IBP engine
+    rounds outward by them, :func:`verigrad.bounds.ibp.ibp_bounds` with ``outward=True``),
   - ``tensors``     the tensors its forward and vjp read (parameters and constants), so the
                     gradient graph can register them once and a parameter box can replace them,
   - ``check_engine``: raises :class:`OpUnsupported` for an engine that cannot handle it.
@@ -94,6 +96,23 @@ class Node:
     def ibp_vjp(self, xs: Sequence[Interval], g: Interval, in_shapes: Sequence[Shape],
                 ctx: IbpContext) -> tuple[Interval | None, ...]:
         raise OpUnsupported("ibp", self, "no gradient interval rule")
+
+    # -- rounding-error models of the interval rules (outward-rounding IBP) ----------------
+    def ibp_forward_error(self, xs: Sequence[Interval], out: Interval, in_shapes: Sequence[Shape],
+                          ctx: IbpContext) -> torch.Tensor | None:
+        """An upper bound (per output coordinate, broadcastable) on |computed end − exact end| of
+        ``ibp_forward`` on the exact input intervals ``xs``, computed in round-to-nearest and
+        returned as ``out``. None: the rule is exact (no rounding at all). A tensor ``e``: the
+        engine moves each end outward by ``e`` and then one ulp (so a single correctly rounded
+        operation needs ``e`` = :func:`~verigrad.operators.interval.single_rounding`). Default:
+        no error model, so the rigorous engine refuses the kind rather than guess."""
+        raise OpUnsupported("ibp (outward rounding)", self, "no rounding-error model of its forward interval rule")
+
+    def ibp_vjp_error(self, xs: Sequence[Interval], g: Interval, grads: tuple[Interval | None, ...],
+                      in_shapes: Sequence[Shape], ctx: IbpContext) -> tuple[torch.Tensor | None, ...]:
+        """The same bound for each input gradient ``grads`` of ``ibp_vjp`` (None where exact or
+        where no gradient flows). Default: no error model (the rigorous engine refuses)."""
+        raise OpUnsupported("ibp (outward rounding)", self, "no rounding-error model of its gradient interval rule")
 
     def check_engine(self, engine: str, in_shapes: Sequence[Shape], perturbed: bool = False) -> None:
         """Raise :class:`OpUnsupported` when ``engine`` cannot bound this node (``perturbed``:

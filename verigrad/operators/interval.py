@@ -90,3 +90,53 @@ def hull(values: list[torch.Tensor]) -> Interval:
     """[min, max] over candidate values (elementwise)."""
     s = torch.stack(torch.broadcast_tensors(*values))
     return s.min(dim=0).values, s.max(dim=0).values
+
+
+# -- rounding-error models of the interval rules (the outward-rounding IBP engine) --------------
+#
+# Each rule computes its ends in round-to-nearest. ``Node.ibp_forward_error`` / ``ibp_vjp_error``
+# bound |computed end − exact end| given exact input intervals; the engine then moves each end
+# outward by that bound and one ulp (which covers the rounding of the subtraction / addition
+# itself). A reduction of m products obeys Higham's a-priori bound (Higham, *Accuracy and
+# Stability of Numerical Algorithms*, 2nd ed., §3.1, Lemma 3.1 and eq. (3.5)):
+#     |fl(Σ_k a_k b_k) − Σ_k a_k b_k| ≤ γ_m Σ_k |a_k||b_k|,   γ_m = m·u / (1 − m·u),
+# in any summation order and with or without fused multiply-adds, u the unit roundoff.
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = eps / 2 of ``dtype`` (round-to-nearest)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def gamma_m(m: int, dtype: torch.dtype) -> float:
+    """Higham's γ_m = m·u / (1 − m·u) (his §3.1); refuses m·u ≥ ½ (no significant bits left)."""
+    u = unit_roundoff(dtype)
+    if m * u >= 0.5:
+        raise ValueError(f"{m} roundings in {dtype} leave no significant bits: compute in float64")
+    return m * u / (1 - m * u)
+
+
+def single_rounding(like: torch.Tensor) -> torch.Tensor:
+    """The error bound of one correctly rounded operation beyond the one ulp the engine adds:
+    the smallest normal number (a flush-to-zero of a subnormal result loses at most that)."""
+    return torch.tensor(torch.finfo(like.dtype).tiny, dtype=like.dtype, device=like.device)
+
+
+def magnitude(x: Interval) -> torch.Tensor:
+    """max(|l|, |u|): the largest |value| an interval holds."""
+    if is_point(x):
+        return x[0].abs()
+    return torch.maximum(x[0].abs(), x[1].abs())
+
+
+def reduction_error(mag: torch.Tensor, m: int) -> torch.Tensor:
+    """An upper bound on the rounding error of a reduction of ≤ m terms (slack for the
+    centre / radius and bias arithmetic included by the caller in m) whose Σ|a_k||b_k| was
+    computed — itself in round-to-nearest, a reduction of fewer than m terms, so
+    fl(mag) ≥ (1 − γ_m)·Σ|a||b| — as ``mag``: γ_m·Σ|a||b| ≤ γ_m/(1 − γ_m)·fl(mag)
+    = m·u/(1 − 2m·u)·fl(mag), times (1 + 4u) for the rounding of this very product, plus m
+    smallest normals for underflow (subnormal or flushed to zero)."""
+    gamma_m(2 * m, mag.dtype)  # refuses m too large for the dtype
+    u = unit_roundoff(mag.dtype)
+    coef = m * u / (1 - 2 * m * u) * (1 + 4 * u)
+    return coef * mag + m * torch.finfo(mag.dtype).tiny

@@ -27,7 +27,7 @@ from torch.autograd.function import FunctionCtx
 
 from verigrad.errors import ModelError
 from verigrad.operators.base import IbpContext, Node, Shape, Tensors, register
-from verigrad.operators.interval import Interval
+from verigrad.operators.interval import Interval, magnitude, reduction_error
 
 Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int]]  # kernel, stride, (t, l, b, r)
 
@@ -285,3 +285,19 @@ class MaxPool(Node):
         up = torch.where(certain, gu, torch.where(uncertain, gu.clamp(min=0), zero))
         shape = tuple(in_shapes[0])
         return ((_scatter_taps(lo, self, shape), _scatter_taps(up, self, shape)),)
+
+    def ibp_forward_error(self, xs: Sequence[Interval], out: Interval, in_shapes: Sequence[Shape],
+                          ctx: IbpContext) -> None:
+        return None  # a max selects one of its inputs: exact
+
+    def ibp_vjp_error(self, xs: Sequence[Interval], g: Interval, grads: tuple[Interval | None, ...],
+                      in_shapes: Sequence[Shape], ctx: IbpContext) -> tuple[torch.Tensor | None, ...]:
+        """Routing selects ends of g (exact); overlapping windows (stride < kernel) sum up to
+        kh·kw of them per input coordinate (Higham's bound on |g| scattered to every tap, an
+        upper bound on the selected terms' magnitudes). Without overlap the fold adds zeros."""
+        if all(s >= k for s, k in zip(self.stride, self.kernel, strict=True)):
+            return (None,)
+        b, c = g[0].shape[:2]
+        kk = self.kernel[0] * self.kernel[1]
+        taps = magnitude(g).reshape(b, c, 1, -1).expand(b, c, kk, -1)
+        return (reduction_error(_scatter_taps(taps, self, tuple(in_shapes[0])), kk + 8),)

@@ -2,7 +2,8 @@
 
 Each is a linear map with coefficients in {0, ±1}, so its gradient rule is its transpose
 (reshape back, inverse permutation, crop, split, copy, negate) and its interval rules are exact:
-nonnegative maps act on both ends, negation swaps them.
+nonnegative maps act on both ends, negation swaps them. All are exact in floating point except
+the sums and differences of Add / Sub (one rounding per end).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from verigrad.errors import ModelError, OpUnsupported
 from verigrad.operators.base import IbpContext, Node, Shape, Tensors, register
-from verigrad.operators.interval import Interval, add, map_ends, neg
+from verigrad.operators.interval import Interval, add, map_ends, neg, single_rounding
 
 # entries of the dense 0/1 matrix that lowers a non-spatial Pad for auto_LiRPA
 _MAX_EMBED = 4_000_000
@@ -57,6 +58,14 @@ class Reshape(Node):
                 ctx: IbpContext) -> tuple[Interval, ...]:
         return (map_ends(lambda v: v.reshape(v.shape[0], *in_shapes[0]), g),)
 
+    def ibp_forward_error(self, xs: Sequence[Interval], out: Interval, in_shapes: Sequence[Shape],
+                          ctx: IbpContext) -> None:
+        return None  # a reshape moves values: exact
+
+    def ibp_vjp_error(self, xs: Sequence[Interval], g: Interval, grads: tuple[Interval | None, ...],
+                      in_shapes: Sequence[Shape], ctx: IbpContext) -> tuple[None, ...]:
+        return (None,) * len(grads)  # reshaped back: exact
+
 
 @register
 @dataclass(frozen=True, eq=False)
@@ -93,6 +102,14 @@ class Transpose(Node):
     def ibp_vjp(self, xs: Sequence[Interval], g: Interval, in_shapes: Sequence[Shape],
                 ctx: IbpContext) -> tuple[Interval, ...]:
         return (map_ends(lambda v: self.vjp([v], v, in_shapes)[0], g),)
+
+    def ibp_forward_error(self, xs: Sequence[Interval], out: Interval, in_shapes: Sequence[Shape],
+                          ctx: IbpContext) -> None:
+        return None  # a permutation moves values: exact
+
+    def ibp_vjp_error(self, xs: Sequence[Interval], g: Interval, grads: tuple[Interval | None, ...],
+                      in_shapes: Sequence[Shape], ctx: IbpContext) -> tuple[None, ...]:
+        return (None,) * len(grads)  # the inverse permutation: exact
 
 
 @register
@@ -184,6 +201,19 @@ class Pad(Node):
             raise OpUnsupported(engine, self, f"a pad of a {tuple(in_shapes[0])} tensor other than on H and W of "
                                 f"(C, H, W) is lowered as a dense matrix, limited to {_MAX_EMBED} entries")
 
+    def ibp_forward_error(self, xs: Sequence[Interval], out: Interval, in_shapes: Sequence[Shape],
+                          ctx: IbpContext) -> torch.Tensor | None:
+        """Copies: exact; the fill is exact when ``value`` is representable in the dtype, else
+        it is rounded once (≤ u·|value|)."""
+        dtype = out[0].dtype
+        if float(torch.tensor(self.value, dtype=dtype)) == float(self.value):
+            return None
+        return torch.tensor(abs(float(self.value)) * torch.finfo(dtype).eps, dtype=dtype, device=out[0].device)
+
+    def ibp_vjp_error(self, xs: Sequence[Interval], g: Interval, grads: tuple[Interval | None, ...],
+                      in_shapes: Sequence[Shape], ctx: IbpContext) -> tuple[None, ...]:
+        return (None,) * len(grads)  # a crop: exact
+
 
 @register
 @dataclass(frozen=True, eq=False)
@@ -234,6 +264,14 @@ class Concat(Node):
             return tuple((p, p) for p in lo)
         return tuple(zip(lo, self._split(g[1], in_shapes), strict=True))
 
+    def ibp_forward_error(self, xs: Sequence[Interval], out: Interval, in_shapes: Sequence[Shape],
+                          ctx: IbpContext) -> None:
+        return None  # copies: exact
+
+    def ibp_vjp_error(self, xs: Sequence[Interval], g: Interval, grads: tuple[Interval | None, ...],
+                      in_shapes: Sequence[Shape], ctx: IbpContext) -> tuple[None, ...]:
+        return (None,) * len(grads)  # slices: exact
+
 
 def _same_shapes(node: Node, in_shapes: Sequence[Shape]) -> Shape:
     a, b = (tuple(s) for s in in_shapes)
@@ -268,6 +306,14 @@ class Add(Node):
                 ctx: IbpContext) -> tuple[Interval, ...]:
         return (g, g)
 
+    def ibp_forward_error(self, xs: Sequence[Interval], out: Interval, in_shapes: Sequence[Shape],
+                          ctx: IbpContext) -> torch.Tensor:
+        return single_rounding(out[0])  # one correctly rounded sum per end
+
+    def ibp_vjp_error(self, xs: Sequence[Interval], g: Interval, grads: tuple[Interval | None, ...],
+                      in_shapes: Sequence[Shape], ctx: IbpContext) -> tuple[None, None]:
+        return None, None  # copies of g: exact
+
 
 @register
 @dataclass(frozen=True, eq=False)
@@ -293,3 +339,11 @@ class Sub(Node):
     def ibp_vjp(self, xs: Sequence[Interval], g: Interval, in_shapes: Sequence[Shape],
                 ctx: IbpContext) -> tuple[Interval, ...]:
         return (g, neg(g))
+
+    def ibp_forward_error(self, xs: Sequence[Interval], out: Interval, in_shapes: Sequence[Shape],
+                          ctx: IbpContext) -> torch.Tensor:
+        return single_rounding(out[0])  # one correctly rounded difference per end
+
+    def ibp_vjp_error(self, xs: Sequence[Interval], g: Interval, grads: tuple[Interval | None, ...],
+                      in_shapes: Sequence[Shape], ctx: IbpContext) -> tuple[None, None]:
+        return None, None  # g and its negation: exact
