@@ -132,9 +132,13 @@ def expand(spec_paths: Sequence[str | Path], max_inputs: int | None = None) -> l
     for p in spec_paths:
         spec = load_spec(p)
         d = spec.data
-        x, _ = load_dataset(d.dataset.value if d.dataset is not None else None, d.path, d.start, d.end)
+        if spec.vnnlib is not None:  # the VNN-LIB box's centre is the one input
+            count = 1
+        else:
+            count = len(load_dataset(d.dataset.value if d.dataset is not None else None, d.path, d.start, d.end,
+                                     require_labels=False)[0])
         h = spec.hash()
-        n = len(x) if max_inputs is None else min(len(x), max_inputs)
+        n = count if max_inputs is None else min(count, max_inputs)
         tasks += [Task(str(Path(p).resolve()), h, i, d.start + i) for i in range(n)]
     return tasks
 

@@ -2,7 +2,8 @@
 
 A dataset is a pair ``(x, y)``: ``x`` a float tensor of shape (N, *input_shape) and ``y`` a
 long tensor of N class labels. A user file is an ``.npz`` archive holding arrays named ``x``
-and ``y`` (``numpy.savez(path, x=..., y=...)``). Every problem with a file is reported as a
+and ``y`` (``numpy.savez(path, x=..., y=...)``); where labels are not needed
+(``require_labels=False``) ``y`` may be left out and every label is then :data:`NO_LABEL`. Every problem with a file is reported as a
 :class:`DataError` naming the file and what is wrong, so the CLI can show it as is.
 """
 from __future__ import annotations
@@ -18,12 +19,14 @@ import torch
 
 from verigrad.errors import UserError
 
-__all__ = ["BUILTIN_DATASETS", "DataError", "NPZ_ERRORS", "open_npz", "read_npz", "BuiltinDataset", "load_dataset", "describe"]
+__all__ = ["BUILTIN_DATASETS", "NO_LABEL", "DataError", "NPZ_ERRORS", "open_npz", "read_npz", "BuiltinDataset", "load_dataset", "describe"]
 
 
 class DataError(UserError):
     """A dataset that cannot be loaded: unknown name, unreadable file, bad arrays or range."""
 
+
+NO_LABEL = -1  # the label of every sample of a file without 'y' (no class is negative)
 
 NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)  # what a bad .npz raises
 
@@ -121,6 +124,8 @@ def load_dataset(
     path: str | Path | None = None,
     start: int = 0,
     end: int | None = None,
+    *,
+    require_labels: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load samples ``start:end`` of a built-in dataset (``name``) or an ``.npz`` file (``path``).
 
@@ -129,7 +134,8 @@ def load_dataset(
     shortened, so a certificate never covers fewer samples than asked for.
 
     Returns ``x`` as a float tensor (float64 kept if the file stores float64, float32
-    otherwise) and ``y`` as an int64 tensor; both are fresh, contiguous copies.
+    otherwise) and ``y`` as an int64 tensor; both are fresh, contiguous copies. With
+    ``require_labels=False`` a file may hold ``x`` only; ``y`` is then all :data:`NO_LABEL`.
 
     Raises:
         DataError: unknown name, missing or unreadable file, missing ``x`` or ``y``, length
@@ -143,12 +149,12 @@ def load_dataset(
         ref = resources.files("verigrad.datasets").joinpath(entry.resource)
         # as_file gives a real path even if the package is installed zipped.
         with resources.as_file(ref) as real:
-            x, y = _read_npz(Path(real), label)
+            x, y = _read_npz(Path(real), label, require_labels)
     else:
         assert path is not None  # exactly one of name and path, checked above
         p = Path(path)
         label = str(p)
-        x, y = _read_npz(p, label)
+        x, y = _read_npz(p, label, require_labels)
 
     n = x.shape[0]
     stop = n if end is None else end
@@ -164,8 +170,9 @@ def load_dataset(
     return xs, ys
 
 
-def _read_npz(path: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read and validate the ``x`` / ``y`` arrays of an .npz archive."""
+def _read_npz(path: Path, label: str, require_labels: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate the ``x`` / ``y`` arrays of an .npz archive (without ``y`` where
+    labels are not required: then every label is NO_LABEL)."""
     if not path.exists():
         raise DataError(f"{label}: no such file")
     if not path.is_file():
@@ -179,6 +186,13 @@ def _read_npz(path: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
         # np.load also reads a bare .npy array: it has no x/y names to go by.
         raise DataError(f"{label}: is a single .npy array, expected an .npz archive with arrays 'x' and 'y'")
     with archive:
+        if not require_labels and "y" not in archive.files and "x" in archive.files:
+            try:
+                x = archive["x"]
+            except (ValueError, OSError, zipfile.BadZipFile) as exc:
+                raise DataError(f"{label}: cannot read array 'x' ({exc})") from None
+            y = np.full(x.shape[:1], NO_LABEL, dtype=np.int64)
+            return _check_arrays(x, y, label, labelled=False)
         missing = [k for k in ("x", "y") if k not in archive.files]
         if missing:
             raise DataError(
@@ -190,7 +204,11 @@ def _read_npz(path: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
         except (ValueError, OSError, zipfile.BadZipFile) as exc:
             # object arrays need pickle, which is refused; a truncated member fails here too.
             raise DataError(f"{label}: cannot read arrays 'x'/'y' ({exc})") from None
+    return _check_arrays(x, y, label, labelled=True)
 
+
+def _check_arrays(x: np.ndarray, y: np.ndarray, label: str, labelled: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Validate ``x`` and ``y`` (``labelled=False``: ``y`` is NO_LABEL filler, not checked)."""
     if x.ndim < 2:
         raise DataError(f"{label}: 'x' must have shape (N, *input_shape), got {x.shape}")
     if y.ndim != 1:
@@ -200,9 +218,9 @@ def _read_npz(path: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
     if x.shape[0] == 0:
         raise DataError(f"{label}: the dataset is empty")
     # bool labels are rejected too (np.bool_ is not a numpy integer type): likely a mask.
-    if not np.issubdtype(y.dtype, np.integer):
+    if labelled and not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{label}: 'y' must hold integer class labels, got dtype {y.dtype}")
-    if y.min() < 0:
+    if labelled and y.min() < 0:
         raise DataError(f"{label}: 'y' has negative labels (min {int(y.min())})")
     if np.issubdtype(x.dtype, np.floating):
         if x.dtype != np.float64:

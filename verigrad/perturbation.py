@@ -1,4 +1,5 @@
-"""Threat sets: the ℓ∞ input box T = [x − ε, x + ε] ∩ domain and the parameter box
+"""Threat sets: the ℓ∞ input box T = [x − ε, x + ε] ∩ domain (or a fixed box ∩ domain, e.g.
+from a VNN-LIB file) and the parameter box
 M = [θ − γ|θ|, θ + γ|θ|] (relative) or [θ − γ, θ + γ] (absolute), per layer.
 
 :class:`Perturbation` is the definition (ε, domain, parameter-box settings); the boxes are
@@ -39,6 +40,55 @@ def input_box(x: torch.Tensor, epsilon: float, domain: tuple[float, float] | Non
         up = up.clamp(min=domain[0], max=domain[1])
         # a centre outside the domain would make the clipped box miss it
         lo, up = torch.minimum(lo, x), torch.maximum(up, x)
+    return Bounds(lo, up)
+
+
+@dataclass(frozen=True, eq=False)
+class FixedBox:
+    """An input box given as is (e.g. read from a VNN-LIB file) rather than as x ± ε: float64
+    bounds, flattened in C order, the same for every input."""
+
+    lower: torch.Tensor  # float64, shape (n,)
+    upper: torch.Tensor
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.lower.shape != self.upper.shape or self.lower.dim() != 1:
+            raise ValueError(f"a fixed box needs flat lower and upper bounds of one shape, got "
+                             f"{tuple(self.lower.shape)} and {tuple(self.upper.shape)}")
+        if not bool((self.lower <= self.upper).all()):
+            raise ValueError("a fixed box needs lower <= upper")
+
+    @property
+    def size(self) -> int:
+        return int(self.lower.shape[0])
+
+
+def _round_outward(t: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Tensor:
+    """``t`` (float64) in ``dtype``, rounded down (``down``) or up, so that a box cast to a
+    narrower dtype still contains the float64 one."""
+    c = t.to(dtype)
+    if dtype == t.dtype:
+        return c
+    back = c.to(t.dtype)
+    if down:
+        return torch.where(back > t, torch.nextafter(c, torch.full_like(c, -torch.inf)), c)
+    return torch.where(back < t, torch.nextafter(c, torch.full_like(c, torch.inf)), c)
+
+
+def fixed_input_box(x: torch.Tensor, box: FixedBox, domain: tuple[float, float] | None) -> Bounds:
+    """``box`` for each input of the batch ``x`` (shape (B, *S) with prod(S) = box.size), in
+    x's dtype (rounded outward) on x's device, clipped to the domain like :func:`input_box`
+    (and then widened to contain x)."""
+    shape = tuple(x.shape[1:])
+    if x.dim() < 1 or x[0].numel() != box.size:
+        raise ValueError(f"a fixed box of {box.size} coordinates for inputs of shape {shape}")
+    lo = _round_outward(box.lower, x.dtype, True).to(x.device).reshape(shape).expand_as(x).clone()
+    up = _round_outward(box.upper, x.dtype, False).to(x.device).reshape(shape).expand_as(x).clone()
+    if domain is not None:
+        lo = lo.clamp(min=domain[0], max=domain[1])
+        up = up.clamp(min=domain[0], max=domain[1])
+    lo, up = torch.minimum(lo, x), torch.maximum(up, x)
     return Bounds(lo, up)
 
 
@@ -120,6 +170,7 @@ class ParamBoxSpec:
 @dataclass(frozen=True)
 class Perturbation:
     """The threat set's definition: every input moves within ``input_box(x, epsilon, domain)``
+    (with ``box``: within that fixed box, :func:`fixed_input_box`; ``epsilon`` is then 0)
     and, with ``param``, the network's parameters within ``param.build(net)``. Kept as a
     definition so that the boxes can be rebuilt exactly in another dtype (a float64 re-check
     must not inherit float32 rounding of x ± ε)."""
@@ -127,8 +178,11 @@ class Perturbation:
     epsilon: float = 0.0
     domain: tuple[float, float] | None = None
     param: ParamBoxSpec | None = None
+    box: FixedBox | None = None
 
     def input_box(self, x: torch.Tensor) -> Bounds:
+        if self.box is not None:
+            return fixed_input_box(x, self.box, self.domain)
         return input_box(x, self.epsilon, self.domain)
 
     def param_box(self, net: Network) -> ParamBox | None:

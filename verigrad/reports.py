@@ -147,6 +147,7 @@ def results_document(problem: Problem, results: Sequence[InstanceResult], starte
         "device": str(problem.device),
         "dtype": str(problem.dtype).replace("torch.", ""),
         "model": model_info(problem.net),
+        "input_notes": list(problem.input_notes),
         "methods": [m.value for m in problem.methods],
         "explanation": explanation_info(problem),
         "properties": [_describe(p) for p in problem.properties],
@@ -319,13 +320,13 @@ def verify_table(problem: Problem, results: Sequence[InstanceResult]) -> str:
     rows = []
     for r in results:
         if r.error is not None:
-            rows.append([str(r.index), str(r.label), "-", "ERROR", "-", "-", "-", r.error.splitlines()[-1][:80]])
+            rows.append([str(r.index), (str(r.label) if r.label >= 0 else "-"), "-", "ERROR", "-", "-", "-", r.error.splitlines()[-1][:80]])
             continue
         for e in r.engines:
             eng = e.method if e.actual_method == e.method or e.method == COMBINED else f"{e.method}->{e.actual_method}"
             cells = [f"{pr.verdict.value} {pr.worst_case:.4g}" for pr in e.properties]
             guarantee = e.guarantee.value + (f" (p={e.failure_probability:g})" if e.failure_probability else "")
-            rows.append([str(r.index), str(r.label), str(r.prediction), eng, guarantee, f"{e.time_s:.3f}",
+            rows.append([str(r.index), (str(r.label) if r.label >= 0 else "-"), str(r.prediction), eng, guarantee, f"{e.time_s:.3f}",
                          f"{e.mean_width:.4g}"] + cells)
         if r.attacks:
             cells = []
@@ -333,7 +334,7 @@ def verify_table(problem: Problem, results: Sequence[InstanceResult]) -> str:
                 a = r.attacks.get(n)
                 cells.append("-" if a is None or a.value is None else
                              f"{'falsified' if a.violated else 'held'} {a.value:.4g}")
-            rows.append([str(r.index), str(r.label), str(r.prediction), "attack", "witness",
+            rows.append([str(r.index), (str(r.label) if r.label >= 0 else "-"), str(r.prediction), "attack", "witness",
                          f"{sum(a.time_s for a in r.attacks.values()):.3f}", "-"] + cells)
     return f"explanation: {problem.explainer.describe()}\n" + _table(header, rows)
 

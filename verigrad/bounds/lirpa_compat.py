@@ -180,3 +180,51 @@ def import_auto_lirpa() -> types.ModuleType:
     _fix_alpha_clamp(BoundRelu)
     _DONE = True
     return auto_LiRPA
+
+
+# how a user who installed verigrad without the Makefile gets auto_LiRPA (its metadata pins
+# torch<1.13, so it is installed without its dependencies; setup.cfg declares what it needs)
+INSTALL_HINT = "pip install --no-deps auto-lirpa==0.3"
+
+
+def self_checks() -> list[tuple[str, bool, str]]:
+    """Apply the shim and check that each fix took effect: (name, ok, detail) per check, for
+    ``verigrad doctor``. A failed import is one failing check naming the install command."""
+    try:
+        lirpa = import_auto_lirpa()
+        from auto_LiRPA.operators import BoundRelu
+    except Exception as e:  # noqa: BLE001 - any failure of the import is what is reported
+        return [("auto_LiRPA import", False, f"{type(e).__name__}: {e} (install: {INSTALL_HINT})")]
+    import torch.onnx.symbolic_helper as sh
+
+    out = [("auto_LiRPA import", True, f"auto_LiRPA {getattr(lirpa, '__version__', '?')}; fixes applied: "
+                                       f"{', '.join(APPLIED) or 'none needed'}")]
+    out.append(("opset setter", hasattr(sh, "_set_opset_version"),
+                "torch.onnx.symbolic_helper._set_opset_version present"))
+    out.append(("torch._C.Node.__getitem__", hasattr(torch._C.Node, "__getitem__"), "node attribute access by name"))
+    try:
+        import numpy.lib.arraysetops as aso
+
+        out.append(("numpy.lib.arraysetops", hasattr(aso, "isin"), "importable, with isin"))
+    except ImportError as e:
+        out.append(("numpy.lib.arraysetops", False, str(e)))
+    named = lirpa.BoundedModule._named_members
+    out.append(("BoundedModule._named_members", _is_wrapped(named) or "remove_duplicate" in named.__code__.co_varnames,
+                "accepts remove_duplicate="))
+    blocked = clamp_blocks_gradient_at_bounds()
+    relu_ok = not blocked or _is_wrapped(BoundRelu._relu_mask_alpha)
+    out.append(("clamp gradient", relu_ok,
+                "torch's clamp blocks the gradient at its bounds: alpha clamp replaced" if blocked
+                else "torch's clamp passes the gradient at its bounds: no fix needed"))
+    return out
+
+
+def require_auto_lirpa(what: str) -> None:
+    """Import auto_LiRPA (through the shim) for ``what`` (e.g. 'bounds.methods crown'), or
+    raise a UserError (exit 2) with the one-line install instruction."""
+    from verigrad.errors import UserError
+
+    try:
+        import_auto_lirpa()
+    except ImportError as e:
+        raise UserError(f"{what} needs auto_LiRPA, which is not importable ({e}): {INSTALL_HINT}") from None
