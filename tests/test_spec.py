@@ -191,7 +191,7 @@ def test_apply_overrides_revalidates(workdir):
     assert t.general.device.value == "auto" and s.bounds.methods == (BoundMethod.IBP, BoundMethod.CROWN)
     assert t.model == s.model and t.properties == s.properties
     with pytest.raises(SpecError, match=r"command-line overrides\): bounds\.methods\[0\]: expected one of "
-                                        r"ibp \| crown \| alpha-crown, got 'foo'"):
+                                        r"ibp \| crown \| alpha-crown \| bab, got 'foo'"):
         apply_overrides(s, {"bounds.methods": ["foo"]})
     with pytest.raises(SpecError, match=r"bounds\.methods: expected a list of at least 1"):
         apply_overrides(s, {"bounds.methods": []})
@@ -215,13 +215,13 @@ def test_apply_overrides_revalidates(workdir):
     ({"properties.[2].target.sigmaa": 1}, r"properties\[2\].target.sigmaa",
      r"unknown key 'sigmaa' \(allowed: type, center, sigma, amplitude\); did you mean 'sigma'\?"),
     # wrong types
-    ({"perturbation.input.epsilon": "small"}, "perturbation.input.epsilon", "expected a number >= 0, got 'small'"),
+    ({"perturbation.input.epsilon": "small"}, "perturbation.input.epsilon", "expected a number >= 0 or null, got 'small'"),
     ({"model.input_shape": [1, 28.5, 28]}, r"model.input_shape\[1\]", "expected an int > 0, got 28.5"),
     ({"explanation.abs": "yes"}, "explanation.abs", "expected true or false, got 'yes'"),
     ({"properties": {"name": "x"}}, "properties", "expected a list"),
     ({"general.seed": True}, "general.seed", r"expected an int in \[0, 4294967295\], got true"),
     # out of range
-    ({"perturbation.input.epsilon": -0.1}, "perturbation.input.epsilon", "expected a number >= 0, got -0.1"),
+    ({"perturbation.input.epsilon": -0.1}, "perturbation.input.epsilon", "expected a number >= 0 or null, got -0.1"),
     ({"perturbation.parameters.gamma": -1}, "perturbation.parameters.gamma", "expected a number >= 0, got -1"),
     ({"properties.[1].threshold": 1.5}, r"properties\[1\].threshold", r"expected a number in \[-1, 1\] for metric cosine, got 1.5"),
     ({"properties.[0].threshold": -1}, r"properties\[0\].threshold", "expected a number > 0, got -1"),

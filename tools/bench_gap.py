@@ -13,6 +13,11 @@ Properties (scale-free, so one threshold serves every model):
 
     python tools/bench_gap.py                        # fc, cnn, softplus at ε 0.001, 0.003, 0.01
     python tools/bench_gap.py --models fc --eps 0.01 --n 10 --json gap.json
+    python tools/bench_gap.py --methods crown bab --bab-timeout 60   # branch and bound beside CROWN
+
+With ``bab`` the per-engine rows also give the median time per input and the median number
+of domains branch and bound bounded per property (0 where an earlier engine certified it or
+an attack falsified it first).
 """
 from __future__ import annotations
 
@@ -40,13 +45,15 @@ PROPERTIES = [
 ]
 
 
-def run(model: str, eps: float, n: int, methods: list[str], steps: int, restarts: int) -> dict:
+def run(model: str, eps: float, n: int, methods: list[str], steps: int, restarts: int,
+        bab_timeout: float = 60.0) -> dict:
     spec = spec_from_dict({
         "model": {"path": str(MODELS[model])},
         "data": {"dataset": "mnist_sample", "start": 0, "end": n},
         "perturbation": {"input": {"epsilon": eps}},
         "properties": PROPERTIES,
-        "bounds": {"methods": methods, "dtype": "float32"},
+        # bab's budget is per input: split evenly over the properties it searches
+        "bounds": {"methods": methods, "dtype": "float32", "bab": {"timeout_s": bab_timeout / len(PROPERTIES)}},
         "attack": {"order": "both", "steps": steps, "restarts": restarts},
     })
     problem = prepare(spec)
@@ -58,11 +65,11 @@ def run(model: str, eps: float, n: int, methods: list[str], steps: int, restarts
     out: dict = {"model": model, "eps": eps, "n": n, "time_s": time.perf_counter() - t0, "engines": {}}
     for m in methods:
         per = {}
+        runs = [next(e for e in r.engines if e.method == m) for r in results]
         for k, p in enumerate(problem.properties):
             cert = fals = 0
             ratios = []
-            for r in results:
-                e = next(e for e in r.engines if e.method == m)
+            for r, e in zip(results, runs, strict=True):
                 pr, a = e.properties[k], r.attacks[p.name]
                 cert += pr.verdict == Verdict.CERTIFIED
                 fals += a.violated
@@ -70,8 +77,10 @@ def run(model: str, eps: float, n: int, methods: list[str], steps: int, restarts
                 if g is not None:
                     ratios.append(g)
             per[p.name] = {"certified": cert / n, "falsified": fals / n, "unknown": (n - cert - fals) / n,
-                           "median_gap": statistics.median(ratios) if ratios else None}
-        out["engines"][m] = per
+                           "median_gap": statistics.median(ratios) if ratios else None,
+                           "median_domains": statistics.median(e.search.get(p.name, {}).get("domains", 0)
+                                                               for e in runs)}
+        out["engines"][m] = {"properties": per, "median_time_s": statistics.median(e.time_s for e in runs)}
     return out
 
 
@@ -83,20 +92,23 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["ibp", "crown"])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--restarts", type=int, default=2)
+    ap.add_argument("--bab-timeout", type=float, default=60.0, help="bab's seconds per input (all properties)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     rows = []
-    print("| model | ε | engine | property | certified | falsified | unknown | median gap |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | ε | engine | property | certified | falsified | decided | unknown | median gap "
+          "| median s/input | median domains |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model in a.models:
         for eps in a.eps:
-            res = run(model, eps, a.n, a.methods, a.steps, a.restarts)
+            res = run(model, eps, a.n, a.methods, a.steps, a.restarts, a.bab_timeout)
             rows.append(res)
-            for m, per in res["engines"].items():
-                for name, c in per.items():
+            for m, eng in res["engines"].items():
+                for name, c in eng["properties"].items():
                     gap = "-" if c["median_gap"] is None else f"{c['median_gap']:.3g}"
                     print(f"| {model} | {eps:g} | {m} | {name} | {c['certified']:.2f} | {c['falsified']:.2f} | "
-                          f"{c['unknown']:.2f} | {gap} |", flush=True)
+                          f"{c['certified'] + c['falsified']:.2f} | {c['unknown']:.2f} | {gap} | "
+                          f"{eng['median_time_s']:.3g} | {c['median_domains']:g} |", flush=True)
     print()
     print(summary_table(rows, a.methods))
     if a.json:
@@ -112,7 +124,7 @@ def summary_table(rows: list[dict], methods: list[str]) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         for p in PROPERTIES:
-            per = [r["engines"][m][p["name"]] for m in methods]
+            per = [r["engines"][m]["properties"][p["name"]] for m in methods]
             cert = [c["certified"] for c in per]
             fals = per[0]["falsified"]
             cells = ([r["model"], f"{r['eps']:g}", p["name"]] + [f"{c:.1f}" for c in cert]

@@ -128,6 +128,8 @@ def _run(spec_path, flags: dict, out, bounds_npz, dump_config, table, attack_onl
     writer = reports.ResultWriter(problem, json_path, npz_path)
     for note in problem.net.notes:  # what the loader did that changes what is explained
         click.echo(f"model: {note}", err=True)
+    for note in problem.input_notes:  # where the inputs came from (a VNN-LIB box, its ignored output constraints)
+        click.echo(f"input: {note}", err=True)
 
     def progress(r):
         writer(r)
@@ -182,7 +184,8 @@ def compare(spec, out, bounds_npz, **flags):
     certificate–attack gap (attacks run on every property unless --attack-order says otherwise)."""
     from verigrad.reports import compare_table
 
-    flags["methods"] = flags["methods"] or tuple(m.value for m in Method)
+    # bab decides properties (a search per property): run it with verify --method bab
+    flags["methods"] = flags["methods"] or tuple(m.value for m in Method if m != Method.BAB)
     flags["attack_order"] = flags["attack_order"] or "both"
     _run(spec, flags, out, bounds_npz, False, compare_table)
 
@@ -203,17 +206,28 @@ def attack(spec, out, bounds_npz, **flags):
 
 @main.command()
 @click.argument("witness", type=click.Path(exists=True, dir_okay=False))
-def replay(witness):
+@click.option("--onnxruntime", "use_ort", is_flag=True,
+              help="also check it in onnxruntime: the ONNX model's float32 forward against verigrad's, the "
+                   "explanation by float64 finite differences, the property value from it (needs onnxruntime)")
+def replay(witness, use_ort):
     """Re-check a WITNESS .npz in float64 from its model, data and embedded spec.
 
     Exit code, as for verify: 1 the witness violates its property at a point in the box
     (confirmed: the property is falsified), 3 it does not (nothing is shown), 2 the file or
-    what it names cannot be read.
+    what it names cannot be read (with --onnxruntime also: onnxruntime missing, a model that
+    is not ONNX, parameters that cannot be written into it).
     """
     from verigrad.reports import ExitCode
     from verigrad.verify import replay as replay_witness
 
-    r = replay_witness(witness)
+    checked = None
+    if use_ort:
+        from verigrad.attacks.ort_replay import replay_onnxruntime
+
+        checked = replay_onnxruntime(witness)
+        r = checked.base
+    else:
+        r = replay_witness(witness)
     ok = lambda b: "yes" if b else "NO"  # noqa: E731
     click.echo(f"witness {r.path}: property {r.property!r} on input {r.index}")
     click.echo(f"  same input as the data set: {ok(r.same_input)}; same explained class: {ok(r.same_target)}")
@@ -221,8 +235,31 @@ def replay(witness):
     click.echo(f"  value (float64, autograd): {r.value:.10g} (stored {r.stored_value:.10g}); "
                f"property: {r.direction}")
     click.echo(f"  violated: {ok(r.violated)}")
-    click.echo("CONFIRMED: a counterexample" if r.confirmed else "NOT CONFIRMED")
-    sys.exit(int(ExitCode.FALSIFIED if r.confirmed else ExitCode.UNKNOWN))
+    confirmed = r.confirmed
+    if checked is not None:
+        for note in checked.notes:
+            click.echo(f"note: {note}", err=True)
+        for c in checked.checks:
+            click.echo(f"  onnxruntime {c.name}: {ok(c.ok)}: {c.detail}")
+        confirmed = checked.confirmed
+    click.echo("CONFIRMED: a counterexample" if confirmed else "NOT CONFIRMED")
+    sys.exit(int(ExitCode.FALSIFIED if confirmed else ExitCode.UNKNOWN))
+
+
+@main.command()
+def doctor():
+    """Check this environment: versions (python, verigrad, torch, numpy, onnx, auto_LiRPA,
+    the optional onnxruntime / captum / quantus), the auto_LiRPA compatibility shim's
+    self-checks, CUDA and TF32, threads and free memory; one line per check.
+
+    Exit code: 0 everything required passes, 2 a required component fails.
+    """
+    from verigrad.doctor import exit_code, run_checks
+
+    checks = run_checks()
+    for c in checks:
+        click.echo(c.line())
+    sys.exit(exit_code(checks))
 
 
 @main.command()

@@ -28,12 +28,14 @@ import torch
 import yaml
 
 from verigrad.bounds import EngineOptions, Method, Product
+from verigrad.bounds.bab import BabOptions, Branching
+from verigrad.bounds.bab import Mode as BabMode
 from verigrad.errors import UserError
 from verigrad.explanations import SMOOTHING_METHODS, Explainer, ExplanationMethod, IGRule
 from verigrad.graph.gradient_graph import Output
 from verigrad.attacks import AttackMethod, AttackOptions, AttackOrder
 from verigrad.smoothing import SmoothingConfig, SmoothingInterval
-from verigrad.perturbation import Norm, ParamBoxSpec, ParamMode, Perturbation
+from verigrad.perturbation import FixedBox, Norm, ParamBoxSpec, ParamMode, Perturbation
 from verigrad.properties import METRIC_KINDS, Kind, Metric, Normalize, Property
 from verigrad import properties as _props
 
@@ -596,6 +598,24 @@ class DataSpec:
             raise _Invalid(f"expected an int > start ({self.start}) or null, got {self.end}", "end")
 
 
+@dataclass(frozen=True, kw_only=True)
+class VerifyDataSpec(DataSpec):
+    """The data of a verification run: as :class:`DataSpec`, but the source may be absent
+    when ``perturbation.input.vnnlib`` gives the input (checked by :class:`Spec`), samples
+    may be reshaped, and the file's ``y`` may be missing unless ``explanation.target`` is
+    ``label``."""
+
+    reshape: tuple[int, ...] | None = _opt(Nullable(ListOf(Int(gt=0), min_len=1)), None,
+                                          "reshape each sample (C order) to these dims, e.g. [784, 1] for 28×28 "
+                                          "samples and a (784, 1) model; null = as stored")
+
+    def validate(self) -> None:
+        if self.dataset is not None and self.path is not None:
+            raise _Invalid("expected exactly one of 'dataset' or 'path', got both")
+        if self.end is not None and not self.end > self.start:
+            raise _Invalid(f"expected an int > start ({self.start}) or null, got {self.end}", "end")
+
+
 _EXPLAINER = Explainer()  # the explanation settings' defaults are the explainer's
 
 
@@ -669,7 +689,22 @@ class ExplanationSpec:
 class InputPerturbationSpec:
     norm: Norm = _opt(Choice(Norm, aliases=((math.inf, "inf"), (2, "l2"))), Norm.LINF,
                       "inf (the box every engine bounds) | l2 (smoothing methods only)")
-    epsilon: float = _opt(Num(ge=0))
+    epsilon: float | None = _opt(Nullable(Num(ge=0)), None, "radius of the ball around each input; required "
+                                                           "unless vnnlib gives the box")
+    vnnlib: Path | None = _opt(Nullable(PathCheck((".vnnlib",))), None,
+                               "VNN-LIB file whose input bounds (X_i, C order) are the box, used as is (clipped "
+                               "to model.input_range only with data.outside_range: allow); its centre is the "
+                               "input, so no data is needed; output constraints (Y_j) are ignored")
+
+    def validate(self) -> None:
+        if self.vnnlib is not None and self.epsilon is not None:
+            raise _Invalid("expected either 'epsilon' or 'vnnlib', got both (perturbation.input.epsilon and "
+                           "perturbation.input.vnnlib: the VNN-LIB box is used as is)", "vnnlib")
+        if self.vnnlib is None and self.epsilon is None:
+            raise _Invalid("missing required key (a number >= 0), or give 'vnnlib' (a VNN-LIB input box)",
+                           "epsilon")
+        if self.vnnlib is not None and self.norm != Norm.LINF:
+            raise _Invalid(f"expected inf with vnnlib (a VNN-LIB file gives a box), got {_show(self.norm)}", "norm")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -689,12 +724,21 @@ class PerturbationSpec:
         if self.input is None and self.parameters is None:
             raise _Invalid("expected at least one of 'input' or 'parameters'")
 
-    def build(self, domain: tuple[float, float] | None) -> Perturbation:
-        """The threat set's definition (its ℓ∞ input box clipped to ``domain``)."""
+    def build(self, domain: tuple[float, float] | None, box: FixedBox | None = None) -> Perturbation:
+        """The threat set's definition (its ℓ∞ input box clipped to ``domain``). With
+        ``input.vnnlib``, the fixed box is ``box`` (or else read from the file here; raises
+        :class:`~verigrad.vnnlib.VnnlibError`)."""
         pp = self.parameters
         param = None if pp is None else ParamBoxSpec(pp.gamma, pp.mode, None if isinstance(pp.layers, str)
                                                      else tuple(pp.layers), pp.include_bias)
-        return Perturbation(self.input.epsilon if self.input is not None else 0.0, domain, param)
+        pin = self.input
+        if pin is not None and pin.vnnlib is not None and box is None:
+            from verigrad.vnnlib import read_vnnlib
+
+            vb = read_vnnlib(pin.vnnlib)
+            box = FixedBox(torch.from_numpy(vb.lower), torch.from_numpy(vb.upper), vb.path)
+        eps = pin.epsilon if pin is not None and pin.epsilon is not None else 0.0
+        return Perturbation(eps, domain, param, box if pin is not None and pin.vnnlib is not None else None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -854,6 +898,34 @@ class CrownSpec:
         return None if self.output_chunk == "auto" else int(self.output_chunk)
 
 
+_BAB = BabOptions()  # branch and bound's defaults are its options
+
+
+@dataclass(frozen=True, kw_only=True)
+class BabSpec:
+    """Branch and bound (engine ``bab``): budget per input and property, and strategy."""
+
+    timeout_s: float = _opt(Num(gt=0, le=86_400), _BAB.timeout_s, "seconds per input and property")
+    max_domains: int = _opt(Int(ge=1, le=100_000_000), _BAB.max_domains,
+                            "domains bounded per input and property (tentative children counted)")
+    batch: int = _opt(Int(ge=1, le=100_000), _BAB.batch, "domains split per step (children bounded in one call)")
+    branching: Branching = _opt(Choice(Branching), _BAB.branching,
+                                "property = strong branching on the property's worst case; layer = first "
+                                "unstable layer by score")
+    candidates: int = _opt(Int(ge=1, le=1000), _BAB.candidates, "strong-branching candidates per domain")
+    mode: BabMode = _opt(Choice(BabMode), _BAB.mode, "auto = neuron splits on ReLU / LeakyReLU nets, else input splits")
+    root: BoundMethod = _opt(Choice(BoundMethod), BoundMethod(_BAB.root),
+                             "engine bounding the whole box (every domain is intersected with it) and input splits")
+
+    def validate(self) -> None:
+        if self.root == BoundMethod.BAB:
+            raise _Invalid("expected ibp, crown or alpha-crown (bab cannot be its own root)", "root")
+
+    def options(self) -> BabOptions:
+        return BabOptions(timeout_s=self.timeout_s, max_domains=self.max_domains, batch=self.batch,
+                          branching=self.branching, candidates=self.candidates, mode=self.mode, root=self.root.value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class BoundsSpec:
     methods: tuple[BoundMethod, ...] = _opt(ListOf(Choice(BoundMethod), min_len=1, unique=True),
@@ -863,12 +935,13 @@ class BoundsSpec:
     ibp: IbpSpec = _opt(Section(IbpSpec), {})
     alpha_crown: AlphaCrownSpec = _opt(Section(AlphaCrownSpec), {})
     crown: CrownSpec = _opt(Section(CrownSpec), {}, "chunking of CROWN / alpha-CROWN (both engines)")
+    bab: BabSpec = _opt(Section(BabSpec), {}, "branch and bound (engine bab)")
 
     def engine_options(self) -> EngineOptions:
         """The settings every bound engine reads."""
         return EngineOptions(product=self.ibp.product, alpha_iterations=self.alpha_crown.iterations,
                              alpha_lr=self.alpha_crown.lr, crown_output_chunk=self.crown.chunk,
-                             crown_memory_mb=self.crown.memory_mb)
+                             crown_memory_mb=self.crown.memory_mb, bab=self.bab.options())
 
 
 _ATTACK = AttackOptions()  # the search settings' defaults are the attacks' own
@@ -915,8 +988,8 @@ class SecondOrderSpec:
     hutchinson_samples: int = _opt(Int(ge=1, le=100_000), 64, "probes for the stochastic Hessian Frobenius estimate")
 
     def validate(self) -> None:
-        if BoundMethod.ALPHA_CROWN in self.hessian:
-            raise _Invalid("expected ibp and/or crown (alpha-crown does not bound Hessians)", "hessian")
+        if BoundMethod.ALPHA_CROWN in self.hessian or BoundMethod.BAB in self.hessian:
+            raise _Invalid("expected ibp and/or crown (alpha-crown and bab do not bound Hessians)", "hessian")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -931,6 +1004,11 @@ class RadiusSpec:
     eps_max: float = _opt(Num(gt=0), 0.1, "upper end of the search")
     iterations: int = _opt(Int(ge=1, le=100), 10, "bisection steps (float64 has 53 bits)")
 
+    def validate(self) -> None:
+        if BoundMethod.BAB in self.methods:
+            raise _Invalid("expected ibp, crown and/or alpha-crown (bab decides properties, it is not bisected)",
+                           "methods")
+
 
 @dataclass(frozen=True, kw_only=True)
 class GeneralSpec:
@@ -944,7 +1022,8 @@ class Spec:
     """A whole, validated run specification (build with load_spec / spec_from_dict)."""
 
     model: ModelSpec = _opt(Section(ModelSpec))
-    data: DataSpec = _opt(Section(DataSpec))
+    data: VerifyDataSpec = _opt(Section(VerifyDataSpec), {}, "the inputs; may be left out with "
+                                                            "perturbation.input.vnnlib")
     explanation: ExplanationSpec = _opt(Section(ExplanationSpec), {})
     perturbation: PerturbationSpec = _opt(Section(PerturbationSpec))
     properties: tuple[PropertySpec, ...] = _opt(ListOf(Section(PropertySpec), min_len=1, post=_name_properties))
@@ -955,6 +1034,35 @@ class Spec:
     general: GeneralSpec = _opt(Section(GeneralSpec), {})
     # where it came from (for messages); not part of the spec's identity
     source: str = field(default="<dict>", compare=False)
+
+    @property
+    def vnnlib(self) -> Path | None:
+        """perturbation.input.vnnlib: the file whose box (and its centre) replace the data."""
+        pin = self.perturbation.input
+        return pin.vnnlib if pin is not None else None
+
+    def validate(self) -> None:
+        d = self.data
+        if self.vnnlib is None:
+            if d.dataset is None and d.path is None:
+                raise _Invalid("expected exactly one of 'dataset' or 'path', got neither (or give "
+                               "perturbation.input.vnnlib, whose box centre is then the input)", "data")
+            return
+        if d.dataset is not None or d.path is not None:
+            raise _Invalid(f"expected either data.{'dataset' if d.dataset is not None else 'path'} or "
+                           "perturbation.input.vnnlib (whose box centre is the one input), got both", "data")
+        if d.start != 0 or d.end not in (None, 1):
+            raise _Invalid("expected start 0 and end null or 1 with perturbation.input.vnnlib (one input), got "
+                           f"{d.start}:{_show(d.end)}", "data")
+        if d.reshape is not None:
+            raise _Invalid("expected null with perturbation.input.vnnlib (X_i are reshaped to the model's input "
+                           "shape in C order)", "data.reshape")
+        if self.radius.search:
+            raise _Invalid("expected false with perturbation.input.vnnlib (its box is fixed, there is no ε to "
+                           "search)", "radius.search")
+        if self.second_order.literature:
+            raise _Invalid("expected false with perturbation.input.vnnlib (the literature's bounds are for an "
+                           "ε-ball around the input)", "second_order.literature")
 
     def to_dict(self) -> dict:
         """The resolved spec as plain YAML/JSON data (enums as values, absolute paths)."""
@@ -1256,7 +1364,7 @@ def apply_overrides(spec: Spec, changes: Mapping[str, Any]) -> Spec:
 
 
 __all__ = [
-    "SpecError", "Spec", "ModelSpec", "NormalizationSpec", "DataSpec", "ExplanationSpec",
+    "SpecError", "Spec", "ModelSpec", "NormalizationSpec", "DataSpec", "VerifyDataSpec", "ExplanationSpec",
     "InputPerturbationSpec", "ParamPerturbationSpec", "PerturbationSpec", "PropertySpec",
     "GaussianTarget", "SquareTarget", "FileTarget", "TargetSpec", "BoundsSpec", "IbpSpec",
     "AlphaCrownSpec", "CrownSpec", "AttackSpec", "AttackOrder", "AttackMethod", "GeneralSpec", "SecondOrderSpec", "RadiusSpec", "DatasetName", "ExplanationMethod", "IntegratedGradientsSpec", "SmoothingSpec", "TargetClass", "Norm",

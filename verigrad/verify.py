@@ -19,11 +19,11 @@ import torch
 
 from verigrad import properties as props
 from verigrad.attacks import AttackMethod, AttackOptions, AttackOrder, AttackOutcome, Point, Threat, attack_property
-from verigrad.attacks import evaluate_point, load_witness
+from verigrad.attacks import evaluate_point, load_witness, outcome
 from verigrad.attacks.witness import WitnessError
-from verigrad.bounds import Bounds, EngineOptions, EngineResult, EngineUnsupported, Method, rounding
+from verigrad.bounds import Bounds, EngineOptions, EngineResult, EngineUnsupported, Method, bab, compute_bounds, rounding
 from verigrad.bounds.options import available_memory_bytes
-from verigrad.data import load_dataset
+from verigrad.data import NO_LABEL, load_dataset
 from verigrad.errors import InternalError, ModelError, UserError
 from verigrad.explanations import (
     Explainer, ExplanationMethod, explain, explanation_bounds, jacobian_bounds, pass_bytes,
@@ -32,7 +32,8 @@ from verigrad.graph.gradient_graph import Output
 from verigrad.guarantees import Guarantee
 from verigrad.models import load_model
 from verigrad.models.network import Network, check_loaded
-from verigrad.perturbation import Norm, ParamBox, Perturbation
+from verigrad.operators.interval import mul_interval
+from verigrad.perturbation import FixedBox, Norm, ParamBox, Perturbation
 from verigrad.properties import Direction, Kind, Metric, Property, PropertyResult, Verdict
 from verigrad.spec import Combine, Device, OutsideRange, Spec, TargetClass, spec_from_dict
 
@@ -74,6 +75,7 @@ class Problem:
     attack_methods: tuple[AttackMethod, ...] | None = None  # None: every applicable attack
     empirical: bool = False  # also measure random-perturbation similarity and max-sensitivity
     explainer: Explainer = field(default_factory=Explainer)
+    input_notes: tuple[str, ...] = ()  # where the inputs and their box came from (e.g. a VNN-LIB file)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ class EngineRun:
     bounds: Bounds = field(repr=False, compare=False)
     guarantee: Guarantee = Guarantee.SOUND
     failure_probability: float | None = None  # probabilistic certificates only
+    # bab only: per property searched, {status, domains, leaves, open, time_s, complete}
+    search: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -102,6 +106,7 @@ class EngineRun:
             "max_width": self.max_width,
             "notes": list(self.notes),
             "properties": [p.to_dict() for p in self.properties],
+            "search": self.search,
         }
 
 
@@ -129,7 +134,7 @@ class InstanceResult:
     def to_dict(self) -> dict:
         return {
             "index": self.index,
-            "label": self.label,
+            "label": self.label if self.label != NO_LABEL else None,
             "prediction": self.prediction,
             "target": self.target,
             "error": self.error,
@@ -162,9 +167,9 @@ def prepare(spec: Spec, methods: Sequence[Method | str] | None = None) -> Proble
     device = resolve_device(spec.general.device, spec.source)
     src = spec.source
     dtype = torch.float64 if spec.bounds.dtype.value == "float64" else torch.float32
-    net, x, y = _load(spec, device, dtype)
+    net, x, y, box, input_notes = _load(spec, device, dtype)
     m = spec.model
-    perturbation = spec.perturbation.build(m.input_range)
+    perturbation = spec.perturbation.build(m.input_range, box)
     try:
         params = perturbation.param_box(net)
     except KeyError as e:
@@ -176,12 +181,21 @@ def prepare(spec: Spec, methods: Sequence[Method | str] | None = None) -> Proble
         except ValueError as e:  # k or feature indices that do not fit this model's map, a bad target
             raise SetupError(src, f"properties[{i}]", str(e)) from None
     chosen = tuple(Method(getattr(mm, "value", mm)) for mm in (spec.bounds.methods if methods is None else methods))
+    lirpa_methods = [mm.value for mm in chosen if mm in (Method.CROWN, Method.ALPHA_CROWN)
+                     or (mm == Method.BAB and spec.bounds.bab.root in (Method.CROWN, Method.ALPHA_CROWN))]
+    if lirpa_methods:  # before any work: a missing auto_LiRPA is bad setup (exit 2), not a failed instance
+        from verigrad.bounds.lirpa_compat import require_auto_lirpa
+
+        require_auto_lirpa(f"{src}: bounds.methods {', '.join(lirpa_methods)}")
     a = spec.attack
     try:
         explainer = spec.explanation.explainer(spec.general.seed)
     except ValueError as err:
         raise SetupError(src, "explanation.smoothing", str(err)) from None
     _check_second_order(spec, net, explainer, params)
+    if Method.BAB in chosen and explainer.method not in BAB_EXPLANATIONS:
+        raise SetupError(src, "bounds.methods", f"bab decides properties of {' and '.join(sorted(BAB_EXPLANATIONS))} "
+                         f"maps, not {explainer.method.value}; remove bab or change explanation.method")
     _check_allocation(spec, net, explainer, dtype, device)
     pin = spec.perturbation.input
     if pin is not None and pin.norm == Norm.L2 and not explainer.probabilistic:
@@ -189,11 +203,15 @@ def prepare(spec: Spec, methods: Sequence[Method | str] | None = None) -> Proble
                          "sparsified_smoothgrad (the bound engines and attacks work on ℓ∞ boxes); use norm: inf")
     return Problem(spec, net, x, y, tuple(properties), perturbation, params, chosen, spec.bounds.engine_options(),
                    device, dtype, AttackOrder(a.order), a.options(spec.general.seed),
-                   None if isinstance(a.methods, str) else tuple(a.methods), explainer=explainer)
+                   None if isinstance(a.methods, str) else tuple(a.methods), explainer=explainer,
+                   input_notes=input_notes)
 
 
-def _load(spec: Spec, device: torch.device, dtype: torch.dtype) -> tuple[Network, torch.Tensor, torch.Tensor]:
-    """The model and the data, checked against each other, on ``device`` in ``dtype``."""
+def _load(spec: Spec, device: torch.device, dtype: torch.dtype
+          ) -> tuple[Network, torch.Tensor, torch.Tensor, FixedBox | None, tuple[str, ...]]:
+    """The model and the data, checked against each other, on ``device`` in ``dtype``; with
+    perturbation.input.vnnlib, the file's box (and its centre as the one input) instead of
+    data; and notes on where the inputs came from."""
     m = spec.model
     norm = (m.normalization.mean, m.normalization.std) if m.normalization is not None else None
     net = load_model(m.path, m.input_shape, norm, m.output)
@@ -201,14 +219,24 @@ def _load(spec: Spec, device: torch.device, dtype: torch.dtype) -> tuple[Network
         net = check_loaded(net.to(dtype=dtype, device=device))
     except ModelError as e:
         raise SetupError(spec.source, "bounds.dtype", f"model {m.path} in {str(dtype).removeprefix('torch.')}: {e}") from None
-    x, y = load_dataset(
-        spec.data.dataset.value if spec.data.dataset is not None else None, spec.data.path, spec.data.start, spec.data.end
-    )
     src = spec.source
-    if tuple(x.shape[1:]) != net.input_shape:
-        raise SetupError(src, "data", f"inputs have shape {tuple(x.shape[1:])} per sample but model {m.path} "
-                                      f"expects {net.input_shape}")
+    box: FixedBox | None = None
+    notes: tuple[str, ...] = ()
+    if spec.vnnlib is not None:
+        x, y, box, notes = _vnnlib_input(spec, net)
+    else:
+        x, y = _data_input(spec)
     target = spec.explanation.target
+    if target == TargetClass.LABEL and bool((y == NO_LABEL).any()):
+        where = (f"the input comes from perturbation.input.vnnlib {spec.vnnlib}" if spec.vnnlib is not None
+                 else f"data file {spec.data.path} has no array 'y'")
+        raise SetupError(src, "explanation.target", f"label needs the inputs' labels, but {where}; give a class "
+                                                   "index or predicted (or add the labels 'y')")
+    if tuple(x.shape[1:]) != net.input_shape:
+        hint = (f"; set data.reshape: {list(net.input_shape)} to reshape each sample"
+                if x[0].numel() == torch.Size(net.input_shape).numel() else "")
+        raise SetupError(src, "data", f"inputs have shape {tuple(x.shape[1:])} per sample but model {m.path} "
+                                      f"expects {net.input_shape}{hint}")
     if isinstance(target, int) and not isinstance(target, bool) and target >= net.num_classes:
         raise SetupError(src, "explanation.target", f"class {target} out of range for model {m.path} with "
                                                     f"{net.num_classes} outputs")
@@ -216,9 +244,54 @@ def _load(spec: Spec, device: torch.device, dtype: torch.dtype) -> tuple[Network
         k = int(torch.nonzero(y >= net.num_classes)[0, 0])
         raise SetupError(src, "data", f"input {spec.data.start + k} has label {int(y[k])}, out of range for model "
                                       f"{m.path} with {net.num_classes} outputs")
-    if m.input_range is not None and spec.data.outside_range == OutsideRange.ERROR:
+    if m.input_range is not None and spec.data.outside_range == OutsideRange.ERROR and spec.vnnlib is None:
         _check_in_range(src, x, m.input_range, spec.data.start)
-    return net, x.to(device=device, dtype=dtype), y.to(device)
+    return net, x.to(device=device, dtype=dtype), y.to(device), box, notes
+
+
+def _data_input(spec: Spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The data's samples (reshaped per data.reshape) and labels (NO_LABEL where the file has
+    none and explanation.target does not need them)."""
+    d = spec.data
+    x, y = load_dataset(d.dataset.value if d.dataset is not None else None, d.path, d.start, d.end,
+                        require_labels=False)  # explanation.target: label without labels is refused by _load
+    if d.reshape is not None:
+        dims, per = tuple(d.reshape), int(x[0].numel())
+        want = torch.Size(dims).numel()
+        if want != per:
+            what = str(d.path) if d.path is not None else f"built-in dataset {getattr(d.dataset, 'value', d.dataset)}"
+            raise SetupError(spec.source, "data.reshape", f"expected dims with {per} elements in all (one sample of "
+                                                          f"{what} has shape {tuple(x.shape[1:])}, {per} elements), "
+                                                          f"got {list(dims)} ({want} elements)")
+        x = x.reshape(x.shape[0], *dims)
+    return x, y
+
+
+def _vnnlib_input(spec: Spec, net: Network) -> tuple[torch.Tensor, torch.Tensor, FixedBox, tuple[str, ...]]:
+    """perturbation.input.vnnlib: the file's box (float64, checked against the model's input
+    size and model.input_range) and its centre, shaped as the model's input, as the one input."""
+    from verigrad.vnnlib import VnnlibError, read_vnnlib
+
+    assert spec.vnnlib is not None
+    vb = read_vnnlib(spec.vnnlib)
+    shape = net.input_shape
+    vb.check_size(torch.Size(shape).numel(), shape)
+    rng = spec.model.input_range
+    if rng is not None and spec.data.outside_range == OutsideRange.ERROR:
+        lo, hi = rng
+        bad = (vb.lower < lo) | (vb.upper > hi)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0][0])
+            coord = [int(c) for c in torch.unravel_index(torch.tensor(j), shape)]
+            below = bool(vb.lower[j] < lo)
+            line = vb.lower_lines[j] if below else vb.upper_lines[j]
+            raise VnnlibError(vb.path, line, f"X_{j} (coordinate {coord}) has bounds [{vb.lower[j]:.6g}, "
+                                             f"{vb.upper[j]:.6g}], outside model.input_range [{lo:g}, {hi:g}] "
+                                             f"({int(bad.sum())} input variable(s) affected); fix the file or the "
+                                             "range, or set data.outside_range: allow to certify the clipped box")
+    box = FixedBox(torch.from_numpy(vb.lower), torch.from_numpy(vb.upper), vb.path)
+    x = torch.from_numpy(vb.centre()).reshape(1, *shape)
+    return x, torch.full((1,), NO_LABEL, dtype=torch.long), box, vb.notes()
 
 
 def _check_in_range(source: str, x: torch.Tensor, domain: tuple[float, float], start: int) -> None:
@@ -294,10 +367,13 @@ def _decide_all(problem: Problem, v0: torch.Tensor, bounds: Bounds) -> tuple[Pro
     return tuple(props.evaluate(p, v0, bounds)[0] for p in problem.properties)
 
 
-def _engine_run(method: str, actual: str, dt: float, notes, bounds: Bounds, problem: Problem, v0) -> EngineRun:
-    """One run's record: its bounds widened for rounding (:mod:`verigrad.bounds.rounding`),
-    and every property decided on those widened bounds."""
-    bounds, note = rounding.widen(problem.net, bounds, problem.dtype, _extra_roundings(problem.explainer))
+def _engine_run(method: str, actual: str, dt: float, notes, bounds: Bounds, problem: Problem, v0,
+                rigorous: bool = False, extra: int | None = None) -> EngineRun:
+    """One run's record: its bounds widened for rounding (:mod:`verigrad.bounds.rounding`; a
+    ``rigorous`` engine's only for the explanation's ``extra`` roundings), and every property
+    decided on those widened bounds."""
+    extra = _extra_roundings(problem.explainer) if extra is None else extra
+    bounds, note = rounding.widen(problem.net, bounds, problem.dtype, extra, rigorous=rigorous)
     w = bounds.width
     return EngineRun(method, actual, dt, float(w.mean()), float(w.max()), (*notes, note),
                      _decide_all(problem, v0, bounds), bounds)
@@ -458,6 +534,7 @@ def smoothing_radius(problem: Problem, threat: Threat) -> float:
     if pin is None:
         return 0.0
     if pin.norm == Norm.L2:
+        assert pin.epsilon is not None  # an ℓ2 ball has ε (a VNN-LIB box is ℓ∞, checked by the spec)
         return float(pin.epsilon)
     r = torch.maximum(threat.x - threat.box.lower, threat.box.upper - threat.x)
     return float(r.to(torch.float64).norm())
@@ -556,7 +633,8 @@ def batched_bounds(problem: Problem, indices: Sequence[int]) -> list[Precomputed
         res, dt = _timed_bounds(problem, m, box, torch.tensor(targets, device=problem.device))
         notes = res.notes + ((f"bounded in one batch of {len(idx)} inputs (time: an equal share)",) if len(idx) > 1 else ())
         for k, engines in enumerate(per):
-            engines[m] = (EngineResult(res.bounds[k : k + 1], res.method, notes, res.actual_method), dt / len(idx))
+            engines[m] = (EngineResult(res.bounds[k : k + 1], res.method, notes, res.actual_method, res.rigorous),
+                          dt / len(idx))
     return [Precomputed(t, engines) for t, engines in zip(targets, per, strict=True)]
 
 
@@ -593,17 +671,116 @@ def _centre_map(problem: Problem, inst: Instance) -> tuple[torch.Tensor, list[En
     return explain(problem.explainer, problem.net, th.x, th.target_tensor, th.output), []
 
 
-def _bound(problem: Problem, inst: Instance, v0: torch.Tensor, precomputed: Precomputed | None) -> list[EngineRun]:
+def _bound(problem: Problem, inst: Instance, v0: torch.Tensor, precomputed: Precomputed | None,
+           found: dict[str, AttackOutcome] | None = None,
+           attacked: Mapping[str, AttackOutcome] | None = None) -> list[EngineRun]:
     """Stage *engines*: every engine of the problem on the instance's boxes, each checked to
     contain v0 and its properties decided. ``precomputed`` results replace running an engine
-    when they explain the same class (a batched forward pass may break a near-tie differently)."""
+    when they explain the same class (a batched forward pass may break a near-tie differently).
+    Branch and bound (``bab``) searches the properties no earlier engine certified; the
+    witnesses it finds go to ``found``; properties ``attacked`` already falsified are not searched."""
     ready = precomputed.engines if precomputed is not None and precomputed.target == inst.target else {}
-    runs = []
+    runs: list[EngineRun] = []
     for m in problem.methods:
+        if m == Method.BAB:
+            run, witnesses = _bab_run(problem, inst, v0, runs, attacked or {})
+            runs.append(run)
+            if found is not None:
+                found.update(witnesses)
+            continue
         res, dt = ready[m] if m in ready else _timed_bounds(problem, m, inst.threat.box, inst.threat.target_tensor)
         _check_contains_centre(m.value, res.bounds, v0, problem.dtype)
-        runs.append(_engine_run(m.value, res.actual_method or m.value, dt, res.notes, res.bounds, problem, v0))
+        runs.append(_engine_run(m.value, res.actual_method or m.value, dt, res.notes, res.bounds, problem, v0,
+                                rigorous=res.rigorous))
     return runs
+
+
+BAB_EXPLANATIONS = frozenset({ExplanationMethod.SALIENCY.value, ExplanationMethod.INPUT_X_GRADIENT.value})
+
+
+def _explanation_map(problem: Problem, g: Bounds, boxes: Bounds) -> Bounds:
+    """The explanation's bounds from the gradient's on each box (saliency: g; input × gradient:
+    the exact interval product with the box), widened for rounding."""
+    if problem.explainer.method == ExplanationMethod.INPUT_X_GRADIENT:
+        g = Bounds(*mul_interval((boxes.lower, boxes.upper), (g.lower, g.upper)))
+    return rounding.widen(problem.net, g, problem.dtype, _extra_roundings(problem.explainer))[0]
+
+
+def _bab_objective(problem: Problem, threat: Threat, prop: Property, v0: torch.Tensor) -> bab.Objective:
+    """Property ``prop`` as a branch-and-bound objective: its worst case on each domain's
+    (widened) explanation map, and a float64 judge of candidate points."""
+    at_most = prop.rule.direction == Direction.AT_MOST
+    centre = threat.centre()
+
+    def worst(g: Bounds, boxes: Bounds) -> torch.Tensor:
+        return props.worst_case(prop, v0.expand(g.shape[0], *v0.shape[1:]), _explanation_map(problem, g, boxes))
+
+    def check(x: torch.Tensor) -> AttackOutcome | None:
+        ev = evaluate_point(threat, prop, Point(x.reshape(threat.x.shape), centre.params))
+        return outcome(threat, prop, Method.BAB.value, ev, (Method.BAB.value,), 0.0) if ev.violated else None
+
+    return bab.Objective(worst, lambda w: w <= prop.threshold if at_most else w >= prop.threshold,
+                         1.0 if at_most else -1.0, check)
+
+
+def _bab_run(problem: Problem, inst: Instance, v0: torch.Tensor, earlier: Sequence[EngineRun],
+             attacked: Mapping[str, AttackOutcome]) -> tuple[EngineRun, dict[str, AttackOutcome]]:
+    """Engine ``bab``: branch and bound on every property that no earlier engine certified (each
+    with the budget ``bounds.bab``), on the root engine's map. With ``attack.order: after`` the
+    attacks run first on the whole box (a witness makes the search moot); their outcomes, and
+    the witnesses the search finds, are returned. The run's bounds are the root map intersected
+    with every search's hull of leaves (each covers the box)."""
+    th, opts = inst.threat, problem.options.bab
+    start = time.perf_counter()
+    if problem.params is not None:
+        res, dt = _timed_bounds(problem, Method(opts.root), th.box, th.target_tensor)
+        run = _engine_run(Method.BAB.value, res.actual_method or opts.root, dt,
+                          res.notes + ("bab does not split parameter boxes: the root engine's bounds",), res.bounds,
+                          problem, v0)
+        return run, {}
+    def engine(b: Bounds, t: torch.Tensor) -> Bounds:
+        return compute_bounds(opts.root, problem.net, b, t, th.output, None, problem.options).bounds
+
+    root = compute_bounds(opts.root, problem.net, th.box, th.target_tensor, th.output, None, problem.options)
+    g = root.bounds
+    results, notes = [], list(root.notes)
+    witnesses: dict[str, AttackOutcome] = {}
+    search: dict[str, dict] = {}
+    certified_before = {r.properties[k].name for r in earlier for k in range(len(r.properties))
+                        if r.properties[k].verdict == Verdict.CERTIFIED}
+    for p in problem.properties:
+        base = props.evaluate(p, v0, _explanation_map(problem, root.bounds, th.box))[0]
+        if p.name in certified_before or base.verdict == Verdict.CERTIFIED or (
+                p.name in attacked and attacked[p.name].violated):
+            results.append(base)
+            continue
+        if problem.attack_order == AttackOrder.AFTER:  # a witness from the whole box ends it before any split
+            witnesses[p.name] = _run_attacks(problem, th, inst.index, [p])[p.name]
+            if witnesses[p.name].violated:
+                results.append(base)
+                notes.append(f"{p.name}: falsified by the {witnesses[p.name].attack} attack before any split")
+                continue
+        r = bab.search(problem.net, th.box, th.target_tensor, th.output, root.bounds,
+                       _bab_objective(problem, th, p, v0), opts, engine)
+        g = g.intersect(r.bounds)
+        verdict = Verdict.CERTIFIED if r.status == "certified" else Verdict.UNKNOWN
+        # both are sound worst cases: report the better (a leaf's worst case is not worse than
+        # the root's for the shipped rules, but that is each rule's property, not guaranteed)
+        better = min if p.rule.direction == Direction.AT_MOST else max
+        worst = better(r.worst, base.worst_case) if r.status != "falsified" and r.worst == r.worst else base.worst_case
+        results.append(props.PropertyResult(p.name, verdict, worst, p.threshold, base.direction))
+        notes.append(f"{p.name}: {r.status}; " + r.notes[0])
+        search[p.name] = {"status": r.status, "domains": r.domains, "leaves": r.leaves, "open": r.open,
+                          "time_s": r.time_s, "complete": r.complete, "mode": r.mode.value}
+        if r.witness is not None:
+            assert isinstance(r.witness, AttackOutcome)  # what the objective's check returns
+            witnesses[p.name] = r.witness
+    g = _explanation_map(problem, g, th.box)
+    w = g.width
+    dt = time.perf_counter() - start
+    run = EngineRun(Method.BAB.value, Method.BAB.value, dt, float(w.mean()), float(w.max()),
+                    (*notes, f"root engine: {opts.root}"), tuple(results), g, search=search)
+    return run, witnesses
 
 
 def _combined(problem: Problem, runs: Sequence[EngineRun], v0: torch.Tensor) -> list[EngineRun]:
@@ -613,8 +790,10 @@ def _combined(problem: Problem, runs: Sequence[EngineRun], v0: torch.Tensor) -> 
     b = runs[0].bounds
     for r in runs[1:]:
         b = b.intersect(r.bounds)
+    # every run's bounds are widened for rounding already and max / min are exact: no allowance again
     return [_engine_run(COMBINED, "+".join(r.method for r in runs), sum(r.time_s for r in runs),
-                        ("intersection of " + ", ".join(r.method for r in runs),), b, problem, v0)]
+                        ("intersection of " + ", ".join(r.method for r in runs),), b, problem, v0,
+                        rigorous=True, extra=0)]
 
 
 def _verdicts(problem: Problem, runs: Sequence[EngineRun],
@@ -653,8 +832,9 @@ def verify_instance(problem: Problem, i: int, precomputed: Precomputed | None = 
     if order in (AttackOrder.BEFORE, AttackOrder.BOTH):
         attacks = _run_attacks(problem, threat, i, problem.properties)
     all_falsified = order == AttackOrder.BEFORE and bool(attacks) and all(a.violated for a in attacks.values())
+    found: dict[str, AttackOutcome] = {}
     if not (all_falsified or problem.explainer.probabilistic):
-        runs += _bound(problem, inst, v0, precomputed)
+        runs += _bound(problem, inst, v0, precomputed, found, attacks)
     radius = {}
     if spec.radius.search and spec.perturbation.input is not None and not problem.explainer.probabilistic:
         radius = _radius_search(problem, threat, v0)
@@ -662,9 +842,11 @@ def verify_instance(problem: Problem, i: int, precomputed: Precomputed | None = 
     if spec.second_order.hessian or spec.second_order.literature:
         second = _second_order(problem, threat, v0, runs)
     runs += _combined(problem, runs, v0)
+    attacks.update({k: a for k, a in found.items() if k not in attacks or not attacks[k].violated})
     verdicts = _verdicts(problem, runs, attacks)
     if order == AttackOrder.AFTER:
-        attacks = _run_attacks(problem, threat, i, [p for p in problem.properties if verdicts[p.name] != Verdict.CERTIFIED])
+        rest = [p for p in problem.properties if verdicts[p.name] != Verdict.CERTIFIED and p.name not in found]
+        attacks.update(_run_attacks(problem, threat, i, rest))
         verdicts = _verdicts(problem, runs, attacks)
     result = InstanceResult(i + spec.data.start, inst.label, inst.prediction, inst.target, tuple(runs), verdicts,
                             v0[0].detach().cpu(), attacks=attacks, gap=_gaps(problem, runs, attacks),

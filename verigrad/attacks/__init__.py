@@ -76,7 +76,13 @@ def attack_property(threat: Threat, prop: Property, options: AttackOptions,
     dt = time.perf_counter() - start
     if best is None:
         return AttackOutcome(prop.name, None, None, False, None, (), dt)
-    name, ev = best
+    return outcome(threat, prop, best[0], best[1], tuple(m.value for m in chosen), dt, values)
+
+
+def outcome(threat: Threat, prop: Property, name: str, ev: Evaluation, tried: tuple[str, ...], dt: float,
+            values: dict[str, float] | None = None) -> AttackOutcome:
+    """The outcome of a search whose worst point, judged in float64, is ``ev`` (found by
+    ``name``): a witness when it violates the property."""
     sim = _similarity(ev.v0, ev.v)
     witness = None
     if ev.violated:
@@ -84,12 +90,12 @@ def attack_property(threat: Threat, prop: Property, options: AttackOptions,
         base = {n: (w, b) for n, (w, b) in t64.centre().params.items() if n in ev.point.params}
         witness = Witness(prop.name, name, threat.target, t64.x, ev.point, base, ev.v0, ev.v, ev.value,
                           prop.threshold, direction_text(prop), sim)
-    return AttackOutcome(prop.name, ev.value, name, ev.violated, witness, tuple(m.value for m in chosen), dt,
-                         values, sim)
+    return AttackOutcome(prop.name, ev.value, name, ev.violated, witness, tried, dt,
+                         {name: ev.value} if values is None else values, sim)
 
 
 __all__ = [
     "ATTACKS", "AttackMethod", "AttackOptions", "AttackOrder", "AttackOutcome", "Evaluation", "Found", "LoadedWitness", "Point",
-    "Threat", "Witness", "applicable", "attack_property", "evaluate_point", "load_witness", "run_attack",
+    "Threat", "Witness", "applicable", "attack_property", "evaluate_point", "load_witness", "outcome", "run_attack",
     "save_witness", "score", "witness_bytes",
 ]

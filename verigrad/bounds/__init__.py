@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from verigrad.bounds.bab import BabOptions
 from verigrad.bounds.base import Bounds, BoundsError, EngineResult, EngineUnsupported, with_ibp_fallback
 from verigrad.bounds.ibp import Product, ibp_bounds
 from verigrad.bounds.options import CrownOptions
@@ -31,6 +32,7 @@ class Method(str, Enum):
     IBP = "ibp"
     CROWN = "crown"
     ALPHA_CROWN = "alpha-crown"
+    BAB = "bab"  # branch and bound (verigrad.bounds.bab): decides properties, exact in the limit
 
 
 _CROWN = CrownOptions()  # the one place CROWN / alpha-CROWN defaults are declared
@@ -47,6 +49,7 @@ class EngineOptions:
     alpha_lr: float = _CROWN.alpha_lr
     crown_output_chunk: int | None = _CROWN.output_chunk
     crown_memory_mb: float | None = _CROWN.memory_mb
+    bab: BabOptions = BabOptions()  # noqa: RUF009 (frozen: a constant)
 
     def crown(self) -> CrownOptions:
         """The CROWN engine's options object."""
@@ -58,7 +61,8 @@ Engine = Callable[[Network, Bounds, torch.Tensor, Output, "ParamBox | None", Eng
 
 
 def _ibp(net, box, target, output, params, opts: EngineOptions) -> EngineResult:
-    return ibp_bounds(net, box, target, output, params, product=opts.product)
+    # outward rounding: a rigorous enclosure of the exact gradient range (EngineResult.rigorous)
+    return ibp_bounds(net, box, target, output, params, product=opts.product, outward=True)
 
 
 def _lirpa(alpha: bool, times_input: bool = False) -> Engine:
@@ -71,10 +75,24 @@ def _lirpa(alpha: bool, times_input: bool = False) -> Engine:
     return run
 
 
+def _bab(net, box, target, output, params, opts: EngineOptions) -> EngineResult:
+    from verigrad.bounds.bab import bab_bounds
+
+    root = Method(opts.bab.root)
+    if root == Method.BAB:
+        raise ValueError("bab cannot be its own root engine")
+
+    def engine(b: Bounds, t: torch.Tensor) -> Bounds:
+        return ENGINES[root](net, b, t, output, None, opts).bounds
+
+    return bab_bounds(net, box, target, engine, output, params, opts.bab)
+
+
 ENGINES: dict[Method, Engine] = {
     Method.IBP: _ibp,
     Method.CROWN: _lirpa(alpha=False),
     Method.ALPHA_CROWN: _lirpa(alpha=True),
+    Method.BAB: _bab,
 }
 # engines that bound x ⊙ ∂o/∂x as one product (a joint relaxation of x and g)
 INPUT_PRODUCT_ENGINES: dict[Method, Engine] = {
