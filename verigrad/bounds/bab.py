@@ -702,9 +702,14 @@ def search(net: Network, box: Bounds, target: torch.Tensor, output: Output, root
         else:
             s.settle(first)
         step = _step_neurons if mode == Mode.NEURONS else _step_inputs
+        # the batch grows while steps are short against the time left and shrinks when they are
+        # not, so that one step (on a CNN, seconds) does not overrun the budget
+        size = min(opts.batch, 4)
         while s.open and s.witness is None and not s.out_of_budget():
-            batch = [s.pop() for _ in range(min(opts.batch, len(s.open)))]
-            step(s, batch)
+            t0 = time.perf_counter()
+            step(s, [s.pop() for _ in range(min(size, len(s.open)))])
+            dt, left = time.perf_counter() - t0, opts.timeout_s - (time.perf_counter() - s.start)
+            size = min(opts.batch, 2 * size) if 4 * dt < left else max(1, size // 2) if 2 * dt > left else size
     return _result(s)
 
 
