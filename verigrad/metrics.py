@@ -78,6 +78,8 @@ __all__ = [
     "SIMILARITIES", "DEFAULT_METRICS", "cosine_similarity", "default_k", "kendall_tau", "max_sensitivity", "mse",
     "pcc", "random_perturbation_similarity", "similarity", "similarity_batch", "similarity_report", "ssim",
     "topk_intersection",
+    # certified (sound upper-bound) counterparts of quantus' robustness metrics: verigrad.certified_metrics
+    "CertifiedLocalLipschitz", "CertifiedMaxSensitivity", "CertifiedRelativeInputStability",
 ]
 
 # Kendall's τ works on (rows × n) sign matrices; this many elements per chunk keeps each
@@ -374,3 +376,9 @@ def max_sensitivity(
     num = (e - e0).norm(dim=1).max()
     den = e0.norm()
     return float(num / den) if den > 0 else float(num)
+
+
+# Certified counterparts of quantus' robustness metrics (defined in verigrad.certified_metrics).
+from verigrad.certified_metrics import (  # noqa: E402
+    CertifiedLocalLipschitz, CertifiedMaxSensitivity, CertifiedRelativeInputStability,
+)

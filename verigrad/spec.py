@@ -33,7 +33,7 @@ from verigrad.bounds.bab import Mode as BabMode
 from verigrad.errors import UserError
 from verigrad.explanations import SMOOTHING_METHODS, Explainer, ExplanationMethod, IGRule
 from verigrad.graph.gradient_graph import Output
-from verigrad.attacks import AttackMethod, AttackOptions, AttackOrder
+from verigrad.attacks.search import AttackMethod, AttackOptions, AttackOrder
 from verigrad.smoothing import SmoothingConfig, SmoothingInterval
 from verigrad.perturbation import FixedBox, Norm, ParamBoxSpec, ParamMode, Perturbation
 from verigrad.properties import METRIC_KINDS, Kind, Metric, Normalize, Property
