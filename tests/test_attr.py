@@ -287,3 +287,51 @@ def test_example_script_runs():
                        text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "certified" in r.stdout
+
+
+def test_bounds_equal_the_clis_on_the_same_model_and_box(tmp_path):
+    """The model exported to ONNX and verified by `verigrad verify` (same box — no input_range
+    clip — and class); the class runs on the loaded weights as an nn.Module. The CLI's bounds are the class's widened outward by the rounding allowance only (float64:
+    ~1e-12 of the map's scale), so they contain the class's and differ by less than 1e-9."""
+    import yaml
+    from click.testing import CliRunner
+
+    from verigrad.cli import main
+
+    model = mlp(dtype=torch.float64).eval()
+    x = torch.rand(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model.float(), (x[:1].float(),), str(path), dynamo=False)
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=np.array([1, 2]))
+    spec = {"model": {"path": str(path), "input_range": None}, "data": {"path": str(tmp_path / "d.npz"), "end": 2},
+            "explanation": {"target": "label"}, "perturbation": {"input": {"epsilon": 0.05}},
+            "properties": [{"name": "l2", "kind": "untargeted", "metric": "l2", "threshold": 10.0}],
+            "bounds": {"methods": ["crown"]}, "attack": {"order": "skip"}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    res = CliRunner().invoke(main, ["verify", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "r.json"),
+                                    "--bounds-npz", str(tmp_path / "r.npz")])
+    assert res.exit_code == 0, res.output
+    arrays = np.load(tmp_path / "r.npz")
+    from verigrad.models import load_model
+
+    net = load_model(str(path)).to(torch.float64)  # the same weights as the module (exported in float32)
+    ours = CertifiedSaliency(_as_module(net)).attribute_bounds(x, torch.tensor([1, 2]), epsilon=0.05, method="crown",
+                                                               abs=False)
+    for i in range(2):
+        lo, up = arrays[f"i{i}/crown/lower"].reshape(-1), arrays[f"i{i}/crown/upper"].reshape(-1)
+        ol, ou = ours.lower[i].numpy(), ours.upper[i].numpy()
+        assert (lo <= ol).all() and (up >= ou).all()
+        assert np.abs(lo - ol).max() < 1e-9 and np.abs(up - ou).max() < 1e-9
+
+
+def _as_module(net) -> nn.Sequential:
+    """The loaded network back as an nn.Sequential of Linear / Tanh (the mlp's layout)."""
+    layers: list[nn.Module] = []
+    for node in net.layers:
+        if node.op == "linear":
+            lin = nn.Linear(node.weight.shape[1], node.weight.shape[0]).double()
+            lin.weight.data, lin.bias.data = node.weight.clone(), node.bias.clone()
+            layers.append(lin)
+        elif node.op == "activation":
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
