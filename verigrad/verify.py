@@ -746,10 +746,10 @@ def _bab_run(problem: Problem, inst: Instance, v0: torch.Tensor, earlier: Sequen
     results, notes = [], list(root.notes)
     witnesses: dict[str, AttackOutcome] = {}
     search: dict[str, dict] = {}
-    certified_before = {r.properties[k].name for r in earlier for k in range(len(r.properties))
-                        if r.properties[k].verdict == Verdict.CERTIFIED}
+    certified_before = {pr.name for r in earlier for pr in r.properties if pr.verdict == Verdict.CERTIFIED}
+    root_map = _explanation_map(problem, root.bounds, th.box)
     for p in problem.properties:
-        base = props.evaluate(p, v0, _explanation_map(problem, root.bounds, th.box))[0]
+        base = props.evaluate(p, v0, root_map)[0]
         if p.name in certified_before or base.verdict == Verdict.CERTIFIED or (
                 p.name in attacked and attacked[p.name].violated):
             results.append(base)

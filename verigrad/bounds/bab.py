@@ -290,12 +290,15 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
     empty = torch.zeros(d, dtype=torch.bool, device=box.lower.device)
     vals: dict[str, Interval] = {INPUT: (box.lower, box.upper)}
     pre: dict[int, Interval] = {}
+    # the activations whose input depends on another activation (the others' boxes are exact)
+    behind = net.memo(("bab", "behind"), lambda: frozenset(
+        j for j in _acts(net) if _has_activation_before(net, wiring[j][0])))
     stop = n if output != Output.LOGIT else n - 1
     for i in range(stop):
         node, xs = nodes[i], [vals[m] for m in wiring[i]]
         if isinstance(node, Activation):
             lo, up = xs[0]
-            if backsub and _has_activation_before(net, wiring[i][0]):
+            if backsub and i in behind:
                 lo, up = _backsub(net, box, i, pre, splits, (lo, up))
             s = splits.get(i)
             if s is not None:
@@ -353,11 +356,11 @@ def _stack_splits(net: Network, domains: Sequence[dict[int, torch.Tensor]], devi
 
 
 def _pattern_map(net: Network, pre: dict[int, Interval], splits: dict[int, torch.Tensor], k: int
-                 ) -> tuple[list[tuple[int, torch.Tensor, torch.Tensor]], bool]:
+                 ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """Domain k's LP constraints: (activation index, flat coordinates, signs) for the split
     neurons whose pre-activation is affine in x on the domain (every activation before it has
-    a fixed pattern), and whether every activation is fixed."""
-    cons, all_fixed = [], True
+    a fixed pattern)."""
+    cons = []
     for i in _acts(net):
         lo, up = pre[i][0][k], pre[i][1][k]
         s = splits[i][k]
@@ -365,9 +368,8 @@ def _pattern_map(net: Network, pre: dict[int, Interval], splits: dict[int, torch
         if idx.numel():
             cons.append((i, idx, s.flatten()[idx]))
         if bool(_unstable(lo, up, s).any()):
-            all_fixed = False
             break
-    return cons, all_fixed
+    return cons
 
 
 def _fixed_slopes(net: Network, pre: dict[int, Interval], splits: dict[int, torch.Tensor], k: int
@@ -502,12 +504,15 @@ class _Search:
         up = torch.minimum(p.grad[1], self.root.upper)
         up = torch.maximum(lo, up)  # both sound: they meet (crossing only by round-off)
         worst = self._judge(lo, up, box)
+        free = torch.zeros(d, dtype=torch.bool, device=dev)  # some unstable neuron left unsplit
+        for i, (zl, zu) in p.pre.items():
+            free |= _unstable(zl, zu, splits[i]).reshape(d, -1).any(1)
         out: list[_Domain | None] = []
         for k in range(d):
             if bool(p.empty[k]):
                 out.append(None)
                 continue
-            full = not any(bool(_unstable(p.pre[i][0][k], p.pre[i][1][k], splits[i][k]).any()) for i in p.pre)
+            full = not bool(free[k])
             out.append(_Domain(self.obj.sign * float(worst[k]), splits_list[k], lo[k:k + 1], up[k:k + 1], full,
                                info=(p, k)))
         return out
@@ -646,7 +651,7 @@ def _admit(search: _Search, dom: _Domain) -> None:
         p, j = dom.info
         pre = {i: (lo[j:j + 1], up[j:j + 1]) for i, (lo, up) in p.pre.items()}
         splits = _stack_splits(search.net, [dom.splits], search.box.lower.device)
-        cons, _ = _pattern_map(search.net, pre, splits, 0)
+        cons = _pattern_map(search.net, pre, splits, 0)
         t, dom.point = _lp_feasible(search.net64, search.box, cons, _fixed_slopes(search.net, pre, splits, 0))
         if t < -LP_DROP:
             return  # meets no point of the box
