@@ -100,11 +100,11 @@ def test_skipping_bounds_on_the_perturbed_operand_of_constant_products_changes_n
         got[mode] = [crown_bounds(_fresh(net), box, t, output, alpha=alpha, options=FAST_ALPHA).bounds
                      for alpha in (False, True)]
     for a, b in zip(got["ours"], got["auto_LiRPA's"], strict=True):
-        # the same bounds up to the order of float64 sums (measured ≤ 1.2e-16 on these nets before
-        # the intermediate bounds were widened for rounding; the widening scales such differences
-        # up to ~1.1e-13 on the PReLU CNN's loss)
-        torch.testing.assert_close(a.lower, b.lower, rtol=0, atol=1e-12)
-        torch.testing.assert_close(a.upper, b.upper, rtol=0, atol=1e-12)
+        # the same bounds up to round-off and its allowance γ_n·M (measured ≤ 1.2e-16 apart before
+        # the bounds were widened for rounding; M reads an operand's bounds where it has them and
+        # its magnitude where not, so the allowances differ: ≤ 2.4e-12 on the softplus CNN)
+        torch.testing.assert_close(a.lower, b.lower, rtol=0, atol=1e-10)
+        torch.testing.assert_close(a.upper, b.upper, rtol=0, atol=1e-10)
     if output == Output.LOGIT and net.source.startswith("maxpool"):
         assert passes["ours"] <= passes["auto_LiRPA's"]  # measured: these graphs request no such bounds
     else:

@@ -217,6 +217,91 @@ def test_crown_intermediate_bounds_are_widened_so_round_off_fixes_no_mask(monkey
     assert not bool(lirpa.crown_bounds(fresh, box, t).bounds.contains(truth)[0])
 
 
+# -- CROWN / alpha-CROWN: rigorous through the magnitude of the back-substituted sums -----------
+
+def _cancelling_net(terms) -> Network:
+    """v = Σ_k terms_k exactly (a linear 1 → k → 1 net, weights |t_k| and sign(t_k)), whose float32
+    sum cancels: 2^24 + 1 − 2^24 computes 0 in every order of summation torch uses here."""
+    k = len(terms)
+    w1 = torch.tensor([[abs(t)] for t in terms], dtype=F32)
+    w2 = torch.tensor([[1.0 if t > 0 else -1.0 for t in terms]], dtype=F32)
+    return Network((Linear("a", w1, torch.zeros(k, dtype=F32)), Linear("b", w2, torch.zeros(1, dtype=F32))),
+                   (1,), "cancelling")
+
+
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+def test_crown_encloses_a_value_lost_to_cancellation(monkeypatch, method):
+    from verigrad.bounds import lirpa
+
+    terms = [2.0 ** 24, 1.0, -(2.0 ** 24)]
+    net, x, t = _cancelling_net(terms), torch.zeros(1, 1, dtype=F32), torch.tensor([0])
+    assert float(saliency(net, x, t)) == 0.0  # float32 loses the exact value 1 ...
+    res = compute_bounds(method, net, input_box(x, 0.0, None), t, Output.LOGIT)
+    assert res.rigorous
+    assert float(res.bounds.lower) <= 1.0 <= float(res.bounds.upper)  # ... the certificate keeps it
+    # the allowance is what keeps it: a bound widened by a multiple of its own magnitude (the
+    # a-priori allowance this replaced: |l| + |u| + max|bound| = 0 here) would be [0, 0]
+    monkeypatch.setattr(lirpa, "gamma", lambda n, dtype: 0.0)
+    raw = lirpa.crown_bounds(Network(net.layers, net.input_shape, "cancelling_raw"),
+                             input_box(x, 0.0, None), t, alpha=method == "alpha-crown")
+    assert float(raw.bounds.upper) < 1.0
+
+
+def _check_crown_rigorous(net, eps: float, output: Output, params=None, alpha: bool = False,
+                          times_input: bool = False) -> None:
+    """float32 CROWN ∋ the float64 autograd gradient (or x ⊙ g) at the centre, corners and random
+    points of the box, with no tolerance at all."""
+    from tests.helpers import assert_contains_true_gradients
+    from verigrad.bounds.lirpa import crown_bounds
+
+    x = torch.rand(1, *net.input_shape, generator=torch.Generator().manual_seed(1), dtype=F32)
+    box, t = input_box(x, eps, (0.0, 1.0)), torch.tensor([1])
+    res = crown_bounds(net, box, t, output, params, alpha=alpha, times_input=times_input)
+    assert res.rigorous and res.bounds.lower.dtype == F32
+    net64, box64 = net.to(dtype=F64), box.to(F64)
+    p64 = _params64(params) if params is not None else None
+    lo, up = res.bounds.lower.double(), res.bounds.upper.double()
+    if times_input:
+        pts = box_points(box64, 150, 150, seed=2)
+        v = pts * saliency(net64, pts, t.expand(len(pts)), output)
+        assert bool(((v >= lo) & (v <= up)).all()), float(torch.maximum(lo - v, v - up).max())
+        return
+    assert_contains_true_gradients(Bounds(lo, up), net64, box64, t, output, params=p64, n=150, tol=0.0)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+@pytest.mark.parametrize("output", list(Output), ids=[o.value for o in Output])
+@pytest.mark.parametrize("name", list(NETS32))
+def test_float32_crown_is_rigorous_on_every_operator_kind(name, output, eps):
+    _check_crown_rigorous(NETS32[name](), eps, output)
+
+
+@pytest.mark.parametrize("output", [Output.LOGIT, Output.LOSS], ids=["logit", "loss"])
+@pytest.mark.parametrize("name", ["mlp_relu", "mlp_sigmoid", "residual_mlp", "prelu_cnn", "maxpool_cnn"])
+def test_float32_alpha_crown_is_rigorous(name, output):
+    _check_crown_rigorous(NETS32[name](), 0.05, output, alpha=True)
+
+
+@pytest.mark.parametrize("output", [Output.LOGIT, Output.LOSS], ids=["logit", "loss"])
+@pytest.mark.parametrize("name", ["mlp_relu", "mlp_tanh", "residual_mlp"])
+def test_float32_crown_is_rigorous_with_a_parameter_box_and_for_x_times_g(name, output):
+    from verigrad.perturbation import param_box
+
+    net = NETS32[name]()
+    _check_crown_rigorous(net, 0.02, output, param_box(net, 0.03, "relative"))
+    _check_crown_rigorous(net, 0.05, output, times_input=True)
+
+
+def test_every_auto_lirpa_node_of_our_graphs_has_a_magnitude_rule():
+    from verigrad.bounds.lirpa_magnitude import Magnitudes, MagnitudeError
+
+    class Unknown:  # a perturbed node of a kind no rule covers
+        name, perturbed, inputs = "n", True, [type("In", (), {"perturbed": True, "inputs": []})()]
+
+    with pytest.raises(MagnitudeError, match="no rounding-magnitude rule"):
+        Magnitudes(model=None)._compute(Unknown())
+
+
 # At ε = 0 the outward bounds are no longer a point: Higham's γ_m per reduction (m ≈ fan-in)
 # compounded through the layers. Tolerance: |bound − v| ≤ 2e-3·max|v| (about 2e4 float32 ulps of
 # the map's scale; measured ≤ 4e-4 on these nets), and strictly wider than the plain point.

@@ -32,7 +32,7 @@ from verigrad.bounds.base import Bounds, EngineResult, EngineUnsupported, check_
 from verigrad.bounds.ibp import ibp_bounds, mul_interval
 from verigrad.bounds.lirpa_compat import import_auto_lirpa
 from verigrad.bounds.options import CrownOptions, available_memory_bytes
-from verigrad.bounds.rounding import chain_length, gamma
+from verigrad.bounds.rounding import crown_chain_length, gamma
 from verigrad.graph.gradient_graph import GradientGraph, Output
 from verigrad.models.network import Conv2d, Network
 from verigrad.perturbation import ParamBox
@@ -42,6 +42,7 @@ from auto_LiRPA import BoundedModule, BoundedParameter, BoundedTensor  # noqa: E
 from auto_LiRPA.operators import BoundBuffers, BoundConstant, BoundMatMul, BoundParams  # noqa: E402
 from auto_LiRPA.perturbations import PerturbationLpNorm  # noqa: E402
 
+from verigrad.bounds.lirpa_magnitude import Magnitudes  # noqa: E402
 from verigrad.bounds.lirpa_ops import (  # noqa: E402
     CUSTOM_OPS,
     BoundMaxPoolGrad,
@@ -200,8 +201,8 @@ def crown_bounds(
     lower, upper = combined.lower, combined.upper
     notes = [
         "auto_LiRPA 0.3 backward (CROWN) bounds on the gradient graph; relu'(z)·g relaxed jointly in (z, g); "
-        "every intermediate node intersected with its IBP bounds, then widened by the rounding allowance "
-        "(verigrad.bounds.rounding)",
+        "every intermediate node intersected with its IBP bounds; every bound widened by its rigorous "
+        "round-off bound γ_n·M (M the magnitude of its back-substituted sum, verigrad.bounds.lirpa_magnitude)",
         f"intersected per coordinate with (outward-rounded) IBP: IBP tighter on {tighter} of {lower.numel()} "
         "coordinate bounds",
     ]
@@ -220,7 +221,7 @@ def crown_bounds(
             "intermediate bounds fixed to CROWN's; result intersected with CROWN"
         )
     notes.extend(chunk_notes)
-    return EngineResult(Bounds(lower, upper), "alpha-crown" if alpha else "crown", tuple(notes))
+    return EngineResult(Bounds(lower, upper), "alpha-crown" if alpha else "crown", tuple(notes), rigorous=True)
 
 
 def _check_params(net: Network, params: ParamBox) -> None:
@@ -253,8 +254,25 @@ class _GradBoundedModule(BoundedModule):
     spec_chunk: int | None = None
     spec_chunks_used: int = 0
     # γ_n of verigrad.bounds.rounding for this network and dtype (set by _bound_chunk): every
-    # intermediate bound is widened by its allowance before use (_widen_for_rounding)
+    # intermediate bound is widened by γ_n·M before use (_widen_for_rounding), M the magnitude of
+    # its back-substituted sum (verigrad.bounds.lirpa_magnitude)
     rounding_gamma: float = 0.0
+    _magnitudes: Magnitudes | None = None
+
+    @property
+    def magnitudes(self) -> Magnitudes:
+        if self._magnitudes is None:
+            self._magnitudes = Magnitudes(self)
+        return self._magnitudes
+
+    def compute_bounds(self, *args, **kwargs):
+        # magnitudes read the bounds of this call's box: recompute them lazily for each call
+        self.magnitudes.reset()
+        return super().compute_bounds(*args, **kwargs)
+
+    def rounding_allowance(self, node) -> torch.Tensor:
+        """γ_n·M(node): a bound on the round-off of any CROWN bound of ``node`` computed here."""
+        return self.rounding_gamma * self.magnitudes(node)
 
     def check_prior_bounds(self, node):
         """auto_LiRPA's MatMul asks for bounds on both operands, which only its bilinear case
@@ -316,18 +334,16 @@ class _GradBoundedModule(BoundedModule):
         self._widen_for_rounding(node)
 
     def _widen_for_rounding(self, node) -> None:
-        """Widen an intermediate node's bounds outward by the rounding allowance
-        γ_n·(|l| + |u| + s) of :mod:`verigrad.bounds.rounding` (s the largest |bound| of the node
-        per sample) and one ulp: auto_LiRPA computes in round-to-nearest, and a pre-activation
-        bound a rounding put on the wrong side of 0 would fix a ReLU mask (or a relaxation) that
-        the exact bounds leave open — a discrete error no final allowance covers."""
+        """Widen an intermediate node's bounds outward by γ_n·M(node) (its rigorous round-off
+        bound, :mod:`verigrad.bounds.lirpa_magnitude`) and one ulp: auto_LiRPA computes in
+        round-to-nearest, and a pre-activation bound a rounding put on the wrong side of 0 would
+        fix a ReLU mask (or a relaxation) that the exact bounds leave open — a discrete error no
+        final allowance covers."""
         lo, up = getattr(node, "lower", None), getattr(node, "upper", None)
         if (not self.rounding_gamma or not node.perturbed or not isinstance(lo, torch.Tensor)
                 or not isinstance(up, torch.Tensor) or lo.dim() == 0):
             return
-        mag = torch.maximum(lo.abs(), up.abs())
-        scale = mag.reshape(mag.shape[0], -1).max(dim=1).values.reshape(-1, *([1] * (mag.dim() - 1)))
-        a = self.rounding_gamma * (lo.abs() + up.abs() + scale)
+        a = self.rounding_allowance(node)
         new_lo = torch.nextafter(lo - a, torch.full_like(lo, -math.inf))
         new_up = torch.nextafter(up + a, torch.full_like(up, math.inf))
         node.lower, node.upper = new_lo, new_up
@@ -547,7 +563,7 @@ def _bound_chunk(
         else:  # the parameter box is part of the traced graph (its BoundedParameters)
             graph, model = convert()
         model.spec_chunks_used = 0
-        model.rounding_gamma = gamma(chain_length(net), net.dtype)
+        model.rounding_gamma = gamma(crown_chain_length(net, len(model._modules)), net.dtype)
         seed = (_seed_input(graph, net, target, b, params),) if graph.uses_row_seed else ()
         x = (BoundedTensor(centre, PerturbationLpNorm(norm=math.inf, x_L=lo, x_U=up)), *seed)
         d = math.prod(net.input_shape)
@@ -581,6 +597,10 @@ def _bound_chunk(
             # On point boxes the two can differ by round-off: _uncross settles that, and
             # reports a real disagreement (one of them unsound)
             cl, cu = torch.maximum(cl, al), torch.minimum(cu, au)
+        # the final map's own round-off (the relaxations, hence M, are CROWN's and alpha-CROWN's alike)
+        allowance = model.rounding_allowance(model[model.final_name]).reshape(b, d)
+        cl = torch.nextafter(cl - allowance, torch.full_like(cl, -math.inf))
+        cu = torch.nextafter(cu + allowance, torch.full_like(cu, math.inf))
         _release(model)
     cl, cu = _uncross(cl, cu, where)
     shape = (b, *net.input_shape)

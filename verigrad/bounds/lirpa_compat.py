@@ -16,6 +16,11 @@ Fixes (each found by running auto_LiRPA 0.3 on these torch / numpy versions):
    import; when present, the clamp used on alphas is replaced by one whose gradient passes
    (alphas are projected into [0, 1] after every step anyway, so values are unchanged).
 5. numpy 2 removed ``numpy.lib.arraysetops``: aliased to a module providing ``isin``.
+6. ``BoundedModule.check_IBP_intermediate`` (bounds of a ReLU / Neg / Transpose node taken by
+   IBP from its bounded input) assigns each computed interval to the *input* node instead of the
+   node itself: the input's ``interval`` is overwritten — with −[l, u] after a Neg — and every
+   later interval rule reading it is wrong (found as an unsound CROWN bound on a residual MLP with a
+   parameter box, where the gradient through a Sub is negated). Replaced by the intended code.
 """
 from __future__ import annotations
 
@@ -157,6 +162,28 @@ def _fix_alpha_clamp(bound_relu_cls: type[_ReluMaskOwner], force: bool = False) 
     APPLIED.append("alpha_clamp")
 
 
+def _check_ibp_intermediate(self: Any, node: Any) -> bool:
+    """auto_LiRPA's check_IBP_intermediate as intended: if ``node`` and its unbounded ancestors
+    up to a bounded one are all of the kinds in ``self.ibp_intermediate`` (one input each), give
+    each of them its IBP bounds, in order, and leave the bounded ancestor as it is."""
+    chain = []
+    while not hasattr(node, "lower") or not hasattr(node, "upper"):
+        if type(node) not in self.ibp_intermediate:
+            return False
+        chain.append(node)
+        node = node.inputs[0]
+    for n in reversed(chain):
+        self.IBP_general(n)
+    return True
+
+
+def _fix_check_ibp_intermediate(bounded_module_cls: type) -> None:
+    if getattr(bounded_module_cls, "check_IBP_intermediate", None) is _check_ibp_intermediate:
+        return
+    bounded_module_cls.check_IBP_intermediate = _check_ibp_intermediate  # type: ignore[attr-defined]
+    APPLIED.append("check_IBP_intermediate")
+
+
 def import_auto_lirpa() -> types.ModuleType:
     """Apply the fixes and return the ``auto_LiRPA`` package (idempotent)."""
     global _DONE
@@ -177,6 +204,7 @@ def import_auto_lirpa() -> types.ModuleType:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
     _fix_named_members(auto_LiRPA.BoundedModule)
+    _fix_check_ibp_intermediate(auto_LiRPA.BoundedModule)
     _fix_alpha_clamp(BoundRelu)
     _DONE = True
     return auto_LiRPA
@@ -211,6 +239,9 @@ def self_checks() -> list[tuple[str, bool, str]]:
     named = lirpa.BoundedModule._named_members
     out.append(("BoundedModule._named_members", _is_wrapped(named) or "remove_duplicate" in named.__code__.co_varnames,
                 "accepts remove_duplicate="))
+    out.append(("BoundedModule.check_IBP_intermediate",
+                lirpa.BoundedModule.check_IBP_intermediate is _check_ibp_intermediate,
+                "IBP bounds of ReLU / Neg / Transpose nodes leave their input's interval as it is"))
     blocked = clamp_blocks_gradient_at_bounds()
     relu_ok = not blocked or _is_wrapped(BoundRelu._relu_mask_alpha)
     out.append(("clamp gradient", relu_ok,

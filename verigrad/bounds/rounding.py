@@ -52,6 +52,19 @@ def chain_length(net: Network) -> int:
     return 4 * total
 
 
+# roundings a relaxation's coefficients may carry relative to their magnitude (divisions, products
+# and library functions such as sigmoid / exp, each within a few ulps; the IBP rules allow 16 ulps
+# for library functions as well)
+LIB_ROUNDINGS = 16
+
+
+def crown_chain_length(net: Network, lirpa_nodes: int) -> int:
+    """n for a CROWN pass over the gradient graph of ``net`` lowered to ``lirpa_nodes`` auto_LiRPA
+    nodes: every reduction of both passes counted four times (forward and transposed, bounds
+    and intermediate specifications), plus LIB_ROUNDINGS for each node's relaxation."""
+    return chain_length(net) + LIB_ROUNDINGS * lirpa_nodes
+
+
 def gamma(n: int, dtype: torch.dtype) -> float:
     """γ_n = n·u / (1 − n·u) for the unit roundoff u of ``dtype``."""
     u = torch.finfo(dtype).eps / 2
