@@ -265,3 +265,38 @@ def test_compare_does_not_run_bab(tmp_path, monkeypatch):
 
 def test_engine_options_default_is_shared():
     assert EngineOptions().bab == BabOptions()
+
+
+# -- rounding: neuron-split leaves are rigorous -------------------------------------------------
+
+def test_an_exact_leaf_encloses_a_gradient_float32_cancels():
+    """1 → 3 → relu → 1 with weights 2^24, 1, 2^24 and signs +, +, −: every neuron active on the
+    box, so the root domain is an exact leaf whose gradient 2^24 + 1 − 2^24 = 1 float32 computes
+    as 0; the leaf's allowance γ_n·M (M = 2^25 + 1, the absolute evaluation) keeps it."""
+    from verigrad.models.network import Activation, Linear, Network
+
+    f32 = torch.float32
+    w1 = torch.tensor([[2.0 ** 24], [1.0], [2.0 ** 24]], dtype=f32)
+    w2 = torch.tensor([[1.0, 1.0, -1.0]], dtype=f32)
+    net = Network((Linear("a", w1, torch.zeros(3, dtype=f32)), Activation("r", ActKind.RELU),
+                   Linear("b", w2, torch.zeros(1, dtype=f32))), (1,), "cancelling_relu")
+    box = Bounds(torch.tensor([[0.5]], dtype=f32), torch.tensor([[0.75]], dtype=f32))
+    t = torch.tensor([0])
+    assert float(saliency(net, box.lower, t)) == 0.0
+    res = compute_bounds("bab", net, box, t, Output.LOGIT, None, EngineOptions(bab=BabOptions(root="ibp")))
+    assert res.rigorous and "complete" in res.notes[0]
+    assert float(res.bounds.lower) <= 1.0 <= float(res.bounds.upper)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+@pytest.mark.parametrize("act, param", [(ActKind.RELU, 0.0), (ActKind.LEAKY_RELU, 0.1)])
+def test_float32_bab_encloses_the_float64_gradient(act, param, eps):
+    f32 = torch.float32
+    net = random_mlp(act, param, sizes=(6, 8, 8, 3), seed=5, dtype=f32)
+    x = torch.rand(1, 6, generator=torch.Generator().manual_seed(6), dtype=f32)
+    box, t = input_box(x, eps, (0.0, 1.0)), torch.tensor([1])
+    res = compute_bounds("bab", net, box, t, Output.LOGIT, None, EngineOptions(bab=BabOptions(timeout_s=5.0)))
+    assert res.rigorous
+    lo, up = res.bounds.lower.double(), res.bounds.upper.double()
+    assert_contains_true_gradients(Bounds(lo, up), net.to(dtype=torch.float64), box.to(torch.float64), t,
+                                   Output.LOGIT, n=200, tol=0.0)

@@ -698,22 +698,26 @@ def _bound(problem: Problem, inst: Instance, v0: torch.Tensor, precomputed: Prec
 BAB_EXPLANATIONS = frozenset({ExplanationMethod.SALIENCY.value, ExplanationMethod.INPUT_X_GRADIENT.value})
 
 
-def _explanation_map(problem: Problem, g: Bounds, boxes: Bounds) -> Bounds:
+def _explanation_map(problem: Problem, g: Bounds, boxes: Bounds, rigorous: bool) -> Bounds:
     """The explanation's bounds from the gradient's on each box (saliency: g; input × gradient:
-    the exact interval product with the box), widened for rounding."""
+    the exact interval product with the box), widened for rounding (``rigorous``: ``g`` encloses
+    the exact gradient already, so only the explanation's own roundings get an allowance)."""
     if problem.explainer.method == ExplanationMethod.INPUT_X_GRADIENT:
         g = Bounds(*mul_interval((boxes.lower, boxes.upper), (g.lower, g.upper)))
-    return rounding.widen(problem.net, g, problem.dtype, _extra_roundings(problem.explainer))[0]
+    return rounding.widen(problem.net, g, problem.dtype, _extra_roundings(problem.explainer), rigorous=rigorous)[0]
 
 
-def _bab_objective(problem: Problem, threat: Threat, prop: Property, v0: torch.Tensor) -> bab.Objective:
+def _bab_objective(problem: Problem, threat: Threat, prop: Property, v0: torch.Tensor,
+                   rigorous: bool) -> bab.Objective:
     """Property ``prop`` as a branch-and-bound objective: its worst case on each domain's
-    (widened) explanation map, and a float64 judge of candidate points."""
+    (widened) explanation map, and a float64 judge of candidate points. ``rigorous``: the leaf
+    maps enclose the exact gradient (the root engine is rigorous; neuron-split leaves are)."""
     at_most = prop.rule.direction == Direction.AT_MOST
     centre = threat.centre()
 
     def worst(g: Bounds, boxes: Bounds) -> torch.Tensor:
-        return props.worst_case(prop, v0.expand(g.shape[0], *v0.shape[1:]), _explanation_map(problem, g, boxes))
+        return props.worst_case(prop, v0.expand(g.shape[0], *v0.shape[1:]),
+                                _explanation_map(problem, g, boxes, rigorous))
 
     def check(x: torch.Tensor) -> AttackOutcome | None:
         ev = evaluate_point(threat, prop, Point(x.reshape(threat.x.shape), centre.params))
@@ -747,7 +751,7 @@ def _bab_run(problem: Problem, inst: Instance, v0: torch.Tensor, earlier: Sequen
     witnesses: dict[str, AttackOutcome] = {}
     search: dict[str, dict] = {}
     certified_before = {pr.name for r in earlier for pr in r.properties if pr.verdict == Verdict.CERTIFIED}
-    root_map = _explanation_map(problem, root.bounds, th.box)
+    root_map = _explanation_map(problem, root.bounds, th.box, root.rigorous)
     for p in problem.properties:
         base = props.evaluate(p, v0, root_map)[0]
         if p.name in certified_before or base.verdict == Verdict.CERTIFIED or (
@@ -761,7 +765,7 @@ def _bab_run(problem: Problem, inst: Instance, v0: torch.Tensor, earlier: Sequen
                 notes.append(f"{p.name}: falsified by the {witnesses[p.name].attack} attack before any split")
                 continue
         r = bab.search(problem.net, th.box, th.target_tensor, th.output, root.bounds,
-                       _bab_objective(problem, th, p, v0), opts, engine)
+                       _bab_objective(problem, th, p, v0, root.rigorous), opts, engine)
         g = g.intersect(r.bounds)
         verdict = Verdict.CERTIFIED if r.status == "certified" else Verdict.UNKNOWN
         # both are sound worst cases: report the better (a leaf's worst case is not worse than
@@ -775,7 +779,7 @@ def _bab_run(problem: Problem, inst: Instance, v0: torch.Tensor, earlier: Sequen
         if r.witness is not None:
             assert isinstance(r.witness, AttackOutcome)  # what the objective's check returns
             witnesses[p.name] = r.witness
-    g = _explanation_map(problem, g, th.box)
+    g = _explanation_map(problem, g, th.box, root.rigorous)
     w = g.width
     dt = time.perf_counter() - start
     run = EngineRun(Method.BAB.value, Method.BAB.value, dt, float(w.mean()), float(w.max()),

@@ -6,6 +6,7 @@ auto_LiRPA adapter (imported lazily, so IBP works without auto_LiRPA installed).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Callable
@@ -82,10 +83,17 @@ def _bab(net, box, target, output, params, opts: EngineOptions) -> EngineResult:
     if root == Method.BAB:
         raise ValueError("bab cannot be its own root engine")
 
-    def engine(b: Bounds, t: torch.Tensor) -> Bounds:
-        return ENGINES[root](net, b, t, output, None, opts).bounds
+    rigorous: list[bool] = []
 
-    return bab_bounds(net, box, target, engine, output, params, opts.bab)
+    def engine(b: Bounds, t: torch.Tensor) -> Bounds:
+        res = ENGINES[root](net, b, t, output, None, opts)
+        rigorous.append(res.rigorous)
+        return res.bounds
+
+    res = bab_bounds(net, box, target, engine, output, params, opts.bab)
+    # neuron-split leaves carry their own rigorous allowance; the root (and sub-box) maps are the
+    # root engine's: the hull is rigorous when every one of those was
+    return dataclasses.replace(res, rigorous=all(rigorous))
 
 
 ENGINES: dict[Method, Engine] = {

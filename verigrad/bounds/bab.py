@@ -44,6 +44,7 @@ import torch
 
 from verigrad.bounds.base import Bounds, EngineResult, EngineUnsupported
 from verigrad.bounds.ibp import output_seed_bounds
+from verigrad.bounds.rounding import chain_length, gamma
 from verigrad.graph.gradient_graph import Output
 from verigrad.models.network import INPUT, ActKind, Activation, Network
 from verigrad.operators.affine import Conv2d, Linear
@@ -114,6 +115,9 @@ class Objective:
     holds: Callable[[torch.Tensor], torch.Tensor]
     sign: float = 1.0
     check: Callable[[torch.Tensor], object | None] | None = None
+    # an exact leaf (every neuron fixed) is decided whatever its map (the width objective: its
+    # map is a point up to the rounding allowance, so "width 0" is never met literally)
+    exact_decides: bool = False
 
 
 @dataclass
@@ -279,11 +283,72 @@ def _backsub(net: Network, box: Bounds, i_act: int, pre: dict[int, Interval], sp
     return out_lo.reshape(d, *zshape), out_up.reshape(d, *zshape)
 
 
+@dataclass(frozen=True)
+class _Rounding:
+    """Rigorous round-off allowances of a neuron pass on one box: γ_n·M with M the absolute
+    evaluation of each computed sum (Higham §3.1): ``fwd[name]`` for the interval (and
+    back-substituted) bounds of a node's value, ``grad`` for the input gradient (the interval
+    pass and a fixed pattern's exact map alike). M is computed once per box: every domain's
+    boxes lie inside it, and split neurons only fix slopes within the same ranges."""
+
+    fwd: dict[str, torch.Tensor]
+    grad: torch.Tensor
+
+
+def _act_slope_max(node: Activation) -> tuple[float, float]:
+    """(max |slope|, max |intercept| / |z|) over the lines _relu_planes and the exact σ' use."""
+    a = node.param if node.kind == ActKind.LEAKY_RELU else 0.0
+    return max(1.0, abs(a)), abs(1.0 - a)
+
+
+def _rounding(net: Network, box: Bounds, output: Output) -> _Rounding:
+    """M of both passes by interval rules on the symmetric boxes [−M, M] (an affine rule there
+    gives exactly |W|·M + |b|), activations by their largest slope and intercept."""
+    nodes, wiring, ctx = net.layers, net.wiring, IbpContext()
+    g = gamma(chain_length(net), box.lower.dtype)
+    mag: dict[str, torch.Tensor] = {INPUT: torch.maximum(box.lower.abs(), box.upper.abs())}
+    for i, node in enumerate(nodes):
+        ms = [mag[m] for m in wiring[i]]
+        if isinstance(node, Activation):
+            slope, icpt = _act_slope_max(node)
+            mag[node.name] = (slope + icpt) * ms[0]
+        else:
+            lo, up = node.ibp_forward([(-m, m) for m in ms], net.in_shapes(i), ctx)
+            mag[node.name] = torch.maximum(lo.abs(), up.abs())
+    # the seed's terms are at most 1 (e_c, softmax probabilities, their products)
+    last = nodes[-1].name
+    grads: dict[str, torch.Tensor] = {last: torch.full_like(mag[last], 1.0 if output == Output.LOGIT else 2.0)}
+    for i in range(len(nodes) - 1, -1, -1):
+        node = nodes[i]
+        gm = grads.pop(node.name)
+        if isinstance(node, Activation):
+            outs: Sequence[torch.Tensor | None] = (_act_slope_max(node)[0] * gm,)
+        else:
+            ivs = node.ibp_vjp([(-mag[m], mag[m]) for m in wiring[i]], (-gm, gm), net.in_shapes(i), ctx)
+            outs = tuple(None if iv is None else torch.maximum(iv[0].abs(), iv[1].abs()) for iv in ivs)
+        for name, gi in zip(wiring[i], outs, strict=True):
+            if gi is not None:
+                grads[name] = grads[name] + gi if name in grads else gi
+    return _Rounding({k: g * v for k, v in mag.items()}, g * grads[INPUT])
+
+
+def _widen(iv: Interval, a: torch.Tensor) -> Interval:
+    """[l − a, u + a], one ulp further out."""
+    lo, up = iv
+    return (torch.nextafter(lo - a, torch.full_like(lo, -math.inf)),
+            torch.nextafter(up + a, torch.full_like(up, math.inf)))
+
+
 def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output,
-                 splits: dict[int, torch.Tensor], backsub: bool = True) -> _Pass:
+                 splits: dict[int, torch.Tensor], backsub: bool = True, rnd: _Rounding | None = None) -> _Pass:
     """IBP over D domains at once: the box (D, *S), ``splits[i]`` (D, *shape of activation i's
     input) in {+1 active, −1 inactive, 0 free}; with ``backsub``, every pre-activation behind
-    another activation is also bounded by back-substitution (``_backsub``) and the two intersected."""
+    another activation is also bounded by back-substitution (``_backsub``) and the two intersected.
+    Rigorous: every value bound and the gradient are widened by their round-off allowances
+    ``rnd`` (:func:`_rounding` of the box, computed here if not given), so no neuron is fixed
+    by round-off and the map encloses the exact one."""
+    if rnd is None:
+        rnd = _rounding(net, box[0:1], output)
     nodes, wiring = net.layers, net.wiring
     n, ctx = len(nodes), IbpContext()
     d = box.lower.shape[0]
@@ -299,7 +364,7 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
         if isinstance(node, Activation):
             lo, up = xs[0]
             if backsub and i in behind:
-                lo, up = _backsub(net, box, i, pre, splits, (lo, up))
+                lo, up = _widen(_backsub(net, box, i, pre, splits, (lo, up)), rnd.fwd[wiring[i][0]])
             s = splits.get(i)
             if s is not None:
                 bad = ((s > 0) & (up <= 0)) | ((s < 0) & (lo > 0))
@@ -309,7 +374,7 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
                 lo = torch.minimum(lo, up)  # an empty domain keeps a valid (dropped) box
             pre[i] = (lo, up)
             xs = [(lo, up)]
-        vals[node.name] = node.ibp_forward(xs, net.in_shapes(i), ctx)
+        vals[node.name] = _widen(node.ibp_forward(xs, net.in_shapes(i), ctx), rnd.fwd[node.name])
     seed = output_seed_bounds(vals.get(nodes[-1].name), target, output, net.num_classes, box.lower.dtype,
                               box.lower.device)
     grads: dict[str, Interval] = {nodes[-1].name: (seed[0].reshape(d, *net.shapes[-1]),
@@ -334,7 +399,7 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
         for name, gi in zip(wiring[i], outs, strict=True):
             if gi is not None:
                 grads[name] = add(grads[name], gi) if name in grads else gi
-    return _Pass(grads[INPUT], pre, gout, empty)
+    return _Pass(_widen(grads[INPUT], rnd.grad), pre, gout, empty)
 
 
 def _unstable(lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
@@ -481,6 +546,7 @@ class _Search:
         self.leaves = 0
         self.lp = opts.lp if opts.lp is not None else box.lower[0].numel() <= 256
         self.net64 = net.to(torch.float64) if mode == Mode.NEURONS else net
+        self.rounding = _rounding(net, box, output) if mode == Mode.NEURONS else None
 
     # -- budget ---------------------------------------------------------------------------
     def out_of_budget(self) -> bool:
@@ -499,7 +565,7 @@ class _Search:
         box = Bounds(self.box.lower.expand(d, *self.box.lower.shape[1:]),
                      self.box.upper.expand(d, *self.box.upper.shape[1:]))
         splits = _stack_splits(self.net, splits_list, dev)
-        p = _neuron_pass(self.net, box, self.target.expand(d), self.output, splits)
+        p = _neuron_pass(self.net, box, self.target.expand(d), self.output, splits, rnd=self.rounding)
         lo = torch.maximum(p.grad[0], self.root.lower)
         up = torch.minimum(p.grad[1], self.root.upper)
         up = torch.maximum(lo, up)  # both sound: they meet (crossing only by round-off)
@@ -655,7 +721,7 @@ def _admit(search: _Search, dom: _Domain) -> None:
         t, dom.point = _lp_feasible(search.net64, search.box, cons, _fixed_slopes(search.net, pre, splits, 0))
         if t < -LP_DROP:
             return  # meets no point of the box
-    if search.decided(dom):
+    if search.decided(dom) or (dom.full and search.obj.exact_decides):
         search.close(dom)
     elif not search.try_point(dom.point):
         if dom.full:
@@ -743,7 +809,7 @@ def _width_objective() -> Objective:
     """Coordinate mode: a domain is done when its map is a point (an exact leaf); the worst
     domain is the widest."""
     return Objective(worst=lambda maps, boxes: maps.width.flatten(1).sum(1),
-                     holds=lambda w: w <= 0, sign=1.0)
+                     holds=lambda w: w <= 0, sign=1.0, exact_decides=True)
 
 
 def bab_bounds(net: Network, box: Bounds, target: torch.Tensor, engine: BoxEngine, output: Output = Output.LOGIT,
