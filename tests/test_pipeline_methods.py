@@ -115,11 +115,16 @@ def test_second_order_engine_and_literature_side_by_side(tmp_path, method):
                              {"name": "cos", "kind": "untargeted", "metric": "cosine", "threshold": 0.9}],
                  second_order={"hessian": ["ibp"], "literature": True, "hutchinson_samples": 8})
     r = _run("compare", spec, "--method", "ibp", "--attack-order", "skip")
-    assert r.exit_code == ExitCode.CERTIFIED, r.output
+    # the mean-value engine meets both thresholds, but its Hessian bounds are computed in
+    # round-to-nearest with an a-priori allowance only: its certificates are withheld
+    assert r.exit_code == ExitCode.UNKNOWN, r.output
     assert "hessian-ibp" in r.output and "explanation-change bounds" in r.output
     doc = json.loads((tmp_path / "res/spec.json").read_text())
     inst = doc["instances"][0]
-    assert inst["engines"]["hessian-ibp"]["guarantee"] == "sound"
+    hess = inst["engines"]["hessian-ibp"]
+    assert hess["guarantee"] == "sound" and hess["rigorous"] is False and inst["engines"]["ibp"]["rigorous"] is True
+    assert all(p["verdict"] == "unknown" and p["worst_case"] <= p["threshold"] for p in hess["properties"][:1])
+    assert any(n.startswith("certificates withheld (l2, cos)") for n in hess["notes"])
     jac = inst["second_order"]["jacobian"]["ibp"]
     assert jac["spectral_norm_upper"] > 0 and 0 < jac["l2_change_bound"] <= jac["l2_change_spectral"]
     bounds = {b["name"]: b for b in inst["second_order"]["bounds"]}

@@ -365,3 +365,24 @@ def test_rigorous_results_skip_the_allowance_but_not_the_explanation_roundings()
     assert bool((bare.lower < res.bounds.lower).all()) and bool((bare.upper > res.bounds.upper).all())  # one ulp
     assert bool((rig.lower < bare.lower).all()) and bool((full.lower < rig.lower).all())
     assert "10 further roundings" in note and "no allowance" in note0
+
+
+def test_the_integrated_gradients_sum_is_rounded_outward():
+    from verigrad.explanations import _node_sum
+
+    # three quadrature terms whose float32 sum cancels: 2^24 + 1 − 2^24 computes 0, exactly 1
+    terms = torch.tensor([2.0 ** 24, 1.0, -(2.0 ** 24)], dtype=F32).reshape(3, 1, 1)
+    s = _node_sum(torch.ones(3, dtype=F32), Bounds(terms, terms))
+    assert float((terms[0] + terms[1]) + terms[2]) == 0.0
+    assert float(s.lower) <= 1.0 <= float(s.upper)
+
+
+def test_integrated_gradients_bounds_are_rigorous_with_a_rigorous_engine():
+    from verigrad.explanations import ExplanationMethod, Explainer, explanation_bounds
+
+    net = random_mlp(ACTS[2][0], ACTS[2][1], sizes=(6, 8, 3), seed=2, dtype=F32)
+    x = torch.rand(1, 6, generator=torch.Generator().manual_seed(3), dtype=F32)
+    box, t = input_box(x, 0.02, (0.0, 1.0)), torch.tensor([1])
+    for method in ("ibp", "crown"):
+        res = explanation_bounds(Explainer(ExplanationMethod.INTEGRATED_GRADIENTS, steps=8), method, net, box, t)
+        assert res.rigorous, method

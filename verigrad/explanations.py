@@ -28,6 +28,7 @@ from verigrad.bounds import (
     Bounds, EngineOptions, EngineResult, EngineUnsupported, Method, compute_bounds, input_product_bounds,
 )
 from verigrad.bounds.ibp import mul_interval
+from verigrad.operators.interval import gamma_m
 from verigrad.graph.gradient_graph import Output, ParamOverride, saliency
 from verigrad.guarantees import Guarantee
 from verigrad.models.network import Network
@@ -221,11 +222,16 @@ def _scaled_boxes(explainer: Explainer, box: Bounds) -> tuple[Bounds, torch.Tens
 
 def _node_sum(coef: torch.Tensor, stacked: Bounds) -> Bounds:
     """Σ_k c_k [l_k, u_k] for node bounds stacked k-major along the batch; every c_k ≥ 0
-    (w_k and w_k α_k), so lower ends pair with lower ends."""
+    (w_k and w_k α_k), so lower ends pair with lower ends. Rounded outward: each end moves by
+    γ_{k+1}·Σ_k c_k·max(|l_k|, |u_k|) (Higham's bound for the sum of k products) and one ulp,
+    so the sum of enclosures is an enclosure."""
     k = len(coef)
     lo, up = stacked.lower.reshape(k, -1, *stacked.shape[1:]), stacked.upper.reshape(k, -1, *stacked.shape[1:])
     c = coef.reshape((k,) + (1,) * (lo.dim() - 1))
-    return Bounds((c * lo).sum(0), (c * up).sum(0))
+    err = gamma_m(k + 1, lo.dtype) * (c * torch.maximum(lo.abs(), up.abs())).sum(0)
+    lo_s, up_s = (c * lo).sum(0) - err, (c * up).sum(0) + err
+    return Bounds(torch.nextafter(lo_s, torch.full_like(lo_s, -math.inf)),
+                  torch.nextafter(up_s, torch.full_like(up_s, math.inf)))
 
 
 def explanation_bounds(
@@ -261,12 +267,14 @@ def explanation_bounds(
         res = compute_bounds(method, net, boxes, target.repeat(k), output, params, options)
         s = _node_sum(w, res.bounds)
         b = explainer.baseline_like(box.lower)
-        lo, up = mul_interval((box.lower - b, box.upper - b), (s.lower, s.upper))
-        note = (f"integrated gradients: {explainer.rule.value}, {k} nodes, each bounded on its scaled box; "
-                "interval product with x − b")
-        # not rigorous: the quadrature sum's round-off scales with Σ|w_k s_k|, which the allowance
-        # on the result's magnitude does not bound under cancellation (it gets the full allowance)
-        return EngineResult(Bounds(lo, up), res.method, res.notes + (note,), res.actual_method)
+        # x − b rounded outward; the product's own rounding (one per end) is the explanation's
+        # allowance (verify's extra roundings)
+        dl, du = box.lower - b, box.upper - b
+        dl, du = torch.nextafter(dl, torch.full_like(dl, -math.inf)), torch.nextafter(du, torch.full_like(du, math.inf))
+        lo, up = mul_interval((dl, du), (s.lower, s.upper))
+        note = (f"integrated gradients: {explainer.rule.value}, {k} nodes, each bounded on its scaled box "
+                "(weighted sum rounded outward); interval product with x − b")
+        return EngineResult(Bounds(lo, up), res.method, res.notes + (note,), res.actual_method, res.rigorous)
     raise EngineUnsupported(f"{m.value} is certified by randomized smoothing, not by bound engines")
 
 

@@ -94,6 +94,9 @@ class EngineRun:
     failure_probability: float | None = None  # probabilistic certificates only
     # bab only: per property searched, {status, domains, leaves, open, time_s, complete}
     search: dict[str, dict] = field(default_factory=dict)
+    # the bounds enclose the exact range in spite of floating point (verigrad.bounds.rounding);
+    # a sound run that is not rigorous certifies nothing (its certificates are withheld)
+    rigorous: bool = False
 
     def to_dict(self) -> dict:
         return {
@@ -107,6 +110,7 @@ class EngineRun:
             "notes": list(self.notes),
             "properties": [p.to_dict() for p in self.properties],
             "search": self.search,
+            "rigorous": self.rigorous,
         }
 
 
@@ -368,15 +372,33 @@ def _decide_all(problem: Problem, v0: torch.Tensor, bounds: Bounds) -> tuple[Pro
 
 
 def _engine_run(method: str, actual: str, dt: float, notes, bounds: Bounds, problem: Problem, v0,
-                rigorous: bool = False, extra: int | None = None) -> EngineRun:
+                rigorous: bool = False, extra: int | None = None, enclosure: bool | None = None,
+                guarantee: Guarantee = Guarantee.SOUND) -> EngineRun:
     """One run's record: its bounds widened for rounding (:mod:`verigrad.bounds.rounding`; a
     ``rigorous`` engine's only for the explanation's ``extra`` roundings), and every property
-    decided on those widened bounds."""
+    decided on those widened bounds. ``enclosure`` (default ``rigorous``): whether the widened
+    bounds are a rigorous enclosure; a sound run whose bounds are not (an a-priori allowance
+    only) has its certificates withheld: a verdict must not rest on an unproven rounding bound."""
     extra = _extra_roundings(problem.explainer) if extra is None else extra
     bounds, note = rounding.widen(problem.net, bounds, problem.dtype, extra, rigorous=rigorous)
     w = bounds.width
-    return EngineRun(method, actual, dt, float(w.mean()), float(w.max()), (*notes, note),
-                     _decide_all(problem, v0, bounds), bounds)
+    enclosed = rigorous if enclosure is None else enclosure
+    decided, notes = _decide_all(problem, v0, bounds), (*notes, note)
+    if not enclosed and guarantee == Guarantee.SOUND:
+        decided, notes = _withhold(decided, notes)
+    return EngineRun(method, actual, dt, float(w.mean()), float(w.max()), notes, decided, bounds,
+                     guarantee=guarantee, rigorous=enclosed)
+
+
+def _withhold(results: Sequence[PropertyResult], notes: tuple[str, ...]
+              ) -> tuple[tuple[PropertyResult, ...], tuple[str, ...]]:
+    """``certified`` → ``unknown`` for bounds that are not a rigorous enclosure, said in a note."""
+    withheld = [r.name for r in results if r.verdict == Verdict.CERTIFIED]
+    if withheld:
+        notes += (f"certificates withheld ({', '.join(withheld)}): these bounds carry an a-priori rounding "
+                  "allowance, not a rigorous one",)
+    return tuple(dataclasses.replace(r, verdict=Verdict.UNKNOWN) if r.verdict == Verdict.CERTIFIED else r
+                 for r in results), notes
 
 
 def _extra_roundings(explainer: Explainer) -> int:
@@ -554,8 +576,9 @@ def _smoothing_run(problem: Problem, threat: Threat) -> tuple[torch.Tensor, Engi
     bounds = Bounds(cert.bounds.lower.to(problem.dtype), cert.bounds.upper.to(problem.dtype))
     _check_contains_centre("smoothing", bounds, v0, problem.dtype)
     notes = cert.notes + (f"ℓ2 radius certified: {radius:.6g}",)
-    run = _engine_run("smoothing", "smoothing", dt, (f"map: {cert.method}",) + notes, bounds, problem, v0)
-    return v0, dataclasses.replace(run, guarantee=Guarantee.PROBABILISTIC, failure_probability=cert.failure_probability)
+    run = _engine_run("smoothing", "smoothing", dt, (f"map: {cert.method}",) + notes, bounds, problem, v0,
+                      guarantee=Guarantee.PROBABILISTIC)
+    return v0, dataclasses.replace(run, failure_probability=cert.failure_probability)
 
 
 def _certified_at(problem: Problem, threat: Threat, v0: torch.Tensor, prop: Property, by: dict[float, str],
@@ -567,7 +590,10 @@ def _certified_at(problem: Problem, threat: Threat, v0: torch.Tensor, prop: Prop
         res = explanation_bounds(problem.explainer, m, problem.net, box, threat.target_tensor, threat.output,
                                  problem.params, problem.options)
         _check_contains_centre(m.value, res.bounds, v0, problem.dtype)
-        if props.evaluate(prop, v0, res.bounds)[0].verdict == Verdict.CERTIFIED:
+        # decided as any run is: on the bounds widened for rounding, and only if rigorous
+        wide = rounding.widen(problem.net, res.bounds, problem.dtype, _extra_roundings(problem.explainer),
+                              rigorous=res.rigorous)[0]
+        if res.rigorous and props.evaluate(prop, v0, wide)[0].verdict == Verdict.CERTIFIED:
             by[eps] = m.value
             return True
     return False
@@ -740,7 +766,7 @@ def _bab_run(problem: Problem, inst: Instance, v0: torch.Tensor, earlier: Sequen
         res, dt = _timed_bounds(problem, Method(opts.root), th.box, th.target_tensor)
         run = _engine_run(Method.BAB.value, res.actual_method or opts.root, dt,
                           res.notes + ("bab does not split parameter boxes: the root engine's bounds",), res.bounds,
-                          problem, v0)
+                          problem, v0, rigorous=res.rigorous)
         return run, {}
     def engine(b: Bounds, t: torch.Tensor) -> Bounds:
         return compute_bounds(opts.root, problem.net, b, t, th.output, None, problem.options).bounds
@@ -782,8 +808,11 @@ def _bab_run(problem: Problem, inst: Instance, v0: torch.Tensor, earlier: Sequen
     g = _explanation_map(problem, g, th.box, root.rigorous)
     w = g.width
     dt = time.perf_counter() - start
-    run = EngineRun(Method.BAB.value, Method.BAB.value, dt, float(w.mean()), float(w.max()),
-                    (*notes, f"root engine: {opts.root}"), tuple(results), g, search=search)
+    decided, run_notes = tuple(results), (*notes, f"root engine: {opts.root}")
+    if not root.rigorous:
+        decided, run_notes = _withhold(decided, run_notes)
+    run = EngineRun(Method.BAB.value, Method.BAB.value, dt, float(w.mean()), float(w.max()), run_notes, decided, g,
+                    search=search, rigorous=root.rigorous)
     return run, witnesses
 
 
@@ -797,7 +826,7 @@ def _combined(problem: Problem, runs: Sequence[EngineRun], v0: torch.Tensor) -> 
     # every run's bounds are widened for rounding already and max / min are exact: no allowance again
     return [_engine_run(COMBINED, "+".join(r.method for r in runs), sum(r.time_s for r in runs),
                         ("intersection of " + ", ".join(r.method for r in runs),), b, problem, v0,
-                        rigorous=True, extra=0)]
+                        rigorous=True, extra=0, enclosure=all(r.rigorous for r in runs))]
 
 
 def _verdicts(problem: Problem, runs: Sequence[EngineRun],

@@ -36,6 +36,7 @@ import torch
 
 from verigrad.bounds.base import Bounds
 from verigrad.models.network import Network
+from verigrad.operators.interval import gamma_m
 
 
 def chain_length(net: Network) -> int:
@@ -67,10 +68,7 @@ def crown_chain_length(net: Network, lirpa_nodes: int) -> int:
 
 def gamma(n: int, dtype: torch.dtype) -> float:
     """γ_n = n·u / (1 − n·u) for the unit roundoff u of ``dtype``."""
-    u = torch.finfo(dtype).eps / 2
-    if n * u >= 0.5:
-        raise ValueError(f"{n} roundings in {dtype} leave no significant bits: compute in float64")
-    return n * u / (1 - n * u)
+    return gamma_m(n, dtype)
 
 
 def allowance(bounds: Bounds, n: int, dtype: torch.dtype) -> torch.Tensor:
