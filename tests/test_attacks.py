@@ -328,13 +328,13 @@ def test_replay_rejects_a_tampered_witness(tmp_path):
 
 
 def test_certified_and_falsified_is_an_internal_error(tmp_path, monkeypatch):
-    """An engine that (wrongly) returns point bounds at v0 certifies l2; the attack's witness
-    contradicts it: the instance must fail loudly, with no verdict."""
+    """An engine that (wrongly) returns point bounds at v0, claiming them rigorous, certifies l2;
+    the attack's witness contradicts it: the instance must fail loudly, with no verdict."""
     problem = vmod.prepare(load_spec(_spec(tmp_path, attack={"order": "both", "steps": 10, "restarts": 1})))
 
     def liar(method, net, box, target, output, params, options):
         v0 = saliency(net, problem.x[0:1], target, output)  # the clipped box's centre is not x
-        return EngineResult(Bounds(v0, v0), "ibp")
+        return EngineResult(Bounds(v0, v0), "ibp", rigorous=True)
 
     monkeypatch.setattr(emod, "compute_bounds", liar)
     r = vmod.verify_instance(problem, 0)

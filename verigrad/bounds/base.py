@@ -92,9 +92,9 @@ class EngineResult:
     notes: tuple[str, ...] = ()
     # the engine that actually produced the bounds, when it is not ``method`` (fallback)
     actual_method: str | None = None
-    # True when ``bounds`` enclose the exact (real-arithmetic) range despite floating point — the
-    # IBP engine's outward rounding; False: computed in round-to-nearest, so a verdict needs the
-    # a-priori allowance of verigrad.bounds.rounding first
+    # True when ``bounds`` enclose the exact (real-arithmetic) range despite floating point (see
+    # verigrad.bounds.rounding: IBP's outward rounding, CROWN's and bab's γ_n·M allowances);
+    # False: round-to-nearest with an a-priori allowance only, which certifies nothing
     rigorous: bool = False
 
 

@@ -1,34 +1,38 @@
 """Floating-point rounding before a verdict.
 
-The engines compute in the run's dtype, so a computed bound can sit on the wrong side of the
-exact one. Before any property is decided every bound map must enclose the exact one:
+The engines compute in the run's dtype with round-to-nearest, so a computed bound can sit on
+the wrong side of the exact one. Before any property is decided every bound map must enclose
+the exact one (the real-arithmetic range of the network whose weights are the given floats):
 
-- **IBP is rigorous.** The ``ibp`` engine rounds outward (:func:`verigrad.bounds.ibp.ibp_bounds`
-  with ``outward=True``): every interval rule runs in round-to-nearest and each end is then
-  moved outward by the rule's a-priori error bound and one ulp — Higham's bound for the
-  reductions of the affine kinds (below), fixed ulp allowances for library functions. Its
-  result (``EngineResult.rigorous``) needs no allowance for the gradient; ReLU masks and
-  max-pool argmaxes are decided on rigorous bounds as well.
-- **CROWN / alpha-CROWN carry an allowance.** Their arithmetic runs inside auto_LiRPA and
-  cannot be instrumented, so their maps are widened by the a-priori allowance of this module
-  (and so are their intermediate bounds inside the pass, :mod:`verigrad.bounds.lirpa`, so a
-  ReLU mask is not decided by round-off).
+- **IBP rounds outward.** The ``ibp`` engine (:func:`verigrad.bounds.ibp.ibp_bounds` with
+  ``outward=True``): every interval rule runs in round-to-nearest and each end is then moved
+  outward by the rule's a-priori error bound and one ulp — Higham's γ_m·Σ|a_k||b_k| for the
+  reductions of the affine kinds, fixed ulp allowances for library functions.
+- **CROWN / alpha-CROWN carry a rigorous allowance.** Their arithmetic runs inside auto_LiRPA,
+  so every bound it computes (intermediate nodes inside the pass, the final map) is widened by
+  γ_n·M, M the absolute evaluation of its back-substituted sum, computed node by node from
+  bounds on the coefficients of each relaxation (:mod:`verigrad.bounds.lirpa_magnitude`), and
+  n = :func:`crown_chain_length`. The classical forward error bound for sums of products
+  (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1),
 
-The allowance follows the classical forward error bound for sums of products (Higham,
-*Accuracy and Stability of Numerical Algorithms*, §3.1):
+      |fl(Σ_k a_k b_k) − Σ_k a_k b_k| ≤ γ_n Σ_k |a_k b_k|,   γ_n = n·u / (1 − n·u),
 
-    |fl(Σ_k a_k b_k) − Σ_k a_k b_k| ≤ γ_n Σ_k |a_k b_k|,   γ_n = n·u / (1 − n·u),
+  holds for any order of summation, and compounds through a chain of such sums as γ of the
+  total number of roundings: n counts every reduction of both passes four times (forward and
+  transposed, final and intermediate specifications) plus LIB_ROUNDINGS per auto_LiRPA node for
+  its relaxation's coefficients. What this assumes of auto_LiRPA: its relaxations are valid in
+  exact arithmetic for the coefficients it computes (a property of its code, not of rounding).
+- **bab's neuron-split leaves** are widened the same way from absolute evaluations of both
+  passes (:func:`verigrad.bounds.bab._rounding`).
 
-with u the unit roundoff of the dtype and n the longest chain of roundings. Here n is
-taken as 4·Σ_nodes (reduction length + 2) — every node of the network on one path, two
-passes (values and gradients), each an interval product — and the magnitude Σ|a_k b_k| as
-|l_i| + |u_i| + s, with s the largest |bound| of the sample's map, so that a coordinate
-whose bound cancels to near 0 still gets an allowance on the scale of the map. This is an
-allowance, not a proof (strong cancellation can exceed it). In float64 it is ~1e-12 of the
-map's scale; in float32 ~1e-3. The explanation's own arithmetic after the engine (an
-integrated-gradients sum, a product with the input: ``extra`` roundings) is widened the same
-way for every engine, rigorous or not. Properties compare the widened bounds with their
-threshold, so a case whose margin is within round-off is ``unknown``, never ``certified``.
+Each engine's result says so (``EngineResult.rigorous``). What remains is the explanation's own
+arithmetic after the engine (a product with the input: ``extra`` roundings, each end off by at
+most u·|end|), widened by :func:`widen` for every engine. A run whose bounds are not rigorous (the
+mean-value engines of the second-order analysis, whose Hessian bounds get the a-priori allowance
+γ_n·(|l| + |u| + s) of :func:`allowance`, s the map's largest |bound|, which strong cancellation can
+exceed) certifies nothing: its certificates are withheld. Properties compare the widened bounds
+with their threshold, so a case whose margin is within round-off is ``unknown``, never
+``certified``.
 """
 from __future__ import annotations
 
@@ -82,10 +86,10 @@ def allowance(bounds: Bounds, n: int, dtype: torch.dtype) -> torch.Tensor:
 def widen(net: Network, bounds: Bounds, dtype: torch.dtype, extra: int = 0, *,
           rigorous: bool = False) -> tuple[Bounds, str]:
     """``bounds`` widened outward by the rounding allowance of a computation in ``dtype`` on
-    ``net`` (``extra`` more roundings, e.g. an integrated-gradients sum), and a note saying so.
-    ``rigorous``: ``bounds`` already enclose the exact gradient (outward-rounded IBP, or an
-    exact intersection of maps each widened already), so only the ``extra`` roundings get the
-    allowance (none when ``extra`` is 0), then one ulp outward."""
+    ``net`` (``extra`` more roundings, e.g. a product with the input), and a note saying so.
+    ``rigorous``: ``bounds`` already enclose the exact gradient (every engine but the Hessian
+    ones, or an exact intersection of maps each widened already), so only the ``extra``
+    roundings get the allowance (none when ``extra`` is 0), then one ulp outward."""
     n = extra if rigorous else chain_length(net) + extra
     if n:
         a = allowance(bounds, n, dtype)
