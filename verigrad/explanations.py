@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from verigrad.bounds import (
-    Bounds, EngineOptions, EngineResult, EngineUnsupported, Method, compute_bounds, input_product_bounds,
+    Bounds, EngineOptions, EngineResult, EngineUnsupported, Method, compute_bounds, input_product_bounds, linear_bounds,
 )
 from verigrad.bounds.ibp import mul_interval
 from verigrad.operators.interval import gamma_m
@@ -276,6 +276,27 @@ def explanation_bounds(
                 "(weighted sum rounded outward); interval product with x − b")
         return EngineResult(Bounds(lo, up), res.method, res.notes + (note,), res.actual_method, res.rigorous)
     raise EngineUnsupported(f"{m.value} is certified by randomized smoothing, not by bound engines")
+
+
+def explanation_linear_bounds(
+    explainer: Explainer,
+    method: Method | str,
+    net: Network,
+    box: Bounds,
+    target: torch.Tensor,
+    spec: torch.Tensor,
+    output: Output = Output.LOGIT,
+    params: Any = None,
+    options: EngineOptions = EngineOptions(),  # noqa: B008 (a frozen dataclass of immutable fields: a constant)
+) -> Bounds | None:
+    """Rigorous bounds (B, m) on spec·e for the explanation e over the box, spec (B, m, d), from
+    an engine that bounds the functional as a whole (saliency: c·g; gradient × input: c·(x ⊙ g),
+    one graph); None where no engine or explanation allows it (integrated gradients, sampled maps)."""
+    m = explainer.method
+    if m not in (ExplanationMethod.SALIENCY, ExplanationMethod.INPUT_X_GRADIENT):
+        return None
+    return linear_bounds(method, net, box, target, spec, output, params, options,
+                         times_input=m == ExplanationMethod.INPUT_X_GRADIENT)
 
 
 def _rows_times(x: tuple[torch.Tensor, torch.Tensor], h: Bounds) -> tuple[torch.Tensor, torch.Tensor]:

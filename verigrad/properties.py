@@ -436,10 +436,11 @@ def _norm2_range(b: Bounds) -> tuple[torch.Tensor, torch.Tensor]:
     return _pnorm(amin, 2.0), _pnorm(amax, 2.0)
 
 
-def cosine_lower_bound(a: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+def cosine_lower_bound(a: torch.Tensor, bounds: Bounds, dot: torch.Tensor | None = None) -> torch.Tensor:
     """A lower bound of min_{v ∈ box} cos(a, v), rows of (B, n); the max of three sound bounds:
 
-    A (ratio): s = Σ min(a_i l_i, a_i u_i) ≤ a·v and ‖v‖ ∈ [n_lo, n_hi]:
+    A (ratio): s = Σ min(a_i l_i, a_i u_i) ≤ a·v (or ``dot`` (B,), a lower bound of a·v over the
+       box that an engine computed for the functional itself, where larger) and ‖v‖ ∈ [n_lo, n_hi]:
        cos ≥ s / (‖a‖ n_hi) if s ≥ 0, else s / (‖a‖ n_lo) (−1 when n_lo = 0);
     B (linear in v̂): cos = â·v̂ with v̂ = v/‖v‖ ∈ [L, U] (normalized_bounds, l2):
        cos ≥ Σ min(â_i L_i, â_i U_i);
@@ -451,6 +452,8 @@ def cosine_lower_bound(a: torch.Tensor, bounds: Bounds) -> torch.Tensor:
     na = _pnorm(a, 2.0)
     n_lo, n_hi = _norm2_range(b)
     s = torch.minimum(a * b.lower, a * b.upper).sum(-1)
+    if dot is not None:
+        s = torch.maximum(s, dot.to(s))
     ratio = torch.where(
         s >= 0,
         _safe_div(s, na * n_hi),  # s ≥ 0 and n_hi = 0 only for s = 0
@@ -465,10 +468,11 @@ def cosine_lower_bound(a: torch.Tensor, bounds: Bounds) -> torch.Tensor:
     return torch.where(na > 0, best, torch.zeros_like(best)).clamp(-1.0, 1.0)
 
 
-def cosine_upper_bound(t: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+def cosine_upper_bound(t: torch.Tensor, bounds: Bounds, dot: torch.Tensor | None = None) -> torch.Tensor:
     """An upper bound of max_{v ∈ box} cos(v, t), rows of (B, n); the min of the mirrored bounds:
 
-    A: s = Σ max(t_i l_i, t_i u_i) ≥ t·v: cos ≤ s / (‖t‖ n_hi) if s ≤ 0, else s / (‖t‖ n_lo)
+    A: s = Σ max(t_i l_i, t_i u_i) ≥ t·v (or ``dot``, an upper bound of t·v, where smaller):
+       cos ≤ s / (‖t‖ n_hi) if s ≤ 0, else s / (‖t‖ n_lo)
        (+1 when n_lo = 0);
     B: cos ≤ Σ max(t̂_i L_i, t̂_i U_i);
     C: for v ≠ 0, cos = 1 − ½‖v̂ − t̂‖² ≤ 1 − ½ Σ (clip(t̂, L, U) − t̂)². It also covers
@@ -478,6 +482,8 @@ def cosine_upper_bound(t: torch.Tensor, bounds: Bounds) -> torch.Tensor:
     nt = _pnorm(t, 2.0)
     n_lo, n_hi = _norm2_range(b)
     s = torch.maximum(t * b.lower, t * b.upper).sum(-1)
+    if dot is not None:
+        s = torch.minimum(s, dot.to(s))
     ratio = torch.where(
         s <= 0,
         _safe_div(s, nt * n_hi),
@@ -492,12 +498,22 @@ def cosine_upper_bound(t: torch.Tensor, bounds: Bounds) -> torch.Tensor:
     return torch.where(nt > 0, best, torch.zeros_like(best)).clamp(-1.0, 1.0)
 
 
-def _untargeted_cos_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
-    return cosine_lower_bound(_flat(v0.expand(bounds.shape)), bounds)
+def _untargeted_cos_worst(prop: Property, v0: torch.Tensor, bounds: Bounds,
+                          dot: torch.Tensor | None = None) -> torch.Tensor:
+    return cosine_lower_bound(_flat(v0.expand(bounds.shape)), bounds, dot)
 
 
-def _targeted_cos_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
-    return cosine_upper_bound(_target_like(_target(prop), bounds.lower), bounds)
+def _targeted_cos_worst(prop: Property, v0: torch.Tensor, bounds: Bounds,
+                        dot: torch.Tensor | None = None) -> torch.Tensor:
+    return cosine_upper_bound(_target_like(_target(prop), bounds.lower), bounds, dot)
+
+
+def _v0_functional(prop: Property, v0: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    return _flat(v0), True
+
+
+def _target_functional(prop: Property, v0: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    return _target_like(_target(prop), v0), False
 
 
 # ----------------------------------------------------------------------------------------
@@ -680,6 +696,9 @@ class PropertyRule:
     direction: Direction  # certified iff worst_case <direction> threshold
     text: str  # placeholders {v} {v0} {t} {p} {k} {nf}
     gap: Callable[[float, float], float | None]  # (certified, attacked) → ratio ≥ 1, 1 = tight
+    # a linear functional c·v whose bound sharpens the worst case: (c (B, n), True for a lower bound
+    # of c·v, False for an upper one) from v0; the worst case then takes that bound as ``dot``
+    functional: Callable[[Property, torch.Tensor], tuple[torch.Tensor, bool]] | None = None
 
 
 RULES: dict[tuple[Kind, Metric | None], PropertyRule] = {}
@@ -689,9 +708,9 @@ for _m in (Metric.L1, Metric.L2, Metric.LINF):
     RULES[(Kind.TARGETED, _m)] = PropertyRule(_lp_metric, _targeted_lp_worst, Direction.AT_LEAST,
                                               "min ‖{v} − {t}‖_{p}", _gap_distance)
 RULES[(Kind.UNTARGETED, Metric.COSINE)] = PropertyRule(_cos_metric, _untargeted_cos_worst, Direction.AT_LEAST,
-                                                       "min cos(v0, v)", _gap_from_one)
+                                                       "min cos(v0, v)", _gap_from_one, _v0_functional)
 RULES[(Kind.TARGETED, Metric.COSINE)] = PropertyRule(_cos_metric, _targeted_cos_worst, Direction.AT_MOST,
-                                                     "max cos(v, t)", _gap_from_minus_one)
+                                                     "max cos(v, t)", _gap_from_minus_one, _target_functional)
 RULES[(Kind.TOPK, None)] = PropertyRule(_topk_metric, _topk_worst, Direction.AT_LEAST,
                                         "min top-{k} overlap(v, v0)", _gap_from_one)
 RULES[(Kind.SIGN, None)] = PropertyRule(_sign_metric, _sign_worst, Direction.AT_MOST,
@@ -742,15 +761,28 @@ def metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return prop.rule.metric(prop, v0, v)
 
 
-def worst_case(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+def functional(prop: Property, v0: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """The linear functional c·v (c (B, n)) whose engine bound sharpens ``prop``'s worst case,
+    and whether its lower (True) or upper bound is wanted; None for properties without one."""
+    f = prop.rule.functional
+    return None if f is None else f(prop, v0)
+
+
+def worst_case(prop: Property, v0: torch.Tensor, bounds: Bounds, dot: torch.Tensor | None = None) -> torch.Tensor:
     """The sound worst case (B,) of ``metric(prop, v0, v)`` over all v in ``bounds``,
     computed in float64 whatever the bounds' dtype (float32 rounding in sums of squares
-    would be of the order of the margins being certified)."""
+    would be of the order of the margins being certified). ``dot`` (B,): a sound bound of the
+    property's :func:`functional` over the same box, used where it is tighter."""
     if v0.shape != bounds.shape:
         raise ValueError(f"property {prop.name!r}: v0 of shape {tuple(v0.shape)} and bounds of shape "
                          f"{tuple(bounds.shape)} differ")
     v0, bounds = v0.to(torch.float64), bounds.to(torch.float64)
-    worst = prop.rule.worst_case(prop, v0, bounds)
+    if dot is not None:
+        if prop.rule.functional is None:
+            raise ValueError(f"property {prop.name!r} has no linear functional to take a bound of")
+        worst = prop.rule.worst_case(prop, v0, bounds, dot.to(torch.float64))  # type: ignore[call-arg]
+    else:
+        worst = prop.rule.worst_case(prop, v0, bounds)
     # a NaN in v0 (or the target) makes the property meaningless: never certify it (some
     # bounds, e.g. the cosine ones' "a = 0" branch, would otherwise return a finite value)
     bad = torch.isnan(_flat(v0)).any(1)
@@ -766,9 +798,10 @@ def decide(prop: Property, worst: torch.Tensor) -> list[Verdict]:
     return [Verdict.CERTIFIED if bool(o) else Verdict.UNKNOWN for o in ok.reshape(-1)]
 
 
-def evaluate(prop: Property, v0: torch.Tensor, bounds: Bounds) -> list[PropertyResult]:
-    """worst_case and decide for each sample of the batch."""
-    worst = worst_case(prop, v0, bounds)
+def evaluate(prop: Property, v0: torch.Tensor, bounds: Bounds, dot: torch.Tensor | None = None
+             ) -> list[PropertyResult]:
+    """worst_case and decide for each sample of the batch (``dot``: see :func:`worst_case`)."""
+    worst = worst_case(prop, v0, bounds, dot)
     text = direction_text(prop)
     return [PropertyResult(prop.name, verdict, float(w), prop.threshold, text)
             for verdict, w in zip(decide(prop, worst), worst.reshape(-1), strict=True)]
@@ -777,5 +810,5 @@ def evaluate(prop: Property, v0: torch.Tensor, bounds: Bounds) -> list[PropertyR
 __all__ = [
     "Verdict", "Direction", "Property", "PropertyResult", "PropertyRule", "RULES", "rule_for",
     "Kind", "Metric", "Normalize", "METRIC_KINDS", "gaussian_map", "square_map", "file_map", "normalize_map", "normalized_bounds", "cosine", "cosine_lower_bound",
-    "cosine_upper_bound", "topk_overlap_lower_bound", "metric", "worst_case", "decide", "evaluate", "direction_text", "gap_ratio",
+    "cosine_upper_bound", "topk_overlap_lower_bound", "metric", "functional", "worst_case", "decide", "evaluate", "direction_text", "gap_ratio",
 ]

@@ -26,7 +26,7 @@ from verigrad.bounds.options import available_memory_bytes
 from verigrad.data import NO_LABEL, load_dataset
 from verigrad.errors import InternalError, ModelError, UserError
 from verigrad.explanations import (
-    Explainer, ExplanationMethod, explain, explanation_bounds, jacobian_bounds, pass_bytes,
+    Explainer, ExplanationMethod, explain, explanation_bounds, explanation_linear_bounds, jacobian_bounds, pass_bytes,
 )
 from verigrad.graph.gradient_graph import Output
 from verigrad.guarantees import Guarantee
@@ -367,23 +367,26 @@ def _check_contains_centre(method: str, bounds: Bounds, v0: torch.Tensor, dtype:
         )
 
 
-def _decide_all(problem: Problem, v0: torch.Tensor, bounds: Bounds) -> tuple[PropertyResult, ...]:
-    return tuple(props.evaluate(p, v0, bounds)[0] for p in problem.properties)
+def _decide_all(problem: Problem, v0: torch.Tensor, bounds: Bounds,
+                dots: Mapping[str, torch.Tensor] | None = None) -> tuple[PropertyResult, ...]:
+    dots = dots or {}
+    return tuple(props.evaluate(p, v0, bounds, dots.get(p.name))[0] for p in problem.properties)
 
 
 def _engine_run(method: str, actual: str, dt: float, notes, bounds: Bounds, problem: Problem, v0,
                 rigorous: bool = False, extra: int | None = None, enclosure: bool | None = None,
-                guarantee: Guarantee = Guarantee.SOUND) -> EngineRun:
+                guarantee: Guarantee = Guarantee.SOUND, dots: Mapping[str, torch.Tensor] | None = None) -> EngineRun:
     """One run's record: its bounds widened for rounding (:mod:`verigrad.bounds.rounding`; a
     ``rigorous`` engine's only for the explanation's ``extra`` roundings), and every property
     decided on those widened bounds. ``enclosure`` (default ``rigorous``): whether the widened
     bounds are a rigorous enclosure; a sound run whose bounds are not (an a-priori allowance
-    only) has its certificates withheld: a verdict must not rest on an unproven rounding bound."""
+    only) has its certificates withheld: a verdict must not rest on an unproven rounding bound.
+    ``dots``: rigorous bounds of properties' linear functionals (:func:`_functional_bounds`)."""
     extra = _extra_roundings(problem.explainer) if extra is None else extra
     bounds, note = rounding.widen(problem.net, bounds, problem.dtype, extra, rigorous=rigorous)
     w = bounds.width
     enclosed = rigorous if enclosure is None else enclosure
-    decided, notes = _decide_all(problem, v0, bounds), (*notes, note)
+    decided, notes = _decide_all(problem, v0, bounds, dots), (*notes, note)
     if not enclosed and guarantee == Guarantee.SOUND:
         decided, notes = _withhold(decided, notes)
     return EngineRun(method, actual, dt, float(w.mean()), float(w.max()), notes, decided, bounds,
@@ -716,9 +719,44 @@ def _bound(problem: Problem, inst: Instance, v0: torch.Tensor, precomputed: Prec
             continue
         res, dt = ready[m] if m in ready else _timed_bounds(problem, m, inst.threat.box, inst.threat.target_tensor)
         _check_contains_centre(m.value, res.bounds, v0, problem.dtype)
-        runs.append(_engine_run(m.value, res.actual_method or m.value, dt, res.notes, res.bounds, problem, v0,
-                                rigorous=res.rigorous))
+        start = time.perf_counter()
+        dots, dot_notes = _functional_bounds(problem, inst.threat, m, v0, res)
+        runs.append(_engine_run(m.value, res.actual_method or m.value, dt + time.perf_counter() - start,
+                                res.notes + dot_notes, res.bounds, problem, v0, rigorous=res.rigorous, dots=dots))
     return runs
+
+
+def _functional_bounds(problem: Problem, threat: Threat, m: Method, v0: torch.Tensor, res: EngineResult
+                       ) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """For each property with a linear functional c·v (cosine: v0·v, or t·v for a target map),
+    a rigorous bound of it on the side the property needs, from engine ``m`` bounding the
+    functional itself (one specification row; alpha-CROWN optimises its α for it) where that
+    engine can (its result fell back to no other engine), and a note comparing it with the
+    coordinatewise bound Σ c_i [l_i, u_i]."""
+    if res.actual_method not in (None, m.value) or not res.rigorous:
+        return {}, ()
+    wanted = {}
+    for p in problem.properties:
+        f = props.functional(p, v0)
+        if f is not None and not bool(torch.isnan(f[0]).any()):
+            wanted[p.name] = f
+    if not wanted:
+        return {}, ()
+    names = list(wanted)
+    spec = torch.stack([wanted[n][0].reshape(-1) for n in names]).unsqueeze(0)  # (1, k, d)
+    lin = explanation_linear_bounds(problem.explainer, m, problem.net, threat.box, threat.target_tensor, spec,
+                                    threat.output, problem.params, problem.options)
+    if lin is None:
+        return {}, ()
+    lo, up = res.bounds.lower.reshape(1, -1), res.bounds.upper.reshape(1, -1)
+    dots, notes = {}, []
+    for j, n in enumerate(names):
+        c, lower = wanted[n][0].reshape(1, -1), wanted[n][1]
+        coord = (torch.minimum(c * lo, c * up) if lower else torch.maximum(c * lo, c * up)).sum(-1)
+        dots[n] = (lin.lower if lower else lin.upper)[:, j]
+        notes.append(f"{n}: its functional bounded as one row ({'≥' if lower else '≤'} {float(dots[n]):.6g}; "
+                     f"coordinatewise {float(coord):.6g})")
+    return dots, tuple(notes)
 
 
 BAB_EXPLANATIONS = frozenset({ExplanationMethod.SALIENCY.value, ExplanationMethod.INPUT_X_GRADIENT.value})

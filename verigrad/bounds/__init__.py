@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Bounds", "BoundsError", "CrownOptions", "EngineResult", "EngineUnsupported", "EngineOptions", "Method",
-    "Product", "compute_bounds", "ibp_bounds", "input_product_bounds",
+    "Product", "compute_bounds", "ibp_bounds", "input_product_bounds", "linear_bounds",
 ]
 
 
@@ -126,6 +126,51 @@ def input_product_bounds(
         return None
     try:
         return engine(net, box, target, output, params, options)
+    except EngineUnsupported:
+        return None
+
+
+LinearEngine = Callable[[Network, Bounds, torch.Tensor, torch.Tensor, Output, "ParamBox | None", EngineOptions],
+                        Bounds]
+
+
+def _lirpa_linear(alpha: bool, times_input: bool) -> LinearEngine:
+    def run(net, box, target, spec, output, params, opts: EngineOptions) -> Bounds:
+        from verigrad.bounds import lirpa
+
+        return lirpa.crown_linear_bounds(net, box, target, spec, output, params, alpha=alpha, options=opts.crown(),
+                                         times_input=times_input)
+
+    return run
+
+
+# engines that bound linear functionals c·v of the map directly (a back-substitution from the
+# functional itself); keyed by (method, map is x ⊙ g)
+LINEAR_ENGINES: dict[tuple[Method, bool], LinearEngine] = {
+    (m, t): _lirpa_linear(m == Method.ALPHA_CROWN, t) for m in (Method.CROWN, Method.ALPHA_CROWN) for t in (False, True)
+}
+
+
+def linear_bounds(
+    method: Method | str,
+    net: Network,
+    box: Bounds,
+    target: torch.Tensor,
+    spec: torch.Tensor,
+    output: Output = Output.LOGIT,
+    params: ParamBox | None = None,
+    options: EngineOptions = EngineOptions(),  # noqa: B008 (a frozen dataclass of immutable fields: a constant)
+    times_input: bool = False,
+) -> Bounds | None:
+    """Rigorous bounds (B, m) on spec·v for spec (B, m, d), v = ∂o/∂x (or x ⊙ ∂o/∂x with
+    ``times_input``) over the box, from the engines that bound a functional as a whole (CROWN,
+    alpha-CROWN, which then optimises its α for these rows); None for the others and where the
+    engine cannot handle the configuration (callers keep the coordinatewise bound Σ c_i [l_i, u_i])."""
+    engine = LINEAR_ENGINES.get((Method(method), times_input))
+    if engine is None:
+        return None
+    try:
+        return engine(net, box, target, spec, output, params, options)
     except EngineUnsupported:
         return None
 
