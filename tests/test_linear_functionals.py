@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from tests.graph_nets import GRAPHS
 from tests.helpers import ACT_IDS, ACTS, box_points, random_mlp
 from verigrad import properties as props
-from verigrad.bounds import Bounds, EngineOptions, linear_bounds
+from verigrad.bounds import Bounds, linear_bounds
 from verigrad.bounds.lirpa import crown_bounds, crown_linear_bounds
 from verigrad.bounds.options import CrownOptions
 from verigrad.cli import main
