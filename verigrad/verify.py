@@ -726,13 +726,13 @@ def _bound(problem: Problem, inst: Instance, v0: torch.Tensor, precomputed: Prec
     return runs
 
 
-def _functional_bounds(problem: Problem, threat: Threat, m: Method, v0: torch.Tensor, res: EngineResult
-                       ) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+def _functional_bounds(problem: Problem, threat: Threat, m: Method, v0: torch.Tensor, res: EngineResult,
+                       coord: Bounds | None = None) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
     """For each property with a linear functional c·v (cosine: v0·v, or t·v for a target map),
     a rigorous bound of it on the side the property needs, from engine ``m`` bounding the
     functional itself (one specification row; alpha-CROWN optimises its α for it) where that
     engine can (its result fell back to no other engine), and a note comparing it with the
-    coordinatewise bound Σ c_i [l_i, u_i]."""
+    coordinatewise bound Σ c_i [l_i, u_i] (on ``coord``, default the engine's map)."""
     if res.actual_method not in (None, m.value) or not res.rigorous:
         return {}, ()
     wanted = {}
@@ -748,7 +748,8 @@ def _functional_bounds(problem: Problem, threat: Threat, m: Method, v0: torch.Te
                                     threat.output, problem.params, problem.options)
     if lin is None:
         return {}, ()
-    lo, up = res.bounds.lower.reshape(1, -1), res.bounds.upper.reshape(1, -1)
+    ref = res.bounds if coord is None else coord
+    lo, up = ref.lower.reshape(1, -1), ref.upper.reshape(1, -1)
     dots, notes = {}, []
     for j, n in enumerate(names):
         c, lower = wanted[n][0].reshape(1, -1), wanted[n][1]
@@ -772,16 +773,18 @@ def _explanation_map(problem: Problem, g: Bounds, boxes: Bounds, rigorous: bool)
 
 
 def _bab_objective(problem: Problem, threat: Threat, prop: Property, v0: torch.Tensor,
-                   rigorous: bool) -> bab.Objective:
+                   rigorous: bool, dot: torch.Tensor | None = None) -> bab.Objective:
     """Property ``prop`` as a branch-and-bound objective: its worst case on each domain's
     (widened) explanation map, and a float64 judge of candidate points. ``rigorous``: the leaf
-    maps enclose the exact gradient (the root engine is rigorous; neuron-split leaves are)."""
+    maps enclose the exact gradient (the root engine is rigorous; neuron-split leaves are).
+    ``dot``: a bound of the property's functional over the whole box, valid on every domain."""
     at_most = prop.rule.direction == Direction.AT_MOST
     centre = threat.centre()
 
     def worst(g: Bounds, boxes: Bounds) -> torch.Tensor:
         return props.worst_case(prop, v0.expand(g.shape[0], *v0.shape[1:]),
-                                _explanation_map(problem, g, boxes, rigorous))
+                                _explanation_map(problem, g, boxes, rigorous),
+                                None if dot is None else dot.expand(g.shape[0]))
 
     def check(x: torch.Tensor) -> AttackOutcome | None:
         ev = evaluate_point(threat, prop, Point(x.reshape(threat.x.shape), centre.params))
@@ -816,8 +819,10 @@ def _bab_run(problem: Problem, inst: Instance, v0: torch.Tensor, earlier: Sequen
     search: dict[str, dict] = {}
     certified_before = {pr.name for r in earlier for pr in r.properties if pr.verdict == Verdict.CERTIFIED}
     root_map = _explanation_map(problem, root.bounds, th.box, root.rigorous)
+    dots, dot_notes = _functional_bounds(problem, th, Method(opts.root), v0, root, root_map)
+    notes.extend(dot_notes)
     for p in problem.properties:
-        base = props.evaluate(p, v0, root_map)[0]
+        base = props.evaluate(p, v0, root_map, dots.get(p.name))[0]
         if p.name in certified_before or base.verdict == Verdict.CERTIFIED or (
                 p.name in attacked and attacked[p.name].violated):
             results.append(base)
@@ -829,7 +834,7 @@ def _bab_run(problem: Problem, inst: Instance, v0: torch.Tensor, earlier: Sequen
                 notes.append(f"{p.name}: falsified by the {witnesses[p.name].attack} attack before any split")
                 continue
         r = bab.search(problem.net, th.box, th.target_tensor, th.output, root.bounds,
-                       _bab_objective(problem, th, p, v0, root.rigorous), opts, engine)
+                       _bab_objective(problem, th, p, v0, root.rigorous, dots.get(p.name)), opts, engine)
         g = g.intersect(r.bounds)
         verdict = Verdict.CERTIFIED if r.status == "certified" else Verdict.UNKNOWN
         # both are sound worst cases: report the better (a leaf's worst case is not worse than
