@@ -753,10 +753,10 @@ def _functional_bounds(problem: Problem, threat: Threat, m: Method, v0: torch.Te
     dots, notes = {}, []
     for j, n in enumerate(names):
         c, lower = wanted[n][0].reshape(1, -1), wanted[n][1]
-        coord = (torch.minimum(c * lo, c * up) if lower else torch.maximum(c * lo, c * up)).sum(-1)
+        each = (torch.minimum(c * lo, c * up) if lower else torch.maximum(c * lo, c * up)).sum(-1)
         dots[n] = (lin.lower if lower else lin.upper)[:, j]
         notes.append(f"{n}: its functional bounded as one row ({'≥' if lower else '≤'} {float(dots[n]):.6g}; "
-                     f"coordinatewise {float(coord):.6g})")
+                     f"coordinatewise {float(each):.6g})")
     return dots, tuple(notes)
 
 
