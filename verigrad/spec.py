@@ -29,6 +29,7 @@ import yaml
 
 from verigrad.bounds import EngineOptions, Method, Product
 from verigrad.bounds.bab import BabOptions, Branching
+from verigrad.bounds.bab import Leaf as BabLeaf
 from verigrad.bounds.bab import Mode as BabMode
 from verigrad.errors import UserError
 from verigrad.explanations import SMOOTHING_METHODS, Explainer, ExplanationMethod, IGRule
@@ -916,6 +917,9 @@ class BabSpec:
     mode: BabMode = _opt(Choice(BabMode), _BAB.mode, "auto = neuron splits on ReLU / LeakyReLU nets, else input splits")
     root: BoundMethod = _opt(Choice(BoundMethod), BoundMethod(_BAB.root),
                              "engine bounding the whole box (every domain is intersected with it) and input splits")
+    leaf: BabLeaf = _opt(Choice(BabLeaf), _BAB.leaf,
+                         "crown = neuron-split domains bounded by CROWN with their pre-activation boxes; "
+                         "interval = by the interval pass alone (faster per domain, looser)")
 
     def validate(self) -> None:
         if self.root == BoundMethod.BAB:
@@ -923,7 +927,8 @@ class BabSpec:
 
     def options(self) -> BabOptions:
         return BabOptions(timeout_s=self.timeout_s, max_domains=self.max_domains, batch=self.batch,
-                          branching=self.branching, candidates=self.candidates, mode=self.mode, root=self.root.value)
+                          branching=self.branching, candidates=self.candidates, mode=self.mode, root=self.root.value,
+                          leaf=self.leaf)
 
 
 @dataclass(frozen=True, kw_only=True)

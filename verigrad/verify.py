@@ -21,7 +21,9 @@ from verigrad import properties as props
 from verigrad.attacks import AttackMethod, AttackOptions, AttackOrder, AttackOutcome, Point, Threat, attack_property
 from verigrad.attacks import evaluate_point, load_witness, outcome
 from verigrad.attacks.witness import WitnessError
-from verigrad.bounds import Bounds, EngineOptions, EngineResult, EngineUnsupported, Method, bab, compute_bounds, rounding
+from verigrad.bounds import (
+    Bounds, EngineOptions, EngineResult, EngineUnsupported, Method, bab, compute_bounds, domain_engine, rounding,
+)
 from verigrad.bounds.options import available_memory_bytes
 from verigrad.data import NO_LABEL, load_dataset
 from verigrad.errors import InternalError, ModelError, UserError
@@ -834,7 +836,8 @@ def _bab_run(problem: Problem, inst: Instance, v0: torch.Tensor, earlier: Sequen
                 notes.append(f"{p.name}: falsified by the {witnesses[p.name].attack} attack before any split")
                 continue
         r = bab.search(problem.net, th.box, th.target_tensor, th.output, root.bounds,
-                       _bab_objective(problem, th, p, v0, root.rigorous, dots.get(p.name)), opts, engine)
+                       _bab_objective(problem, th, p, v0, root.rigorous, dots.get(p.name)), opts, engine,
+                       domain_engine(problem.net, th.output, problem.options))
         g = g.intersect(r.bounds)
         verdict = Verdict.CERTIFIED if r.status == "certified" else Verdict.UNKNOWN
         # both are sound worst cases: report the better (a leaf's worst case is not worse than

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Bounds", "BoundsError", "CrownOptions", "EngineResult", "EngineUnsupported", "EngineOptions", "Method",
-    "Product", "compute_bounds", "ibp_bounds", "input_product_bounds", "linear_bounds",
+    "Product", "compute_bounds", "ibp_bounds", "input_product_bounds", "linear_bounds", "domain_engine",
 ]
 
 
@@ -90,10 +90,22 @@ def _bab(net, box, target, output, params, opts: EngineOptions) -> EngineResult:
         rigorous.append(res.rigorous)
         return res.bounds
 
-    res = bab_bounds(net, box, target, engine, output, params, opts.bab)
+    res = bab_bounds(net, box, target, engine, output, params, opts.bab, domain_engine(net, output, opts))
     # neuron-split leaves carry their own rigorous allowance; the root (and sub-box) maps are the
     # root engine's: the hull is rigorous when every one of those was
     return dataclasses.replace(res, rigorous=all(rigorous))
+
+
+def domain_engine(net: Network, output: Output, opts: EngineOptions
+                  ) -> Callable[[Bounds, torch.Tensor, dict], Bounds]:
+    """Bounds on ∂o/∂x over branch-and-bound domains: CROWN with each domain's pre-activation
+    boxes (activation index → (D, *shape)) in place of its own (the ``crown`` leaves of bab)."""
+    def run(box: Bounds, target: torch.Tensor, pre: dict) -> Bounds:
+        from verigrad.bounds import lirpa
+
+        return lirpa.crown_bounds(net, box, target, output, None, options=opts.crown(), pre_bounds=pre).bounds
+
+    return run
 
 
 ENGINES: dict[Method, Engine] = {

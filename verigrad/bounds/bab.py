@@ -83,6 +83,15 @@ class Mode(str, Enum):
     INPUT = "input"
 
 
+class Leaf(str, Enum):
+    """How a neuron-split domain's gradient is bounded: ``crown`` = CROWN on the gradient graph
+    with the domain's pre-activation boxes, intersected with the interval pass; ``interval`` =
+    the interval pass alone (faster per domain, much looser)."""
+
+    CROWN = "crown"
+    INTERVAL = "interval"
+
+
 @dataclass(frozen=True)
 class BabOptions:
     """Search budget and strategy (per input and property)."""
@@ -95,10 +104,12 @@ class BabOptions:
     mode: Mode = Mode.AUTO
     root: str = "crown"  # the engine whose map every domain is intersected with (and input splits use)
     lp: bool | None = None  # LP feasibility of partly split domains; None = when the input has ≤ 256 coordinates
+    leaf: Leaf = Leaf.CROWN
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "branching", Branching(self.branching))
         object.__setattr__(self, "mode", Mode(self.mode))
+        object.__setattr__(self, "leaf", Leaf(self.leaf))
         if not (self.timeout_s > 0 and self.max_domains >= 1 and self.batch >= 1 and self.candidates >= 1):
             raise ValueError("bab: timeout_s > 0, max_domains >= 1, batch >= 1 and candidates >= 1 are required")
 
@@ -531,8 +542,10 @@ class _Search:
     """State shared by both modes: budget, counters, the open queue and the decided worst."""
 
     def __init__(self, net: Network, box: Bounds, target: torch.Tensor, output: Output, root: Bounds,
-                 objective: Objective, opts: BabOptions, mode: Mode, engine: "BoxEngine | None") -> None:
+                 objective: Objective, opts: BabOptions, mode: Mode, engine: "BoxEngine | None",
+                 leaf_engine: "LeafEngine | None" = None) -> None:
         self.net, self.box, self.target, self.output, self.engine = net, box, target, output, engine
+        self.leaf_engine = leaf_engine if opts.leaf == Leaf.CROWN else None
         self.root, self.obj, self.opts, self.mode = root, objective, opts, mode
         self.start = time.perf_counter()
         self.domains = 0
@@ -568,6 +581,10 @@ class _Search:
         p = _neuron_pass(self.net, box, self.target.expand(d), self.output, splits, rnd=self.rounding)
         lo = torch.maximum(p.grad[0], self.root.lower)
         up = torch.minimum(p.grad[1], self.root.upper)
+        keep = (~p.empty).nonzero().flatten()
+        if self.leaf_engine is not None and keep.numel():
+            lo_k, up_k = _leaf_bounds(self.leaf_engine, box, self.target, p, splits, keep)
+            lo[keep], up[keep] = torch.maximum(lo[keep], lo_k), torch.minimum(up[keep], up_k)
         up = torch.maximum(lo, up)  # both sound: they meet (crossing only by round-off)
         worst = self._judge(lo, up, box)
         free = torch.zeros(d, dtype=torch.bool, device=dev)  # some unstable neuron left unsplit
@@ -754,17 +771,41 @@ def _step_inputs(search: _Search, batch: list[_Domain]) -> None:
 
 
 BoxEngine = Callable[[Bounds, torch.Tensor], Bounds]  # (boxes (D, *S), classes (D,)) → bounds on ∂o/∂x
+# (boxes (D, *S), classes (D,), activation index → (D, *shape) bounds of its input on each domain)
+# → bounds on ∂o/∂x at the points of each box where those hold
+LeafEngine = Callable[[Bounds, torch.Tensor, dict[int, Interval]], Bounds]
+
+
+def _leaf_bounds(engine: LeafEngine, box: Bounds, target: torch.Tensor, p: _Pass, splits: dict[int, torch.Tensor],
+                 keep: torch.Tensor) -> Interval:
+    """The leaf engine on the domains ``keep``, given their pre-activation boxes. A neuron split
+    active is handed the box [max(l, tiny), u]: the domain's points with z = 0 exactly (where
+    relu′ = 0, as autograd has it) belong to its inactive sibling, which keeps z ≤ 0. The batch
+    is padded to a power of two (repeating the first domain) so that the engine sees few batch
+    sizes (each is one traced graph)."""
+    k = int(keep.numel())
+    size = 1 << (k - 1).bit_length()
+    idx = torch.cat([keep, keep[:1].expand(size - k)])
+    pre = {}
+    for i, (lo, up) in p.pre.items():
+        lo, up = lo[idx], up[idx]
+        s = splits[i][idx]
+        tiny = torch.full_like(lo, torch.finfo(lo.dtype).tiny)
+        pre[i] = (torch.where(s > 0, torch.minimum(torch.maximum(lo, tiny), up), lo), up)
+    b = engine(Bounds(box.lower[idx], box.upper[idx]), target.expand(len(box.lower))[idx], pre)
+    return b.lower[:k], b.upper[:k]
 
 
 def search(net: Network, box: Bounds, target: torch.Tensor, output: Output, root: Bounds,
            objective: Objective, opts: BabOptions = BabOptions(),  # noqa: B008
-           engine: BoxEngine | None = None) -> BabResult:
+           engine: BoxEngine | None = None, leaf_engine: LeafEngine | None = None) -> BabResult:
     """Branch and bound one sample (box (1, *S)) until every leaf decides ``objective``, a
     witness is found, or the budget ends. ``root`` is a sound map over the whole box that every
     domain is intersected with (so no leaf is wider than it); ``engine`` bounds the sub-boxes
-    of input splits (the root engine, so that a leaf is never looser than the root method)."""
+    of input splits (the root engine, so that a leaf is never looser than the root method);
+    ``leaf_engine`` bounds neuron-split domains given their pre-activation boxes (BabOptions.leaf)."""
     mode = _mode(net, opts)
-    s = _Search(net, box, target.reshape(1), output, root, objective, opts, mode, engine)
+    s = _Search(net, box, target.reshape(1), output, root, objective, opts, mode, engine, leaf_engine)
     with torch.no_grad():
         first = s.bound_neurons([{}])[0] if mode == Mode.NEURONS else s.bound_boxes([box])[0]
         assert first is not None  # the root domain has no split to contradict
@@ -813,7 +854,8 @@ def _width_objective() -> Objective:
 
 
 def bab_bounds(net: Network, box: Bounds, target: torch.Tensor, engine: BoxEngine, output: Output = Output.LOGIT,
-               params: "ParamBox | None" = None, opts: BabOptions = BabOptions()) -> EngineResult:  # noqa: B008
+               params: "ParamBox | None" = None, opts: BabOptions = BabOptions(),  # noqa: B008
+               leaf_engine: LeafEngine | None = None) -> EngineResult:
     """Bounds on v = ∂o/∂x over the box: the hull over branch-and-bound leaves (each sample
     searched on its own), intersected with ``engine``'s map of the whole box (the root engine,
     which also bounds input splits). Complete runs (notes say so) give the exact range on ReLU
@@ -824,7 +866,8 @@ def bab_bounds(net: Network, box: Bounds, target: torch.Tensor, engine: BoxEngin
     los, ups, notes = [], [], []
     layer = dataclasses.replace(opts, branching=Branching.LAYER)
     for b in range(box.lower.shape[0]):
-        r = search(net, box[b:b + 1], target[b:b + 1], output, root[b:b + 1], _width_objective(), layer, engine)
+        r = search(net, box[b:b + 1], target[b:b + 1], output, root[b:b + 1], _width_objective(), layer, engine,
+                   leaf_engine)
         los.append(r.bounds.lower)
         ups.append(r.bounds.upper)
         notes.append(r.notes[0] + (" (complete)" if r.complete else " (budget reached: not exact)"))

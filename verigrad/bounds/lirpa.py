@@ -22,7 +22,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, cast
+from typing import Iterator, Mapping, cast
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from verigrad.bounds.lirpa_compat import import_auto_lirpa
 from verigrad.bounds.options import CrownOptions, available_memory_bytes
 from verigrad.bounds.rounding import crown_chain_length, gamma
 from verigrad.graph.gradient_graph import GradientGraph, Output
-from verigrad.models.network import Conv2d, Network
+from verigrad.models.network import ActKind, Activation, Conv2d, Network
 from verigrad.perturbation import ParamBox
 
 auto_LiRPA = import_auto_lirpa()
@@ -152,9 +152,13 @@ def crown_bounds(
     alpha: bool = False,
     options: CrownOptions | None = None,
     times_input: bool = False,
+    pre_bounds: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> EngineResult:
     """Bounds l ≤ ∂o/∂x ≤ u holding for every x in ``box`` (and every parameter in ``params``);
     with ``times_input``, bounds on x ⊙ ∂o/∂x instead (the product is part of the bounded graph).
+    ``pre_bounds``: activation index → (B, *shape) bounds that the input of that ReLU / LeakyReLU
+    is known to satisfy (a branch-and-bound domain), used instead of computing them: the result
+    then holds for the points of the box where they hold.
 
     box: Bounds of shape (B, *net.input_shape), already clipped to the input domain, in the
     network's dtype; it fixes the device. target: LongTensor (B,), the class c of each sample.
@@ -165,7 +169,8 @@ def crown_bounds(
     opts = options if options is not None else CrownOptions()
     output = Output(output)
     net, params, target = _prepare(net, box, target, params, alpha)
-    lower, upper, chunk_notes = _per_class(net, box, target, output, params, alpha, opts, times_input, None)
+    lower, upper, chunk_notes = _per_class(net, box, target, output, params, alpha, opts, times_input, None,
+                                           pre_bounds)
 
     # never wider than interval arithmetic, per coordinate (both are sound; IBP costs milliseconds).
     # The outward-rounded IBP: a round-to-nearest one could fix a ReLU mask by round-off and
@@ -218,7 +223,8 @@ def _prepare(net: Network, box: Bounds, target: torch.Tensor, params: ParamBox |
 
 
 def _per_class(net: Network, box: Bounds, target: torch.Tensor, output: Output, params: ParamBox | None,
-               alpha: bool, opts: CrownOptions, times_input: bool, spec: torch.Tensor | None
+               alpha: bool, opts: CrownOptions, times_input: bool, spec: torch.Tensor | None,
+               pre_bounds: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """_bound_chunk over the samples grouped by class (at most opts.max_batch per call)."""
     shape = box.lower.shape if spec is None else spec.shape[:2]
@@ -229,8 +235,9 @@ def _per_class(net: Network, box: Bounds, target: torch.Tensor, output: Output, 
         idx = (target == c).nonzero().flatten()
         for start in range(0, idx.numel(), opts.max_batch):
             chunk = idx[start : start + opts.max_batch]
+            pre = None if pre_bounds is None else {i: (b[0][chunk], b[1][chunk]) for i, b in pre_bounds.items()}
             lo, up, plan = _bound_chunk(net, int(c), box.lower[chunk], box.upper[chunk], output, params, alpha, opts,
-                                        times_input, None if spec is None else spec[chunk])
+                                        times_input, None if spec is None else spec[chunk], pre)
             lower[chunk] = lo
             upper[chunk] = up
             note = plan.note()
@@ -567,6 +574,7 @@ def _bound_chunk(
     opts: CrownOptions,
     times_input: bool = False,
     spec: torch.Tensor | None = None,
+    pre_bounds: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, "_ChunkPlan"]:
     """CROWN (then alpha-CROWN) for samples that share one target class, and how the output
     rows were chunked. ``spec`` (B, m, d): bound the m linear functionals spec·v instead of the
@@ -619,7 +627,7 @@ def _bound_chunk(
         ranges = _row_ranges(rows, chunking.rows if spec is None else rows)
         try:
             with torch.no_grad():
-                cl, cu = _crown_rows(model, x, ranges, rows, b, spec)
+                cl, cu = _crown_rows(model, x, ranges, rows, b, spec, _preset(model, net, pre_bounds))
         except AssertionError as e:
             raise EngineUnsupported(f"auto_LiRPA 0.3 asserted while bounding {where}: "
                                     f"{_first_line(e) or 'assertion failed'}") from e
@@ -696,24 +704,42 @@ class _ChunkPlan:
         return "; ".join(parts) + f" ({how})"
 
 
+def _preset(model: BoundedModule, net: Network, pre_bounds: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None
+            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """auto_LiRPA node name → bounds for the input z of each ReLU / LeakyReLU named by activation
+    index in ``pre_bounds``: the z of its relu'(z)·g node (one per activation, traced in backward
+    order; the forward ReLU of the last activation is not traced at all when nothing reads it)."""
+    if not pre_bounds:
+        return None
+    acts = [i for i, node in enumerate(net.layers) if isinstance(node, Activation)]
+    nodes = [n for n in model._modules.values() if isinstance(n, BoundReluGrad)][::-1]
+    kinds = {cast(Activation, net.layers[i]).kind for i in acts}
+    if len(acts) != len(nodes) or not kinds <= {ActKind.RELU, ActKind.LEAKY_RELU}:
+        raise LirpaError(f"pre-activation bounds need a ReLU / LeakyReLU net whose activations map one to one to "
+                         f"the traced graph's ({len(acts)} activations, {len(nodes)} traced)")
+    index = {i: k for k, i in enumerate(acts)}
+    return {nodes[index[i]].inputs[0].name: (lo.detach(), up.detach()) for i, (lo, up) in pre_bounds.items()}
+
+
 def _crown_rows(model: BoundedModule, x: tuple[torch.Tensor, ...], ranges: list[tuple[int, int]], d: int,
-                batch: int, spec: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                batch: int, spec: torch.Tensor | None = None,
+                preset: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """CROWN bounds (B, d) on the output, one backward pass per row range. The first pass computes
     the intermediate bounds; the others take them as fixed (they do not depend on the final
     specification C), so each further chunk costs one final backward pass. ``spec``: the rows are
     those of this specification (one range)."""
     if len(ranges) == 1:  # all rows at once: auto_LiRPA's own identity specification (or ``spec``)
-        cl, cu = model.compute_bounds(x=x, C=spec, method="backward")
+        cl, cu = model.compute_bounds(x=x, C=spec, method="backward", intermediate_layer_bounds=preset)
         _drop_final_A(model)
         return cl.detach().reshape(batch, d), cu.detach().reshape(batch, d)
     ref = x[0]
     lower = torch.empty(batch, d, dtype=ref.dtype, device=ref.device)
     upper = torch.empty_like(lower)
-    fixed = None
+    fixed = preset
     for r0, r1 in ranges:
         c = _selection(batch, d, r0, r1, ref.dtype, ref.device)
         cl, cu = model.compute_bounds(x=x, C=c, method="backward", intermediate_layer_bounds=fixed)
-        if fixed is None:
+        if fixed is preset:
             fixed = _intermediate_bounds(model)
         lower[:, r0:r1] = cl.detach().reshape(batch, r1 - r0)
         upper[:, r0:r1] = cu.detach().reshape(batch, r1 - r0)
@@ -824,8 +850,7 @@ def _backward_reachable(model: BoundedModule) -> set[str]:
 # Second order: CROWN bounds on the Hessian H = ∂²z_c/∂x² (used by verigrad.bounds.hessian)
 
 from verigrad.graph import ops as _ops  # noqa: E402
-from verigrad.models.network import ActKind as _ActKind  # noqa: E402
-from verigrad.models.network import Activation as _Activation, Linear as _Linear, Reshape as _Reshape  # noqa: E402
+from verigrad.models.network import Linear as _Linear, Reshape as _Reshape  # noqa: E402
 
 # inputs d of the largest Hessian bounded here: the graph has d² outputs and d tangents per
 # neuron, and every tangent product needs CROWN bounds on both factors. Measured (one CPU
@@ -847,7 +872,7 @@ class _HessianGraph(nn.Module):
     def __init__(self, net: Network) -> None:
         super().__init__()
         self.kinds: list[tuple[str, int]] = []  # ("linear", index) / ("act", index) in chain order
-        self.acts: dict[int, _Activation] = {}
+        self.acts: dict[int, Activation] = {}
         layers = [l for l in net.layers if not isinstance(l, _Reshape)][:-1]  # the logits are never formed
         for i, layer in enumerate(layers):
             if isinstance(layer, _Linear):
@@ -856,7 +881,7 @@ class _HessianGraph(nn.Module):
                 self.kinds.append(("linear", i))
             else:
                 # a chain (require_chain) of Linear, Reshape and activations (_check_hessian_graph: no conv)
-                assert isinstance(layer, _Activation), f"no Hessian graph for layer {layer.name!r}"
+                assert isinstance(layer, Activation), f"no Hessian graph for layer {layer.name!r}"
                 self.acts[i] = layer
                 self.kinds.append(("act", i))
         self.d = math.prod(net.input_shape)
@@ -865,12 +890,12 @@ class _HessianGraph(nn.Module):
             self.register_parameter("eye", nn.Parameter(eye, requires_grad=False))
 
     @staticmethod
-    def _derivatives(layer: _Activation, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _derivatives(layer: Activation, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(σ'(z), σ''(z)) from sigmoid / tanh nodes and products."""
-        if layer.kind == _ActKind.SOFTPLUS:
+        if layer.kind == ActKind.SOFTPLUS:
             s = torch.sigmoid(z * layer.param)
             return s, layer.param * (s - s * s)
-        if layer.kind == _ActKind.SIGMOID:
+        if layer.kind == ActKind.SIGMOID:
             s = torch.sigmoid(z)
             d1 = s - s * s
             return d1, d1 * (1.0 - 2.0 * s)
@@ -891,7 +916,7 @@ class _HessianGraph(nn.Module):
             else:
                 pre[i] = h
                 layer = self.acts[i]
-                h = _ops.softplus(h, layer.param) if layer.kind == _ActKind.SOFTPLUS else layer(h)
+                h = _ops.softplus(h, layer.param) if layer.kind == ActKind.SOFTPLUS else layer(h)
         deriv = {i: self._derivatives(self.acts[i], z) for i, z in pre.items()}
         gam: dict[int, torch.Tensor] = {}
         g = seed
@@ -929,9 +954,9 @@ def _check_hessian_graph(net: Network, output: Output) -> None:
                 f"CROWN Hessian bounds cover MLPs only (conv layer {layer.name!r}: its tangents need a "
                 "batch-mixing reshape auto_LiRPA 0.3 cannot bound)"
             )
-        if isinstance(layer, _Activation) and layer.kind not in (_ActKind.SOFTPLUS, _ActKind.SIGMOID, _ActKind.TANH):
+        if isinstance(layer, Activation) and layer.kind not in (ActKind.SOFTPLUS, ActKind.SIGMOID, ActKind.TANH):
             raise EngineUnsupported(f"no second derivative for activation {layer.kind.value} ({layer.name!r})")
-    if not any(isinstance(l, _Activation) for l in net.layers):
+    if not any(isinstance(l, Activation) for l in net.layers):
         raise EngineUnsupported("the network has no activation: its Hessian is zero")
     if not isinstance(net.layers[-1], _Linear):
         raise EngineUnsupported("CROWN Hessian bounds need a Linear last layer (its row W_L[c] seeds γ)")
