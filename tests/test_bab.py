@@ -300,3 +300,41 @@ def test_float32_bab_encloses_the_float64_gradient(act, param, eps):
     lo, up = res.bounds.lower.double(), res.bounds.upper.double()
     assert_contains_true_gradients(Bounds(lo, up), net.to(dtype=torch.float64), box.to(torch.float64), t,
                                    Output.LOGIT, n=200, tol=0.0)
+
+
+# -- leaves bounded by CROWN with the domain's pre-activation boxes ----------------------------
+
+def test_crown_leaves_are_inside_interval_leaves_and_contain_the_domains_gradients():
+    from verigrad.bounds import domain_engine
+    from verigrad.bounds.bab import Leaf, Mode, _acts, _child, _Search
+    from verigrad.bounds.lirpa import crown_bounds
+
+    net = random_mlp(ActKind.RELU, sizes=(6, 16, 16, 3), seed=21)
+    x = torch.rand(1, 6, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    box, t = input_box(x, 0.3, None), torch.tensor([1])
+    root = crown_bounds(net, box, t).bounds
+    obj = Objective(worst=lambda m, b: m.width.flatten(1).sum(1), holds=lambda w: w <= 0)
+    searches = {leaf: _Search(net, box, t, Output.LOGIT, root, obj, BabOptions(leaf=leaf), Mode.NEURONS, None,
+                              domain_engine(net, Output.LOGIT, EngineOptions()))
+                for leaf in (Leaf.INTERVAL, Leaf.CROWN)}
+    first = searches[Leaf.INTERVAL].bound_neurons([{}])[0]
+    i = _acts(net)[1]  # a neuron of the second activation: its domains are correlated through the first
+    zl, zu = first.info[0].pre[i]
+    j = int(((zl < 0) & (zu > 0)).flatten().nonzero()[0])
+    kids = [_child(net, {}, i, j, side, "cpu") for side in (1, -1)]
+    got = {leaf: s.bound_neurons(kids) for leaf, s in searches.items()}
+    pts = torch.cat([box.lower + torch.rand(4000, 6, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+                     * (box.upper - box.lower), box.lower, box.upper])
+    z = net.evaluate(pts)[net.wiring[i][0]].reshape(len(pts), -1)[:, j]
+    g = saliency(net, pts, t.expand(len(pts)))
+    narrower = 0
+    for k, side in enumerate((1, -1)):
+        a, c = got[Leaf.INTERVAL][k], got[Leaf.CROWN][k]
+        assert a is not None and c is not None
+        assert bool((c.lower >= a.lower).all() and (c.upper <= a.upper).all())
+        narrower += int((c.upper - c.lower < a.upper - a.lower - 1e-9).sum())
+        inside = (z > 0) if side > 0 else (z <= 0)
+        assert int(inside.sum()) > 10
+        gi = g[inside]
+        assert bool(((gi >= c.lower) & (gi <= c.upper)).all()), float(torch.maximum(c.lower - gi, gi - c.upper).max())
+    assert narrower > 0  # CROWN with the domain's boxes is tighter than the interval pass somewhere
