@@ -46,14 +46,15 @@ PROPERTIES = [
 
 
 def run(model: str, eps: float, n: int, methods: list[str], steps: int, restarts: int,
-        bab_timeout: float = 60.0) -> dict:
+        bab_timeout: float = 60.0, bab_leaf: str = "crown") -> dict:
     spec = spec_from_dict({
         "model": {"path": str(MODELS[model])},
         "data": {"dataset": "mnist_sample", "start": 0, "end": n},
         "perturbation": {"input": {"epsilon": eps}},
         "properties": PROPERTIES,
         # bab's budget is per input: split evenly over the properties it searches
-        "bounds": {"methods": methods, "dtype": "float32", "bab": {"timeout_s": bab_timeout / len(PROPERTIES)}},
+        "bounds": {"methods": methods, "dtype": "float64", "bab": {"timeout_s": bab_timeout / len(PROPERTIES),
+                                                                              "leaf": bab_leaf}},
         "attack": {"order": "both", "steps": steps, "restarts": restarts},
     })
     problem = prepare(spec)
@@ -93,6 +94,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--restarts", type=int, default=2)
     ap.add_argument("--bab-timeout", type=float, default=60.0, help="bab's seconds per input (all properties)")
+    ap.add_argument("--bab-leaf", choices=["crown", "interval"], default="crown",
+                    help="how bab bounds neuron-split domains (bounds.bab.leaf)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     rows = []
@@ -101,7 +104,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model in a.models:
         for eps in a.eps:
-            res = run(model, eps, a.n, a.methods, a.steps, a.restarts, a.bab_timeout)
+            res = run(model, eps, a.n, a.methods, a.steps, a.restarts, a.bab_timeout, a.bab_leaf)
             rows.append(res)
             for m, eng in res["engines"].items():
                 for name, c in eng["properties"].items():
