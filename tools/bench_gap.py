@@ -46,7 +46,7 @@ PROPERTIES = [
 
 
 def run(model: str, eps: float, n: int, methods: list[str], steps: int, restarts: int,
-        bab_timeout: float = 60.0, bab_leaf: str = "crown") -> dict:
+        bab_timeout: float = 60.0, bab_leaf: str = "interval") -> dict:
     spec = spec_from_dict({
         "model": {"path": str(MODELS[model])},
         "data": {"dataset": "mnist_sample", "start": 0, "end": n},
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--restarts", type=int, default=2)
     ap.add_argument("--bab-timeout", type=float, default=60.0, help="bab's seconds per input (all properties)")
-    ap.add_argument("--bab-leaf", choices=["crown", "interval"], default="crown",
+    ap.add_argument("--bab-leaf", choices=["crown", "interval"], default="interval",
                     help="how bab bounds neuron-split domains (bounds.bab.leaf)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
