@@ -28,7 +28,7 @@ from verigrad.bounds import (
     Bounds, EngineOptions, EngineResult, EngineUnsupported, Method, compute_bounds, input_product_bounds, linear_bounds,
 )
 from verigrad.bounds.ibp import mul_interval
-from verigrad.operators.interval import gamma_m
+from verigrad.operators.interval import gamma_m, round_outward
 from verigrad.graph.gradient_graph import Output, ParamOverride, saliency
 from verigrad.guarantees import Guarantee
 from verigrad.models.network import Network
@@ -229,9 +229,7 @@ def _node_sum(coef: torch.Tensor, stacked: Bounds) -> Bounds:
     lo, up = stacked.lower.reshape(k, -1, *stacked.shape[1:]), stacked.upper.reshape(k, -1, *stacked.shape[1:])
     c = coef.reshape((k,) + (1,) * (lo.dim() - 1))
     err = gamma_m(k + 1, lo.dtype) * (c * torch.maximum(lo.abs(), up.abs())).sum(0)
-    lo_s, up_s = (c * lo).sum(0) - err, (c * up).sum(0) + err
-    return Bounds(torch.nextafter(lo_s, torch.full_like(lo_s, -math.inf)),
-                  torch.nextafter(up_s, torch.full_like(up_s, math.inf)))
+    return Bounds(*round_outward(((c * lo).sum(0), (c * up).sum(0)), err))
 
 
 def explanation_bounds(
@@ -269,9 +267,7 @@ def explanation_bounds(
         b = explainer.baseline_like(box.lower)
         # x − b rounded outward; the product's own rounding (one per end) is the explanation's
         # allowance (verify's extra roundings)
-        dl, du = box.lower - b, box.upper - b
-        dl, du = torch.nextafter(dl, torch.full_like(dl, -math.inf)), torch.nextafter(du, torch.full_like(du, math.inf))
-        lo, up = mul_interval((dl, du), (s.lower, s.upper))
+        lo, up = mul_interval(round_outward((box.lower - b, box.upper - b), 0.0), (s.lower, s.upper))
         note = (f"integrated gradients: {explainer.rule.value}, {k} nodes, each bounded on its scaled box "
                 "(weighted sum rounded outward); interval product with x − b")
         return EngineResult(Bounds(lo, up), res.method, res.notes + (note,), res.actual_method, res.rigorous)

@@ -49,7 +49,7 @@ from verigrad.graph.gradient_graph import Output
 from verigrad.models.network import INPUT, ActKind, Activation, Network
 from verigrad.operators.affine import Conv2d, Linear
 from verigrad.operators.base import IbpContext
-from verigrad.operators.interval import Interval, add, mul_nonneg_interval
+from verigrad.operators.interval import Interval, add, mul_nonneg_interval, round_outward
 from verigrad.operators.shape import Add, Concat, Pad, Reshape, Sub, Transpose
 
 if TYPE_CHECKING:
@@ -343,13 +343,6 @@ def _rounding(net: Network, box: Bounds, output: Output) -> _Rounding:
     return _Rounding({k: g * v for k, v in mag.items()}, g * grads[INPUT])
 
 
-def _widen(iv: Interval, a: torch.Tensor) -> Interval:
-    """[l − a, u + a], one ulp further out."""
-    lo, up = iv
-    return (torch.nextafter(lo - a, torch.full_like(lo, -math.inf)),
-            torch.nextafter(up + a, torch.full_like(up, math.inf)))
-
-
 def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output,
                  splits: dict[int, torch.Tensor], backsub: bool = True, rnd: _Rounding | None = None) -> _Pass:
     """IBP over D domains at once: the box (D, *S), ``splits[i]`` (D, *shape of activation i's
@@ -375,7 +368,7 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
         if isinstance(node, Activation):
             lo, up = xs[0]
             if backsub and i in behind:
-                lo, up = _widen(_backsub(net, box, i, pre, splits, (lo, up)), rnd.fwd[wiring[i][0]])
+                lo, up = round_outward(_backsub(net, box, i, pre, splits, (lo, up)), rnd.fwd[wiring[i][0]])
             s = splits.get(i)
             if s is not None:
                 bad = ((s > 0) & (up <= 0)) | ((s < 0) & (lo > 0))
@@ -385,7 +378,7 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
                 lo = torch.minimum(lo, up)  # an empty domain keeps a valid (dropped) box
             pre[i] = (lo, up)
             xs = [(lo, up)]
-        vals[node.name] = _widen(node.ibp_forward(xs, net.in_shapes(i), ctx), rnd.fwd[node.name])
+        vals[node.name] = round_outward(node.ibp_forward(xs, net.in_shapes(i), ctx), rnd.fwd[node.name])
     seed = output_seed_bounds(vals.get(nodes[-1].name), target, output, net.num_classes, box.lower.dtype,
                               box.lower.device)
     grads: dict[str, Interval] = {nodes[-1].name: (seed[0].reshape(d, *net.shapes[-1]),
@@ -410,7 +403,7 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
         for name, gi in zip(wiring[i], outs, strict=True):
             if gi is not None:
                 grads[name] = add(grads[name], gi) if name in grads else gi
-    return _Pass(_widen(grads[INPUT], rnd.grad), pre, gout, empty)
+    return _Pass(round_outward(grads[INPUT], rnd.grad), pre, gout, empty)
 
 
 def _unstable(lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:

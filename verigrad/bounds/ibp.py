@@ -40,6 +40,7 @@ from verigrad.operators.interval import (  # noqa: F401  (re-exported for the ot
     map_ends as _map_ends,
     mul_interval,
     mul_nonneg_interval,
+    round_outward,
     single_rounding,
 )
 
@@ -108,16 +109,6 @@ def output_seed_bounds(logits: Interval | None, target: torch.Tensor, output: Ou
         pl, pu = softmax_bounds(lo, up)
         return pl - onehot, pu - onehot
     return probability_seed_bounds(lo, up, target)
-
-
-def _outward(x: Interval, err: torch.Tensor | None) -> Interval:
-    """[l − e, u + e] rounded one ulp further outward; an exact rule (``err`` None) keeps ``x``.
-    The ulp covers both the rounding of l − e (≤ half the gap below it) and, with e = the
-    smallest normal, a single correctly rounded operation."""
-    if err is None:
-        return x
-    lo, up = x[0] - err, x[1] + err
-    return (torch.nextafter(lo, torch.full_like(lo, -math.inf)), torch.nextafter(up, torch.full_like(up, math.inf)))
 
 
 # the seeds' error, in multiples of u·(1 + max |logit bound|) per sample, for K classes: the
@@ -226,7 +217,7 @@ def _ibp(net: Network, box: Bounds, target: torch.Tensor, output: Output, params
         xs = [vals[m] for m in wiring[i]]
         out = nodes[i].ibp_forward(xs, net.in_shapes(i), ctxs[i])
         if outward:
-            out = _outward(out, nodes[i].ibp_forward_error(xs, out, net.in_shapes(i), ctxs[i]))
+            out = round_outward(out, nodes[i].ibp_forward_error(xs, out, net.in_shapes(i), ctxs[i]))
         vals[nodes[i].name] = out
 
     batch = box.lower.shape[0]
@@ -246,14 +237,14 @@ def _ibp(net: Network, box: Bounds, target: torch.Tensor, output: Output, params
         res = node.ibp_vjp(xs, g, net.in_shapes(i), ctxs[i])
         if outward:
             errs = node.ibp_vjp_error(xs, g, res, net.in_shapes(i), ctxs[i])
-            res = tuple(None if gi is None else _outward(gi, e) for gi, e in zip(res, errs, strict=True))
+            res = tuple(None if gi is None else round_outward(gi, e) for gi, e in zip(res, errs, strict=True))
         for name, gi in zip(wiring[i], res, strict=True):
             if gi is not None:
                 if name not in grads:
                     grads[name] = gi
                 else:  # a sum of two contributions: one rounding per end
                     acc = add(grads[name], gi)
-                    grads[name] = _outward(acc, single_rounding(acc[0])) if outward else acc
+                    grads[name] = round_outward(acc, single_rounding(acc[0])) if outward else acc
     g = grads[INPUT]
     notes: tuple[str, ...] = ()
     if params is not None:

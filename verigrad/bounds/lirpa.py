@@ -30,6 +30,7 @@ from torch import nn
 from verigrad.errors import InternalError
 from verigrad.bounds.base import Bounds, EngineResult, EngineUnsupported, check_inputs, uncross
 from verigrad.bounds.ibp import ibp_bounds, mul_interval
+from verigrad.operators.interval import round_outward
 from verigrad.bounds.lirpa_compat import import_auto_lirpa
 from verigrad.bounds.options import CrownOptions, available_memory_bytes
 from verigrad.bounds.rounding import crown_chain_length, gamma
@@ -392,9 +393,7 @@ class _GradBoundedModule(BoundedModule):
         if (not self.rounding_gamma or not node.perturbed or not isinstance(lo, torch.Tensor)
                 or not isinstance(up, torch.Tensor) or lo.dim() == 0):
             return
-        a = self.rounding_allowance(node)
-        new_lo = torch.nextafter(lo - a, torch.full_like(lo, -math.inf))
-        new_up = torch.nextafter(up + a, torch.full_like(up, math.inf))
+        new_lo, new_up = round_outward((lo, up), self.rounding_allowance(node))
         node.lower, node.upper = new_lo, new_up
         node.interval = (new_lo, new_up)
 
@@ -652,13 +651,13 @@ def _bound_chunk(
             cl, cu = torch.maximum(cl, al), torch.minimum(cu, au)
         # the final map's own round-off (the relaxations, hence M, are CROWN's and alpha-CROWN's alike);
         # a functional spec·v adds its own reduction of length d: γ_{n+d}·|spec|·M
-        allowance = model.rounding_allowance(model[model.final_name]).reshape(b, d)
-        if spec is not None:
-            m_final = model.magnitudes(model[model.final_name]).reshape(b, d, 1)
+        final = model[model.final_name]
+        if spec is None:
+            allowance = model.rounding_allowance(final).reshape(b, d)
+        else:
             n = crown_chain_length(net, len(model._modules)) + d
-            allowance = gamma(n, net.dtype) * (spec.abs() @ m_final).reshape(b, rows)
-        cl = torch.nextafter(cl - allowance, torch.full_like(cl, -math.inf))
-        cu = torch.nextafter(cu + allowance, torch.full_like(cu, math.inf))
+            allowance = gamma(n, net.dtype) * (spec.abs() @ model.magnitudes(final).reshape(b, d, 1)).reshape(b, rows)
+        cl, cu = round_outward((cl, cu), allowance)
         _release(model)
     cl, cu = _uncross(cl, cu, where)
     shape = (b, *net.input_shape) if spec is None else (b, rows)

@@ -40,7 +40,7 @@ import torch
 
 from verigrad.bounds.base import Bounds
 from verigrad.models.network import Network
-from verigrad.operators.interval import gamma_m
+from verigrad.operators.interval import gamma_m, round_outward
 
 
 def chain_length(net: Network) -> int:
@@ -91,13 +91,7 @@ def widen(net: Network, bounds: Bounds, dtype: torch.dtype, extra: int = 0, *,
     ones, or an exact intersection of maps each widened already), so only the ``extra``
     roundings get the allowance (none when ``extra`` is 0), then one ulp outward."""
     n = extra if rigorous else chain_length(net) + extra
-    if n:
-        a = allowance(bounds, n, dtype)
-        lo, up = bounds.lower - a, bounds.upper + a
-    else:
-        lo, up = bounds.lower, bounds.upper
-    lo = torch.nextafter(lo, torch.full_like(lo, -torch.inf))
-    up = torch.nextafter(up, torch.full_like(up, torch.inf))
+    lo, up = round_outward((bounds.lower, bounds.upper), allowance(bounds, n, dtype) if n else 0.0)
     name = str(dtype).removeprefix("torch.")
     if not rigorous:
         note = (f"rounding: bounds widened outward by γ_n·(|l|+|u|+max|bound|), n = {n} roundings in "

@@ -5,6 +5,7 @@ both ends; the rules keep points points, so an unperturbed branch stays exact.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -140,3 +141,13 @@ def reduction_error(mag: torch.Tensor, m: int) -> torch.Tensor:
     u = unit_roundoff(mag.dtype)
     coef = m * u / (1 - 2 * m * u) * (1 + 4 * u)
     return coef * mag + m * torch.finfo(mag.dtype).tiny
+
+
+def round_outward(x: Interval, err: torch.Tensor | float | None) -> Interval:
+    """[l − e, u + e] rounded one ulp further outward; an exact rule (``err`` None) keeps ``x``.
+    The ulp covers both the rounding of l − e (≤ half the gap below it) and, with e = the
+    smallest normal, a single correctly rounded operation; ``err`` 0 moves by the ulp alone."""
+    if err is None:
+        return x
+    lo, up = x[0] - err, x[1] + err
+    return (torch.nextafter(lo, torch.full_like(lo, -math.inf)), torch.nextafter(up, torch.full_like(up, math.inf)))
