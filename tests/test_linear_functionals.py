@@ -118,6 +118,9 @@ def test_cosine_bounds_take_a_functional_bound():
     cos = props.Property("cos", props.Kind.UNTARGETED, props.Metric.COSINE, 0.9)
     assert props.functional(cos, a)[1] is True and props.functional(
         props.Property("l2", props.Kind.UNTARGETED, props.Metric.L2, 1.0), a) is None
+    l2n = props.Property("l2n", props.Kind.UNTARGETED, props.Metric.L2, 0.3, normalize="l2")
+    assert props.functional(l2n, a)[1] is True and props.functional(
+        props.Property("l1n", props.Kind.UNTARGETED, props.Metric.L1, 0.3, normalize="l2"), a) is None
     with pytest.raises(ValueError, match="no linear functional"):
         props.worst_case(props.Property("l2", props.Kind.UNTARGETED, props.Metric.L2, 1.0), a, b, torch.zeros(1))
 
@@ -144,3 +147,42 @@ def test_the_pipeline_bounds_the_cosine_functional_with_crown(tmp_path):
     prop = props.Property("cos", props.Kind.UNTARGETED, props.Metric.COSINE, 0.9)
     coordinatewise = float(props.worst_case(prop, v0, bounds))  # −0.009 here (measured)
     assert cos["worst_case"] > coordinatewise + 0.2  # 0.295 with the functional's bound
+
+
+@pytest.mark.parametrize("kind", [props.Kind.UNTARGETED, props.Kind.TARGETED])
+def test_normalised_l2_takes_the_functional_through_the_chord(kind):
+    """‖v̂ − â‖₂ = √(2 − 2 cos(a, v)): the ℓ2 distance of ℓ2-normalised maps rests on the cosine
+    bound, so a bound of the functional (here exact, over maps v = Jx + c of an input box whose
+    coordinate hull is the bound map) sharpens it; sampled maps stay inside it, and the box
+    may contain v = 0 (where the identity does not hold)."""
+    gen = torch.Generator().manual_seed(3)
+    n, m = 12, 5
+    sharper = 0
+    for _ in range(40):
+        jac = torch.randn(n, m, generator=gen, dtype=F64)
+        c = torch.randn(n, generator=gen, dtype=F64)
+        r = 0.1 + 0.4 * torch.rand(m, generator=gen, dtype=F64)  # x ∈ [−r, r]; some hulls hold 0
+        hull = Bounds((c - jac.abs() @ r)[None], (c + jac.abs() @ r)[None])
+        v0 = (c + jac @ (r * (2 * torch.rand(m, generator=gen, dtype=F64) - 1)))[None]
+        target = torch.randn(n, generator=gen, dtype=F64)
+        p = props.Property("l2n", kind, props.Metric.L2, 0.5, normalize="l2",
+                           target=target if kind == props.Kind.TARGETED else None)
+        f, lower = props.functional(p, v0)
+        fj = f[0] @ jac
+        dot = (f[0] @ c + (-1 if lower else 1) * (fj.abs() @ r))[None]  # exact min / max of f·v
+        with_dot, plain = props.worst_case(p, v0, hull, dot), props.worst_case(p, v0, hull)
+        xs = (2 * torch.rand(4000, m, generator=gen, dtype=F64) - 1) * r
+        xs = torch.cat([xs, torch.sign(torch.randn(200, m, generator=gen, dtype=F64)) * r])
+        vals = props.metric(p, v0.expand(len(xs), n), c + xs @ jac.T)
+        if kind == props.Kind.UNTARGETED:
+            assert float(vals.max()) <= float(with_dot) <= float(plain) + 1e-15
+            sharper += float(with_dot) < float(plain) - 1e-3
+        else:
+            assert float(vals.min()) >= float(with_dot) >= float(plain) - 1e-15
+            sharper += float(with_dot) > float(plain) + 1e-3
+    assert sharper >= 10
+    # v = 0 in the box: the untargeted distance there is 1 (N(0) = 0), inside the bound
+    zero = Bounds(torch.full((1, 3), -1.0, dtype=F64), torch.ones(1, 3, dtype=F64))
+    p = props.Property("l2n", props.Kind.UNTARGETED, props.Metric.L2, 0.5, normalize="l2")
+    v0 = torch.tensor([[0.5, 0.2, 0.1]], dtype=F64)
+    assert float(props.worst_case(p, v0, zero, torch.zeros(1, dtype=F64))) >= 1.0

@@ -405,10 +405,18 @@ def _cos_metric(prop: Property, v0: torch.Tensor, v: torch.Tensor) -> torch.Tens
 # Worst cases
 
 
-def _untargeted_lp_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+def _unit_chord(prop: Property) -> bool:
+    """ℓ2 distance between ℓ2-normalised maps: a chord of the unit sphere, ‖â − b̂‖² = 2 − 2 cos."""
+    return prop.normalize == Normalize.L2 and _p(prop) == 2.0
+
+
+def _untargeted_lp_worst(prop: Property, v0: torch.Tensor, bounds: Bounds,
+                         dot: torch.Tensor | None = None) -> torch.Tensor:
     """max over the box of ‖N(v) − N(v0)‖_p ≤ ‖max(|L − a|, |U − a|)‖_p with [L, U] the
     bounds of N(v) and a = N(v0): each coordinate at its endpoint farthest from a_i.
-    Exact without normalization (the maximiser is a corner of the box)."""
+    Exact without normalization (the maximiser is a corner of the box). For ℓ2 on
+    ℓ2-normalised maps also ≤ √(2 − 2c) with c ≤ cos(v0, v) (:func:`cosine_lower_bound`, which
+    takes ``dot`` ≤ v0·v): the chord identity for v ≠ 0, and at v = 0 (distance ‖a‖ ≤ 1) c ≤ 0."""
     nb = normalized_bounds(bounds, prop.normalize)
     a = _flat(normalize_map(v0, prop.normalize))
     far = torch.maximum((_flat(nb.lower) - a).abs(), (_flat(nb.upper) - a).abs())
@@ -417,17 +425,30 @@ def _untargeted_lp_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> to
     if prop.normalize != Normalize.NONE and _NORM_P[prop.normalize] == p:
         # ‖N(v)‖_p ≤ 1 when N normalizes in the metric's own norm: triangle inequality
         worst = torch.minimum(worst, 1.0 + _pnorm(a, p))
+    if _unit_chord(prop):
+        c = cosine_lower_bound(_flat(v0.expand(bounds.shape)), bounds, dot)
+        worst = torch.minimum(worst, (2.0 - 2.0 * c).clamp(min=0.0).sqrt())
     return worst
 
 
-def _targeted_lp_worst(prop: Property, v0: torch.Tensor, bounds: Bounds) -> torch.Tensor:
+def _targeted_lp_worst(prop: Property, v0: torch.Tensor, bounds: Bounds,
+                       dot: torch.Tensor | None = None) -> torch.Tensor:
     """min over the box of ‖N(v) − N(t)‖_p ≥ ‖clip(N(t), L, U) − N(t)‖_p: the nearest point
-    of the box [L, U] to N(t), coordinate by coordinate. Exact without normalization."""
+    of the box [L, U] to N(t), coordinate by coordinate. Exact without normalization. For ℓ2
+    on ℓ2-normalised maps also ≥ min(1, √(2 − 2c)) with c ≥ cos(v, t) (:func:`cosine_upper_bound`,
+    taking ``dot`` ≥ t·v): the chord identity for v ≠ 0; at v = 0 the distance is ‖N(t)‖ ≤ 1
+    (1, or 0 for t = 0, where every distance bound is 0 anyway)."""
     nb = normalized_bounds(bounds, prop.normalize)
     t = _target_like(_target(prop), bounds.lower)
     t = _flat(normalize_map(t.reshape(bounds.shape), prop.normalize))
     near = torch.minimum(torch.maximum(t, _flat(nb.lower)), _flat(nb.upper))
-    return _pnorm(near - t, _p(prop))
+    worst = _pnorm(near - t, _p(prop))
+    if _unit_chord(prop):
+        raw = _target_like(_target(prop), bounds.lower)
+        c = cosine_upper_bound(raw, bounds, dot)
+        chord = torch.minimum((2.0 - 2.0 * c).clamp(min=0.0).sqrt(), _pnorm(t, 2.0))
+        worst = torch.maximum(worst, chord)
+    return worst
 
 
 def _norm2_range(b: Bounds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -508,11 +529,15 @@ def _targeted_cos_worst(prop: Property, v0: torch.Tensor, bounds: Bounds,
     return cosine_upper_bound(_target_like(_target(prop), bounds.lower), bounds, dot)
 
 
-def _v0_functional(prop: Property, v0: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def _v0_functional(prop: Property, v0: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    if prop.metric != Metric.COSINE and not _unit_chord(prop):
+        return None
     return _flat(v0), True
 
 
-def _target_functional(prop: Property, v0: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def _target_functional(prop: Property, v0: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    if prop.metric != Metric.COSINE and not _unit_chord(prop):
+        return None
     return _target_like(_target(prop), v0), False
 
 
@@ -698,15 +723,16 @@ class PropertyRule:
     gap: Callable[[float, float], float | None]  # (certified, attacked) → ratio ≥ 1, 1 = tight
     # a linear functional c·v whose bound sharpens the worst case: (c (B, n), True for a lower bound
     # of c·v, False for an upper one) from v0; the worst case then takes that bound as ``dot``
-    functional: Callable[[Property, torch.Tensor], tuple[torch.Tensor, bool]] | None = None
+    # (None from the callable: not for this property, e.g. ℓ2 without ℓ2 normalisation)
+    functional: Callable[[Property, torch.Tensor], tuple[torch.Tensor, bool] | None] | None = None
 
 
 RULES: dict[tuple[Kind, Metric | None], PropertyRule] = {}
 for _m in (Metric.L1, Metric.L2, Metric.LINF):
     RULES[(Kind.UNTARGETED, _m)] = PropertyRule(_lp_metric, _untargeted_lp_worst, Direction.AT_MOST,
-                                                "max ‖{v} − {v0}‖_{p}", _gap_deviation)
+                                                "max ‖{v} − {v0}‖_{p}", _gap_deviation, _v0_functional)
     RULES[(Kind.TARGETED, _m)] = PropertyRule(_lp_metric, _targeted_lp_worst, Direction.AT_LEAST,
-                                              "min ‖{v} − {t}‖_{p}", _gap_distance)
+                                              "min ‖{v} − {t}‖_{p}", _gap_distance, _target_functional)
 RULES[(Kind.UNTARGETED, Metric.COSINE)] = PropertyRule(_cos_metric, _untargeted_cos_worst, Direction.AT_LEAST,
                                                        "min cos(v0, v)", _gap_from_one, _v0_functional)
 RULES[(Kind.TARGETED, Metric.COSINE)] = PropertyRule(_cos_metric, _targeted_cos_worst, Direction.AT_MOST,
@@ -778,7 +804,7 @@ def worst_case(prop: Property, v0: torch.Tensor, bounds: Bounds, dot: torch.Tens
                          f"{tuple(bounds.shape)} differ")
     v0, bounds = v0.to(torch.float64), bounds.to(torch.float64)
     if dot is not None:
-        if prop.rule.functional is None:
+        if functional(prop, v0) is None:
             raise ValueError(f"property {prop.name!r} has no linear functional to take a bound of")
         worst = prop.rule.worst_case(prop, v0, bounds, dot.to(torch.float64))  # type: ignore[call-arg]
     else:
