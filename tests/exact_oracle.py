@@ -1,10 +1,16 @@
-"""Exact oracle for the input gradient of a small ReLU / LeakyReLU MLP over an input box.
+"""Exact oracle for the input gradient of a small piecewise-linear chain over an input box.
 
-For a chain z_1 = W_1 x + b_1, a_k = σ(z_k), z_{k+1} = W_{k+1} a_k + b_{k+1} with σ = relu or
-leaky_relu(α), the logits are affine on each activation region (sign pattern s of every
-hidden unit): z_L = J_s x + c_s with J_s = W_L D_{L-1} … W_2 D_1 W_1, D_k = diag(1 where
-s = +, α where s = −). So ∂z_c/∂x = J_s[c] is piecewise constant, and its exact range over
-the box B = [l, u] is [min, max] of J_s[c] over the patterns s whose region meets B.
+For a chain z_1 = W_1 x + b_1, a_k = σ(z_k), z_{k+1} = W_{k+1} a_k + b_{k+1} with σ = relu,
+leaky_relu(α) or PReLU (a slope a_j per unit, any sign), the logits are affine on each
+activation region (sign pattern s of every hidden unit): z_L = J_s x + c_s with
+J_s = W_L D_{L-1} … W_2 D_1 W_1, D_k = diag(1 where s = +, α or a_j where s = −). So ∂z_c/∂x
+= J_s[c] is piecewise constant, and its exact range over the box B = [l, u] is [min, max] of
+J_s[c] over the patterns s whose region meets B. Conv2d layers are taken as their dense
+matrices, reshapes as identities, and a MaxPool step y_w = max_p z_p is one more piece of the
+pattern: the argmax tap t of every window (its rows of the current map are selected), whose
+region is the linear set z_t − z_s > 0 for every other tap s (open), or z_t > z_s before t and
+z_t ≥ z_s after (closed; a difference constant on the box decides by autograd's rule, the
+first maximal tap).
 
 Which patterns count (ties): by default (``interior=True``) s is included iff some x ∈ B has
 s_j·z_j(x) > 0 for every hidden unit j — an open region, so it is met by a set of positive
@@ -29,10 +35,11 @@ Cost: the regions are enumerated depth first over the units, layer by layer; a u
 branched on only when its interval over the whole box (exact for the affine z_j) straddles 0,
 and a branch is kept when the parent's witness already lies strictly on that side or an LP
 (scipy's HiGHS) finds a point with margin. Exponential in the number of units: refused beyond
-MAX_INPUTS inputs, MAX_HIDDEN_LAYERS activation layers of MAX_UNITS units.
+MAX_INPUTS inputs, MAX_HIDDEN_LAYERS activation / MaxPool layers of MAX_UNITS units (windows).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -40,7 +47,8 @@ import numpy as np
 import torch
 from scipy.optimize import linprog
 
-from verigrad.models.network import ActKind, Activation, Linear, Network
+from verigrad.models.network import ActKind, Activation, Conv2d, Linear, MaxPool, Network, PReLU, Reshape
+from verigrad.operators.pooling import _windows
 
 TOL = 1e-9  # LP tolerance: a region counts when some point of it is this far (ℓ2) from every face
 MAX_INPUTS = 12
@@ -70,37 +78,77 @@ class Region:
         return self.jacobian[target]
 
 
-def _steps(net: Network) -> list[tuple[str, np.ndarray, np.ndarray] | tuple[str, float]]:
-    """The network as ("linear", W, b) and ("act", negative slope) steps, float64; ValueError
-    for anything the oracle does not handle (or that would make it too slow)."""
+def _dense(node: Conv2d, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A convolution as (W, b) on the flattened tensor: W from the bias-free convolution of each
+    basis image (every output a single product, so W is exact)."""
+    n = int(np.prod(shape))
+    free = dataclasses.replace(node, bias=torch.zeros_like(node.bias, dtype=torch.float64),
+                               weight=node.weight.detach().to(torch.float64))
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
+    w = free.forward([basis]).reshape(n, -1).T.numpy()
+    b = node.bias.detach().to(torch.float64)[:, None].expand(-1, w.shape[0] // node.bias.numel())
+    return w, b.reshape(-1).numpy()
+
+
+def _pool_windows(node: MaxPool, shape: tuple[int, ...]) -> list[list[int]]:
+    """Each output window of a MaxPool (flattened output order) as the flat input coordinates
+    of its real taps, in tap order (padding left out: it never holds the maximum)."""
+    n = int(np.prod(shape))
+    coords, _ = _windows(torch.arange(n, dtype=torch.float64).reshape(1, *shape), node, -1.0)
+    c, kk, nw = coords.shape[1:]
+    taps = coords[0].permute(0, 2, 1).reshape(c * nw, kk).long().tolist()
+    return [[q for q in win if q >= 0] for win in taps]
+
+
+def _steps(net: Network) -> list[tuple]:
+    """The network as ("linear", W, b), ("act", negative slope per unit or scalar) and ("pool",
+    windows) steps, float64; ValueError for anything the oracle does not handle (or that would
+    make it too slow)."""
     if not net.is_chain:
         raise ValueError("exact oracle: the network must be a chain")
     n_in = int(np.prod(net.input_shape))
     if n_in > MAX_INPUTS:
         raise ValueError(f"exact oracle: {n_in} inputs > {MAX_INPUTS} (the enumeration is exponential)")
-    steps: list[tuple[str, np.ndarray, np.ndarray] | tuple[str, float]] = []
-    width = n_in
+    steps: list[tuple] = []
+    width, shape = n_in, tuple(net.input_shape)
     for node in net.layers:
         if isinstance(node, Linear):
             w = node.weight.detach().cpu().to(dtype=torch.float64).numpy()
             b = node.bias.detach().cpu().to(dtype=torch.float64).numpy()
-            if w.ndim != 2 or w.shape[1] != width:
-                raise ValueError(f"exact oracle: layer {node.name!r} expects {w.shape[1:]} inputs, gets {width}")
+            if w.ndim != 2 or w.shape[1] != width or len(shape) != 1:
+                raise ValueError(f"exact oracle: layer {node.name!r} expects {w.shape[1:]} inputs, gets {shape}")
             steps.append(("linear", w, b))
             width = w.shape[0]
-        elif isinstance(node, Activation) and node.kind in (ActKind.RELU, ActKind.LEAKY_RELU):
+        elif isinstance(node, Conv2d):
+            w, b = _dense(node, shape)
+            steps.append(("linear", w, b))
+            width = w.shape[0]
+        elif isinstance(node, Reshape):
+            pass  # a per-sample reshape keeps the flattened (C-order) tensor
+        elif isinstance(node, MaxPool):
+            wins = _pool_windows(node, shape)
+            if len(wins) > MAX_UNITS:
+                raise ValueError(f"exact oracle: MaxPool {node.name!r} has {len(wins)} windows > {MAX_UNITS}")
+            steps.append(("pool", wins))
+            width = len(wins)
+        elif isinstance(node, Activation) and node.kind in (ActKind.RELU, ActKind.LEAKY_RELU) or isinstance(node, PReLU):
             if width > MAX_UNITS:
                 raise ValueError(f"exact oracle: activation {node.name!r} has {width} units > {MAX_UNITS}")
-            steps.append(("act", 0.0 if node.kind == ActKind.RELU else float(node.param)))
+            if isinstance(node, PReLU):
+                slope = torch.broadcast_to(node.slope.detach().to(torch.float64), shape).reshape(-1).numpy()
+                steps.append(("act", slope))
+            else:
+                steps.append(("act", 0.0 if node.kind == ActKind.RELU else float(node.param)))
         else:
             raise ValueError(f"exact oracle: layer {node.name!r} ({type(node).__name__}"
                              f"{' ' + node.kind.value if isinstance(node, Activation) else ''}) is not "
-                             "Linear or a relu / leaky_relu Activation")
+                             "Linear / Conv2d / Reshape / MaxPool or a relu / leaky_relu / PReLU activation")
+        shape = tuple(net.shape_of[node.name])
     if not isinstance(net.layers[-1], Linear):
         raise ValueError("exact oracle: the last layer must be Linear (the logits)")
-    n_act = sum(1 for s in steps if s[0] == "act")
+    n_act = sum(1 for s in steps if s[0] != "linear")
     if n_act > MAX_HIDDEN_LAYERS:
-        raise ValueError(f"exact oracle: {n_act} activation layers > {MAX_HIDDEN_LAYERS}")
+        raise ValueError(f"exact oracle: {n_act} activation / pool layers > {MAX_HIDDEN_LAYERS}")
     return steps
 
 
@@ -151,7 +199,58 @@ class _Enumerator:
         spread = np.abs(m_f) @ self.rad_f
         # exact range of each z_j over the whole box (z_j is affine there): the cheap filter
         box = (centre - spread, centre + spread)
-        self._unit(k, 0, m, c, (m_f, c_f, norm, box), pattern, (), rows, rhs, y, margin)
+        if self.steps[k][0] == "pool":
+            self._window(k, 0, m, c, (m_f, c_f), pattern, (), rows, rhs, y, margin)
+        else:
+            self._unit(k, 0, m, c, (m_f, c_f, norm, box), pattern, (), rows, rhs, y, margin)
+
+    def _window(self, k: int, w: int, m: np.ndarray, c: np.ndarray, layer: tuple, pattern: tuple,
+                chosen: tuple, rows: list, rhs: list, y: np.ndarray, margin: float) -> None:
+        """Branch over the argmax tap of window w of a MaxPool: tap t is the (first) argmax where
+        d_s = z_t − z_s > 0 for the taps s before t and ≥ 0 for those after (open: > 0 for every
+        s, ties being a null set; closed: ≥ 0). A d_s constant on the box decides by itself
+        (autograd's tie rule: the first maximal tap)."""
+        wins = self.steps[k][1]
+        if w == len(wins):
+            sel = [win[t] for win, t in zip(wins, chosen, strict=True)]
+            self._advance(k + 1, m[sel], c[sel], pattern + (chosen,), rows, rhs, y, margin)
+            return
+        m_f, c_f = layer
+        taps = wins[w]
+        for t, zt in enumerate(taps):
+            added, ok, here = 0, True, np.inf
+            for s, zs in enumerate(taps):
+                if s == t:
+                    continue
+                dm, dc = m_f[zt] - m_f[zs], c_f[zt] - c_f[zs]
+                norm = float(np.linalg.norm(dm))
+                if norm <= _ZERO_NORM:
+                    ok = (dc > 0 if s < t else dc >= 0) if self.interior else dc >= -self.tol
+                else:
+                    lo_d = dc + dm @ self.mid_f - np.abs(dm) @ self.rad_f
+                    hi_d = dc + dm @ self.mid_f + np.abs(dm) @ self.rad_f
+                    if hi_d <= (0.0 if self.interior else -self.tol * norm):
+                        ok = False
+                    elif lo_d <= (0.0 if self.interior else self.tol * norm):  # not certain on the box
+                        a, beta = dm / norm, dc / norm
+                        rows.append(-a)
+                        rhs.append(beta)
+                        added += 1
+                        here = min(here, float(a @ y + beta))
+                if not ok:
+                    break
+            if ok:
+                if added == 0:
+                    child_y, child_margin = y, margin
+                elif here > self.thr:  # the parent's witness already lies in this tap's region
+                    child_y, child_margin = y, min(margin, here)
+                else:
+                    child_y, child_margin = self._lp(rows, rhs)
+                if child_margin > self.thr:
+                    self._window(k, w + 1, m, c, layer, pattern, chosen + (t,), rows, rhs, child_y, child_margin)
+            for _ in range(added):
+                rows.pop()
+                rhs.pop()
 
     def _unit(self, k: int, j: int, m: np.ndarray, c: np.ndarray, layer: tuple, pattern: tuple,
               active: tuple, rows: list, rhs: list, y: np.ndarray, margin: float) -> None:

@@ -123,3 +123,38 @@ GRAPHS = {
     "concat_cnn": lambda: concat_cnn(),
     "input_fanout_mlp": lambda: input_fanout_mlp(),
 }
+
+
+# -- small nets for the exact oracle (≤ 12 inputs): branch and bound through MaxPool and PReLU -----
+
+def tiny_pool_net(seed: int = 0, variant: int = 0) -> Network:
+    """≤ 12 inputs, a MaxPool among relu / leaky relu layers. variant 0: (1, 3, 4) → conv 2×2 →
+    relu → maxpool 2×2 s1 (overlapping windows) → fc; 1: (2, 2, 3) → conv 1×1 → leaky relu →
+    maxpool 2×2 s2 ceil (a window with padding taps) → fc → relu → fc; 2: (1, 3, 4) → maxpool
+    2×2 s2 on the input → fc → relu → fc."""
+    g = _Gen(seed)
+    if variant == 0:
+        nodes = [g.conv("c0", 1, 2, 2), Activation("a0", ActKind.RELU),
+                 MaxPool("mp", (2, 2), (1, 1)), Reshape("flat", (4,)), g.lin("fc", 4, 3)]
+        return Network(tuple(nodes), (1, 3, 4), "tiny_pool_overlap")
+    if variant == 1:
+        nodes = [g.conv("c0", 2, 2, 1), Activation("a0", ActKind.LEAKY_RELU, 0.2),
+                 MaxPool("mp", (2, 2), (2, 2), (0, 0, 0, 1), True), Reshape("flat", (4,)), g.lin("fc0", 4, 6),
+                 Activation("a1", ActKind.RELU), g.lin("fc1", 6, 3)]
+        return Network(tuple(nodes), (2, 2, 3), "tiny_pool_padded")
+    nodes = [MaxPool("mp", (2, 2), (2, 2)), Reshape("flat", (2,)), g.lin("fc0", 2, 6),
+             Activation("a0", ActKind.RELU), g.lin("fc1", 6, 3)]
+    return Network(tuple(nodes), (1, 3, 4), "tiny_pool_input")
+
+
+def prelu_mlp(seed: int = 0, sizes: tuple[int, ...] = (5, 7, 6, 3),
+              slopes: tuple[tuple[float, ...], ...] = ((-0.5, 0.3, 1.6, 0.0, 2.0, -1.2, 0.9), (1.5,))) -> Network:
+    """fc → prelu → fc → prelu → … → fc with the given slopes (one per unit, or a scalar):
+    negative ones (f non-monotone), ones above 1 (f concave) and ones in [0, 1]."""
+    g = _Gen(seed)
+    nodes: list = []
+    for i in range(len(sizes) - 1):
+        nodes.append(g.lin(f"fc{i}", sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            nodes.append(PReLU(f"p{i}", torch.tensor(slopes[i], dtype=torch.float64)))
+    return Network(tuple(nodes), (sizes[0],), "prelu_mlp")

@@ -914,12 +914,15 @@ class BabSpec:
                                 "property = strong branching on the property's worst case; layer = first "
                                 "unstable layer by score")
     candidates: int = _opt(Int(ge=1, le=1000), _BAB.candidates, "strong-branching candidates per domain")
-    mode: BabMode = _opt(Choice(BabMode), _BAB.mode, "auto = neuron splits on ReLU / LeakyReLU nets, else input splits")
+    mode: BabMode = _opt(Choice(BabMode), _BAB.mode, "auto = neuron splits on ReLU / LeakyReLU / PReLU / MaxPool nets, else input splits")
     root: BoundMethod = _opt(Choice(BoundMethod), BoundMethod(_BAB.root),
                              "engine bounding the whole box (every domain is intersected with it) and input splits")
     leaf: BabLeaf = _opt(Choice(BabLeaf), _BAB.leaf,
                          "crown = neuron-split domains bounded by CROWN with their pre-activation boxes; "
                          "interval = by the interval pass alone (faster per domain, looser)")
+    attack_share: float = _opt(Num(ge=0, lt=1), _BAB.attack_share,
+                               "at most this share of a search's time runs the attacks from its worst open "
+                               "domains (0 = none)")
 
     def validate(self) -> None:
         if self.root == BoundMethod.BAB:
@@ -928,7 +931,7 @@ class BabSpec:
     def options(self) -> BabOptions:
         return BabOptions(timeout_s=self.timeout_s, max_domains=self.max_domains, batch=self.batch,
                           branching=self.branching, candidates=self.candidates, mode=self.mode, root=self.root.value,
-                          leaf=self.leaf)
+                          leaf=self.leaf, attack_share=self.attack_share)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import functools
+import itertools
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -775,11 +776,13 @@ def _explanation_map(problem: Problem, g: Bounds, boxes: Bounds, rigorous: bool)
 
 
 def _bab_objective(problem: Problem, threat: Threat, prop: Property, v0: torch.Tensor,
-                   rigorous: bool, dot: torch.Tensor | None = None) -> bab.Objective:
+                   rigorous: bool, dot: torch.Tensor | None = None, index: int = 0) -> bab.Objective:
     """Property ``prop`` as a branch-and-bound objective: its worst case on each domain's
     (widened) explanation map, and a float64 judge of candidate points. ``rigorous``: the leaf
     maps enclose the exact gradient (the root engine is rigorous; neuron-split leaves are).
-    ``dot``: a bound of the property's functional over the whole box, valid on every domain."""
+    ``dot``: a bound of the property's functional over the whole box, valid on every domain.
+    Unless attacks are skipped, the objective also runs the spec's attacks from a domain
+    (confined to its box, from a point of it; ``index`` seeds them as for input ``index``)."""
     at_most = prop.rule.direction == Direction.AT_MOST
     centre = threat.centre()
 
@@ -792,8 +795,21 @@ def _bab_objective(problem: Problem, threat: Threat, prop: Property, v0: torch.T
         ev = evaluate_point(threat, prop, Point(x.reshape(threat.x.shape), centre.params))
         return outcome(threat, prop, Method.BAB.value, ev, (Method.BAB.value,), 0.0) if ev.violated else None
 
+    seeds = itertools.count(1)
+
+    def attack(box: Bounds, start: torch.Tensor | None) -> AttackOutcome | None:
+        # the spec's attacks confined to the domain's box (its witnesses are judged against the
+        # whole box: attack_property re-evaluates from the threat's definition), each call with
+        # fresh random restarts
+        opts = problem.attack_options
+        opts = AttackOptions(**{**opts.__dict__, "seed": opts.seed + index + 7919 * next(seeds)})
+        sub = dataclasses.replace(threat, box=box)
+        found = attack_property(sub, prop, opts, problem.attack_methods, start)
+        return found if found.violated else None
+
     return bab.Objective(worst, lambda w: w <= prop.threshold if at_most else w >= prop.threshold,
-                         1.0 if at_most else -1.0, check)
+                         1.0 if at_most else -1.0, check,
+                         attack=attack if problem.attack_order != AttackOrder.SKIP and threat.moves_input else None)
 
 
 def _bab_run(problem: Problem, inst: Instance, v0: torch.Tensor, earlier: Sequence[EngineRun],
@@ -836,7 +852,7 @@ def _bab_run(problem: Problem, inst: Instance, v0: torch.Tensor, earlier: Sequen
                 notes.append(f"{p.name}: falsified by the {witnesses[p.name].attack} attack before any split")
                 continue
         r = bab.search(problem.net, th.box, th.target_tensor, th.output, root.bounds,
-                       _bab_objective(problem, th, p, v0, root.rigorous, dots.get(p.name)), opts, engine,
+                       _bab_objective(problem, th, p, v0, root.rigorous, dots.get(p.name), inst.index), opts, engine,
                        domain_engine(problem.net, th.output, problem.options))
         g = g.intersect(r.bounds)
         verdict = Verdict.CERTIFIED if r.status == "certified" else Verdict.UNKNOWN
@@ -847,7 +863,7 @@ def _bab_run(problem: Problem, inst: Instance, v0: torch.Tensor, earlier: Sequen
         results.append(props.PropertyResult(p.name, verdict, worst, p.threshold, base.direction))
         notes.append(f"{p.name}: {r.status}; " + r.notes[0])
         search[p.name] = {"status": r.status, "domains": r.domains, "leaves": r.leaves, "open": r.open,
-                          "time_s": r.time_s, "complete": r.complete, "mode": r.mode.value}
+                          "time_s": r.time_s, "complete": r.complete, "mode": r.mode.value, "attacks": r.attacks}
         if r.witness is not None:
             assert isinstance(r.witness, AttackOutcome)  # what the objective's check returns
             witnesses[p.name] = r.witness

@@ -56,9 +56,12 @@ def _similarity(v0: torch.Tensor, v: torch.Tensor) -> dict[str, float]:
 
 
 def attack_property(threat: Threat, prop: Property, options: AttackOptions,
-                    methods: Sequence[AttackMethod | str] | None = None) -> AttackOutcome:
-    """Run the applicable attacks on ``prop`` and judge their worst points in float64."""
-    start = time.perf_counter()
+                    methods: Sequence[AttackMethod | str] | None = None,
+                    start: torch.Tensor | None = None) -> AttackOutcome:
+    """Run the applicable attacks on ``prop`` and judge their worst points in float64 (against
+    the threat's definition: a search confined to a sub-box of it yields witnesses of the whole
+    box). ``start``: the input point every attack's first restart starts from."""
+    t0 = time.perf_counter()
     chosen = applicable(prop, threat, None if methods is None else tuple(AttackMethod(m) for m in methods))
     v0 = None
     best: tuple[str, Evaluation] | None = None
@@ -66,14 +69,14 @@ def attack_property(threat: Threat, prop: Property, options: AttackOptions,
     for m in chosen:
         if v0 is None:
             v0 = explain(threat.explainer, threat.net, threat.x, threat.target_tensor, threat.output)
-        found = run_attack(m, threat, prop, v0, options)
+        found = run_attack(m, threat, prop, v0, options, start)
         ev = evaluate_point(threat, prop, found.point)
         values[m.value] = ev.value
         # a violation found in float64 outranks a larger value that was not in the box
         if best is None or (ev.violated, ) > (best[1].violated, ) or (
                 ev.violated == best[1].violated and worse(prop, ev.value, best[1].value)):
             best = (m.value, ev)
-    dt = time.perf_counter() - start
+    dt = time.perf_counter() - t0
     if best is None:
         return AttackOutcome(prop.name, None, None, False, None, (), dt)
     return outcome(threat, prop, best[0], best[1], tuple(m.value for m in chosen), dt, values)

@@ -180,7 +180,7 @@ def _step(threat: Threat, p: Point, grads: dict[str, torch.Tensor], how: _Search
 
 
 def _run(threat: Threat, prop: Property, v0: torch.Tensor, opts: AttackOptions, how: _Search,
-         gen: torch.Generator) -> Found:
+         gen: torch.Generator, start: torch.Tensor | None = None) -> Found:
     net, t, out = threat.net, threat.target_tensor, threat.output
     beta = opts.surrogate_beta
     centre = threat.centre()
@@ -214,7 +214,9 @@ def _run(threat: Threat, prop: Property, v0: torch.Tensor, opts: AttackOptions, 
         return s.detach(), {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(names, gs, strict=True)}
 
     for r in range(opts.restarts):
-        if r == 0:
+        if r == 0 and start is not None:  # a given input point (e.g. one of a branch-and-bound domain)
+            p = threat.project(Point(start.to(centre.x.dtype).reshape(centre.x.shape), centre.params))
+        elif r == 0:
             # the centre, nudged: at v = v0 a norm's gradient is zero and the search would not start
             rnd = threat.random_point(gen)
             p = threat.project(Point(centre.x + 0.01 * (rnd.x - centre.x),
@@ -290,11 +292,12 @@ def applicable(prop: Property, threat: Threat, methods: tuple[AttackMethod, ...]
 
 
 def run_attack(method: AttackMethod | str, threat: Threat, prop: Property, v0: torch.Tensor,
-               opts: AttackOptions) -> Found:
-    """Run one registered attack; ``v0`` is the real explanation at the centre."""
+               opts: AttackOptions, start: torch.Tensor | None = None) -> Found:
+    """Run one registered attack; ``v0`` is the real explanation at the centre; ``start``: the
+    input point its first restart starts from (default: the centre, nudged)."""
     try:
         d = ATTACKS[AttackMethod(method)]
     except ValueError:
         raise ValueError(f"unknown attack {method!r} (available: {', '.join(m.value for m in ATTACKS)})") from None
     gen = torch.Generator().manual_seed(opts.seed)
-    return _run(threat, prop, v0, opts, d.search(threat), gen)
+    return _run(threat, prop, v0, opts, d.search(threat), gen, start)

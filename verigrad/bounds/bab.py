@@ -6,24 +6,34 @@ V_D, and the worst case of P over B is at most the worst over the leaves (they c
 
 Two kinds of domain:
 
-- **Neuron splits** (networks whose only nonlinear nodes are ReLU / LeakyReLU): a domain is B
-  with a side fixed for some pre-activations z_j — active z_j > 0 or inactive z_j ≤ 0 (the side
-  of relu'(0) = 0, autograd's convention). It is bounded by interval propagation with the split
-  pre-activations clamped to their side and their σ' fixed to 1 or α (exact), intersected with
-  the root map of a tighter engine (sound on every domain, since D ⊆ B). With every unstable
-  neuron split, the gradient of a logit is one constant J_s[c] on the domain (exact), and an LP
-  over x ∈ B with the split constraints (affine in x once every earlier activation is fixed)
-  drops domains that meet no point of B. Run to completion, the hull of the leaves is the exact
-  range of every gradient coordinate over B (cf. the activation-region enumeration of exact
-  Lipschitz methods, Jordan & Dimakis, NeurIPS 2020). The sign split is the ReLU split of
-  beta-CROWN (Wang et al., NeurIPS 2021); here a split domain is re-bounded with the fixed
-  pattern rather than with split constraints inside the linear relaxation.
+- **Neuron splits** (networks whose only nonlinear nodes are ReLU / LeakyReLU / PReLU and
+  MaxPool): a domain is B with some pieces of the piecewise-linear nodes fixed. A sign split
+  fixes the side of a pre-activation z_j — active z_j > 0 or inactive z_j ≤ 0 (the side of
+  f'(0) = a, autograd's convention; f(z) = z or a·z, a = 0 relu, α leaky relu, PReLU's per-
+  channel slope of any sign). A window split fixes which tap t of a MaxPool window is its FIRST
+  argmax (as torch routes ties): x_t > x_s for the taps s before t, x_t ≥ x_s after; a window's
+  children are one per possible tap, and they cover the box. A domain is bounded by interval
+  propagation with split pre-activations clamped to their side and f' fixed to 1 or a, a split
+  window's output x_t ∈ [max_p l_p, u_t] and its gradient routed to t alone (all exact; a
+  window child whose boxes contradict its tap is empty), split-node inputs behind mixing
+  layers tightened by back-substitution through the CROWN relaxations of the earlier ones
+  (PReLU with a > 1 is concave: the chord bounds it below), intersected with the root map of a
+  tighter engine (sound on every domain, since D ⊆ B). With every unstable neuron and every
+  ambiguous window split, the gradient of a logit is one constant J_s[c] on the domain
+  (exact), and an LP over x ∈ B with the split constraints (s·z_j and x_t − x_s, affine in x
+  once every earlier split node is fixed; taken closed, a superset) drops domains that meet
+  no point of B. Run to completion, the hull of the leaves is the exact range of every
+  gradient coordinate over B (cf. the activation-region enumeration of exact Lipschitz
+  methods, Jordan & Dimakis, NeurIPS 2020). The sign split is the ReLU split of beta-CROWN
+  (Wang et al., NeurIPS 2021); here a split domain is re-bounded with the fixed pattern rather
+  than with split constraints inside the linear relaxation.
 - **Input splits** (every other network, e.g. sigmoid / tanh / softplus): a domain is a
   sub-box, bounded by the root engine (CROWN by default) on the sub-box, and a coordinate is
   halved.
 
 Branching is driven by the property: K candidates (neurons with the largest |g_j|·min(u_j, −l_j),
-the gradient mass through an unstable neuron times its ambiguity; or the widest input
+the gradient mass through an unstable neuron times its ambiguity, and windows by
+|g_w|·(u_(2) − max_p l_p), the runner-up tap's reach past the leader's floor; or the widest input
 coordinates weighted by how strongly they drive the first layer) are each split tentatively,
 and the one whose worse child has the best worst case is kept (strong branching; its children
 are already bounded). Domains are bounded in batches (the batch dimension of the engines).
@@ -46,18 +56,21 @@ from verigrad.bounds.base import Bounds, EngineResult, EngineUnsupported
 from verigrad.bounds.ibp import output_seed_bounds
 from verigrad.bounds.rounding import chain_length, gamma
 from verigrad.graph.gradient_graph import Output
-from verigrad.models.network import INPUT, ActKind, Activation, Network
+from verigrad.models.network import INPUT, ActKind, Activation, MaxPool, Network, PReLU
 from verigrad.operators.affine import Conv2d, Linear
 from verigrad.operators.base import IbpContext
-from verigrad.operators.interval import Interval, add, mul_nonneg_interval, round_outward
+from verigrad.operators.interval import Interval, add, mul_interval, mul_nonneg_interval, round_outward
+from verigrad.operators.pooling import _scatter_taps, _windows, maxpool_planes, tap_states
 from verigrad.operators.shape import Add, Concat, Pad, Reshape, Sub, Transpose
 
 if TYPE_CHECKING:
     from verigrad.perturbation import ParamBox
 
-# node kinds a neuron-split domain can be bounded through (exact interval rules up to rounding,
-# and affine between the activations, so a fixed pattern makes the network affine)
-NEURON_SPLIT_KINDS = (Linear, Conv2d, Reshape, Transpose, Pad, Concat, Add, Sub)
+# node kinds a neuron-split domain can be bounded through besides relu / leaky relu activations:
+# affine nodes (exact interval rules up to rounding) and the piecewise-linear split nodes PReLU
+# (split by the sign of its input) and MaxPool (split by the argmax tap of a window); a fixed
+# pattern makes the network affine
+NEURON_SPLIT_KINDS = (Linear, Conv2d, Reshape, Transpose, Pad, Concat, Add, Sub, PReLU, MaxPool)
 # an LP optimum below this (a distance in input units to the split hyperplanes) means the
 # domain meets no point of the box; between it and 0 the domain is kept (degenerate: a face)
 LP_DROP = 1e-9
@@ -105,6 +118,7 @@ class BabOptions:
     root: str = "crown"  # the engine whose map every domain is intersected with (and input splits use)
     lp: bool | None = None  # LP feasibility of partly split domains; None = when the input has ≤ 256 coordinates
     leaf: Leaf = Leaf.INTERVAL  # measured: more domains decide more within a budget (README)
+    attack_share: float = 0.25  # at most this share of the search's time runs attacks from its worst domains
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "branching", Branching(self.branching))
@@ -112,6 +126,8 @@ class BabOptions:
         object.__setattr__(self, "leaf", Leaf(self.leaf))
         if not (self.timeout_s > 0 and self.max_domains >= 1 and self.batch >= 1 and self.candidates >= 1):
             raise ValueError("bab: timeout_s > 0, max_domains >= 1, batch >= 1 and candidates >= 1 are required")
+        if not 0.0 <= self.attack_share < 1.0:
+            raise ValueError(f"bab: attack_share must lie in [0, 1), got {self.attack_share}")
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,10 @@ class Objective:
     # an exact leaf (every neuron fixed) is decided whatever its map (the width objective: its
     # map is a point up to the rounding allowance, so "width 0" is never met literally)
     exact_decides: bool = False
+    # attack(box, start): attacks confined to a domain's input box (1, *S), from ``start`` (a
+    # point of the domain, or None) → a witness (judged in float64) or None; the search runs it
+    # from its worst open domains (BabOptions.attack_share)
+    attack: Callable[[Bounds, torch.Tensor | None], object | None] | None = None
 
 
 @dataclass
@@ -148,6 +168,8 @@ class BabResult:
     mode: Mode
     witness: object | None = None
     notes: tuple[str, ...] = ()
+    attacks: int = 0  # attacks run from domains
+
 
 
 @dataclass(eq=False)
@@ -179,7 +201,8 @@ def neuron_split_reason(net: Network) -> str | None:
 def _mode(net: Network, opts: BabOptions) -> Mode:
     reason = neuron_split_reason(net)
     if opts.mode == Mode.NEURONS and reason is not None:
-        raise EngineUnsupported(f"bab: neuron splits need ReLU / LeakyReLU networks of affine nodes: {reason}")
+        raise EngineUnsupported("bab: neuron splits need piecewise-linear networks (ReLU / LeakyReLU / PReLU, "
+                                f"MaxPool, affine nodes): {reason}")
     if opts.mode == Mode.AUTO:
         return Mode.NEURONS if reason is None else Mode.INPUT
     return opts.mode
@@ -192,34 +215,158 @@ def _mode(net: Network, opts: BabOptions) -> Mode:
 @dataclass
 class _Pass:
     grad: Interval  # (D, *S)
-    pre: dict[int, Interval]  # activation index → its pre-activation box (clamped)
-    gout: dict[int, Interval]  # activation index → the gradient box at its output
+    pre: dict[int, Interval]  # split node index → its input box (clamped to the split side for sign splits)
+    gout: dict[int, Interval]  # split node index → the gradient box at its output
     empty: torch.Tensor  # (D,) bool: the split pattern contradicts the boxes
 
 
 # elements of the coefficient matrices one back-substitution chunk may hold (rows × input size)
 BACKSUB_ELEMENTS = 20_000_000
+_SIGN_NODES = (Activation, PReLU)  # split by the sign of their input (relu / leaky relu activations, PReLU)
 
 
-def _relu_planes(node: Activation, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Linear bounds a ≥ sl·z and a ≤ su·z + iu of a = σ(z) for z ∈ [lo, up] (σ = relu or leaky
-    relu with slope α): exact lines on stable or split neurons; on unstable ones the chord
-    through (l, αl) and (u, u) above and the steeper of z, αz (by |u| vs |l|) below (CROWN)."""
-    alpha = node.param if node.kind == ActKind.LEAKY_RELU else 0.0
-    one, a = torch.ones_like(lo), torch.full_like(lo, alpha)
+def _neg_slope(node: Activation | PReLU, like: torch.Tensor) -> torch.Tensor:
+    """The slope a of f(z) = a·z on z ≤ 0, broadcast to ``like``: 0 (relu), α (leaky relu), or
+    PReLU's per-channel / scalar slope (any sign, possibly > 1)."""
+    if isinstance(node, PReLU):
+        return torch.broadcast_to(node.slope.to(dtype=like.dtype, device=like.device), like.shape)
+    return torch.full_like(like, node.param if node.kind == ActKind.LEAKY_RELU else 0.0)
+
+
+def _relu_planes(node: Activation | PReLU, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear bounds sl·z + il ≤ f(z) ≤ su·z + iu for z ∈ [lo, up], f(z) = z (z > 0), a·z (z ≤ 0):
+    exact lines on stable or split neurons. On unstable ones f = max(z, a·z) is convex for
+    a ≤ 1 (relu, leaky relu, most PReLUs) and f = min(z, a·z) concave for a > 1: the chord
+    through (l, a·l) and (u, u) bounds the convex case above and the concave case below, and a
+    line through the origin with slope 1 or a (the one nearer f, by |u| vs |l| — CROWN's choice)
+    the other side (any slope between 1 and a is valid there)."""
+    a = _neg_slope(node, lo)
+    one, zero = torch.ones_like(lo), torch.zeros_like(lo)
     active = lo >= 0 if s is None else (lo >= 0) | (s > 0)
     inactive = up <= 0 if s is None else (up <= 0) | (s < 0)
     unstable = ~(active | inactive)
     span = torch.where(unstable, up - lo, one)
-    chord = torch.where(unstable, (up - alpha * lo) / span, one)
-    su = torch.where(active, one, torch.where(inactive, a, chord))
-    iu = torch.where(unstable, alpha * lo - chord * lo, torch.zeros_like(lo))
-    sl = torch.where(active, one, torch.where(inactive, a, torch.where(up > -lo, one, a)))
-    return sl, su, iu
+    chord = torch.where(unstable, (up - a * lo) / span, one)
+    icpt = torch.where(unstable, a * lo - chord * lo, zero)
+    tangent = torch.where(up > -lo, one, a)
+    convex = a <= 1
+    sl = torch.where(active, one, torch.where(inactive, a, torch.where(convex, tangent, chord)))
+    su = torch.where(active, one, torch.where(inactive, a, torch.where(convex, chord, tangent)))
+    il = torch.where(convex, zero, icpt)
+    iu = torch.where(convex, icpt, zero)
+    return sl, il, su, iu
+
+
+def _deriv_bounds(node: Activation | PReLU, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None
+                  ) -> Interval:
+    """f'(z) over z ∈ [lo, up] (f' = 1 on z > 0, a on z ≤ 0 as autograd has it): exact on stable
+    and split neurons, [min(a, 1), max(a, 1)] on the others."""
+    a = _neg_slope(node, lo)
+    one = torch.ones_like(lo)
+    dl = torch.where(lo > 0, one, torch.where(up <= 0, a, torch.minimum(a, one)))
+    du = torch.where(lo > 0, one, torch.where(up <= 0, a, torch.maximum(a, one)))
+    if s is not None:
+        dl = torch.where(s > 0, one, torch.where(s < 0, a, dl))
+        du = torch.where(s > 0, one, torch.where(s < 0, a, du))
+    return dl, du
+
+
+def _tap_onehot(node: MaxPool, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fixed (B, C, 1, L), onehot of the fixed tap (B, C, kk, L)) from a window split s (B, C, L)
+    in {0 free, t + 1: tap t is the window's first argmax}."""
+    b, c = s.shape[:2]
+    sw = s.reshape(b, c, 1, -1).long()
+    kk = node.kernel[0] * node.kernel[1]
+    taps = torch.arange(kk, device=s.device).reshape(1, 1, kk, 1)
+    return sw > 0, taps == sw - 1
+
+
+def _pool_taps(node: MaxPool, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(certain, possible) argmax taps (B, C, kk, L) on a domain: tap_states of the input box,
+    and on a split window its fixed tap alone (the domain holds only points where it is the
+    first argmax)."""
+    certain, possible = tap_states(lo, up, node)
+    if s is None:
+        return certain, possible
+    fixed, onehot = _tap_onehot(node, s)
+    return torch.where(fixed, onehot, certain), torch.where(fixed, onehot, possible)
+
+
+def _pool_free(node: MaxPool, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    """(B, C, L): the windows left ambiguous (two or more possible argmax taps, not split)."""
+    _, possible = tap_states(lo, up, node)
+    amb = possible.sum(2) >= 2
+    return amb if s is None else amb & (s.reshape(amb.shape) == 0)
+
+
+def _pool_forward(node: MaxPool, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None
+                  ) -> tuple[Interval, torch.Tensor]:
+    """The output box of a MaxPool on D domains and which domains are empty. A free window:
+    [max_p l_p, max_p u_p]. A window split to tap t: its output is x_t, in [max_p l_p, u_t]
+    (x_t ≥ x_p ≥ l_p); the domain is empty when an earlier tap has l_s ≥ u_t (x_s ≥ x_t, so t
+    is not the FIRST argmax) or a later one l_s > u_t. The boxes are sound enclosures, so an
+    empty verdict is a proof; a selection is exact (no rounding allowance)."""
+    wl, _ = _windows(lo, node, float("-inf"))
+    wu, _ = _windows(up, node, float("-inf"))
+    m, top = wl.max(dim=2).values, wu.max(dim=2).values  # (D, C, L)
+    bad = torch.zeros(lo.shape[0], dtype=torch.bool, device=lo.device)
+    if s is not None:
+        fixed, onehot = _tap_onehot(node, s)
+        ut = torch.where(onehot, wu, torch.full_like(wu, -math.inf)).max(dim=2, keepdim=True).values
+        t = onehot.to(torch.int8).argmax(dim=2, keepdim=True)
+        taps = torch.arange(wl.shape[2], device=lo.device).reshape(1, 1, -1, 1)
+        clash = ((taps < t) & (wl >= ut)) | ((taps > t) & (wl > ut))  # padding (−∞) never clashes
+        bad = (fixed & clash.any(dim=2, keepdim=True)).reshape(lo.shape[0], -1).any(1)
+        top = torch.where(fixed.squeeze(2), ut.squeeze(2), top)
+        m = torch.minimum(m, top)  # an empty domain keeps a valid (dropped) box
+    shape = (lo.shape[0], *node.out_shape([tuple(lo.shape[1:])]))
+    return (m.reshape(shape), top.reshape(shape)), bad
+
+
+def _pool_vjp(node: MaxPool, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None, g: Interval) -> Interval:
+    """MaxPool's interval gradient rule on a domain: a certain (or split) tap receives g_w, an
+    uncertain one any of {0, g_w}, an impossible one 0; summed over overlapping windows."""
+    certain, possible = _pool_taps(node, lo, up, s)
+    b, c = g[0].shape[:2]
+    gl, gu = g[0].reshape(b, c, 1, -1), g[1].reshape(b, c, 1, -1)
+    uncertain = possible & ~certain
+    zero = torch.zeros((), dtype=gl.dtype, device=gl.device)
+    tl = torch.where(certain, gl, torch.where(uncertain, gl.clamp(max=0), zero))
+    tu = torch.where(certain, gu, torch.where(uncertain, gu.clamp(min=0), zero))
+    shape = tuple(lo.shape[1:])
+    return _scatter_taps(tl, node, shape), _scatter_taps(tu, node, shape)
+
+
+def _pool_planes(node: MaxPool, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per domain (k, C, kk, L) tap coefficients of y_w ≥ Σ_p low_p·x_p and y_w ≤ Σ_p upp_p·x_p +
+    cup_w (cup (k, C, 1, L)): a split window y_w = x_t exactly; a free one maxpool_planes'
+    y_w ≥ x_{j*} and y_w ≤ x_{j*} (dominated) or ≤ max_p u_p."""
+    onehot, dominated, top = maxpool_planes(lo, up, node)
+    low, upp = onehot, onehot * dominated.to(onehot.dtype)
+    cup = torch.where(dominated, torch.zeros_like(top), top)
+    if s is not None:
+        fixed, tap = _tap_onehot(node, s)
+        tap = tap.to(onehot.dtype)
+        low, upp = torch.where(fixed, tap, low), torch.where(fixed, tap, upp)
+        cup = torch.where(fixed, torch.zeros_like(cup), cup)
+    return low, upp, cup
+
+
+def _free(node: Any, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    """(D, n) per split node: the free unstable neurons (sign splits) or ambiguous windows."""
+    if isinstance(node, MaxPool):
+        free = _pool_free(node, lo, up, s)
+    else:
+        free = _unstable(lo, up, s)
+    return free.reshape(lo.shape[0], -1)
 
 
 def _has_activation_before(net: Network, name: str) -> bool:
+    """Whether the node ``name`` depends on a nonlinear split node (its interval box is then
+    not exact, and back-substitution can tighten it)."""
     index = {node.name: i for i, node in enumerate(net.layers)}
     stack, seen = [name], set()
     while stack:
@@ -228,7 +375,43 @@ def _has_activation_before(net: Network, name: str) -> bool:
             continue
         seen.add(n)
         i = index[n]
-        if isinstance(net.layers[i], Activation):
+        if isinstance(net.layers[i], (*_SIGN_NODES, MaxPool)):
+            return True
+        stack.extend(net.wiring[i])
+    return False
+
+
+def _elementwise(node: Any) -> bool:
+    """Whether ``node`` maps each output coordinate from one input coordinate (a reshape or
+    permutation, a pad, a per-channel scale and shift: a 1×1 convolution with a diagonal
+    weight, as a folded BatchNorm)."""
+    if isinstance(node, (Reshape, Transpose, Pad)):
+        return True
+    if isinstance(node, Conv2d) and tuple(node.weight.shape[2:]) == (1, 1) and tuple(node.stride) == (1, 1) \
+            and tuple(node.padding) == (0, 0) and node.weight.shape[0] == node.weight.shape[1]:
+        w = node.weight[:, :, 0, 0]
+        return bool((w == torch.diag(torch.diagonal(w))).all())
+    return False
+
+
+def _backsub_helps(net: Network, name: str) -> bool:
+    """Whether back-substitution can tighten the interval box of node ``name``: some path back
+    from it reaches a split node through a node that mixes coordinates. Through elementwise
+    nodes only, each coordinate's interval box is already that of one split node's output, and
+    the relaxation back-substituted from it cannot beat that (its planes evaluated at the
+    input's own back-substituted bounds)."""
+    index = {node.name: i for i, node in enumerate(net.layers)}
+    stack, seen = [name], set()
+    while stack:
+        n = stack.pop()
+        if n == INPUT or n in seen:
+            continue
+        seen.add(n)
+        i = index[n]
+        node = net.layers[i]
+        if isinstance(node, (*_SIGN_NODES, MaxPool)):
+            continue
+        if not _elementwise(node) and _has_activation_before(net, n):
             return True
         stack.extend(net.wiring[i])
     return False
@@ -236,10 +419,12 @@ def _has_activation_before(net: Network, name: str) -> bool:
 
 def _backsub(net: Network, box: Bounds, i_act: int, pre: dict[int, Interval], splits: dict[int, torch.Tensor],
              z: Interval) -> Interval:
-    """CROWN bounds (back-substitution through the linear relaxations of the earlier
-    activations, on their domain-clamped boxes) on the input tensor of activation ``i_act``,
-    for each of the D domains: min over the box of Λ·z with Λ = ±e_j, for the coordinates j
-    that ``z`` (its interval bounds) leaves unstable in some domain; the others keep ``z``."""
+    """CROWN bounds (back-substitution through the linear relaxations of the earlier split
+    nodes, on their domain-clamped boxes) on the input tensor of split node ``i_act``, for each
+    of the D domains: min over the box of Λ·z with Λ = ±e_j, for the coordinates j that ``z``
+    (its interval bounds) leaves ambiguous in some domain — unstable neurons of a sign split,
+    the possible taps of a window with two or more of them for a MaxPool (skipped when one
+    domain's coefficients exceed BACKSUB_ELEMENTS) — the others keep ``z``."""
     nodes, wiring = net.layers, net.wiring
     zname = wiring[i_act][0]
     zshape = net.shape_of[zname]
@@ -247,12 +432,20 @@ def _backsub(net: Network, box: Bounds, i_act: int, pre: dict[int, Interval], sp
     d = box.lower.shape[0]
     dt, dev = box.lower.dtype, box.lower.device
     zl, zu = z[0].reshape(d, m), z[1].reshape(d, m)
-    idx = ((zl < 0) & (zu > 0)).any(0).nonzero().flatten()
+    width = max(n_in, max(math.prod(sh) for sh in net.shapes))
+    target = nodes[i_act]
+    if isinstance(target, MaxPool):
+        _, possible = tap_states(z[0], z[1], target)
+        amb = possible & (possible.sum(2, keepdim=True) >= 2)
+        idx = (_scatter_taps(amb.to(dt), target, tuple(zshape)) > 0).reshape(d, m).any(0).nonzero().flatten()
+        if 2 * idx.numel() * width > BACKSUB_ELEMENTS:
+            return z
+    else:
+        idx = ((zl < 0) & (zu > 0)).any(0).nonzero().flatten()
     out_lo, out_up = zl.clone(), zu.clone()
     sel = idx.numel()
     if sel == 0:
         return z
-    width = max(n_in, max(math.prod(sh) for sh in net.shapes))
     per = max(1, BACKSUB_ELEMENTS // (2 * sel * width))  # domains per chunk
     for c0 in range(0, d, per):
         c1 = min(d, c0 + per)
@@ -268,14 +461,23 @@ def _backsub(net: Network, box: Bounds, i_act: int, pre: dict[int, Interval], sp
             g = lams.pop(node.name, None)
             if g is None:
                 continue
-            if isinstance(node, Activation):
-                sp = splits.get(j)
-                sl, su, iu = (t.unsqueeze(1) for t in _relu_planes(node, pre[j][0][c0:c1], pre[j][1][c0:c1],
-                                                                    None if sp is None else sp[c0:c1]))
+            sp = splits.get(j)
+            spk = None if sp is None else sp[c0:c1]
+            outs: Sequence[torch.Tensor | None]
+            if isinstance(node, _SIGN_NODES):
+                sl, il, su, iu = (t.unsqueeze(1) for t in _relu_planes(node, pre[j][0][c0:c1], pre[j][1][c0:c1], spk))
                 gk = g.reshape(k, rows, *g.shape[1:])
                 pos, neg = gk.clamp(min=0), gk.clamp(max=0)
-                outs: Sequence[torch.Tensor | None] = ((pos * sl + neg * su).reshape(g.shape),)
-                const = const + (neg * iu).reshape(k * rows, -1).sum(1)
+                outs = ((pos * sl + neg * su).reshape(g.shape),)
+                const = const + (pos * il + neg * iu).reshape(k * rows, -1).sum(1)
+            elif isinstance(node, MaxPool):
+                low, upp, cup = (t.unsqueeze(1) for t in _pool_planes(node, pre[j][0][c0:c1], pre[j][1][c0:c1], spk))
+                ch, kk, nw = low.shape[2:]
+                gw = g.reshape(k, rows, ch, 1, nw)
+                pos, neg = gw.clamp(min=0), gw.clamp(max=0)
+                taps = (pos * low + neg * upp).reshape(k * rows, ch, kk, nw)
+                outs = (_scatter_taps(taps, node, net.in_shapes(j)[0]),)
+                const = const + (neg * cup).reshape(k * rows, -1).sum(1)
             else:
                 shapes = net.in_shapes(j)
                 zeros = [torch.zeros(1, *sh, dtype=dt, device=dev) for sh in shapes]
@@ -287,9 +489,9 @@ def _backsub(net: Network, box: Bounds, i_act: int, pre: dict[int, Interval], sp
         lx = lams[INPUT].reshape(k, rows, n_in)
         bl = box.lower[c0:c1].reshape(k, 1, n_in)
         bu = box.upper[c0:c1].reshape(k, 1, n_in)
-        low = (lx.clamp(min=0) * bl + lx.clamp(max=0) * bu).sum(2) + const.reshape(k, rows)
-        out_lo[c0:c1, idx] = torch.maximum(out_lo[c0:c1, idx], low[:, :sel])
-        out_up[c0:c1, idx] = torch.minimum(out_up[c0:c1, idx], -low[:, sel:])
+        low_x = (lx.clamp(min=0) * bl + lx.clamp(max=0) * bu).sum(2) + const.reshape(k, rows)
+        out_lo[c0:c1, idx] = torch.maximum(out_lo[c0:c1, idx], low_x[:, :sel])
+        out_up[c0:c1, idx] = torch.minimum(out_up[c0:c1, idx], -low_x[:, sel:])
     out_up = torch.maximum(out_lo, out_up)  # both sound: crossing only by round-off
     return out_lo.reshape(d, *zshape), out_up.reshape(d, *zshape)
 
@@ -306,23 +508,33 @@ class _Rounding:
     grad: torch.Tensor
 
 
-def _act_slope_max(node: Activation) -> tuple[float, float]:
-    """(max |slope|, max |intercept| / |z|) over the lines _relu_planes and the exact σ' use."""
-    a = node.param if node.kind == ActKind.LEAKY_RELU else 0.0
-    return max(1.0, abs(a)), abs(1.0 - a)
+def _act_slope_max(node: Activation | PReLU) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """(max |slope|, max |intercept| / |z|) over the lines _relu_planes and the exact f' use:
+    slopes 1, a and chords between them (a convex combination of 1 and a), so ≤ max(1, |a|);
+    a chord's intercept a·l − c·l has |a − c| ≤ |1 − a|. PReLU: per element (its slope's shape)."""
+    if isinstance(node, PReLU):
+        return node.slope.abs().clamp(min=1.0), (1.0 - node.slope).abs()
+    alpha = node.param if node.kind == ActKind.LEAKY_RELU else 0.0
+    return max(1.0, abs(alpha)), abs(1.0 - alpha)
 
 
 def _rounding(net: Network, box: Bounds, output: Output) -> _Rounding:
     """M of both passes by interval rules on the symmetric boxes [−M, M] (an affine rule there
-    gives exactly |W|·M + |b|), activations by their largest slope and intercept."""
+    gives exactly |W|·M + |b|), sign-split nodes by their largest slope and intercept. A MaxPool
+    selects one input (exact) and its relaxation's constant max_p u_p is at most max_p M_p, so
+    its forward M is the window's max; backward a tap may receive the gradient of every window
+    that reads it, so its M is their sum (the fold adds up to kh·kw terms: n grows by kh·kw)."""
     nodes, wiring, ctx = net.layers, net.wiring, IbpContext()
-    g = gamma(chain_length(net), box.lower.dtype)
+    extra = sum(node.kernel[0] * node.kernel[1] for node in nodes if isinstance(node, MaxPool))
+    g = gamma(chain_length(net) + extra, box.lower.dtype)
     mag: dict[str, torch.Tensor] = {INPUT: torch.maximum(box.lower.abs(), box.upper.abs())}
     for i, node in enumerate(nodes):
         ms = [mag[m] for m in wiring[i]]
-        if isinstance(node, Activation):
+        if isinstance(node, _SIGN_NODES):
             slope, icpt = _act_slope_max(node)
             mag[node.name] = (slope + icpt) * ms[0]
+        elif isinstance(node, MaxPool):
+            mag[node.name] = node.forward([ms[0]])
         else:
             lo, up = node.ibp_forward([(-m, m) for m in ms], net.in_shapes(i), ctx)
             mag[node.name] = torch.maximum(lo.abs(), up.abs())
@@ -332,8 +544,13 @@ def _rounding(net: Network, box: Bounds, output: Output) -> _Rounding:
     for i in range(len(nodes) - 1, -1, -1):
         node = nodes[i]
         gm = grads.pop(node.name)
-        if isinstance(node, Activation):
-            outs: Sequence[torch.Tensor | None] = (_act_slope_max(node)[0] * gm,)
+        outs: Sequence[torch.Tensor | None]
+        if isinstance(node, _SIGN_NODES):
+            outs = (_act_slope_max(node)[0] * gm,)
+        elif isinstance(node, MaxPool):
+            b, c = gm.shape[:2]
+            kk = node.kernel[0] * node.kernel[1]
+            outs = (_scatter_taps(gm.reshape(b, c, 1, -1).expand(b, c, kk, -1), node, net.in_shapes(i)[0]),)
         else:
             ivs = node.ibp_vjp([(-mag[m], mag[m]) for m in wiring[i]], (-gm, gm), net.in_shapes(i), ctx)
             outs = tuple(None if iv is None else torch.maximum(iv[0].abs(), iv[1].abs()) for iv in ivs)
@@ -345,12 +562,15 @@ def _rounding(net: Network, box: Bounds, output: Output) -> _Rounding:
 
 def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output,
                  splits: dict[int, torch.Tensor], backsub: bool = True, rnd: _Rounding | None = None) -> _Pass:
-    """IBP over D domains at once: the box (D, *S), ``splits[i]`` (D, *shape of activation i's
-    input) in {+1 active, −1 inactive, 0 free}; with ``backsub``, every pre-activation behind
-    another activation is also bounded by back-substitution (``_backsub``) and the two intersected.
-    Rigorous: every value bound and the gradient are widened by their round-off allowances
-    ``rnd`` (:func:`_rounding` of the box, computed here if not given), so no neuron is fixed
-    by round-off and the map encloses the exact one."""
+    """IBP over D domains at once: the box (D, *S); ``splits[i]`` for a sign-split node (relu,
+    leaky relu, PReLU) is (D, *shape of its input) in {+1 active, −1 inactive, 0 free}, for a
+    MaxPool (D, C, windows) in {t + 1: tap t is the window's first argmax, 0 free}. With
+    ``backsub``, every split node's input behind another split node is also bounded by
+    back-substitution (``_backsub``) and the two intersected. Rigorous: every value bound and
+    the gradient are widened by their round-off allowances ``rnd`` (:func:`_rounding` of the
+    box, computed here if not given), so no neuron is fixed by round-off and the map encloses
+    the exact one; relu and MaxPool outputs are exact functions of their input's bounds (max
+    with 0, a selection), so they need none."""
     if rnd is None:
         rnd = _rounding(net, box[0:1], output)
     nodes, wiring = net.layers, net.wiring
@@ -359,17 +579,22 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
     empty = torch.zeros(d, dtype=torch.bool, device=box.lower.device)
     vals: dict[str, Interval] = {INPUT: (box.lower, box.upper)}
     pre: dict[int, Interval] = {}
-    # the activations whose input depends on another activation (the others' boxes are exact)
+    # the split nodes whose input back-substitution can tighten (the others' boxes are exact or as good)
     behind = net.memo(("bab", "behind"), lambda: frozenset(
-        j for j in _acts(net) if _has_activation_before(net, wiring[j][0])))
+        j for j in _split_nodes(net) if _backsub_helps(net, wiring[j][0])))
     stop = n if output != Output.LOGIT else n - 1
     for i in range(stop):
         node, xs = nodes[i], [vals[m] for m in wiring[i]]
-        if isinstance(node, Activation):
+        if isinstance(node, (*_SIGN_NODES, MaxPool)):
             lo, up = xs[0]
             if backsub and i in behind:
                 lo, up = round_outward(_backsub(net, box, i, pre, splits, (lo, up)), rnd.fwd[wiring[i][0]])
             s = splits.get(i)
+            if isinstance(node, MaxPool):
+                pre[i] = (lo, up)
+                vals[node.name], bad = _pool_forward(node, lo, up, s)
+                empty |= bad
+                continue
             if s is not None:
                 bad = ((s > 0) & (up <= 0)) | ((s < 0) & (lo > 0))
                 empty |= bad.reshape(d, -1).any(1)
@@ -378,6 +603,10 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
                 lo = torch.minimum(lo, up)  # an empty domain keeps a valid (dropped) box
             pre[i] = (lo, up)
             xs = [(lo, up)]
+            if isinstance(node, Activation) and node.kind == ActKind.RELU:
+                # exact: a dead relu's box stays [0, 0], so a MaxPool reading it sees the tie
+                vals[node.name] = node.ibp_forward(xs, net.in_shapes(i), ctx)
+                continue
         vals[node.name] = round_outward(node.ibp_forward(xs, net.in_shapes(i), ctx), rnd.fwd[node.name])
     seed = output_seed_bounds(vals.get(nodes[-1].name), target, output, net.num_classes, box.lower.dtype,
                               box.lower.device)
@@ -387,17 +616,15 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
     for i in range(n - 1, -1, -1):
         node = nodes[i]
         g = grads.pop(node.name)
-        if isinstance(node, Activation):
+        outs: Sequence[Interval | None]
+        if isinstance(node, MaxPool):
             gout[i] = g
-            lo, up = pre[i]
-            dl, du = node.derivative_bounds(lo, up)
-            s = splits.get(i)
-            if s is not None:
-                one, slope = torch.ones_like(dl), torch.full_like(dl, node.param if node.kind == ActKind.LEAKY_RELU
-                                                                  else 0.0)
-                dl = torch.where(s > 0, one, torch.where(s < 0, slope, dl))
-                du = torch.where(s > 0, one, torch.where(s < 0, slope, du))
-            outs: Sequence[Interval | None] = (mul_nonneg_interval((dl, du), g),)
+            outs = (_pool_vjp(node, *pre[i], splits.get(i), g),)
+        elif isinstance(node, _SIGN_NODES):
+            gout[i] = g
+            dv = _deriv_bounds(node, *pre[i], splits.get(i))
+            # a PReLU slope may be negative: the general interval product
+            outs = (mul_interval(dv, g) if isinstance(node, PReLU) else mul_nonneg_interval(dv, g),)
         else:
             outs = node.ibp_vjp([vals[m] for m in wiring[i]], g, net.in_shapes(i), ctx)
         for name, gi in zip(wiring[i], outs, strict=True):
@@ -412,57 +639,80 @@ def _unstable(lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None) -> tor
 
 
 def _acts(net: Network) -> list[int]:
-    return [i for i, node in enumerate(net.layers) if isinstance(node, Activation)]
+    """The sign-split nodes: relu / leaky relu activations and PReLUs."""
+    return [i for i, node in enumerate(net.layers) if isinstance(node, _SIGN_NODES)]
+
+
+def _split_nodes(net: Network) -> list[int]:
+    """Every split node in network order: the sign-split nodes and the MaxPools."""
+    return [i for i, node in enumerate(net.layers) if isinstance(node, (*_SIGN_NODES, MaxPool))]
+
+
+def _split_shape(net: Network, i: int) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of node i's split tensor: its input's shape (int8 signs) for a sign
+    split, (C, windows) (int16 tap + 1) for a MaxPool."""
+    if isinstance(net.layers[i], MaxPool):
+        c, *rest = net.shape_of[net.layers[i].name]
+        return (c, math.prod(rest)), torch.int16
+    return tuple(net.in_shapes(i)[0]), torch.int8
 
 
 def _stack_splits(net: Network, domains: Sequence[dict[int, torch.Tensor]], device: torch.device
                   ) -> dict[int, torch.Tensor]:
     out = {}
-    for i in _acts(net):
-        shape = net.in_shapes(i)[0]
-        out[i] = torch.stack([dm.get(i, torch.zeros(shape, dtype=torch.int8, device=device)) for dm in domains])
+    for i in _split_nodes(net):
+        shape, dtype = _split_shape(net, i)
+        out[i] = torch.stack([dm.get(i, torch.zeros(shape, dtype=dtype, device=device)) for dm in domains])
     return out
 
 
 def _pattern_map(net: Network, pre: dict[int, Interval], splits: dict[int, torch.Tensor], k: int
                  ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Domain k's LP constraints: (activation index, flat coordinates, signs) for the split
-    neurons whose pre-activation is affine in x on the domain (every activation before it has
-    a fixed pattern)."""
+    """Domain k's LP constraints: (split node index, flat coordinates, signs) for the split
+    neurons — (MaxPool index, flat windows, fixed taps) for the split windows — whose input is
+    affine in x on the domain (every split node before it is fixed: no free unstable neuron, no
+    free ambiguous window)."""
     cons = []
-    for i in _acts(net):
-        lo, up = pre[i][0][k], pre[i][1][k]
-        s = splits[i][k]
+    for i in _split_nodes(net):
+        node = net.layers[i]
+        lo, up, s = pre[i][0][k:k + 1], pre[i][1][k:k + 1], splits[i][k:k + 1]
         idx = (s != 0).flatten().nonzero().flatten()
         if idx.numel():
-            cons.append((i, idx, s.flatten()[idx]))
-        if bool(_unstable(lo, up, s).any()):
+            vals = s.flatten()[idx]
+            cons.append((i, idx, vals.long() - 1 if isinstance(node, MaxPool) else vals))
+        if bool(_free(node, lo, up, s).any()):
             break
     return cons
 
 
 def _fixed_slopes(net: Network, pre: dict[int, Interval], splits: dict[int, torch.Tensor], k: int
                   ) -> dict[int, torch.Tensor]:
-    """σ' of every activation of domain k where it is fixed (split, or stable on its box);
-    free neurons get NaN (nothing downstream of them is affine)."""
+    """The linear map of every split node of domain k where it is fixed: f' of a sign split
+    (split, or stable on its box), free neurons NaN; for a MaxPool the one-hot (C, kk, windows)
+    of each window's argmax tap where it is split or certain, free windows NaN (nothing
+    downstream of a NaN is affine)."""
     out = {}
-    for i in _acts(net):
+    for i in _split_nodes(net):
         node = net.layers[i]
-        assert isinstance(node, Activation)
-        alpha = node.param if node.kind == ActKind.LEAKY_RELU else 0.0
         lo, up, s = pre[i][0][k], pre[i][1][k], splits[i][k]
+        if isinstance(node, MaxPool):
+            certain, _ = _pool_taps(node, lo[None], up[None], s[None])
+            known = certain.any(dim=2, keepdim=True)
+            out[i] = torch.where(known, certain.to(lo.dtype), torch.full_like(certain, math.nan, dtype=lo.dtype))[0]
+            continue
+        assert isinstance(node, _SIGN_NODES)
         slope = torch.full_like(lo, math.nan)
         slope = torch.where((s > 0) | ((s == 0) & (lo > 0)), torch.ones_like(lo), slope)
-        slope = torch.where((s < 0) | ((s == 0) & (up <= 0)), torch.full_like(lo, alpha), slope)
+        slope = torch.where((s < 0) | ((s == 0) & (up <= 0)), _neg_slope(node, lo), slope)
         out[i] = slope
     return out
 
 
 def _affine_pre(net64: Network, x0: torch.Tensor, slopes: dict[int, torch.Tensor], last: int
                 ) -> dict[int, torch.Tensor]:
-    """Pre-activations of the activations up to index ``last`` as affine maps of x, from the
-    network with fixed slopes evaluated at x0 and x0 + e_k (exact for an affine map):
-    {i: (n_coords, n_in + 1)} holding [A | c] with z = A x + c."""
+    """Inputs of the split nodes up to index ``last`` as affine maps of x, from the network with
+    fixed slopes and fixed argmax taps (``_fixed_slopes``) evaluated at x0 and x0 + e_k (exact
+    for an affine map): {i: (n_coords, n_in + 1)} holding [A | c] with z = A x + c."""
     n_in = x0.numel()
     eye = torch.eye(n_in, dtype=torch.float64, device=x0.device).reshape(n_in, *x0.shape[1:])
     xs = torch.cat([x0, x0 + eye])
@@ -472,22 +722,50 @@ def _affine_pre(net64: Network, x0: torch.Tensor, slopes: dict[int, torch.Tensor
         if i > last:
             break
         args = [vals[m] for m in ins]
-        if isinstance(node, Activation):
+        if isinstance(node, (*_SIGN_NODES, MaxPool)):
             z = args[0]
             zf = z.reshape(z.shape[0], -1)
             a = (zf[1:] - zf[0:1]).T  # (n_coords, n_in)
             c = zf[0] - a @ x0.reshape(-1)
             out[i] = torch.cat([a, c[:, None]], dim=1)
-            vals[node.name] = z * slopes[i].to(torch.float64)
+            if isinstance(node, MaxPool):
+                wins, _ = _windows(z, node, 0.0)  # padding is never a selected tap
+                y = (wins * slopes[i].to(torch.float64)).sum(2)
+                vals[node.name] = y.reshape(z.shape[0], *node.out_shape([tuple(z.shape[1:])]))
+            else:
+                vals[node.name] = z * slopes[i].to(torch.float64)
         else:
             vals[node.name] = node.forward(args)
     return out
 
 
+def _tap_rows(node: MaxPool, ac: torch.Tensor, in_shape: Sequence[int], idx: torch.Tensor, taps: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The argmax constraints of split windows as rows A x + c ≥ 0: for window w fixed to tap t
+    and each other real tap s of it, x_t − x_s > 0 (s before t: t is the FIRST argmax) or ≥ 0
+    (s after t); ``ac`` the affine map [A | c] of the pool's input. Returns (A, c, strict)."""
+    n = math.prod(in_shape)
+    where = torch.arange(n, dtype=torch.float64, device=ac.device).reshape(1, *in_shape)
+    coords, _ = _windows(where, node, -1.0)  # (1, C, kk, L): each tap's input coordinate, −1 = padding
+    kk = coords.shape[2]
+    cmap = coords[0].permute(0, 2, 1).reshape(-1, kk).long()  # window (c·L + l) → its taps
+    win = cmap[idx.to(ac.device)]
+    taps = taps.to(ac.device)
+    order = torch.arange(kk, device=ac.device)[None]
+    other = (win >= 0) & (order != taps[:, None])
+    w_i, s_i = other.nonzero(as_tuple=True)
+    ct = win.gather(1, taps[:, None])[:, 0]
+    diff = ac[ct[w_i]] - ac[win[w_i, s_i]]
+    return diff[:, :-1], diff[:, -1], s_i < taps[w_i]
+
+
 def _lp_feasible(net64: Network, box: Bounds, cons: list[tuple[int, torch.Tensor, torch.Tensor]],
                  slopes: dict[int, torch.Tensor]) -> tuple[float, torch.Tensor | None]:
-    """max t s.t. x ∈ box, s_j·z_j(x) ≥ t·‖∇z_j‖ for every constraint (t ≤ 1): the distance of
-    the deepest point of the domain from its split hyperplanes, and that point."""
+    """max t s.t. x ∈ box, A_r x + c_r ≥ t·‖A_r‖ for every constraint row r (t ≤ 1): the distance
+    of the deepest point of the domain from its split hyperplanes, and that point. Rows: s·z_j
+    for a split neuron (active z_j > 0, inactive −z_j ≥ 0) and x_t − x_s for a split window
+    (``_tap_rows``); the LP takes every row as closed (a superset of the domain). A row constant
+    on the domain is judged by its sign (strict rows need c > 0), in float64."""
     from scipy.optimize import linprog  # a dependency of bab only
 
     if not cons:
@@ -497,22 +775,24 @@ def _lp_feasible(net64: Network, box: Bounds, cons: list[tuple[int, torch.Tensor
     x0 = ((lo + up) / 2).reshape(1, *box.lower.shape[1:])
     maps = _affine_pre(net64, x0, slopes, max(i for i, _, _ in cons))
     rows, rhs = [], []
-    for i, idx, signs in cons:
-        ac = maps[i][idx]
-        a, c = ac[:, :-1], ac[:, -1]
-        sg = signs.to(torch.float64)
+    for i, idx, vals in cons:
+        node = net64.layers[i]
+        if isinstance(node, MaxPool):
+            a, c, strict = _tap_rows(node, maps[i], net64.in_shapes(i)[0], idx, vals)
+        else:
+            ac = maps[i][idx.to(maps[i].device)]
+            sg = vals.to(torch.float64).to(ac.device)
+            a, c, strict = sg[:, None] * ac[:, :-1], sg * ac[:, -1], sg > 0
         norm = a.norm(dim=1)
         const = norm < _ZERO_ROW
         if bool(const.any()):
-            val = sg[const] * c[const]
-            # a constant pre-activation: active needs c > 0, inactive c ≤ 0
-            ok = torch.where(sg[const] > 0, val > 0, val >= 0)
+            ok = torch.where(strict[const], c[const] > 0, c[const] >= 0)
             if not bool(ok.all()):
                 return -math.inf, None
         keep = ~const
-        # s·(a·x + c) ≥ t‖a‖  ⇔  −s·a·x + ‖a‖·t ≤ s·c
-        rows.append(torch.cat([-(sg[keep, None] * a[keep]), norm[keep, None]], dim=1))
-        rhs.append(sg[keep] * c[keep])
+        # A·x + c ≥ t‖A‖  ⇔  −A·x + ‖A‖·t ≤ c
+        rows.append(torch.cat([-a[keep], norm[keep, None]], dim=1))
+        rhs.append(c[keep])
     a_ub = torch.cat(rows).cpu().numpy() if rows else np.zeros((0, lo.numel() + 1))
     b_ub = torch.cat(rhs).cpu().numpy() if rhs else np.zeros(0)
     if a_ub.shape[0] == 0:
@@ -553,6 +833,9 @@ class _Search:
         self.lp = opts.lp if opts.lp is not None else box.lower[0].numel() <= 256
         self.net64 = net.to(torch.float64) if mode == Mode.NEURONS else net
         self.rounding = _rounding(net, box, output) if mode == Mode.NEURONS else None
+        self.attack_s = 0.0  # time spent in attacks from domains
+        self.attacks = 0
+        self.attacked: set[int] = set()  # ids of the domains attacked from
 
     # -- budget ---------------------------------------------------------------------------
     def out_of_budget(self) -> bool:
@@ -576,13 +859,14 @@ class _Search:
         up = torch.minimum(p.grad[1], self.root.upper)
         keep = (~p.empty).nonzero().flatten()
         if self.leaf_engine is not None and keep.numel():
-            lo_k, up_k = _leaf_bounds(self.leaf_engine, box, self.target, p, splits, keep)
+            lo_k, up_k = _leaf_bounds(self.net, self.leaf_engine, box, self.target, p, splits, keep)
             lo[keep], up[keep] = torch.maximum(lo[keep], lo_k), torch.minimum(up[keep], up_k)
         up = torch.maximum(lo, up)  # both sound: they meet (crossing only by round-off)
         worst = self._judge(lo, up, box)
-        free = torch.zeros(d, dtype=torch.bool, device=dev)  # some unstable neuron left unsplit
+        # some unstable neuron or ambiguous window left unsplit (else the domain is exact)
+        free = torch.zeros(d, dtype=torch.bool, device=dev)
         for i, (zl, zu) in p.pre.items():
-            free |= _unstable(zl, zu, splits[i]).reshape(d, -1).any(1)
+            free |= _free(self.net.layers[i], zl, zu, splits[i]).any(1)
         out: list[_Domain | None] = []
         for k in range(d):
             if bool(p.empty[k]):
@@ -636,33 +920,68 @@ class _Search:
         return self.witness is not None
 
 
-def _neuron_candidates(net: Network, dom: _Domain, k: int, first_layer: bool = False) -> list[tuple[int, int]]:
-    """The k free unstable neurons (activation index, flat coordinate) of largest
-    |g_out|·min(u, −l) (``first_layer``: only in the first activation that has any)."""
+def _window_scores(node: MaxPool, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(free (C·L,), ambiguity (C·L,), possible (C, kk, L)) of one domain's MaxPool windows
+    (lo, up: (1, C, H, W)). The ambiguity of a window is u_(2) − max_p l_p, the second largest
+    upper bound among its taps above the largest lower bound: how far the runner-up can rise
+    past the leader's floor, the analogue of min(u, −l) for a neuron (0 or less: one candidate)."""
+    _, possible = tap_states(lo, up, node)
+    free = _pool_free(node, lo, up, s).flatten()
+    wl, _ = _windows(lo, node, float("-inf"))
+    wu, _ = _windows(up, node, float("-inf"))
+    cand = torch.where(possible, wu, torch.full_like(wu, -math.inf))
+    second = cand.topk(2, dim=2).values[:, :, 1] if cand.shape[2] >= 2 else torch.full_like(cand[:, :, 0], -math.inf)
+    amb = (second - wl.max(dim=2).values).flatten()
+    return free, torch.where(free, amb, torch.zeros_like(amb)), possible[0]
+
+
+def _neuron_candidates(net: Network, dom: _Domain, k: int, first_layer: bool = False
+                       ) -> list[tuple[int, int, list[int]]]:
+    """The k free split candidates of largest score, as (split node index, flat coordinate,
+    the sides of its children) (``first_layer``: only in the first split node that has any).
+    An unstable neuron scores |g_out|·min(u, −l) — the gradient mass through it times its
+    ambiguity — and has children +1 (active), −1 (inactive); an ambiguous MaxPool window
+    scores |g_w|·(u_(2) − max_p l_p) (``_window_scores``: the gradient mass through the window
+    times the pool-input distance the runner-up can rise past the leader's floor, in the same
+    units as a neuron's) and has one child t + 1 per possible argmax tap t."""
     assert dom.info is not None
     p, j = dom.info
-    scored = []
+    scored: list[tuple[float, int, int, list[int]]] = []
     for i, (lo, up) in p.pre.items():
-        lo_j, up_j = lo[j].flatten(), up[j].flatten()
+        node = net.layers[i]
         s = dom.splits.get(i)
-        free = _unstable(lo_j, up_j, None if s is None else s.flatten())
+        gl, gu = p.gout[i][0][j].flatten(), p.gout[i][1][j].flatten()
+        mass = torch.maximum(gl.abs(), gu.abs())
+        possible: torch.Tensor | None = None
+        if isinstance(node, MaxPool):
+            free, amb, possible = _window_scores(node, lo[j:j + 1], up[j:j + 1], None if s is None else s[None])
+        else:
+            lo_j, up_j = lo[j].flatten(), up[j].flatten()
+            free = _unstable(lo_j, up_j, None if s is None else s.flatten())
+            amb = torch.minimum(up_j, -lo_j)
         if not bool(free.any()):
             continue
-        gl, gu = p.gout[i][0][j].flatten(), p.gout[i][1][j].flatten()
-        score = torch.maximum(gl.abs(), gu.abs()) * torch.minimum(up_j, -lo_j)
-        score = torch.where(free, score + 1e-30, torch.full_like(score, -1.0))
-        top = torch.topk(score, min(k, int(free.sum()))).indices
-        scored += [(float(score[t]), i, int(t)) for t in top]
+        score = torch.where(free, mass * amb + 1e-30, torch.full_like(amb, -1.0))
+        for t in torch.topk(score, min(k, int(free.sum()))).indices.tolist():
+            if possible is None:
+                sides = [1, -1]
+            else:  # window t = c·L + l: one child per possible tap
+                nw = possible.shape[2]
+                sides = [int(q) + 1 for q in possible[t // nw, :, t % nw].nonzero().flatten()]
+            scored.append((float(score[t]), i, t, sides))
         if first_layer:
             break
-    scored.sort(reverse=True)
-    return [(i, t) for _, i, t in scored[:k]]
+    scored.sort(key=lambda e: e[0], reverse=True)
+    return [(i, t, sd) for _, i, t, sd in scored[:k]]
 
 
 def _child(net: Network, splits: dict[int, torch.Tensor], i: int, t: int, side: int, device) -> dict[int, torch.Tensor]:
+    """``splits`` with coordinate t of split node i set to ``side`` (a sign, or a tap + 1)."""
     out = dict(splits)
     base = out.get(i)
-    base = torch.zeros(net.in_shapes(i)[0], dtype=torch.int8, device=device) if base is None else base.clone()
+    shape, dtype = _split_shape(net, i)
+    base = torch.zeros(shape, dtype=dtype, device=device) if base is None else base.clone()
     base.view(-1)[t] = side
     out[i] = base
     return out
@@ -687,9 +1006,10 @@ def _halves(b: Bounds, t: int) -> tuple[Bounds, Bounds]:
     return Bounds(lo.reshape(shape), u1.reshape(shape)), Bounds(l2.reshape(shape), up.reshape(shape))
 
 
-def _best_pair(search: _Search, pairs: list[tuple[_Domain | None, _Domain | None]]) -> int:
-    """The candidate whose worse child is best (an empty child counts as decided)."""
-    def worse(pair: tuple[_Domain | None, _Domain | None]) -> float:
+def _best_pair(search: _Search, pairs: Sequence[Sequence[_Domain | None]]) -> int:
+    """The candidate whose worse child is best (an empty child counts as decided); a candidate
+    has two children (a neuron, a halved coordinate) or one per possible tap (a window)."""
+    def worse(pair: Sequence[_Domain | None]) -> float:
         return max(-math.inf if c is None else c.key for c in pair)
     return min(range(len(pairs)), key=lambda q: worse(pairs[q]))
 
@@ -698,22 +1018,24 @@ def _step_neurons(search: _Search, batch: list[_Domain]) -> None:
     net, opts, dev = search.net, search.opts, search.box.lower.device
     layer = opts.branching == Branching.LAYER
     k = 1 if layer else opts.candidates
-    plans: list[list[tuple[int, int]]] = []
+    plans: list[list[tuple[int, int, list[int]]]] = []
     kids: list[dict[int, torch.Tensor]] = []
     for dom in batch:
         cands = _neuron_candidates(net, dom, k, layer)
         plans.append(cands)
-        for i, t in cands:
-            kids += [_child(net, dom.splits, i, t, +1, dev), _child(net, dom.splits, i, t, -1, dev)]
+        for i, t, sides in cands:
+            kids += [_child(net, dom.splits, i, t, side, dev) for side in sides]
     bounded = search.bound_neurons(kids) if kids else []
     pos = 0
     for dom, cands in zip(batch, plans, strict=True):
-        if not cands:  # no free unstable neuron: an exact leaf (handled by _exact_leaf)
+        if not cands:  # no free unstable neuron or ambiguous window: an exact leaf
             search.stuck.append(dom)
             continue
-        pairs = [(bounded[pos + 2 * q], bounded[pos + 2 * q + 1]) for q in range(len(cands))]
-        pos += 2 * len(cands)
-        for child in pairs[_best_pair(search, pairs)]:
+        groups = []
+        for _, _, sides in cands:
+            groups.append(bounded[pos:pos + len(sides)])
+            pos += len(sides)
+        for child in groups[_best_pair(search, groups)]:
             if child is not None:
                 _admit(search, child)
 
@@ -769,18 +1091,23 @@ BoxEngine = Callable[[Bounds, torch.Tensor], Bounds]  # (boxes (D, *S), classes 
 LeafEngine = Callable[[Bounds, torch.Tensor, dict[int, Interval]], Bounds]
 
 
-def _leaf_bounds(engine: LeafEngine, box: Bounds, target: torch.Tensor, p: _Pass, splits: dict[int, torch.Tensor],
-                 keep: torch.Tensor) -> Interval:
-    """The leaf engine on the domains ``keep``, given their pre-activation boxes. A neuron split
-    active is handed the box [max(l, tiny), u]: the domain's points with z = 0 exactly (where
-    relu′ = 0, as autograd has it) belong to its inactive sibling, which keeps z ≤ 0. The batch
-    is padded to a power of two (repeating the first domain) so that the engine sees few batch
-    sizes (each is one traced graph)."""
+def _leaf_bounds(net: Network, engine: LeafEngine, box: Bounds, target: torch.Tensor, p: _Pass,
+                 splits: dict[int, torch.Tensor], keep: torch.Tensor) -> Interval:
+    """The leaf engine on the domains ``keep``, given the input boxes of their sign-split nodes
+    (relu / leaky relu / PReLU). A neuron split active is handed the box [max(l, tiny), u]: the
+    domain's points with z = 0 exactly (where f′ = a, as autograd has it) belong to its inactive
+    sibling, which keeps z ≤ 0. MaxPool inputs and window splits are not handed over: the
+    engine bounds a pool from its own input bounds over {x ∈ box : every handed box holds}, a
+    superset of the domain, so its map is sound there. The batch is padded to a power of two
+    (repeating the first domain) so that the engine sees few batch sizes (each is one traced
+    graph)."""
     k = int(keep.numel())
     size = 1 << (k - 1).bit_length()
     idx = torch.cat([keep, keep[:1].expand(size - k)])
     pre = {}
     for i, (lo, up) in p.pre.items():
+        if not isinstance(net.layers[i], _SIGN_NODES):
+            continue
         lo, up = lo[idx], up[idx]
         s = splits[i][idx]
         tiny = torch.full_like(lo, torch.finfo(lo.dtype).tiny)
@@ -814,8 +1141,49 @@ def search(net: Network, box: Bounds, target: torch.Tensor, output: Output, root
             t0 = time.perf_counter()
             step(s, [s.pop() for _ in range(min(size, len(s.open)))])
             dt, left = time.perf_counter() - t0, opts.timeout_s - (time.perf_counter() - s.start)
+            _attack_worst(s)
             size = min(opts.batch, 2 * size) if 4 * dt < left else max(1, size // 2) if 2 * dt > left else size
     return _result(s)
+
+
+def _attack_worst(s: _Search) -> None:
+    """Falsification inside the loop: while attacks have used at most ``attack_share`` of the
+    search's time, run the objective's attacks from the worst open domain not attacked yet —
+    confined to its sub-box (input splits) or started at a point of it (neuron splits: the LP's
+    deepest point of its split constraints over the box). The domain's bound says where the
+    property is closest to failing; the attacks look for a point that makes it fail."""
+    if s.obj.attack is None or s.opts.attack_share <= 0 or not s.open or s.witness is not None or s.out_of_budget():
+        return
+    if s.attack_s > s.opts.attack_share * (time.perf_counter() - s.start):
+        return
+    dom = next((d for _, _, d in heapq.nsmallest(16, s.open) if id(d) not in s.attacked), None)
+    if dom is None:
+        return
+    s.attacked.add(id(dom))
+    t0 = time.perf_counter()
+    if s.mode == Mode.NEURONS:
+        if dom.point is None:
+            dom.point = _domain_point(s, dom)
+        box, start = s.box, dom.point
+    else:
+        box, start = dom.splits, dom.splits.center
+    with torch.enable_grad():  # the search bounds under no_grad; attacks differentiate
+        s.witness = s.obj.attack(box, start)
+    s.attacks += 1
+    s.attack_s += time.perf_counter() - t0
+
+
+def _domain_point(s: _Search, dom: _Domain) -> torch.Tensor | None:
+    """A point of the box meeting the split constraints of ``dom`` that are affine in x (the LP's
+    deepest one; the box's centre when there is none), or None when the LP finds the domain empty."""
+    assert dom.info is not None
+    p, j = dom.info
+    pre = {i: (lo[j:j + 1], up[j:j + 1]) for i, (lo, up) in p.pre.items()}
+    splits = _stack_splits(s.net, [dom.splits], s.box.lower.device)
+    t, point = _lp_feasible(s.net64, s.box, _pattern_map(s.net, pre, splits, 0), _fixed_slopes(s.net, pre, splits, 0))
+    if t < -LP_DROP:
+        return None
+    return s.box.center if point is None else point  # no affine constraint (or no LP answer): any point
 
 
 def _result(s: _Search) -> BabResult:
@@ -830,9 +1198,10 @@ def _result(s: _Search) -> BabResult:
     worst = worst_key * s.obj.sign if math.isfinite(worst_key) else math.nan
     dt = time.perf_counter() - s.start
     notes = (f"bab ({s.mode.value} splits): {s.domains} domains bounded, {s.leaves} leaves decided, "
-             f"{len(s.open)} open, {len(s.stuck)} exact undecided, {dt:.2f} s",)
+             f"{len(s.open)} open, {len(s.stuck)} exact undecided, {s.attacks} attacks from domains "
+             f"({s.attack_s:.2f} s), {dt:.2f} s",)
     return BabResult(status, worst, Bounds(s.hull_lo, torch.maximum(s.hull_lo, s.hull_up)), s.domains, s.leaves,
-                     len(rest), dt, not s.open, s.mode, s.witness, notes)
+                     len(rest), dt, not s.open, s.mode, s.witness, notes, s.attacks)
 
 
 # ------------------------------------------------------------------------------------------

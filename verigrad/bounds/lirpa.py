@@ -35,7 +35,7 @@ from verigrad.bounds.lirpa_compat import import_auto_lirpa
 from verigrad.bounds.options import CrownOptions, available_memory_bytes
 from verigrad.bounds.rounding import crown_chain_length, gamma
 from verigrad.graph.gradient_graph import GradientGraph, Output
-from verigrad.models.network import ActKind, Activation, Conv2d, Network
+from verigrad.models.network import ActKind, Activation, Conv2d, Network, PReLU
 from verigrad.perturbation import ParamBox
 
 auto_LiRPA = import_auto_lirpa()
@@ -705,16 +705,17 @@ class _ChunkPlan:
 
 def _preset(model: BoundedModule, net: Network, pre_bounds: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None
             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
-    """auto_LiRPA node name → bounds for the input z of each ReLU / LeakyReLU named by activation
-    index in ``pre_bounds``: the z of its relu'(z)·g node (one per activation, traced in backward
-    order; the forward ReLU of the last activation is not traced at all when nothing reads it)."""
+    """auto_LiRPA node name → bounds for the input z of each ReLU / LeakyReLU / PReLU named by
+    node index in ``pre_bounds``: the z of its relu'(z)·g node (one per such node — a PReLU's
+    gradient rule is r + a·(g − r) with r = relu'(z)·g — traced in backward order; the forward
+    ReLU of the last activation is not traced at all when nothing reads it)."""
     if not pre_bounds:
         return None
-    acts = [i for i, node in enumerate(net.layers) if isinstance(node, Activation)]
+    acts = [i for i, node in enumerate(net.layers) if isinstance(node, (Activation, PReLU))]
     nodes = [n for n in model._modules.values() if isinstance(n, BoundReluGrad)][::-1]
-    kinds = {cast(Activation, net.layers[i]).kind for i in acts}
+    kinds = {node.kind for i in acts if isinstance(node := net.layers[i], Activation)}
     if len(acts) != len(nodes) or not kinds <= {ActKind.RELU, ActKind.LEAKY_RELU}:
-        raise LirpaError(f"pre-activation bounds need a ReLU / LeakyReLU net whose activations map one to one to "
+        raise LirpaError(f"pre-activation bounds need a ReLU / LeakyReLU / PReLU net whose activations map one to one to "
                          f"the traced graph's ({len(acts)} activations, {len(nodes)} traced)")
     index = {i: k for k, i in enumerate(acts)}
     return {nodes[index[i]].inputs[0].name: (lo.detach(), up.detach()) for i, (lo, up) in pre_bounds.items()}
