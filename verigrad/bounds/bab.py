@@ -118,7 +118,7 @@ class BabOptions:
     root: str = "crown"  # the engine whose map every domain is intersected with (and input splits use)
     lp: bool | None = None  # LP feasibility of partly split domains; None = when the input has ≤ 256 coordinates
     leaf: Leaf = Leaf.INTERVAL  # measured: more domains decide more within a budget (README)
-    attack_share: float = 0.25  # at most this share of the search's time runs attacks from its worst domains
+    attack_share: float = 0.1  # at most this share of the search's time runs attacks from its worst domains
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "branching", Branching(self.branching))
