@@ -48,11 +48,16 @@ def _crown(net):
     return lambda b, t: compute_bounds("crown", net, b, t).bounds
 
 
-def test_input_split_attacks_are_confined_to_a_worst_sub_box_and_a_witness_ends_the_search():
+def _smooth_case():
+    """A sigmoid net (input splits), its box, class and CROWN root map."""
     net = random_mlp(ActKind.SIGMOID, sizes=(3, 8, 8, 3), seed=3)
     box = input_box(torch.full((1, 3), 0.4, dtype=torch.float64), 0.4, None)
     t = torch.tensor([1])
-    root = compute_bounds("crown", net, box, t).bounds
+    return net, box, t, compute_bounds("crown", net, box, t).bounds
+
+
+def test_input_split_attacks_are_confined_to_a_worst_sub_box_and_a_witness_ends_the_search():
+    net, box, t, root = _smooth_case()
     calls: list = []
     r = search(net, box, t, Output.LOGIT, root, _never(calls, witness_at=2),
                BabOptions(timeout_s=30, batch=2, attack_share=0.9), engine=_crown(net))
@@ -79,10 +84,10 @@ def test_neuron_split_attacks_start_at_a_point_of_their_domain():
         seen.append((dict(dom.splits), point))
         return point
 
-    babmod_attack = _never([])
+    objective = _never([])
     try:
         babmod._domain_point = spy
-        r = search(net, box, t, Output.LOGIT, root, babmod_attack,
+        r = search(net, box, t, Output.LOGIT, root, objective,
                    BabOptions(timeout_s=3, batch=2, attack_share=0.9, lp=False))
     finally:
         babmod._domain_point = real
@@ -105,10 +110,7 @@ def test_neuron_split_attacks_start_at_a_point_of_their_domain():
 
 
 def test_attacks_keep_to_their_share_of_the_time_and_zero_turns_them_off():
-    net = random_mlp(ActKind.SIGMOID, sizes=(3, 8, 8, 3), seed=3)
-    box = input_box(torch.full((1, 3), 0.4, dtype=torch.float64), 0.4, None)
-    t = torch.tensor([1])
-    root = compute_bounds("crown", net, box, t).bounds
+    net, box, t, root = _smooth_case()
     calls: list = []
     r = search(net, box, t, Output.LOGIT, root, _never(calls, pause=0.05),
                BabOptions(timeout_s=1.5, batch=2, attack_share=0.2), engine=_crown(net))

@@ -47,7 +47,7 @@ import math
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ from verigrad.models.network import INPUT, ActKind, Activation, MaxPool, Network
 from verigrad.operators.affine import Conv2d, Linear
 from verigrad.operators.base import IbpContext
 from verigrad.operators.interval import Interval, add, mul_interval, mul_nonneg_interval, round_outward
-from verigrad.operators.pooling import _scatter_taps, _windows, maxpool_planes, tap_states
+from verigrad.operators.pooling import _scatter_taps, _windows, maxpool_planes, route_interval, tap_states
 from verigrad.operators.shape import Add, Concat, Pad, Reshape, Sub, Transpose
 
 if TYPE_CHECKING:
@@ -328,15 +328,7 @@ def _pool_forward(node: MaxPool, lo: torch.Tensor, up: torch.Tensor, s: torch.Te
 def _pool_vjp(node: MaxPool, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None, g: Interval) -> Interval:
     """MaxPool's interval gradient rule on a domain: a certain (or split) tap receives g_w, an
     uncertain one any of {0, g_w}, an impossible one 0; summed over overlapping windows."""
-    certain, possible = _pool_taps(node, lo, up, s)
-    b, c = g[0].shape[:2]
-    gl, gu = g[0].reshape(b, c, 1, -1), g[1].reshape(b, c, 1, -1)
-    uncertain = possible & ~certain
-    zero = torch.zeros((), dtype=gl.dtype, device=gl.device)
-    tl = torch.where(certain, gl, torch.where(uncertain, gl.clamp(max=0), zero))
-    tu = torch.where(certain, gu, torch.where(uncertain, gu.clamp(min=0), zero))
-    shape = tuple(lo.shape[1:])
-    return _scatter_taps(tl, node, shape), _scatter_taps(tu, node, shape)
+    return route_interval(*_pool_taps(node, lo, up, s), g, node, tuple(lo.shape[1:]))
 
 
 def _pool_planes(node: MaxPool, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None
@@ -364,9 +356,9 @@ def _free(node: Any, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None)
     return free.reshape(lo.shape[0], -1)
 
 
-def _has_activation_before(net: Network, name: str) -> bool:
-    """Whether the node ``name`` depends on a nonlinear split node (its interval box is then
-    not exact, and back-substitution can tighten it)."""
+def _upstream(net: Network, name: str) -> Iterator[tuple[str, Any]]:
+    """The nodes (name, node) reached walking back from node ``name`` (itself included), each
+    once, without walking past a split node (it is yielded, its inputs are not)."""
     index = {node.name: i for i, node in enumerate(net.layers)}
     stack, seen = [name], set()
     while stack:
@@ -374,11 +366,16 @@ def _has_activation_before(net: Network, name: str) -> bool:
         if n == INPUT or n in seen:
             continue
         seen.add(n)
-        i = index[n]
-        if isinstance(net.layers[i], (*_SIGN_NODES, MaxPool)):
-            return True
-        stack.extend(net.wiring[i])
-    return False
+        node = net.layers[index[n]]
+        yield n, node
+        if not isinstance(node, (*_SIGN_NODES, MaxPool)):
+            stack.extend(net.wiring[index[n]])
+
+
+def _has_activation_before(net: Network, name: str) -> bool:
+    """Whether the node ``name`` depends on a nonlinear split node (its interval box is then
+    not exact, and back-substitution can tighten it)."""
+    return any(isinstance(node, (*_SIGN_NODES, MaxPool)) for _, node in _upstream(net, name))
 
 
 def _elementwise(node: Any) -> bool:
@@ -400,21 +397,8 @@ def _backsub_helps(net: Network, name: str) -> bool:
     nodes only, each coordinate's interval box is already that of one split node's output, and
     the relaxation back-substituted from it cannot beat that (its planes evaluated at the
     input's own back-substituted bounds)."""
-    index = {node.name: i for i, node in enumerate(net.layers)}
-    stack, seen = [name], set()
-    while stack:
-        n = stack.pop()
-        if n == INPUT or n in seen:
-            continue
-        seen.add(n)
-        i = index[n]
-        node = net.layers[i]
-        if isinstance(node, (*_SIGN_NODES, MaxPool)):
-            continue
-        if not _elementwise(node) and _has_activation_before(net, n):
-            return True
-        stack.extend(net.wiring[i])
-    return False
+    return any(not isinstance(node, (*_SIGN_NODES, MaxPool)) and not _elementwise(node)
+               and _has_activation_before(net, n) for n, node in _upstream(net, name))
 
 
 def _backsub(net: Network, box: Bounds, i_act: int, pre: dict[int, Interval], splits: dict[int, torch.Tensor],
@@ -1040,17 +1024,21 @@ def _step_neurons(search: _Search, batch: list[_Domain]) -> None:
                 _admit(search, child)
 
 
+def _domain_lp(s: _Search, dom: _Domain) -> tuple[float, torch.Tensor | None]:
+    """The LP of ``dom``'s split constraints that are affine in x over the box (_lp_feasible)."""
+    assert dom.info is not None
+    p, j = dom.info
+    pre = {i: (lo[j:j + 1], up[j:j + 1]) for i, (lo, up) in p.pre.items()}
+    splits = _stack_splits(s.net, [dom.splits], s.box.lower.device)
+    return _lp_feasible(s.net64, s.box, _pattern_map(s.net, pre, splits, 0), _fixed_slopes(s.net, pre, splits, 0))
+
+
 def _admit(search: _Search, dom: _Domain) -> None:
     """Queue or close a bounded neuron domain. An exact leaf (and, with LP on, every undecided
     domain) is first checked for a point of the box; a domain without one is dropped, and the
     point found is judged as a candidate witness."""
     if dom.full or (search.lp and not search.decided(dom)):
-        assert dom.info is not None
-        p, j = dom.info
-        pre = {i: (lo[j:j + 1], up[j:j + 1]) for i, (lo, up) in p.pre.items()}
-        splits = _stack_splits(search.net, [dom.splits], search.box.lower.device)
-        cons = _pattern_map(search.net, pre, splits, 0)
-        t, dom.point = _lp_feasible(search.net64, search.box, cons, _fixed_slopes(search.net, pre, splits, 0))
+        t, dom.point = _domain_lp(search, dom)
         if t < -LP_DROP:
             return  # meets no point of the box
     if search.decided(dom) or (dom.full and search.obj.exact_decides):
@@ -1176,11 +1164,7 @@ def _attack_worst(s: _Search) -> None:
 def _domain_point(s: _Search, dom: _Domain) -> torch.Tensor | None:
     """A point of the box meeting the split constraints of ``dom`` that are affine in x (the LP's
     deepest one; the box's centre when there is none), or None when the LP finds the domain empty."""
-    assert dom.info is not None
-    p, j = dom.info
-    pre = {i: (lo[j:j + 1], up[j:j + 1]) for i, (lo, up) in p.pre.items()}
-    splits = _stack_splits(s.net, [dom.splits], s.box.lower.device)
-    t, point = _lp_feasible(s.net64, s.box, _pattern_map(s.net, pre, splits, 0), _fixed_slopes(s.net, pre, splits, 0))
+    t, point = _domain_lp(s, dom)
     if t < -LP_DROP:
         return None
     return s.box.center if point is None else point  # no affine constraint (or no LP answer): any point

@@ -110,6 +110,20 @@ def tap_states(lo: torch.Tensor, up: torch.Tensor, geo: "MaxPool") -> tuple[torc
     return certain, possible
 
 
+def route_interval(certain: torch.Tensor, possible: torch.Tensor, g: Interval, geo: "MaxPool",
+                   in_shape: Shape) -> Interval:
+    """The interval of the routed gradient Σ_w m_w·g_w (input-shaped) for argmax indicators m: a
+    certain tap receives g_w, an uncertain one any of {0, g_w}, an impossible one 0; summed
+    over overlapping windows."""
+    b, c = g[0].shape[:2]
+    gl, gu = g[0].reshape(b, c, 1, -1), g[1].reshape(b, c, 1, -1)
+    uncertain = possible & ~certain
+    zero = torch.zeros((), dtype=gl.dtype, device=gl.device)
+    lo = torch.where(certain, gl, torch.where(uncertain, gl.clamp(max=0), zero))
+    up = torch.where(certain, gu, torch.where(uncertain, gu.clamp(min=0), zero))
+    return _scatter_taps(lo, geo, in_shape), _scatter_taps(up, geo, in_shape)
+
+
 def maxpool_grad_planes(certain: torch.Tensor, possible: torch.Tensor, gl: torch.Tensor,
                         gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per tap (B, C, kk, L), planes lg·g_w + lb ≤ m·g_w ≤ ug·g_w + ub for m the tap's argmax
@@ -276,15 +290,7 @@ class MaxPool(Node):
 
     def ibp_vjp(self, xs: Sequence[Interval], g: Interval, in_shapes: Sequence[Shape],
                 ctx: IbpContext) -> tuple[Interval, ...]:
-        certain, possible = tap_states(*xs[0], self)
-        b, c = g[0].shape[:2]
-        gl, gu = g[0].reshape(b, c, 1, -1), g[1].reshape(b, c, 1, -1)
-        uncertain = possible & ~certain
-        zero = torch.zeros((), dtype=gl.dtype, device=gl.device)
-        lo = torch.where(certain, gl, torch.where(uncertain, gl.clamp(max=0), zero))
-        up = torch.where(certain, gu, torch.where(uncertain, gu.clamp(min=0), zero))
-        shape = tuple(in_shapes[0])
-        return ((_scatter_taps(lo, self, shape), _scatter_taps(up, self, shape)),)
+        return (route_interval(*tap_states(*xs[0], self), g, self, tuple(in_shapes[0])),)
 
     def ibp_forward_error(self, xs: Sequence[Interval], out: Interval, in_shapes: Sequence[Shape],
                           ctx: IbpContext) -> None:
