@@ -466,7 +466,10 @@ def cosine_lower_bound(a: torch.Tensor, bounds: Bounds, dot: torch.Tensor | None
     B (linear in v̂): cos = â·v̂ with v̂ = v/‖v‖ ∈ [L, U] (normalized_bounds, l2):
        cos ≥ Σ min(â_i L_i, â_i U_i);
     C (chord, only when 0 ∉ box): both unit, cos = 1 − ½‖v̂ − â‖² ≥ 1 − ½ Σ max((L−â)², (U−â)²).
-       C is second order in the box size, where A and B lose first-order terms.
+       C is second order in the box size, where A and B lose first-order terms;
+    D (a ball about â, :func:`_ball_cos`): cos ≥ √(1 − ρ²) with ρ² = min over scales of
+       max_box ‖v/μ − â‖², also second order, without C's loss from normalizing each
+       coordinate by its own extreme of ‖v‖.
     cos(a, 0) = 0 by convention; a = 0 gives 0.
     """
     b = Bounds(_flat(bounds.lower), _flat(bounds.upper))
@@ -485,8 +488,50 @@ def cosine_lower_bound(a: torch.Tensor, bounds: Bounds, dot: torch.Tensor | None
     lin = torch.minimum(ahat * nb.lower, ahat * nb.upper).sum(-1)
     far2 = torch.maximum((nb.lower - ahat) ** 2, (nb.upper - ahat) ** 2).sum(-1)
     chord = torch.where(n_lo > 0, 1.0 - far2 / 2, -torch.ones_like(s))
-    best = torch.maximum(torch.maximum(ratio, lin), chord)
+    best = torch.maximum(torch.maximum(torch.maximum(ratio, lin), chord), _ball_cos(ahat, b, n_lo))
     return torch.where(na > 0, best, torch.zeros_like(best)).clamp(-1.0, 1.0)
+
+
+def _ball_cos(ahat: torch.Tensor, b: Bounds, n_lo: torch.Tensor, iterations: int = 40) -> torch.Tensor:
+    """A lower bound of cos(â, v) over the box (rows of (B, n), â unit, n_lo ≤ ‖v‖), or −1.
+
+    For any scale t > 0 the box maps into the ball about â of radius ρ(t), ρ(t)² = g(t) =
+    max_box ‖t·v − â‖² = Σ_i max((t·l_i − â_i)², (t·u_i − â_i)²) (separable and convex in v,
+    so its maximum is coordinatewise at an endpoint). Where ρ < 1 the ball excludes 0 and every
+    v makes an angle θ with â of sin θ ≤ ρ (the tangent from 0), and also sin θ =
+    dist(t·v, ℝâ)/‖t·v‖ ≤ ρ/(t·n_lo); so cos θ ≥ √(1 − h), h = g(t)·min(1, 1/(t·n_lo)²). g is
+    convex in t, and for t ≥ 1/n_lo, h = max_box ‖v − â/t‖²/n_lo² is convex in 1/t: each
+    piece is minimised by ternary search (any t gives a sound bound; the search only sharpens
+    it). Computed in float64 with h enlarged by its rounding bound ((n + 8)·2⁻⁵² relative)."""
+    ahat, lo, up, n_lo = ahat.double(), b.lower.double(), b.upper.double(), n_lo.double()
+    n = ahat.shape[-1]
+
+    def g(t: torch.Tensor) -> torch.Tensor:  # t (B,) → max_box ‖t·v − â‖²
+        t = t[:, None]
+        return torch.maximum((t * lo - ahat) ** 2, (t * up - ahat) ** 2).sum(-1)
+
+    inv = torch.where(n_lo > 0, 1.0 / torch.where(n_lo > 0, n_lo, torch.ones_like(n_lo)), torch.zeros_like(n_lo))
+
+    def ternary(f: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        for _ in range(iterations):
+            m1, m2 = a + (c - a) / 3, c - (c - a) / 3
+            left = f(m1) <= f(m2)
+            a, c = torch.where(left, a, m1), torch.where(left, m2, c)
+        return (a + c) / 2
+
+    zero = torch.zeros_like(n_lo)
+    t1 = ternary(g, zero, inv)  # t ∈ (0, 1/n_lo]: h = g(t)
+    mu = ternary(lambda m: g(_safe_div(torch.ones_like(m), m)) * (m * inv) ** 2, zero, n_lo)  # μ = 1/t ≤ n_lo
+    t2 = _safe_div(torch.ones_like(mu), mu)
+    out = torch.full_like(n_lo, -1.0)
+    slack = 1.0 + (n + 8) * 2.0 ** -52
+    for t in (t1, t2):
+        gt = g(t) * slack
+        h = gt * torch.minimum(torch.ones_like(t), (t * n_lo) ** -2)
+        ok = (t > 0) & (n_lo > 0) & torch.isfinite(t) & (gt < 1.0)
+        # 2⁻⁵⁰ covers the roundings of 1 − h and of the square root
+        out = torch.where(ok, torch.maximum(out, (1.0 - h).clamp(min=0.0).sqrt() - 2.0 ** -50), out)
+    return out
 
 
 def cosine_upper_bound(t: torch.Tensor, bounds: Bounds, dot: torch.Tensor | None = None) -> torch.Tensor:
