@@ -49,4 +49,28 @@ def topk_overlap_lower_bound(v0: torch.Tensor, bounds: Bounds, k: int) -> torch.
             um = suf_max.gather(1, first[:, m - 1 : m])[:, 0]  # all tied with the m-th
             ok = lk > um
         best = torch.where(ok & (kk > best), torch.full_like(best, float(kk)), best)
-    return best
+    return torch.maximum(best, _competitor_bound(amin_s, amax_s, last, k))
+
+
+def _competitor_bound(amin: torch.Tensor, amax: torch.Tensor, last: torch.Tensor, k: int
+                      ) -> torch.Tensor:
+    """The overlap count ≥ K′ for the largest K′ with |C| ≤ k − K′, where A is the K′ features of
+    topk(|v0|) with the largest a⁻, L = min a⁻ over A and C = {j ∉ topk(|v0|) : a⁺_j ≥ L}.
+
+    If the overlap were < K′, some i of A would be outside topk(|v|); then all k features of
+    topk(|v|) have |v_j| ≥ |v_i| ≥ L, and more than k − K′ of them lie outside topk(|v0|), all
+    in C. A feature counts as in topk(|v0|) only when its whole tie group of |v0| is (every
+    tie-break keeps it), and as outside otherwise. Inputs sorted by |v0| descending (B, d);
+    last: the last position of its tie group. Unlike the rank argument above, one large a⁺
+    far down the ranking costs one place here, not the certificate."""
+    bsz, d = amin.shape
+    sure = last < k  # (B, d): the whole tie group lies in the top k
+    neg = torch.full_like(amin, -torch.inf)
+    lows = torch.sort(torch.where(sure, amin, neg), dim=1, descending=True).values[:, :k]  # L for K′ = 1..k
+    outside = torch.sort(torch.where(sure, neg, amax), dim=1).values  # ascending; −∞ for members
+    # |C(L)| = #{outside: a⁺ ≥ L}; members (−∞) never count since L > −∞ where it is used
+    count = d - torch.searchsorted(outside.contiguous(), lows.contiguous(), side="left")
+    kk = torch.arange(1, k + 1, device=amin.device).expand(bsz, k)
+    ok = (count <= k - kk) & torch.isfinite(lows) & (lows > 0)
+    # ok holds on a prefix of K′ (L falls and |C| grows with K′): its length is the bound
+    return ok.to(torch.float64).cumprod(1).sum(1)
