@@ -229,4 +229,3 @@ def test_the_ball_bound_on_the_cosine_is_sound_exact_at_a_point_and_sharper():
     point = Bounds(v, v)
     exact = float(torch.nn.functional.cosine_similarity(v, a))
     assert abs(float(props._ball_cos(a / a.norm(), point, v.norm(dim=1))) - exact) <= 1e-12
-
