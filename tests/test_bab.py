@@ -4,6 +4,7 @@ splits on smooth nets, and the pipeline (spec, witnesses, errors)."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -338,3 +339,26 @@ def test_crown_leaves_are_inside_interval_leaves_and_contain_the_domains_gradien
         gi = g[inside]
         assert bool(((gi >= c.lower) & (gi <= c.upper)).all()), float(torch.maximum(c.lower - gi, gi - c.upper).max())
     assert narrower > 0  # CROWN with the domain's boxes is tighter than the interval pass somewhere
+
+
+def test_no_step_starts_that_would_end_past_the_budget(monkeypatch):
+    """With each split domain costing 0.4 s and 1 s of budget, the search ends within the
+    budget (the last step's time per domain predicts the next step's): it used to take a first
+    step of four domains, 1.6 s."""
+    import verigrad.bounds.bab as babmod
+
+    net, box, t = _case(3)
+    real = babmod._step_neurons
+    sizes = []
+
+    def slow(search, batch):
+        sizes.append(len(batch))
+        time.sleep(0.4 * len(batch))
+        return real(search, batch)
+
+    monkeypatch.setattr(babmod, "_step_neurons", slow)
+    obj = Objective(worst=lambda m, b: m.width.flatten(1).sum(1), holds=lambda w: w < -1.0)
+    res = search(net, box, t, Output.LOGIT, compute_bounds("crown", net, box, t).bounds, obj,
+                 BabOptions(timeout_s=1.0, attack_share=0.0))
+    assert res.status == "unknown" and sizes and sizes[0] == 1
+    assert res.time_s <= 1.0 + 0.15, (res.time_s, sizes)

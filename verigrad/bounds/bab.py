@@ -1122,13 +1122,21 @@ def search(net: Network, box: Bounds, target: torch.Tensor, output: Output, root
         else:
             s.settle(first)
         step = _step_neurons if mode == Mode.NEURONS else _step_inputs
-        # the batch grows while steps are short against the time left and shrinks when they are
-        # not, so that one step (on a CNN, seconds) does not overrun the budget
-        size = min(opts.batch, 4)
+        # the batch starts at one domain and grows while steps are short against the time left,
+        # shrinks when they are not, and no step starts that the last one's time per domain
+        # predicts to end past the budget (on a CNN one domain takes seconds)
+        size, per = 1, 0.0  # per: the last step's seconds per domain split
         while s.open and s.witness is None and not s.out_of_budget():
+            left = opts.timeout_s - (time.perf_counter() - s.start)
+            if per > 0:  # no step predicted to end past the budget: shrink it, or stop
+                size = min(size, int(left / per))
+                if size < 1:
+                    break
             t0 = time.perf_counter()
-            step(s, [s.pop() for _ in range(min(size, len(s.open)))])
+            n = min(size, len(s.open))
+            step(s, [s.pop() for _ in range(n)])
             dt, left = time.perf_counter() - t0, opts.timeout_s - (time.perf_counter() - s.start)
+            per = dt / n
             _attack_worst(s)
             size = min(opts.batch, 2 * size) if 4 * dt < left else max(1, size // 2) if 2 * dt > left else size
     return _result(s)
