@@ -212,9 +212,10 @@ def _spec(tmp_path: Path, **over) -> Path:
 
 @pytest.mark.slow
 def test_pipeline_bab_decides_what_crown_leaves_unknown(tmp_path):
-    """MNIST FC, sample 2, ε = 0.001: CROWN leaves cosine ≥ 0.95 unknown, bab certifies it; the
-    ℓ∞ property is falsified (a witness, by the attacks or bab's own points) and replays."""
-    problem = vmod.prepare(load_spec(_spec(tmp_path)))
+    """MNIST FC, sample 2, ε = 0.002: CROWN leaves cosine ≥ 0.95 unknown (0.934, measured), bab
+    certifies it; the ℓ∞ property is falsified (a witness, by the attacks or bab's own points)
+    and replays."""
+    problem = vmod.prepare(load_spec(_spec(tmp_path, perturbation={"input": {"norm": "inf", "epsilon": 0.002}})))
     r = vmod.verify_instance(problem, 0)
     crown, bab = (e for e in r.engines if e.method in ("crown", "bab"))
     by = {e.method: {p.name: p for p in e.properties} for e in (crown, bab)}
