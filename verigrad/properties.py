@@ -501,7 +501,7 @@ def _ball_cos(ahat: torch.Tensor, b: Bounds, n_lo: torch.Tensor, iterations: int
     v makes an angle θ with â of sin θ ≤ ρ (the tangent from 0), and also sin θ =
     dist(t·v, ℝâ)/‖t·v‖ ≤ ρ/(t·n_lo); so cos θ ≥ √(1 − h), h = g(t)·min(1, 1/(t·n_lo)²). g is
     convex in t, and for t ≥ 1/n_lo, h = max_box ‖v − â/t‖²/n_lo² is convex in 1/t: each
-    piece is minimised by ternary search (any t gives a sound bound; the search only sharpens
+    piece is minimised by golden-section search (any t gives a sound bound; the search only sharpens
     it). Computed in float64 with h enlarged by its rounding bound ((n + 8)·2⁻⁵² relative)."""
     ahat, lo, up, n_lo = ahat.double(), b.lower.double(), b.upper.double(), n_lo.double()
     n = ahat.shape[-1]
@@ -510,19 +510,27 @@ def _ball_cos(ahat: torch.Tensor, b: Bounds, n_lo: torch.Tensor, iterations: int
         t = t[:, None]
         return torch.maximum((t * lo - ahat) ** 2, (t * up - ahat) ** 2).sum(-1)
 
-    inv = torch.where(n_lo > 0, 1.0 / torch.where(n_lo > 0, n_lo, torch.ones_like(n_lo)), torch.zeros_like(n_lo))
+    one = torch.ones_like(n_lo)
+    inv = _safe_div(one, n_lo)  # 1/n_lo, 0 where n_lo = 0 (then no bound)
 
-    def ternary(f: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def golden(f: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # golden-section search: one evaluation of f per iteration, the bracket shrinks by r
+        r = (math.sqrt(5.0) - 1.0) / 2.0
+        x1, x2 = c - r * (c - a), a + r * (c - a)
+        f1, f2 = f(x1), f(x2)
         for _ in range(iterations):
-            m1, m2 = a + (c - a) / 3, c - (c - a) / 3
-            left = f(m1) <= f(m2)
-            a, c = torch.where(left, a, m1), torch.where(left, m2, c)
+            left = f1 <= f2  # the minimiser lies in [a, x2], else in [x1, c]
+            a, c = torch.where(left, a, x1), torch.where(left, x2, c)
+            new = torch.where(left, c - r * (c - a), a + r * (c - a))
+            fn = f(new)
+            x1, x2, f1, f2 = (torch.where(left, new, x2), torch.where(left, x1, new),
+                              torch.where(left, fn, f2), torch.where(left, f1, fn))
         return (a + c) / 2
 
     zero = torch.zeros_like(n_lo)
-    t1 = ternary(g, zero, inv)  # t ∈ (0, 1/n_lo]: h = g(t)
-    mu = ternary(lambda m: g(_safe_div(torch.ones_like(m), m)) * (m * inv) ** 2, zero, n_lo)  # μ = 1/t ≤ n_lo
-    t2 = _safe_div(torch.ones_like(mu), mu)
+    t1 = golden(g, zero, inv)  # t ∈ (0, 1/n_lo]: h = g(t)
+    mu = golden(lambda m: g(_safe_div(torch.ones_like(m), m)) * (m * inv) ** 2, zero, n_lo)  # μ = 1/t ≤ n_lo
+    t2 = _safe_div(one, mu)
     out = torch.full_like(n_lo, -1.0)
     slack = 1.0 + (n + 8) * 2.0 ** -52
     for t in (t1, t2):

@@ -71,6 +71,6 @@ def _competitor_bound(amin: torch.Tensor, amax: torch.Tensor, last: torch.Tensor
     # |C(L)| = #{outside: a⁺ ≥ L}; members (−∞) never count since L > −∞ where it is used
     count = d - torch.searchsorted(outside.contiguous(), lows.contiguous(), side="left")
     kk = torch.arange(1, k + 1, device=amin.device).expand(bsz, k)
-    ok = (count <= k - kk) & torch.isfinite(lows) & (lows > 0)
+    ok = (count <= k - kk) & (lows > 0)  # L = −∞ (fewer sure members than K′) fails here
     # ok holds on a prefix of K′ (L falls and |C| grows with K′): its length is the bound
     return ok.to(torch.float64).cumprod(1).sum(1)
