@@ -490,6 +490,7 @@ class _Rounding:
 
     fwd: dict[str, torch.Tensor]
     grad: torch.Tensor
+    sym: torch.Tensor  # the symbolic gradient pass (:func:`_symbolic_grad`)
 
 
 def _act_slope_max(node: Activation | PReLU) -> tuple[float | torch.Tensor, float | torch.Tensor]:
@@ -522,6 +523,20 @@ def _rounding(net: Network, box: Bounds, output: Output) -> _Rounding:
         else:
             lo, up = node.ibp_forward([(-m, m) for m in ms], net.in_shapes(i), ctx)
             mag[node.name] = torch.maximum(lo.abs(), up.abs())
+    # the symbolic pass's forms also sum over the V ≤ (largest sign node) basis variables
+    nsign = max((math.prod(net.in_shapes(i)[0]) for i, node in enumerate(nodes) if isinstance(node, _SIGN_NODES)),
+            default=0)
+    g_sym = gamma(chain_length(net) + extra + nsign, box.lower.dtype)
+    grad = _grad_magnitude(net, mag, output, False)
+    return _Rounding({k: g * v for k, v in mag.items()}, g * grad, g_sym * _grad_magnitude(net, mag, output, True))
+
+
+def _grad_magnitude(net: Network, mag: dict[str, torch.Tensor], output: Output, chords: bool) -> torch.Tensor:
+    """M of the gradient pass given the forward magnitudes ``mag``: a sign node scales by its
+    largest slope, and with ``chords`` (the symbolic pass) by slope + intercept, since a chord
+    a·y + b has |a| ≤ max slope and |b| ≤ |1 − a_neg|·|y|, and a basis variable's step w_u − w_l
+    is at most twice the product's magnitude."""
+    nodes, wiring, ctx = net.layers, net.wiring, IbpContext()
     # the seed's terms are at most 1 (e_c, softmax probabilities, their products)
     last = nodes[-1].name
     grads: dict[str, torch.Tensor] = {last: torch.full_like(mag[last], 1.0 if output == Output.LOGIT else 2.0)}
@@ -530,27 +545,31 @@ def _rounding(net: Network, box: Bounds, output: Output) -> _Rounding:
         gm = grads.pop(node.name)
         outs: Sequence[torch.Tensor | None]
         if isinstance(node, _SIGN_NODES):
-            outs = (_act_slope_max(node)[0] * gm,)
+            slope, icpt = _act_slope_max(node)
+            outs = ((2 * slope + icpt if chords else slope) * gm,)
         elif isinstance(node, MaxPool):
             b, c = gm.shape[:2]
             kk = node.kernel[0] * node.kernel[1]
-            outs = (_scatter_taps(gm.reshape(b, c, 1, -1).expand(b, c, kk, -1), node, net.in_shapes(i)[0]),)
+            taps = (3 if chords else 1) * gm.reshape(b, c, 1, -1).expand(b, c, kk, -1)  # a chord of max(0, ·)
+            outs = (_scatter_taps(taps, node, net.in_shapes(i)[0]),)
         else:
             ivs = node.ibp_vjp([(-mag[m], mag[m]) for m in wiring[i]], (-gm, gm), net.in_shapes(i), ctx)
             outs = tuple(None if iv is None else torch.maximum(iv[0].abs(), iv[1].abs()) for iv in ivs)
         for name, gi in zip(wiring[i], outs, strict=True):
             if gi is not None:
                 grads[name] = grads[name] + gi if name in grads else gi
-    return _Rounding({k: g * v for k, v in mag.items()}, g * grads[INPUT])
+    return grads[INPUT]
 
 
 def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output,
-                 splits: dict[int, torch.Tensor], backsub: bool = True, rnd: _Rounding | None = None) -> _Pass:
+                 splits: dict[int, torch.Tensor], backsub: bool = True, rnd: _Rounding | None = None,
+                 symbolic: bool = True) -> _Pass:
     """IBP over D domains at once: the box (D, *S); ``splits[i]`` for a sign-split node (relu,
     leaky relu, PReLU) is (D, *shape of its input) in {+1 active, −1 inactive, 0 free}, for a
     MaxPool (D, C, windows) in {t + 1: tap t is the window's first argmax, 0 free}. With
     ``backsub``, every split node's input behind another split node is also bounded by
-    back-substitution (``_backsub``) and the two intersected. Rigorous: every value bound and
+    back-substitution (``_backsub``) and the two intersected; with ``symbolic``, the gradient
+    map is also bounded by :func:`_symbolic_grad` and the two intersected. Rigorous: every value bound and
     the gradient are widened by their round-off allowances ``rnd`` (:func:`_rounding` of the
     box, computed here if not given), so no neuron is fixed by round-off and the map encloses
     the exact one; relu and MaxPool outputs are exact functions of their input's bounds (max
@@ -594,8 +613,8 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
         vals[node.name] = round_outward(node.ibp_forward(xs, net.in_shapes(i), ctx), rnd.fwd[node.name])
     seed = output_seed_bounds(vals.get(nodes[-1].name), target, output, net.num_classes, box.lower.dtype,
                               box.lower.device)
-    grads: dict[str, Interval] = {nodes[-1].name: (seed[0].reshape(d, *net.shapes[-1]),
-                                                   seed[1].reshape(d, *net.shapes[-1]))}
+    seed = (seed[0].reshape(d, *net.shapes[-1]), seed[1].reshape(d, *net.shapes[-1]))
+    grads: dict[str, Interval] = {nodes[-1].name: seed}
     gout: dict[int, Interval] = {}
     for i in range(n - 1, -1, -1):
         node = nodes[i]
@@ -614,7 +633,223 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
         for name, gi in zip(wiring[i], outs, strict=True):
             if gi is not None:
                 grads[name] = add(grads[name], gi) if name in grads else gi
-    return _Pass(round_outward(grads[INPUT], rnd.grad), pre, gout, empty)
+    glo, gup = round_outward(grads[INPUT], rnd.grad)
+    sym = _symbolic_grad(net, seed, pre, splits) if symbolic else None
+    if sym is not None:
+        slo, sup = round_outward(sym, rnd.sym)
+        glo, gup = torch.maximum(glo, slo), torch.minimum(gup, sup)
+        gup = torch.maximum(glo, gup)  # both sound: crossing only by round-off
+    return _Pass((glo, gup), pre, gout, empty)
+
+
+# ----------------------------------------------------------------------------------------
+# The symbolic gradient pass: linear bounds in the σ′ of one layer's unstable neurons
+
+
+@dataclass(frozen=True)
+class _Form:
+    """Bounds on a gradient tensor that are linear in δ ∈ [0, 1]^V: for every δ the value lies
+    in [m(δ) − r(δ), m(δ) + r(δ)], m(δ) = mid[:, 0] + Σ_k δ_k·mid[:, k] (r likewise, r(δ) ≥ 0
+    on the box). Slices (D, K, *shape): K = 1 is a plain interval (no δ), K = V + 1 otherwise."""
+
+    mid: torch.Tensor
+    rad: torch.Tensor
+
+    @staticmethod
+    def interval(lo: torch.Tensor, up: torch.Tensor) -> "_Form":
+        return _Form(((lo + up) / 2).unsqueeze(1), ((up - lo) / 2).unsqueeze(1))
+
+    def lower(self) -> torch.Tensor:
+        """min over δ of m(δ) − r(δ)."""
+        c = self.mid - self.rad
+        return c[:, 0] + c[:, 1:].clamp(max=0).sum(1)
+
+    def upper(self) -> torch.Tensor:
+        c = self.mid + self.rad
+        return c[:, 0] + c[:, 1:].clamp(min=0).sum(1)
+
+    def __add__(self, other: "_Form") -> "_Form":
+        a, b = (self, other) if self.mid.shape[1] >= other.mid.shape[1] else (other, self)
+        if b.mid.shape[1] == a.mid.shape[1]:
+            return _Form(a.mid + b.mid, a.rad + b.rad)
+        k = b.mid.shape[1]
+        mid, rad = a.mid.clone(), a.rad.clone()
+        mid[:, :k] += b.mid
+        rad[:, :k] += b.rad
+        return _Form(mid, rad)
+
+
+def _abs_vjp(node: Any, g: torch.Tensor, in_shapes: Sequence[Sequence[int]]) -> tuple[torch.Tensor | None, ...]:
+    """|J|ᵀ g for an affine node with Jacobian J: |W| for Linear / Conv2d, J itself for the
+    selections and sums whose entries are 0 / 1, and |J| = [I, I] for Sub."""
+    zeros = [torch.zeros(1, *sh, dtype=g.dtype, device=g.device) for sh in in_shapes]
+    if isinstance(node, (Linear, Conv2d)):
+        t = dict(node.tensors(in_shapes))
+        t["weight"] = t["weight"].abs()
+        return node.vjp(zeros, g, in_shapes, t)
+    if isinstance(node, Sub):
+        return (g, g)
+    if isinstance(node, (Reshape, Transpose, Pad, Concat, Add)):
+        return node.vjp(zeros, g, in_shapes)
+    raise EngineUnsupported(f"bab: no symbolic gradient rule for {type(node).__name__} node {node.name!r}")
+
+
+def _form_affine(node: Any, f: _Form, in_shapes: Sequence[Sequence[int]]) -> tuple[_Form | None, ...]:
+    """Jᵀ g ∈ [Jᵀm − |J|ᵀr, Jᵀm + |J|ᵀr] for g ∈ [m − r, m + r], slice by slice (both maps are linear)."""
+    d, k = f.mid.shape[:2]
+    zeros = [torch.zeros(1, *sh, dtype=f.mid.dtype, device=f.mid.device) for sh in in_shapes]
+    mids = node.vjp(zeros, f.mid.reshape(d * k, *f.mid.shape[2:]), in_shapes)
+    rads = _abs_vjp(node, f.rad.reshape(d * k, *f.rad.shape[2:]), in_shapes)
+    return tuple(None if m is None else _Form(m.reshape(d, k, *m.shape[1:]), r.reshape(d, k, *r.shape[1:]))
+                 for m, r in zip(mids, rads, strict=True))
+
+
+def _chord(lo_s: torch.Tensor, hi_s: torch.Tensor, p: torch.Tensor, q: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The line a·y + b through (p, h(p)) and (q, h(q)) for h(y) = hi_s·max(0, y) + lo_s·min(0, y),
+    or h itself where [p, q] does not straddle 0."""
+    h = lambda y: hi_s * y.clamp(min=0) + lo_s * y.clamp(max=0)  # noqa: E731
+    straddle = (p < 0) & (q > 0)
+    a = torch.where(straddle, (h(q) - h(p)) / torch.where(straddle, q - p, torch.ones_like(p)),
+                    torch.where(q <= 0, lo_s, hi_s))
+    b = torch.where(straddle, h(p) - a * p, torch.zeros_like(p))
+    return a, b
+
+
+def _form_sign(node: Activation | PReLU, f: _Form, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None,
+               basis: bool) -> _Form:
+    """f′(z) ⊙ g for f′ ∈ [dl, du] (exact where fixed). At the ``basis`` node g is an interval
+    and each free neuron k gets its own variable: f′_k·g_k = w_l + δ_k·(w_u − w_l) over the hull
+    [w_l, w_u] of the product, exact in δ_k. Elsewhere, with dl ≥ 0, d·y ≤ du·y⁺ + dl·y⁻ is
+    convex and increasing in y, so it is at most its chord over the range of the upper form U,
+    evaluated at U(δ); the lower side is the concave dl·y⁺ + du·y⁻ at the lower form, above its
+    chord (relaxations in the style of CROWN, Zhang et al. 2018). A fixed f′ = c scales
+    exactly; a free one with dl < 0 (a negative PReLU slope) falls back to the interval product."""
+    dl, du = (t.unsqueeze(1) for t in _deriv_bounds(node, lo, up, s))
+    fixed = dl == du
+    if basis:
+        assert f.mid.shape[1] == 1  # nothing below the basis node has introduced variables yet
+        wl, wu = mul_interval((dl[:, 0], du[:, 0]), (f.lower(), f.upper()))
+        free = ~fixed[:, 0]
+        idx = free.reshape(free.shape[0], -1).any(0).nonzero().flatten()
+        d, shape = free.shape[0], free.shape[1:]
+        mid = torch.zeros(d, 1 + idx.numel(), math.prod(shape), dtype=wl.dtype, device=wl.device)
+        mid[:, 0] = torch.where(free, wl, (wl + wu) / 2).reshape(d, -1)
+        step = torch.where(free, wu - wl, torch.zeros_like(wl)).reshape(d, -1)
+        mid[:, 1 + torch.arange(idx.numel(), device=wl.device), idx] = step[:, idx]
+        rad = torch.zeros_like(mid)
+        rad[:, 0] = torch.where(free, torch.zeros_like(wl), (wu - wl) / 2).reshape(d, -1)
+        return _Form(mid.reshape(d, -1, *shape), rad.reshape(d, -1, *shape))
+    # U = m + r and L = m − r, their ranges over δ, and the two chords
+    up_form, lo_form = f.mid + f.rad, f.mid - f.rad
+    pu, qu = _range(up_form)
+    pl, ql = _range(lo_form)
+    au, bu = _chord(dl, du, pu, qu)
+    al, bl = _chord(du, dl, pl, ql)
+    ut, lt = au * up_form, al * lo_form
+    ut[:, 0] += bu[:, 0]
+    lt[:, 0] += bl[:, 0]
+    mid, rad = (ut + lt) / 2, (ut - lt) / 2
+    c = dl  # a fixed f′ scales exactly (any sign)
+    mid = torch.where(fixed, c * f.mid, mid)
+    rad = torch.where(fixed, c.abs() * f.rad, rad)
+    neg = ~fixed & (dl < 0)
+    if bool(neg.any()):
+        il, iu = mul_interval((dl[:, 0], du[:, 0]), (f.lower(), f.upper()))
+        box = _Form.interval(il, iu)
+        mid = torch.where(neg, torch.cat([box.mid, torch.zeros_like(mid[:, 1:])], 1), mid)
+        rad = torch.where(neg, torch.cat([box.rad, torch.zeros_like(rad[:, 1:])], 1), rad)
+    return _Form(mid, rad)
+
+
+def _form_pool(node: MaxPool, f: _Form, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None,
+               in_shape: Sequence[int]) -> _Form:
+    """MaxPool's gradient rule on forms: a certain (or split) tap receives its window's g_w, an
+    impossible one 0, an uncertain one m·g_w with m ∈ {0, 1}, bounded by the chords of max(0, ·)
+    at the upper form and of min(0, ·) at the lower one; the taps are summed over overlapping
+    windows (a fold: linear with nonnegative weights)."""
+    certain, possible = (t.unsqueeze(1) for t in _pool_taps(node, lo, up, s))
+    d, k = f.mid.shape[:2]
+    c, kk = certain.shape[2:4]
+    mid, rad = f.mid.reshape(d, k, c, 1, -1), f.rad.reshape(d, k, c, 1, -1)
+    up_form, lo_form = mid + rad, mid - rad
+    pu, qu = _range(up_form)
+    pl, ql = _range(lo_form)
+    zero, one = torch.zeros_like(pu), torch.ones_like(pu)
+    au, bu = _chord(zero, one, pu, qu)
+    al, bl = _chord(one, zero, pl, ql)
+    ut, lt = au * up_form, al * lo_form
+    ut[:, 0] += bu[:, 0]
+    lt[:, 0] += bl[:, 0]
+    uncertain = possible & ~certain
+    tm = torch.where(certain, mid, torch.where(uncertain, (ut + lt) / 2, torch.zeros_like(mid)))
+    tr = torch.where(certain, rad, torch.where(uncertain, (ut - lt) / 2, torch.zeros_like(rad)))
+
+    def fold(t: torch.Tensor) -> torch.Tensor:
+        return _scatter_taps(t.reshape(d * k, c, kk, -1), node, tuple(in_shape)).reshape(d, k, *in_shape)
+
+    return _Form(fold(tm), fold(tr))
+
+
+def _range(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) over δ ∈ [0, 1]^V of c[:, 0] + Σ_k δ_k c[:, k], kept (D, 1, *shape)."""
+    return ((c[:, 0] + c[:, 1:].clamp(max=0).sum(1)).unsqueeze(1),
+            (c[:, 0] + c[:, 1:].clamp(min=0).sum(1)).unsqueeze(1))
+
+
+def _sym_basis(net: Network, pre: dict[int, Interval], splits: dict[int, torch.Tensor]) -> tuple[int, int] | None:
+    """(the last sign node with a free f′ in some domain, how many of its neurons are free in
+    some domain), or None when every f′ is fixed (the interval pass is then exact)."""
+    for i in sorted(pre, reverse=True):
+        node = net.layers[i]
+        if isinstance(node, _SIGN_NODES):
+            dl, du = _deriv_bounds(node, *pre[i], splits.get(i))
+            free = (dl != du).reshape(dl.shape[0], -1).any(0)
+            if bool(free.any()):
+                return i, int(free.sum())
+    return None
+
+
+def _symbolic_grad(net: Network, seed: Interval, pre: dict[int, Interval], splits: dict[int, torch.Tensor]
+                   ) -> Interval | None:
+    """The input gradient's bounds by a backward pass over linear forms in δ, the relaxed f′ of
+    the free neurons of the last sign node with any (the basis; :class:`_Form`): exact through
+    affine nodes, relaxed by chords at earlier sign nodes and uncertain MaxPool taps; the
+    forms are minimised over δ ∈ [0, 1]^V at the input. Unlike the interval pass it keeps the
+    correlation between coordinates that share a basis neuron's σ′ (on a two-layer ReLU MLP
+    it equals CROWN's map of the gradient graph); never wider than the interval pass. None
+    when no f′ is free. Chunked over domains (BACKSUB_ELEMENTS)."""
+    found = _sym_basis(net, pre, splits)
+    if found is None:
+        return None
+    basis, v = found
+    nodes, wiring = net.layers, net.wiring
+    d = seed[0].shape[0]
+    width = max(math.prod(net.input_shape), max(math.prod(sh) for sh in net.shapes))
+    per = max(1, BACKSUB_ELEMENTS // ((v + 1) * width))
+    los, ups = [], []
+    for c0 in range(0, d, per):
+        sl = slice(c0, min(d, c0 + per))
+        grads: dict[str, _Form] = {nodes[-1].name: _Form.interval(seed[0][sl], seed[1][sl])}
+        for i in range(len(nodes) - 1, -1, -1):
+            node = nodes[i]
+            f = grads.pop(node.name)
+            s = splits.get(i)
+            s = None if s is None else s[sl]
+            outs: Sequence[_Form | None]
+            if isinstance(node, MaxPool):
+                outs = (_form_pool(node, f, pre[i][0][sl], pre[i][1][sl], s, net.in_shapes(i)[0]),)
+            elif isinstance(node, _SIGN_NODES):
+                outs = (_form_sign(node, f, pre[i][0][sl], pre[i][1][sl], s, i == basis),)
+            else:
+                outs = _form_affine(node, f, net.in_shapes(i))
+            for name, gi in zip(wiring[i], outs, strict=True):
+                if gi is not None:
+                    grads[name] = grads[name] + gi if name in grads else gi
+        g = grads[INPUT]
+        los.append(g.lower())
+        ups.append(g.upper())
+    return torch.cat(los), torch.cat(ups)
 
 
 def _unstable(lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:

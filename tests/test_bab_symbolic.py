@@ -1,0 +1,117 @@
+"""The symbolic gradient pass of branch and bound (linear bounds in the relaxed σ′ of the last
+sign node with free neurons): on its own, on random split domains of graph networks with
+branches (residual Add, Sub, Concat, Pad, Transpose), PReLU slopes of every sign, leaky relu
+and MaxPool, it contains the autograd gradient of every sampled point of a domain, is never
+wider than the interval pass and is narrower somewhere; on a two-layer ReLU MLP it equals
+CROWN's map of the gradient graph; with a softmax output its interval seed keeps it sound."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("scipy")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from tests.graph_nets import concat_cnn, maxpool_cnn, prelu_mlp, residual_cnn, residual_mlp  # noqa: E402
+from tests.helpers import box_points, random_mlp  # noqa: E402
+from tests.test_bab_pool import _membership, _search  # noqa: E402
+from verigrad.bounds import Bounds, compute_bounds  # noqa: E402
+from verigrad.bounds.bab import _child, _neuron_candidates, _neuron_pass, _stack_splits, _symbolic_grad  # noqa: E402
+from verigrad.graph.gradient_graph import Output, saliency  # noqa: E402
+from verigrad.models.network import ActKind  # noqa: E402
+from verigrad.perturbation import input_box  # noqa: E402
+
+F64 = torch.float64
+NETS = [
+    ("residual-mlp", lambda: residual_mlp(seed=1), 0.4),
+    ("residual-mlp-leaky", lambda: residual_mlp(ActKind.LEAKY_RELU, 0.2, seed=2), 0.4),
+    ("residual-cnn", lambda: residual_cnn(seed=3), 0.2),
+    ("concat-cnn", lambda: concat_cnn(seed=4), 0.2),
+    ("prelu-mlp", lambda: prelu_mlp(4), 0.5),
+    ("prelu-neg-scalar", lambda: prelu_mlp(12, slopes=((-0.8, 1.3, 0.5, -0.1, 2.5, 0.0, 1.0), (-0.7,))), 0.6),
+    ("maxpool-cnn", lambda: maxpool_cnn(seed=1), 0.4),  # both relus free: a pool below the basis
+    ("mlp-3-hidden", lambda: random_mlp(ActKind.RELU, sizes=(6, 10, 10, 10, 3), seed=5), 0.3),
+]
+
+
+def _domains(net, box, t, n: int = 40) -> list[dict[int, torch.Tensor]]:
+    """Random split patterns: children of children of random candidate splits."""
+    s = _search(net, box, t)
+    gen = torch.Generator().manual_seed(6)
+    doms: list[dict[int, torch.Tensor]] = [{}]
+    frontier = [s.bound_neurons([{}])[0]]
+    while frontier and len(doms) < n:
+        dom = frontier.pop(0)
+        cands = _neuron_candidates(net, dom, 6)
+        if not cands:
+            continue
+        i, w, sides = cands[int(torch.randint(len(cands), (1,), generator=gen))]
+        kids = [_child(net, dom.splits, i, w, side, "cpu") for side in sides]
+        doms += kids
+        frontier += [k for k in s.bound_neurons(kids) if k is not None]
+    return doms
+
+
+def _stacked(box: Bounds, d: int) -> Bounds:
+    return Bounds(box.lower.expand(d, *box.lower.shape[1:]), box.upper.expand(d, *box.upper.shape[1:]))
+
+
+@pytest.mark.parametrize("make, radius", [n[1:] for n in NETS], ids=[n[0] for n in NETS])
+def test_symbolic_pass_encloses_every_domain_and_never_loses_to_intervals(make, radius):
+    net = make()
+    x = torch.rand(1, *net.input_shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    box, t = input_box(x, radius, None), torch.tensor([1])
+    doms = _domains(net, box, t)
+    splits = _stack_splits(net, doms, torch.device("cpu"))
+    d = len(doms)
+    p = _neuron_pass(net, _stacked(box, d), t.expand(d), Output.LOGIT, splits, symbolic=False)
+    onehot = F.one_hot(t.expand(d), net.num_classes).to(F64)
+    sym = _symbolic_grad(net, (onehot, onehot), p.pre, splits)
+    assert sym is not None
+    lo, up = sym
+    # never wider than the interval pass (up to round-off), narrower somewhere
+    assert bool((lo >= p.grad[0] - 1e-12).all() and (up <= p.grad[1] + 1e-12).all())
+    assert int((up - lo < p.grad[1] - p.grad[0] - 1e-9).sum()) > 0
+    pts = box_points(box, 3000, 1000, seed=7)
+    g = saliency(net, pts, t.expand(len(pts)))
+    checked = 0
+    for k, dm in enumerate(doms):
+        inside = _membership(net, pts, dm)
+        if bool(p.empty[k]) or not bool(inside.any()):
+            continue
+        gi = g[inside]
+        checked += len(gi)
+        tol = 1e-9 * (1 + gi.abs())
+        assert bool(((gi >= lo[k] - tol) & (gi <= up[k] + tol)).all()), (k, float(torch.maximum(lo[k] - gi, gi - up[k]).max()))
+    assert checked > 500 and d >= 20
+
+
+def test_symbolic_pass_equals_crown_on_a_two_layer_relu_mlp():
+    """With one hidden layer before the basis, the chords are CROWN's relaxation of σ′ ⊙ g
+    (σ′ ∈ [0, 1] on unstable neurons) and the forms are exact: the maps agree to 1e-9, and both
+    are much narrower than the interval pass."""
+    net = random_mlp(ActKind.RELU, sizes=(8, 16, 16, 3), seed=9)
+    x = torch.rand(1, 8, generator=torch.Generator().manual_seed(9), dtype=F64)
+    box, t = input_box(x, 0.3, None), torch.tensor([2])
+    p = _neuron_pass(net, box, t, Output.LOGIT, {}, symbolic=False)
+    onehot = F.one_hot(t, 3).to(F64)
+    sym = _symbolic_grad(net, (onehot, onehot), p.pre, {})
+    assert sym is not None
+    crown = compute_bounds("crown", net, box, t).bounds
+    assert float((sym[0] - crown.lower).abs().max()) <= 1e-9 and float((sym[1] - crown.upper).abs().max()) <= 1e-9
+    assert float((p.grad[1] - p.grad[0]).sum()) > 1.2 * float(crown.width.sum())
+
+
+@pytest.mark.parametrize("output", [Output.PROBABILITY, Output.LOSS])
+def test_symbolic_pass_with_an_interval_seed_is_sound(output):
+    """A softmax output's seed ∂o/∂z is an interval: the basis products take its hull."""
+    net = residual_mlp(seed=7)
+    x = torch.rand(1, 5, generator=torch.Generator().manual_seed(7), dtype=F64)
+    box, t = input_box(x, 0.3, None), torch.tensor([0])
+    p = _neuron_pass(net, box, t, output, {})
+    p0 = _neuron_pass(net, box, t, output, {}, symbolic=False)
+    assert float((p.grad[1] - p.grad[0]).sum()) < float((p0.grad[1] - p0.grad[0]).sum())
+    pts = box_points(box, 3000, 1000, seed=8)
+    g = saliency(net, pts, t.expand(len(pts)), output)
+    assert bool(((g >= p.grad[0] - 1e-12) & (g <= p.grad[1] + 1e-12)).all())
