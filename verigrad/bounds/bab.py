@@ -17,8 +17,11 @@ Two kinds of domain:
   window's output x_t ∈ [max_p l_p, u_t] and its gradient routed to t alone (all exact; a
   window child whose boxes contradict its tap is empty), split-node inputs behind mixing
   layers tightened by back-substitution through the CROWN relaxations of the earlier ones
-  (PReLU with a > 1 is concave: the chord bounds it below), intersected with the root map of a
-  tighter engine (sound on every domain, since D ⊆ B). With every unstable neuron and every
+  (PReLU with a > 1 is concave: the chord bounds it below), the gradient map also bounded by
+  a symbolic pass in the relaxed f' of the last free layer (``_symbolic_grad``: CROWN-style
+  chords below it, so that coordinates sharing a free neuron stay correlated), and the maps
+  intersected with the root map of a tighter engine (sound on every domain, since D ⊆ B).
+  With every unstable neuron and every
   ambiguous window split, the gradient of a logit is one constant J_s[c] on the domain
   (exact), and an LP over x ∈ B with the split constraints (s·z_j and x_t − x_s, affine in x
   once every earlier split node is fixed; taken closed, a superset) drops domains that meet
@@ -679,7 +682,7 @@ class _Form:
         return _Form(mid, rad)
 
 
-def _abs_vjp(node: Any, g: torch.Tensor, in_shapes: Sequence[Sequence[int]]) -> tuple[torch.Tensor | None, ...]:
+def _abs_vjp(node: Any, g: torch.Tensor, in_shapes: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor | None, ...]:
     """|J|ᵀ g for an affine node with Jacobian J: |W| for Linear / Conv2d, J itself for the
     selections and sums whose entries are 0 / 1, and |J| = [I, I] for Sub."""
     zeros = [torch.zeros(1, *sh, dtype=g.dtype, device=g.device) for sh in in_shapes]
@@ -694,14 +697,16 @@ def _abs_vjp(node: Any, g: torch.Tensor, in_shapes: Sequence[Sequence[int]]) -> 
     raise EngineUnsupported(f"bab: no symbolic gradient rule for {type(node).__name__} node {node.name!r}")
 
 
-def _form_affine(node: Any, f: _Form, in_shapes: Sequence[Sequence[int]]) -> tuple[_Form | None, ...]:
+def _form_affine(node: Any, f: _Form, in_shapes: Sequence[tuple[int, ...]]) -> tuple[_Form | None, ...]:
     """Jᵀ g ∈ [Jᵀm − |J|ᵀr, Jᵀm + |J|ᵀr] for g ∈ [m − r, m + r], slice by slice (both maps are linear)."""
     d, k = f.mid.shape[:2]
     zeros = [torch.zeros(1, *sh, dtype=f.mid.dtype, device=f.mid.device) for sh in in_shapes]
     mids = node.vjp(zeros, f.mid.reshape(d * k, *f.mid.shape[2:]), in_shapes)
     rads = _abs_vjp(node, f.rad.reshape(d * k, *f.rad.shape[2:]), in_shapes)
-    return tuple(None if m is None else _Form(m.reshape(d, k, *m.shape[1:]), r.reshape(d, k, *r.shape[1:]))
-                 for m, r in zip(mids, rads, strict=True))
+    out: list[_Form | None] = []
+    for m, r in zip(mids, rads, strict=True):
+        out.append(None if m is None or r is None else _Form(m.reshape(d, k, *m.shape[1:]), r.reshape(d, k, *r.shape[1:])))
+    return tuple(out)
 
 
 def _chord(lo_s: torch.Tensor, hi_s: torch.Tensor, p: torch.Tensor, q: torch.Tensor
