@@ -433,6 +433,19 @@ def _backsub(net: Network, box: Bounds, i_act: int, pre: dict[int, Interval], sp
     sel = idx.numel()
     if sel == 0:
         return z
+    tl = net.memo(("bab", "two-level", i_act, dt, str(dev)), lambda: _two_level(net, i_act, dt, dev))
+    if tl is not None:  # one sign node between z and the input, sparse maps: sum the entries only
+        e = int((tl.start[idx + 1] - tl.start[idx]).sum()) * tl.a1_idx.shape[1]
+        per = max(1, BACKSUB_ELEMENTS // max(1, e + sel * n_in))
+        sp_all = splits.get(tl.s)
+        for c0 in range(0, d, per):
+            c1 = min(d, c0 + per)
+            sp = None if sp_all is None else sp_all[c0:c1]
+            low, high = _backsub_two_level(net, tl, box[c0:c1], (pre[tl.s][0][c0:c1], pre[tl.s][1][c0:c1]), sp, idx)
+            out_lo[c0:c1, idx] = torch.maximum(out_lo[c0:c1, idx], low)
+            out_up[c0:c1, idx] = torch.minimum(out_up[c0:c1, idx], high)
+        out_up = torch.maximum(out_lo, out_up)  # both sound: crossing only by round-off
+        return out_lo.reshape(d, *zshape), out_up.reshape(d, *zshape)
     per = max(1, BACKSUB_ELEMENTS // (2 * sel * width))  # domains per chunk
     for c0 in range(0, d, per):
         c1 = min(d, c0 + per)
@@ -481,6 +494,147 @@ def _backsub(net: Network, box: Bounds, i_act: int, pre: dict[int, Interval], sp
         out_up[c0:c1, idx] = torch.minimum(out_up[c0:c1, idx], -low_x[:, sel:])
     out_up = torch.maximum(out_lo, out_up)  # both sound: crossing only by round-off
     return out_lo.reshape(d, *zshape), out_up.reshape(d, *zshape)
+
+
+# dense Jacobian elements (rows × columns) the two-level back-substitution may build while
+# sparsifying an affine chain, per chunk, and the density above which it is not worth it
+_JAC_CHUNK = 4_000_000
+_SPARSE_DENSITY = 0.25
+
+
+@dataclass(frozen=True)
+class _TwoLevel:
+    """z = A2·f(A1·x + c1) + c2 for the input z of a split node: two affine chains around one
+    sign node ``s`` (index), A2 as its nonzero entries (row, col, val) sorted by row with
+    ``start[r]`` the first entry of row r, A1 in ELL form (``a1_idx``, ``a1_val``: (n_s, K1),
+    padded with zero values)."""
+
+    s: int
+    start: torch.Tensor
+    col: torch.Tensor
+    val: torch.Tensor
+    c2: torch.Tensor
+    a1_idx: torch.Tensor
+    a1_val: torch.Tensor
+    c1: torch.Tensor
+
+
+def _affine_chain(net: Network, name: str) -> tuple[list[int], str]:
+    """The single-input Linear / Conv2d / Reshape nodes walking back from node ``name``, and
+    the first node that is not one (its name; possibly INPUT)."""
+    index = {node.name: i for i, node in enumerate(net.layers)}
+    chain: list[int] = []
+    while name != INPUT:
+        i = index[name]
+        node = net.layers[i]
+        if not isinstance(node, (Linear, Conv2d, Reshape)):
+            break
+        chain.append(i)
+        name = net.wiring[i][0]
+    return chain, name
+
+
+def _chain_jacobian(net: Network, chain: list[int], out_name: str, in_name: str, dtype: torch.dtype,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, col, val) of the nonzero entries of ∂out/∂in through the affine ``chain`` (walked
+    back from ``out_name``) and its constant term out(0)."""
+    m = math.prod(net.shape_of[out_name])
+    n = math.prod(net.input_shape if in_name == INPUT else net.shape_of[in_name])
+    rows, cols, vals = [], [], []
+    per = max(1, _JAC_CHUNK // max(n, 1))
+    for r0 in range(0, m, per):
+        r1 = min(m, r0 + per)
+        g = torch.zeros(r1 - r0, m, dtype=dtype, device=device)
+        g[torch.arange(r1 - r0, device=device), torch.arange(r0, r1, device=device)] = 1
+        g = g.reshape(r1 - r0, *net.shape_of[out_name])
+        for i in chain:
+            node = net.layers[i]
+            shapes = net.in_shapes(i)
+            zeros = [torch.zeros(1, *sh, dtype=dtype, device=device) for sh in shapes]
+            gi = node.vjp(zeros, g, shapes)[0]
+            assert gi is not None  # an affine node passes the gradient to its one input
+            g = gi
+        j = g.reshape(r1 - r0, n)
+        nz = j.nonzero()
+        rows.append(nz[:, 0] + r0)
+        cols.append(nz[:, 1])
+        vals.append(j[nz[:, 0], nz[:, 1]])
+    x = torch.zeros(1, *(net.input_shape if in_name == INPUT else net.shape_of[in_name]), dtype=dtype, device=device)
+    for i in reversed(chain):
+        x = net.layers[i].forward([x])
+    return torch.cat(rows), torch.cat(cols), torch.cat(vals), x.reshape(-1)
+
+
+def _two_level(net: Network, i_act: int, dtype: torch.dtype, device: torch.device) -> _TwoLevel | None:
+    """The two-level structure of split node ``i_act``'s input, when it has one and A1 or A2
+    is sparse (convolutions: there the generic back-substitution is dense and slow)."""
+    chain2, s_name = _affine_chain(net, net.wiring[i_act][0])
+    if s_name == INPUT or not chain2:
+        return None
+    s = next(j for j, node in enumerate(net.layers) if node.name == s_name)
+    if not isinstance(net.layers[s], _SIGN_NODES):
+        return None
+    chain1, src = _affine_chain(net, net.wiring[s][0])
+    if src != INPUT or not chain1:
+        return None
+    zname = net.wiring[i_act][0]
+    m, n_s, n_in = math.prod(net.shape_of[zname]), math.prod(net.shape_of[s_name]), math.prod(net.input_shape)
+    r2, c2i, v2, c2 = _chain_jacobian(net, chain2, zname, s_name, dtype, device)
+    r1, c1i, v1, c1 = _chain_jacobian(net, chain1, net.wiring[s][0], INPUT, dtype, device)
+    if min(v2.numel() / (m * n_s), v1.numel() / (n_s * n_in)) > _SPARSE_DENSITY:
+        return None
+    order = torch.argsort(r2, stable=True)
+    r2, c2i, v2 = r2[order], c2i[order], v2[order]
+    start = torch.searchsorted(r2, torch.arange(m + 1, device=device))
+    k1 = int(torch.bincount(r1, minlength=n_s).max()) if r1.numel() else 1
+    a1_idx = torch.zeros(n_s, k1, dtype=torch.long, device=device)
+    a1_val = torch.zeros(n_s, k1, dtype=dtype, device=device)
+    order = torch.argsort(r1, stable=True)
+    r1, c1i, v1 = r1[order], c1i[order], v1[order]
+    pos = torch.arange(r1.numel(), device=device) - torch.searchsorted(r1, r1)
+    a1_idx[r1, pos], a1_val[r1, pos] = c1i, v1
+    return _TwoLevel(s, start, c2i, v2, c2, a1_idx, a1_val, c1)
+
+
+def _backsub_two_level(net: Network, tl: _TwoLevel, box: Bounds, s_box: Interval, sp: torch.Tensor | None,
+                       idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper bounds (D, |idx|) of z_r = Σ_p A2[r,p]·f(y_p) + c2_r, y = A1·x + c1, over
+    the box: f replaced by its lower plane where A2[r,p] > 0 and its upper plane where < 0 (for
+    the lower bound; swapped for the upper), then y substituted and minimised over x. The
+    same relaxation as the generic :func:`_backsub` through one sign node, summed over the
+    sparse entries only."""
+    d = box.lower.shape[0]
+    n_in = math.prod(net.input_shape)
+    node = net.layers[tl.s]
+    assert isinstance(node, _SIGN_NODES)
+    sl, il, su, iu = (t.reshape(d, -1) for t in _relu_planes(node, s_box[0], s_box[1], sp))
+    counts = tl.start[idx + 1] - tl.start[idx]
+    ent = torch.repeat_interleave(tl.start[idx], counts) + (torch.arange(int(counts.sum()), device=idx.device)
+                                                            - torch.repeat_interleave(counts.cumsum(0) - counts, counts))
+    row = torch.repeat_interleave(torch.arange(idx.numel(), device=idx.device), counts)
+    col, w = tl.col[ent], tl.val[ent]
+    pos = w > 0
+    lo_s = torch.where(pos, sl[:, col], su[:, col]) * w  # (D, E): coefficient of y_p in the lower bound
+    up_s = torch.where(pos, su[:, col], sl[:, col]) * w
+    lo_i = torch.where(pos, il[:, col], iu[:, col]) * w
+    up_i = torch.where(pos, iu[:, col], il[:, col]) * w
+    sel = idx.numel()
+    const_lo = tl.c2[idx].expand(d, sel).clone()
+    const_up = const_lo.clone()
+    const_lo.index_add_(1, row, lo_i + lo_s * tl.c1[col])
+    const_up.index_add_(1, row, up_i + up_s * tl.c1[col])
+    # x coefficients: Σ_p coef_p·A1[p, :], scattered from the ELL rows of A1
+    target = (row.unsqueeze(1) * n_in + tl.a1_idx[col]).reshape(-1)  # (E·K1,)
+    a1 = tl.a1_val[col]  # (E, K1)
+    lam_lo = torch.zeros(d, sel * n_in, dtype=sl.dtype, device=sl.device)
+    lam_up = torch.zeros_like(lam_lo)
+    lam_lo.index_add_(1, target, (lo_s.unsqueeze(2) * a1).reshape(d, -1))
+    lam_up.index_add_(1, target, (up_s.unsqueeze(2) * a1).reshape(d, -1))
+    bl, bu = box.lower.reshape(d, 1, n_in), box.upper.reshape(d, 1, n_in)
+    lam_lo, lam_up = lam_lo.reshape(d, sel, n_in), lam_up.reshape(d, sel, n_in)
+    low = const_lo + (lam_lo.clamp(min=0) * bl + lam_lo.clamp(max=0) * bu).sum(2)
+    high = const_up + (lam_up.clamp(min=0) * bu + lam_up.clamp(max=0) * bl).sum(2)
+    return low, high
 
 
 @dataclass(frozen=True)
@@ -653,7 +807,9 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
 class _Form:
     """Bounds on a gradient tensor that are linear in δ ∈ [0, 1]^V: for every δ the value lies
     in [m(δ) − r(δ), m(δ) + r(δ)], m(δ) = mid[:, 0] + Σ_k δ_k·mid[:, k] (r likewise, r(δ) ≥ 0
-    on the box). Slices (D, K, *shape): K = 1 is a plain interval (no δ), K = V + 1 otherwise."""
+    on the box). Slices (D, K, *shape): K = 1 is a plain interval (no δ), K = V + 1 otherwise;
+    ``rad`` may hold fewer slices than ``mid`` (the missing coefficients are 0: from the basis
+    to the next relaxation r is constant, and mapping its zero slices would cost as much as m's)."""
 
     mid: torch.Tensor
     rad: torch.Tensor
@@ -662,24 +818,36 @@ class _Form:
     def interval(lo: torch.Tensor, up: torch.Tensor) -> "_Form":
         return _Form(((lo + up) / 2).unsqueeze(1), ((up - lo) / 2).unsqueeze(1))
 
+    def ends(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The coefficients of the lower form m − r and the upper form m + r, (D, K, *shape)."""
+        k = self.rad.shape[1]
+        lo, up = self.mid.clone(), self.mid.clone()
+        lo[:, :k] -= self.rad
+        up[:, :k] += self.rad
+        return lo, up
+
     def lower(self) -> torch.Tensor:
         """min over δ of m(δ) − r(δ)."""
-        c = self.mid - self.rad
+        c = self.ends()[0]
         return c[:, 0] + c[:, 1:].clamp(max=0).sum(1)
 
     def upper(self) -> torch.Tensor:
-        c = self.mid + self.rad
+        c = self.ends()[1]
         return c[:, 0] + c[:, 1:].clamp(min=0).sum(1)
 
     def __add__(self, other: "_Form") -> "_Form":
-        a, b = (self, other) if self.mid.shape[1] >= other.mid.shape[1] else (other, self)
-        if b.mid.shape[1] == a.mid.shape[1]:
-            return _Form(a.mid + b.mid, a.rad + b.rad)
-        k = b.mid.shape[1]
-        mid, rad = a.mid.clone(), a.rad.clone()
-        mid[:, :k] += b.mid
-        rad[:, :k] += b.rad
-        return _Form(mid, rad)
+        return _Form(_padded_sum(self.mid, other.mid), _padded_sum(self.rad, other.rad))
+
+
+def _padded_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b over slices (dim 1), the shorter one padded with zero slices."""
+    if a.shape[1] < b.shape[1]:
+        a, b = b, a
+    if a.shape[1] == b.shape[1]:
+        return a + b
+    out = a.clone()
+    out[:, :b.shape[1]] += b
+    return out
 
 
 def _abs_vjp(node: Any, g: torch.Tensor, in_shapes: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor | None, ...]:
@@ -699,13 +867,14 @@ def _abs_vjp(node: Any, g: torch.Tensor, in_shapes: Sequence[tuple[int, ...]]) -
 
 def _form_affine(node: Any, f: _Form, in_shapes: Sequence[tuple[int, ...]]) -> tuple[_Form | None, ...]:
     """Jᵀ g ∈ [Jᵀm − |J|ᵀr, Jᵀm + |J|ᵀr] for g ∈ [m − r, m + r], slice by slice (both maps are linear)."""
-    d, k = f.mid.shape[:2]
+    d, k, kr = f.mid.shape[0], f.mid.shape[1], f.rad.shape[1]
     zeros = [torch.zeros(1, *sh, dtype=f.mid.dtype, device=f.mid.device) for sh in in_shapes]
     mids = node.vjp(zeros, f.mid.reshape(d * k, *f.mid.shape[2:]), in_shapes)
-    rads = _abs_vjp(node, f.rad.reshape(d * k, *f.rad.shape[2:]), in_shapes)
+    rads = _abs_vjp(node, f.rad.reshape(d * kr, *f.rad.shape[2:]), in_shapes)
     out: list[_Form | None] = []
     for m, r in zip(mids, rads, strict=True):
-        out.append(None if m is None or r is None else _Form(m.reshape(d, k, *m.shape[1:]), r.reshape(d, k, *r.shape[1:])))
+        out.append(None if m is None or r is None
+                   else _Form(m.reshape(d, k, *m.shape[1:]), r.reshape(d, kr, *r.shape[1:])))
     return tuple(out)
 
 
@@ -742,11 +911,10 @@ def _form_sign(node: Activation | PReLU, f: _Form, lo: torch.Tensor, up: torch.T
         mid[:, 0] = torch.where(free, wl, (wl + wu) / 2).reshape(d, -1)
         step = torch.where(free, wu - wl, torch.zeros_like(wl)).reshape(d, -1)
         mid[:, 1 + torch.arange(idx.numel(), device=wl.device), idx] = step[:, idx]
-        rad = torch.zeros_like(mid)
-        rad[:, 0] = torch.where(free, torch.zeros_like(wl), (wu - wl) / 2).reshape(d, -1)
-        return _Form(mid.reshape(d, -1, *shape), rad.reshape(d, -1, *shape))
+        rad = torch.where(free, torch.zeros_like(wl), (wu - wl) / 2).reshape(d, 1, *shape)
+        return _Form(mid.reshape(d, -1, *shape), rad)
     # U = m + r and L = m − r, their ranges over δ, and the two chords
-    up_form, lo_form = f.mid + f.rad, f.mid - f.rad
+    lo_form, up_form = f.ends()
     pu, qu = _range(up_form)
     pl, ql = _range(lo_form)
     au, bu = _chord(dl, du, pu, qu)
@@ -757,7 +925,7 @@ def _form_sign(node: Activation | PReLU, f: _Form, lo: torch.Tensor, up: torch.T
     mid, rad = (ut + lt) / 2, (ut - lt) / 2
     c = dl  # a fixed f′ scales exactly (any sign)
     mid = torch.where(fixed, c * f.mid, mid)
-    rad = torch.where(fixed, c.abs() * f.rad, rad)
+    rad = torch.where(fixed, _padded_sum(c.abs() * f.rad, torch.zeros_like(rad)), rad)
     neg = ~fixed & (dl < 0)
     if bool(neg.any()):
         il, iu = mul_interval((dl[:, 0], du[:, 0]), (f.lower(), f.upper()))
@@ -776,8 +944,9 @@ def _form_pool(node: MaxPool, f: _Form, lo: torch.Tensor, up: torch.Tensor, s: t
     certain, possible = (t.unsqueeze(1) for t in _pool_taps(node, lo, up, s))
     d, k = f.mid.shape[:2]
     c, kk = certain.shape[2:4]
-    mid, rad = f.mid.reshape(d, k, c, 1, -1), f.rad.reshape(d, k, c, 1, -1)
-    up_form, lo_form = mid + rad, mid - rad
+    lo_form, up_form = (t.reshape(d, k, c, 1, -1) for t in f.ends())
+    mid = f.mid.reshape(d, k, c, 1, -1)
+    rad = _padded_sum(f.rad, torch.zeros_like(f.mid)).reshape(d, k, c, 1, -1)
     pu, qu = _range(up_form)
     pl, ql = _range(lo_form)
     zero, one = torch.zeros_like(pu), torch.ones_like(pu)

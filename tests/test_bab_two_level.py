@@ -1,0 +1,72 @@
+"""Branch and bound's two-level back-substitution (z = A2·f(A1·x + c1) + c2 summed over the
+sparse entries of convolutions): the same bounds as the generic dense pass on random split
+domains of conv nets (relu, leaky relu, PReLU), used where the structure holds and only there."""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("scipy")
+
+import torch  # noqa: E402
+
+import verigrad.bounds.bab as bab  # noqa: E402
+from tests.graph_nets import maxpool_cnn, prelu_cnn, residual_cnn  # noqa: E402
+from tests.helpers import random_cnn, random_mlp  # noqa: E402
+from tests.test_bab_symbolic import _domains, _stacked  # noqa: E402
+from verigrad.graph.gradient_graph import Output  # noqa: E402
+from verigrad.models.network import ActKind  # noqa: E402
+from verigrad.perturbation import input_box  # noqa: E402
+
+F64 = torch.float64
+NETS = [
+    ("cnn-relu", lambda: random_cnn(ActKind.RELU, seed=1), 0.3),
+    ("cnn-leaky", lambda: random_cnn(ActKind.LEAKY_RELU, 0.1, seed=2), 0.3),
+    ("cnn-prelu", lambda: prelu_cnn(3), 0.3),
+]
+
+
+@pytest.mark.parametrize("make, radius", [n[1:] for n in NETS], ids=[n[0] for n in NETS])
+def test_two_level_back_substitution_equals_the_generic_pass(make, radius, monkeypatch):
+    x = torch.rand(1, *make().input_shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    box, t = input_box(x, radius, None), torch.tensor([1])
+    doms = _domains(make(), box, t)
+    d = len(doms)
+    used = []
+    fast_fn = bab._backsub_two_level
+
+    def counting(*a, **k):
+        used.append(1)
+        return fast_fn(*a, **k)
+
+    monkeypatch.setattr(bab, "_backsub_two_level", counting)
+    fast_net = make()
+    splits = bab._stack_splits(fast_net, doms, torch.device("cpu"))
+    fast = bab._neuron_pass(fast_net, _stacked(box, d), t.expand(d), Output.LOGIT, splits)
+    assert used  # the structure holds for the second activation
+    monkeypatch.setattr(bab, "_two_level", lambda *a, **k: None)
+    slow_net = make()  # a fresh memo
+    slow = bab._neuron_pass(slow_net, _stacked(box, d), t.expand(d), Output.LOGIT, splits)
+    for i, (lo, up) in slow.pre.items():
+        scale = 1e-11 * (1 + lo.abs().max() + up.abs().max())
+        assert float((fast.pre[i][0] - lo).abs().max()) <= scale, i
+        assert float((fast.pre[i][1] - up).abs().max()) <= scale, i
+    assert float((fast.grad[0] - slow.grad[0]).abs().max()) <= 1e-10
+    assert float((fast.grad[1] - slow.grad[1]).abs().max()) <= 1e-10
+    assert d >= 20
+
+
+def test_two_level_structure_is_found_only_where_it_holds():
+    """A sign node fed by one affine chain from the input and feeding one (sparse) chain to the
+    split node: the second conv's relu of a plain CNN; not the first relu (no sign node before
+    it), not a node behind a residual sum or a MaxPool, not a dense MLP layer."""
+    cpu = torch.device("cpu")
+    net = random_cnn(ActKind.RELU, seed=1)
+    found = {i: bab._two_level(net, i, F64, cpu) is not None for i in bab._split_nodes(net)}
+    assert found == {1: False, 3: True, 6: False}
+    res = residual_cnn(seed=3)  # a1 after c1 ∘ a0 ∘ c0; a2 after the residual sum; a3 behind a2
+    assert {i: bab._two_level(res, i, F64, cpu) is not None for i in bab._split_nodes(res)} == \
+        {1: False, 3: True, 6: False, 9: False}
+    pool = maxpool_cnn(seed=1)  # the second relu's chain starts at a MaxPool
+    assert not any(bab._two_level(pool, i, F64, cpu) is not None for i in bab._split_nodes(pool))
+    mlp = random_mlp(ActKind.RELU, sizes=(6, 10, 10, 3), seed=1)
+    assert all(bab._two_level(mlp, i, F64, cpu) is None for i in bab._split_nodes(mlp))
