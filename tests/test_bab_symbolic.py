@@ -115,3 +115,20 @@ def test_symbolic_pass_with_an_interval_seed_is_sound(output):
     pts = box_points(box, 3000, 1000, seed=8)
     g = saliency(net, pts, t.expand(len(pts)), output)
     assert bool(((g >= p.grad[0] - 1e-12) & (g <= p.grad[1] + 1e-12)).all())
+
+
+def test_symbolic_pass_is_skipped_where_one_domain_would_not_fit(monkeypatch):
+    """Forms of (V + 1) × (widest node) elements per domain: above BACKSUB_ELEMENTS the pass
+    returns None and the domain keeps the interval map (no silent huge allocation)."""
+    import verigrad.bounds.bab as bab
+
+    net = random_mlp(ActKind.RELU, sizes=(8, 16, 16, 3), seed=9)
+    x = torch.rand(1, 8, generator=torch.Generator().manual_seed(9), dtype=F64)
+    box, t = input_box(x, 0.3, None), torch.tensor([2])
+    p = _neuron_pass(net, box, t, Output.LOGIT, {}, symbolic=False)
+    onehot = F.one_hot(t, 3).to(F64)
+    assert _symbolic_grad(net, (onehot, onehot), p.pre, {}) is not None
+    monkeypatch.setattr(bab, "BACKSUB_ELEMENTS", 16)
+    assert _symbolic_grad(net, (onehot, onehot), p.pre, {}) is None
+    q = _neuron_pass(net, box, t, Output.LOGIT, {})
+    assert torch.equal(q.grad[0], p.grad[0]) and torch.equal(q.grad[1], p.grad[1])

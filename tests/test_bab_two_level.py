@@ -70,3 +70,12 @@ def test_two_level_structure_is_found_only_where_it_holds():
     assert not any(bab._two_level(pool, i, F64, cpu) is not None for i in bab._split_nodes(pool))
     mlp = random_mlp(ActKind.RELU, sizes=(6, 10, 10, 3), seed=1)
     assert all(bab._two_level(mlp, i, F64, cpu) is None for i in bab._split_nodes(mlp))
+
+
+def test_two_level_structure_is_refused_past_the_entry_cap(monkeypatch):
+    """A2's nonzero entries are collected chunk by chunk and abandoned past BACKSUB_ELEMENTS
+    (the generic pass then runs), so a large conv layer never builds a huge index."""
+    cpu = torch.device("cpu")
+    assert bab._two_level(random_cnn(ActKind.RELU, seed=1), 3, F64, cpu) is not None
+    monkeypatch.setattr(bab, "BACKSUB_ELEMENTS", 100)
+    assert bab._two_level(random_cnn(ActKind.RELU, seed=1), 3, F64, cpu) is None

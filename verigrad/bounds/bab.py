@@ -535,9 +535,9 @@ def _affine_chain(net: Network, name: str) -> tuple[list[int], str]:
 
 
 def _chain_jacobian(net: Network, chain: list[int], out_name: str, in_name: str, dtype: torch.dtype,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(row, col, val) of the nonzero entries of ∂out/∂in through the affine ``chain`` (walked
-    back from ``out_name``) and its constant term out(0)."""
+    back from ``out_name``) and its constant term out(0); None past BACKSUB_ELEMENTS entries."""
     m = math.prod(net.shape_of[out_name])
     n = math.prod(net.input_shape if in_name == INPUT else net.shape_of[in_name])
     rows, cols, vals = [], [], []
@@ -559,6 +559,8 @@ def _chain_jacobian(net: Network, chain: list[int], out_name: str, in_name: str,
         rows.append(nz[:, 0] + r0)
         cols.append(nz[:, 1])
         vals.append(j[nz[:, 0], nz[:, 1]])
+        if sum(v.numel() for v in vals) > BACKSUB_ELEMENTS:
+            return None
     x = torch.zeros(1, *(net.input_shape if in_name == INPUT else net.shape_of[in_name]), dtype=dtype, device=device)
     for i in reversed(chain):
         x = net.layers[i].forward([x])
@@ -579,8 +581,11 @@ def _two_level(net: Network, i_act: int, dtype: torch.dtype, device: torch.devic
         return None
     zname = net.wiring[i_act][0]
     m, n_s, n_in = math.prod(net.shape_of[zname]), math.prod(net.shape_of[s_name]), math.prod(net.input_shape)
-    r2, c2i, v2, c2 = _chain_jacobian(net, chain2, zname, s_name, dtype, device)
-    r1, c1i, v1, c1 = _chain_jacobian(net, chain1, net.wiring[s][0], INPUT, dtype, device)
+    j2 = _chain_jacobian(net, chain2, zname, s_name, dtype, device)
+    j1 = None if j2 is None else _chain_jacobian(net, chain1, net.wiring[s][0], INPUT, dtype, device)
+    if j2 is None or j1 is None:
+        return None
+    (r2, c2i, v2, c2), (r1, c1i, v1, c1) = j2, j1
     if min(v2.numel() / (m * n_s), v1.numel() / (n_s * n_in)) > _SPARSE_DENSITY:
         return None
     order = torch.argsort(r2, stable=True)
@@ -992,7 +997,7 @@ def _symbolic_grad(net: Network, seed: Interval, pre: dict[int, Interval], split
     forms are minimised over δ ∈ [0, 1]^V at the input. Unlike the interval pass it keeps the
     correlation between coordinates that share a basis neuron's σ′ (on a two-layer ReLU MLP
     it equals CROWN's map of the gradient graph); never wider than the interval pass. None
-    when no f′ is free. Chunked over domains (BACKSUB_ELEMENTS)."""
+    when no f′ is free or one domain's forms exceed BACKSUB_ELEMENTS; chunked over domains."""
     found = _sym_basis(net, pre, splits)
     if found is None:
         return None
@@ -1000,6 +1005,8 @@ def _symbolic_grad(net: Network, seed: Interval, pre: dict[int, Interval], split
     nodes, wiring = net.layers, net.wiring
     d = seed[0].shape[0]
     width = max(math.prod(net.input_shape), max(math.prod(sh) for sh in net.shapes))
+    if (v + 1) * width > BACKSUB_ELEMENTS:  # one domain's forms would not fit: intervals only
+        return None
     per = max(1, BACKSUB_ELEMENTS // ((v + 1) * width))
     los, ups = [], []
     for c0 in range(0, d, per):
