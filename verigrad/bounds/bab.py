@@ -918,15 +918,7 @@ def _form_sign(node: Activation | PReLU, f: _Form, lo: torch.Tensor, up: torch.T
         mid[:, 1 + torch.arange(idx.numel(), device=wl.device), idx] = step[:, idx]
         rad = torch.where(free, torch.zeros_like(wl), (wu - wl) / 2).reshape(d, 1, *shape)
         return _Form(mid.reshape(d, -1, *shape), rad)
-    # U = m + r and L = m − r, their ranges over δ, and the two chords
-    lo_form, up_form = f.ends()
-    pu, qu = _range(up_form)
-    pl, ql = _range(lo_form)
-    au, bu = _chord(dl, du, pu, qu)
-    al, bl = _chord(du, dl, pl, ql)
-    ut, lt = au * up_form, al * lo_form
-    ut[:, 0] += bu[:, 0]
-    lt[:, 0] += bl[:, 0]
+    ut, lt = _relaxed_product(*f.ends(), dl, du)
     mid, rad = (ut + lt) / 2, (ut - lt) / 2
     c = dl  # a fixed f′ scales exactly (any sign)
     mid = torch.where(fixed, c * f.mid, mid)
@@ -938,6 +930,20 @@ def _form_sign(node: Activation | PReLU, f: _Form, lo: torch.Tensor, up: torch.T
         mid = torch.where(neg, torch.cat([box.mid, torch.zeros_like(mid[:, 1:])], 1), mid)
         rad = torch.where(neg, torch.cat([box.rad, torch.zeros_like(rad[:, 1:])], 1), rad)
     return _Form(mid, rad)
+
+
+def _relaxed_product(lo_form: torch.Tensor, up_form: torch.Tensor, dl: torch.Tensor, du: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper and lower forms of d·y for d ∈ [dl, du], 0 ≤ dl, and y between the lower and upper
+    forms: the chord of the convex du·y⁺ + dl·y⁻ over the upper form's range, taken at the
+    upper form (it is increasing, so at most that at U(δ)), and the chord of the concave
+    dl·y⁺ + du·y⁻ over the lower form's range at the lower form."""
+    au, bu = _chord(dl, du, *_range(up_form))
+    al, bl = _chord(du, dl, *_range(lo_form))
+    ut, lt = au * up_form, al * lo_form
+    ut[:, 0] += bu[:, 0]
+    lt[:, 0] += bl[:, 0]
+    return ut, lt
 
 
 def _form_pool(node: MaxPool, f: _Form, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None,
@@ -952,14 +958,8 @@ def _form_pool(node: MaxPool, f: _Form, lo: torch.Tensor, up: torch.Tensor, s: t
     lo_form, up_form = (t.reshape(d, k, c, 1, -1) for t in f.ends())
     mid = f.mid.reshape(d, k, c, 1, -1)
     rad = _padded_sum(f.rad, torch.zeros_like(f.mid)).reshape(d, k, c, 1, -1)
-    pu, qu = _range(up_form)
-    pl, ql = _range(lo_form)
-    zero, one = torch.zeros_like(pu), torch.ones_like(pu)
-    au, bu = _chord(zero, one, pu, qu)
-    al, bl = _chord(one, zero, pl, ql)
-    ut, lt = au * up_form, al * lo_form
-    ut[:, 0] += bu[:, 0]
-    lt[:, 0] += bl[:, 0]
+    zero = torch.zeros_like(mid[:, :1])
+    ut, lt = _relaxed_product(lo_form, up_form, zero, zero + 1)  # m ∈ [0, 1]
     uncertain = possible & ~certain
     tm = torch.where(certain, mid, torch.where(uncertain, (ut + lt) / 2, torch.zeros_like(mid)))
     tr = torch.where(certain, rad, torch.where(uncertain, (ut - lt) / 2, torch.zeros_like(rad)))
