@@ -154,10 +154,10 @@ def test_strong_branching_needs_fewer_domains_than_the_layer_rule():
     crown = compute_bounds("crown", net, box, t).bounds
     runs = {}
     for rule in Branching:
-        opts = BabOptions(timeout_s=60, max_domains=10**6, branching=rule, lp=False, batch=1)
+        opts = BabOptions(timeout_s=60, max_domains=10**6, branching=rule, lp=False, batch=1, candidates=4)
         runs[rule] = search(net, box, t, Output.LOGIT, crown, _objective(net, box, t, prop, v0), opts)
         assert runs[rule].status == "certified"
-    splits = {rule: r.domains // (2 * (BabOptions().candidates if rule == Branching.PROPERTY else 1))
+    splits = {rule: r.domains // (2 * (4 if rule == Branching.PROPERTY else 1))
               for rule, r in runs.items()}
     assert splits[Branching.PROPERTY] <= splits[Branching.LAYER], splits
 
