@@ -131,22 +131,10 @@ def test_interval_pass_encloses_every_domain(make, radius):
     net = make()
     x = torch.rand(1, *net.input_shape, generator=torch.Generator().manual_seed(5), dtype=F64)
     box, t = input_box(x, radius, None), torch.tensor([1])
-    s = _search(net, box, t)
-    gen = torch.Generator().manual_seed(6)
-    doms, frontier = [], [s.bound_neurons([{}])[0]]
-    while frontier and len(doms) < 60:
-        dom = frontier.pop(0)
-        cands = _neuron_candidates(net, dom, 6)
-        if not cands:
-            continue
-        i, w, sides = cands[int(torch.randint(len(cands), (1,), generator=gen))]
-        kids = [_child(net, dom.splits, i, w, side, "cpu") for side in sides]
-        doms += kids
-        frontier += [k for k in s.bound_neurons(kids) if k is not None]
+    doms = random_domains(net, box, t, 60)
     splits = _stack_splits(net, doms, torch.device("cpu"))
     d = len(doms)
-    p = _neuron_pass(net, Bounds(box.lower.expand(d, *box.lower.shape[1:]), box.upper.expand(d, *box.upper.shape[1:])),
-                     t.expand(d), Output.LOGIT, splits)
+    p = _neuron_pass(net, stacked(box, d), t.expand(d), Output.LOGIT, splits)
     pts = box_points(box, 3000, 1000, seed=7)
     g = saliency(net, pts, t.expand(len(pts)))
     vals = net.evaluate(pts)
@@ -271,6 +259,31 @@ def _search(net, box, t, **kw) -> _Search:
     root = compute_bounds("crown", net, box, t).bounds
     obj = Objective(worst=lambda m, b: m.width.flatten(1).sum(1), holds=lambda w: w <= 0)
     return _Search(net, box, t, Output.LOGIT, root, obj, BabOptions(**kw), Mode.NEURONS, None)
+
+
+def random_domains(net: Network, box: Bounds, t: torch.Tensor, n: int, with_root: bool = False
+                   ) -> list[dict[int, torch.Tensor]]:
+    """Random split patterns (children of children of random candidate splits), until n domains
+    (the unsplit root first when ``with_root``)."""
+    s = _search(net, box, t)
+    gen = torch.Generator().manual_seed(6)
+    doms: list[dict[int, torch.Tensor]] = [{}] if with_root else []
+    frontier = [s.bound_neurons([{}])[0]]
+    while frontier and len(doms) < n:
+        dom = frontier.pop(0)
+        cands = _neuron_candidates(net, dom, 6)
+        if not cands:
+            continue
+        i, w, sides = cands[int(torch.randint(len(cands), (1,), generator=gen))]
+        kids = [_child(net, dom.splits, i, w, side, "cpu") for side in sides]
+        doms += kids
+        frontier += [k for k in s.bound_neurons(kids) if k is not None]
+    return doms
+
+
+def stacked(box: Bounds, d: int) -> Bounds:
+    """The box repeated for d domains."""
+    return Bounds(box.lower.expand(d, *box.lower.shape[1:]), box.upper.expand(d, *box.upper.shape[1:]))
 
 
 def test_a_window_child_whose_tap_cannot_win_is_dropped():

@@ -15,9 +15,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from tests.graph_nets import concat_cnn, maxpool_cnn, prelu_mlp, residual_cnn, residual_mlp  # noqa: E402
 from tests.helpers import box_points, random_mlp  # noqa: E402
-from tests.test_bab_pool import _membership, _search  # noqa: E402
-from verigrad.bounds import Bounds, compute_bounds  # noqa: E402
-from verigrad.bounds.bab import _child, _neuron_candidates, _neuron_pass, _stack_splits, _symbolic_grad  # noqa: E402
+from tests.test_bab_pool import _membership, random_domains, stacked  # noqa: E402
+from verigrad.bounds import compute_bounds  # noqa: E402
+from verigrad.bounds.bab import _neuron_pass, _stack_splits, _symbolic_grad  # noqa: E402
 from verigrad.graph.gradient_graph import Output, saliency  # noqa: E402
 from verigrad.models.network import ActKind  # noqa: E402
 from verigrad.perturbation import input_box  # noqa: E402
@@ -35,37 +35,15 @@ NETS = [
 ]
 
 
-def _domains(net, box, t, n: int = 40) -> list[dict[int, torch.Tensor]]:
-    """Random split patterns: children of children of random candidate splits."""
-    s = _search(net, box, t)
-    gen = torch.Generator().manual_seed(6)
-    doms: list[dict[int, torch.Tensor]] = [{}]
-    frontier = [s.bound_neurons([{}])[0]]
-    while frontier and len(doms) < n:
-        dom = frontier.pop(0)
-        cands = _neuron_candidates(net, dom, 6)
-        if not cands:
-            continue
-        i, w, sides = cands[int(torch.randint(len(cands), (1,), generator=gen))]
-        kids = [_child(net, dom.splits, i, w, side, "cpu") for side in sides]
-        doms += kids
-        frontier += [k for k in s.bound_neurons(kids) if k is not None]
-    return doms
-
-
-def _stacked(box: Bounds, d: int) -> Bounds:
-    return Bounds(box.lower.expand(d, *box.lower.shape[1:]), box.upper.expand(d, *box.upper.shape[1:]))
-
-
 @pytest.mark.parametrize("make, radius", [n[1:] for n in NETS], ids=[n[0] for n in NETS])
 def test_symbolic_pass_encloses_every_domain_and_never_loses_to_intervals(make, radius):
     net = make()
     x = torch.rand(1, *net.input_shape, generator=torch.Generator().manual_seed(5), dtype=F64)
     box, t = input_box(x, radius, None), torch.tensor([1])
-    doms = _domains(net, box, t)
+    doms = random_domains(net, box, t, 40, with_root=True)
     splits = _stack_splits(net, doms, torch.device("cpu"))
     d = len(doms)
-    p = _neuron_pass(net, _stacked(box, d), t.expand(d), Output.LOGIT, splits, symbolic=False)
+    p = _neuron_pass(net, stacked(box, d), t.expand(d), Output.LOGIT, splits, symbolic=False)
     onehot = F.one_hot(t.expand(d), net.num_classes).to(F64)
     sym = _symbolic_grad(net, (onehot, onehot), p.pre, splits)
     assert sym is not None

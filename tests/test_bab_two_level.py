@@ -12,7 +12,7 @@ import torch  # noqa: E402
 import verigrad.bounds.bab as bab  # noqa: E402
 from tests.graph_nets import maxpool_cnn, prelu_cnn, residual_cnn  # noqa: E402
 from tests.helpers import random_cnn, random_mlp  # noqa: E402
-from tests.test_bab_symbolic import _domains, _stacked  # noqa: E402
+from tests.test_bab_pool import random_domains, stacked  # noqa: E402
 from verigrad.graph.gradient_graph import Output  # noqa: E402
 from verigrad.models.network import ActKind  # noqa: E402
 from verigrad.perturbation import input_box  # noqa: E402
@@ -29,7 +29,7 @@ NETS = [
 def test_two_level_back_substitution_equals_the_generic_pass(make, radius, monkeypatch):
     x = torch.rand(1, *make().input_shape, generator=torch.Generator().manual_seed(5), dtype=F64)
     box, t = input_box(x, radius, None), torch.tensor([1])
-    doms = _domains(make(), box, t)
+    doms = random_domains(make(), box, t, 40, with_root=True)
     d = len(doms)
     used = []
     fast_fn = bab._backsub_two_level
@@ -41,11 +41,11 @@ def test_two_level_back_substitution_equals_the_generic_pass(make, radius, monke
     monkeypatch.setattr(bab, "_backsub_two_level", counting)
     fast_net = make()
     splits = bab._stack_splits(fast_net, doms, torch.device("cpu"))
-    fast = bab._neuron_pass(fast_net, _stacked(box, d), t.expand(d), Output.LOGIT, splits)
+    fast = bab._neuron_pass(fast_net, stacked(box, d), t.expand(d), Output.LOGIT, splits)
     assert used  # the structure holds for the second activation
     monkeypatch.setattr(bab, "_two_level", lambda *a, **k: None)
     slow_net = make()  # a fresh memo
-    slow = bab._neuron_pass(slow_net, _stacked(box, d), t.expand(d), Output.LOGIT, splits)
+    slow = bab._neuron_pass(slow_net, stacked(box, d), t.expand(d), Output.LOGIT, splits)
     for i, (lo, up) in slow.pre.items():
         scale = 1e-11 * (1 + lo.abs().max() + up.abs().max())
         assert float((fast.pre[i][0] - lo).abs().max()) <= scale, i

@@ -523,19 +523,18 @@ class _TwoLevel:
     c1: torch.Tensor
 
 
-def _affine_chain(net: Network, name: str) -> tuple[list[int], str]:
+def _affine_chain(net: Network, name: str) -> tuple[list[int], int | None]:
     """The single-input Linear / Conv2d / Reshape nodes walking back from node ``name``, and
-    the first node that is not one (its name; possibly INPUT)."""
+    the index of the first node that is not one (None: the chain starts at the input)."""
     index = {node.name: i for i, node in enumerate(net.layers)}
     chain: list[int] = []
     while name != INPUT:
         i = index[name]
-        node = net.layers[i]
-        if not isinstance(node, (Linear, Conv2d, Reshape)):
-            break
+        if not isinstance(net.layers[i], (Linear, Conv2d, Reshape)):
+            return chain, i
         chain.append(i)
         name = net.wiring[i][0]
-    return chain, name
+    return chain, None
 
 
 def _chain_jacobian(net: Network, chain: list[int], out_name: str, in_name: str, dtype: torch.dtype,
@@ -543,7 +542,7 @@ def _chain_jacobian(net: Network, chain: list[int], out_name: str, in_name: str,
     """(row, col, val) of the nonzero entries of ∂out/∂in through the affine ``chain`` (walked
     back from ``out_name``) and its constant term out(0); None past BACKSUB_ELEMENTS entries."""
     m = math.prod(net.shape_of[out_name])
-    n = math.prod(net.input_shape if in_name == INPUT else net.shape_of[in_name])
+    n = math.prod(net.shape_of[in_name])
     rows, cols, vals = [], [], []
     per = max(1, _JAC_CHUNK // max(n, 1))
     for r0 in range(0, m, per):
@@ -565,7 +564,7 @@ def _chain_jacobian(net: Network, chain: list[int], out_name: str, in_name: str,
         vals.append(j[nz[:, 0], nz[:, 1]])
         if sum(v.numel() for v in vals) > BACKSUB_ELEMENTS:
             return None
-    x = torch.zeros(1, *(net.input_shape if in_name == INPUT else net.shape_of[in_name]), dtype=dtype, device=device)
+    x = torch.zeros(1, *net.shape_of[in_name], dtype=dtype, device=device)
     for i in reversed(chain):
         x = net.layers[i].forward([x])
     return torch.cat(rows), torch.cat(cols), torch.cat(vals), x.reshape(-1)
@@ -574,16 +573,14 @@ def _chain_jacobian(net: Network, chain: list[int], out_name: str, in_name: str,
 def _two_level(net: Network, i_act: int, dtype: torch.dtype, device: torch.device) -> _TwoLevel | None:
     """The two-level structure of split node ``i_act``'s input, when it has one and A1 or A2
     is sparse (convolutions: there the generic back-substitution is dense and slow)."""
-    chain2, s_name = _affine_chain(net, net.wiring[i_act][0])
-    if s_name == INPUT or not chain2:
-        return None
-    s = next(j for j, node in enumerate(net.layers) if node.name == s_name)
-    if not isinstance(net.layers[s], _SIGN_NODES):
+    zname = net.wiring[i_act][0]
+    chain2, s = _affine_chain(net, zname)
+    if s is None or not chain2 or not isinstance(net.layers[s], _SIGN_NODES):
         return None
     chain1, src = _affine_chain(net, net.wiring[s][0])
-    if src != INPUT or not chain1:
+    if src is not None or not chain1:
         return None
-    zname = net.wiring[i_act][0]
+    s_name = net.layers[s].name
     m, n_s, n_in = math.prod(net.shape_of[zname]), math.prod(net.shape_of[s_name]), math.prod(net.input_shape)
     j2 = _chain_jacobian(net, chain2, zname, s_name, dtype, device)
     j1 = None if j2 is None else _chain_jacobian(net, chain1, net.wiring[s][0], INPUT, dtype, device)
@@ -835,17 +832,20 @@ class _Form:
         up[:, :k] += self.rad
         return lo, up
 
-    def lower(self) -> torch.Tensor:
-        """min over δ of m(δ) − r(δ)."""
-        c = self.ends()[0]
-        return c[:, 0] + c[:, 1:].clamp(max=0).sum(1)
-
-    def upper(self) -> torch.Tensor:
-        c = self.ends()[1]
-        return c[:, 0] + c[:, 1:].clamp(min=0).sum(1)
+    def bounds(self) -> Interval:
+        """(min over δ of m(δ) − r(δ), max over δ of m(δ) + r(δ))."""
+        lo, up = self.ends()
+        return _range(lo)[0][:, 0], _range(up)[1][:, 0]
 
     def __add__(self, other: "_Form") -> "_Form":
         return _Form(_padded_sum(self.mid, other.mid), _padded_sum(self.rad, other.rad))
+
+
+def _padded(t: torch.Tensor, k: int) -> torch.Tensor:
+    """t with zero slices appended along dim 1 up to k."""
+    if t.shape[1] == k:
+        return t
+    return torch.cat([t, t.new_zeros(t.shape[0], k - t.shape[1], *t.shape[2:])], 1)
 
 
 def _padded_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -859,10 +859,11 @@ def _padded_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _abs_vjp(node: Any, g: torch.Tensor, in_shapes: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor | None, ...]:
-    """|J|ᵀ g for an affine node with Jacobian J: |W| for Linear / Conv2d, J itself for the
-    selections and sums whose entries are 0 / 1, and |J| = [I, I] for Sub."""
-    zeros = [torch.zeros(1, *sh, dtype=g.dtype, device=g.device) for sh in in_shapes]
+def _abs_vjp(node: Any, zeros: Sequence[torch.Tensor], g: torch.Tensor, in_shapes: Sequence[tuple[int, ...]]
+             ) -> tuple[torch.Tensor | None, ...]:
+    """|J|ᵀ g for an affine node with Jacobian J (``zeros``: its inputs at 0, as ``vjp`` takes
+    them): |W| for Linear / Conv2d, J itself for the selections and sums whose entries are 0 / 1,
+    and |J| = [I, I] for Sub."""
     if isinstance(node, (Linear, Conv2d)):
         t = dict(node.tensors(in_shapes))
         t["weight"] = t["weight"].abs()
@@ -879,7 +880,7 @@ def _form_affine(node: Any, f: _Form, in_shapes: Sequence[tuple[int, ...]]) -> t
     d, k, kr = f.mid.shape[0], f.mid.shape[1], f.rad.shape[1]
     zeros = [torch.zeros(1, *sh, dtype=f.mid.dtype, device=f.mid.device) for sh in in_shapes]
     mids = node.vjp(zeros, f.mid.reshape(d * k, *f.mid.shape[2:]), in_shapes)
-    rads = _abs_vjp(node, f.rad.reshape(d * kr, *f.rad.shape[2:]), in_shapes)
+    rads = _abs_vjp(node, zeros, f.rad.reshape(d * kr, *f.rad.shape[2:]), in_shapes)
     out: list[_Form | None] = []
     for m, r in zip(mids, rads, strict=True):
         out.append(None if m is None or r is None
@@ -912,7 +913,7 @@ def _form_sign(node: Activation | PReLU, f: _Form, lo: torch.Tensor, up: torch.T
     fixed = dl == du
     if basis:
         assert f.mid.shape[1] == 1  # nothing below the basis node has introduced variables yet
-        wl, wu = mul_interval((dl[:, 0], du[:, 0]), (f.lower(), f.upper()))
+        wl, wu = mul_interval((dl[:, 0], du[:, 0]), f.bounds())
         free = ~fixed[:, 0]
         idx = free.reshape(free.shape[0], -1).any(0).nonzero().flatten()
         d, shape = free.shape[0], free.shape[1:]
@@ -926,13 +927,13 @@ def _form_sign(node: Activation | PReLU, f: _Form, lo: torch.Tensor, up: torch.T
     mid, rad = (ut + lt) / 2, (ut - lt) / 2
     c = dl  # a fixed f′ scales exactly (any sign)
     mid = torch.where(fixed, c * f.mid, mid)
-    rad = torch.where(fixed, _padded_sum(c.abs() * f.rad, torch.zeros_like(rad)), rad)
+    rad = torch.where(fixed, _padded(c.abs() * f.rad, rad.shape[1]), rad)
     neg = ~fixed & (dl < 0)
     if bool(neg.any()):
-        il, iu = mul_interval((dl[:, 0], du[:, 0]), (f.lower(), f.upper()))
+        il, iu = mul_interval((dl[:, 0], du[:, 0]), f.bounds())
         box = _Form.interval(il, iu)
-        mid = torch.where(neg, torch.cat([box.mid, torch.zeros_like(mid[:, 1:])], 1), mid)
-        rad = torch.where(neg, torch.cat([box.rad, torch.zeros_like(rad[:, 1:])], 1), rad)
+        mid = torch.where(neg, _padded(box.mid, mid.shape[1]), mid)
+        rad = torch.where(neg, _padded(box.rad, rad.shape[1]), rad)
     return _Form(mid, rad)
 
 
@@ -961,7 +962,7 @@ def _form_pool(node: MaxPool, f: _Form, lo: torch.Tensor, up: torch.Tensor, s: t
     c, kk = certain.shape[2:4]
     lo_form, up_form = (t.reshape(d, k, c, 1, -1) for t in f.ends())
     mid = f.mid.reshape(d, k, c, 1, -1)
-    rad = _padded_sum(f.rad, torch.zeros_like(f.mid)).reshape(d, k, c, 1, -1)
+    rad = _padded(f.rad, k).reshape(d, k, c, 1, -1)
     zero = torch.zeros_like(mid[:, :1])
     ut, lt = _relaxed_product(lo_form, up_form, zero, zero + 1)  # m ∈ [0, 1]
     uncertain = possible & ~certain
@@ -1031,9 +1032,9 @@ def _symbolic_grad(net: Network, seed: Interval, pre: dict[int, Interval], split
             for name, gi in zip(wiring[i], outs, strict=True):
                 if gi is not None:
                     grads[name] = grads[name] + gi if name in grads else gi
-        g = grads[INPUT]
-        los.append(g.lower())
-        ups.append(g.upper())
+        lo, up = grads[INPUT].bounds()
+        los.append(lo)
+        ups.append(up)
     return torch.cat(los), torch.cat(ups)
 
 
