@@ -1,6 +1,7 @@
 """Branch and bound's two-level back-substitution (z = A2·f(A1·x + c1) + c2 summed over the
-sparse entries of convolutions): the same bounds as the generic dense pass on random split
-domains of conv nets (relu, leaky relu, PReLU), used where the structure holds and only there."""
+sparse entries of convolutions, or a shared product plus a per-domain low-rank term for dense
+layers): the same bounds as the generic pass on random split domains of conv nets and MLPs
+(relu, leaky relu, PReLU), used where the structure holds and only there."""
 from __future__ import annotations
 
 import pytest
@@ -10,9 +11,10 @@ pytest.importorskip("scipy")
 import torch  # noqa: E402
 
 import verigrad.bounds.bab as bab  # noqa: E402
-from tests.graph_nets import maxpool_cnn, prelu_cnn, residual_cnn  # noqa: E402
+from tests.graph_nets import maxpool_cnn, prelu_cnn, prelu_mlp, residual_cnn  # noqa: E402
 from tests.helpers import random_cnn, random_mlp  # noqa: E402
 from tests.test_bab_pool import random_domains, stacked  # noqa: E402
+from verigrad.bounds import Bounds  # noqa: E402
 from verigrad.graph.gradient_graph import Output  # noqa: E402
 from verigrad.models.network import ActKind  # noqa: E402
 from verigrad.perturbation import input_box  # noqa: E402
@@ -22,6 +24,9 @@ NETS = [
     ("cnn-relu", lambda: random_cnn(ActKind.RELU, seed=1), 0.3),
     ("cnn-leaky", lambda: random_cnn(ActKind.LEAKY_RELU, 0.1, seed=2), 0.3),
     ("cnn-prelu", lambda: prelu_cnn(3), 0.3),
+    ("mlp-relu", lambda: random_mlp(ActKind.RELU, sizes=(12, 16, 14, 3), seed=4), 0.4),
+    ("mlp-leaky", lambda: random_mlp(ActKind.LEAKY_RELU, 0.2, sizes=(12, 16, 14, 3), seed=5), 0.4),
+    ("mlp-prelu", lambda: prelu_mlp(6, sizes=(5, 7, 6, 3)), 0.6),
 ]
 
 
@@ -32,17 +37,22 @@ def test_two_level_back_substitution_equals_the_generic_pass(make, radius, monke
     doms = random_domains(make(), box, t, 40, with_root=True)
     d = len(doms)
     used = []
-    fast_fn = bab._backsub_two_level
-
-    def counting(*a, **k):
-        used.append(1)
-        return fast_fn(*a, **k)
-
-    monkeypatch.setattr(bab, "_backsub_two_level", counting)
+    for name in ("_backsub_two_level", "_backsub_dense_two_level"):
+        def counting(*a, _fast=getattr(bab, name), **k):
+            used.append(1)
+            return _fast(*a, **k)
+        monkeypatch.setattr(bab, name, counting)
     fast_net = make()
     splits = bab._stack_splits(fast_net, doms, torch.device("cpu"))
     fast = bab._neuron_pass(fast_net, stacked(box, d), t.expand(d), Output.LOGIT, splits)
     assert used  # the structure holds for the second activation
+    # one box per domain (not one expanded box): the same bounds
+    sb = stacked(box, d)
+    own = bab._neuron_pass(fast_net, Bounds(sb.lower.contiguous(), sb.upper.contiguous()), t.expand(d), Output.LOGIT,
+                           splits)
+    for i, (lo, up) in own.pre.items():
+        assert torch.allclose(lo, fast.pre[i][0], rtol=1e-12, atol=1e-12)
+        assert torch.allclose(up, fast.pre[i][1], rtol=1e-12, atol=1e-12)
     monkeypatch.setattr(bab, "_two_level", lambda *a, **k: None)
     slow_net = make()  # a fresh memo
     slow = bab._neuron_pass(slow_net, stacked(box, d), t.expand(d), Output.LOGIT, splits)
@@ -58,7 +68,7 @@ def test_two_level_back_substitution_equals_the_generic_pass(make, radius, monke
 def test_two_level_structure_is_found_only_where_it_holds():
     """A sign node fed by one affine chain from the input and feeding one (sparse) chain to the
     split node: the second conv's relu of a plain CNN; not the first relu (no sign node before
-    it), not a node behind a residual sum or a MaxPool, not a dense MLP layer."""
+    it), not a node behind a residual sum or a MaxPool; a dense MLP's second layer in dense form."""
     cpu = torch.device("cpu")
     net = random_cnn(ActKind.RELU, seed=1)
     found = {i: bab._two_level(net, i, F64, cpu) is not None for i in bab._split_nodes(net)}
@@ -69,7 +79,8 @@ def test_two_level_structure_is_found_only_where_it_holds():
     pool = maxpool_cnn(seed=1)  # the second relu's chain starts at a MaxPool
     assert not any(bab._two_level(pool, i, F64, cpu) is not None for i in bab._split_nodes(pool))
     mlp = random_mlp(ActKind.RELU, sizes=(6, 10, 10, 3), seed=1)
-    assert all(bab._two_level(mlp, i, F64, cpu) is None for i in bab._split_nodes(mlp))
+    assert {i: type(bab._two_level(mlp, i, F64, cpu)).__name__ for i in bab._split_nodes(mlp)} == \
+        {1: "NoneType", 3: "_DenseTwoLevel"}
 
 
 def test_two_level_structure_is_refused_past_the_entry_cap(monkeypatch):

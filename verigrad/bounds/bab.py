@@ -438,14 +438,19 @@ def _backsub(net: Network, box: Bounds, i_act: int, pre: dict[int, Interval], sp
     if sel == 0:
         return z
     tl = net.memo(("bab", "two-level", i_act, dt, str(dev)), lambda: _two_level(net, i_act, dt, dev))
-    if tl is not None:  # one sign node between z and the input, sparse maps: sum the entries only
-        e = int((tl.start[idx + 1] - tl.start[idx]).sum()) * tl.a1_idx.shape[1]
-        per = max(1, BACKSUB_ELEMENTS // max(1, e + sel * n_in))
+    if tl is not None:  # one sign node between z and the input: its entries only, or a low-rank update
+        if isinstance(tl, _TwoLevel):
+            e = int((tl.start[idx + 1] - tl.start[idx]).sum()) * tl.a1_idx.shape[1]
+            per = max(1, BACKSUB_ELEMENTS // max(1, e + sel * n_in))
+        else:
+            per = max(1, BACKSUB_ELEMENTS // (2 * sel * (n_in + tl.a1.shape[0])))
         sp_all = splits.get(tl.s)
         for c0 in range(0, d, per):
             c1 = min(d, c0 + per)
             sp = None if sp_all is None else sp_all[c0:c1]
-            low, high = _backsub_two_level(net, tl, box[c0:c1], (pre[tl.s][0][c0:c1], pre[tl.s][1][c0:c1]), sp, idx)
+            s_box = (pre[tl.s][0][c0:c1], pre[tl.s][1][c0:c1])
+            low, high = (_backsub_two_level(net, tl, box[c0:c1], s_box, sp, idx) if isinstance(tl, _TwoLevel)
+                         else _backsub_dense_two_level(net, tl, box[c0:c1], s_box, sp, idx))
             out_lo[c0:c1, idx] = torch.maximum(out_lo[c0:c1, idx], low)
             out_up[c0:c1, idx] = torch.minimum(out_up[c0:c1, idx], high)
         out_up = torch.maximum(out_lo, out_up)  # both sound: crossing only by round-off
@@ -523,6 +528,18 @@ class _TwoLevel:
     c1: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _DenseTwoLevel:
+    """z = A2·f(A1·x + c1) + c2 as for :class:`_TwoLevel`, with A2 (m, n_s) and A1 (n_s, n_in)
+    dense (fully connected layers): bounded by :func:`_backsub_dense_two_level`."""
+
+    s: int
+    a2: torch.Tensor
+    c2: torch.Tensor
+    a1: torch.Tensor
+    c1: torch.Tensor
+
+
 def _affine_chain(net: Network, name: str) -> tuple[list[int], int | None]:
     """The single-input Linear / Conv2d / Reshape nodes walking back from node ``name``, and
     the index of the first node that is not one (None: the chain starts at the input)."""
@@ -570,9 +587,12 @@ def _chain_jacobian(net: Network, chain: list[int], out_name: str, in_name: str,
     return torch.cat(rows), torch.cat(cols), torch.cat(vals), x.reshape(-1)
 
 
-def _two_level(net: Network, i_act: int, dtype: torch.dtype, device: torch.device) -> _TwoLevel | None:
-    """The two-level structure of split node ``i_act``'s input, when it has one and A1 or A2
-    is sparse (convolutions: there the generic back-substitution is dense and slow)."""
+def _two_level(net: Network, i_act: int, dtype: torch.dtype, device: torch.device
+               ) -> _TwoLevel | _DenseTwoLevel | None:
+    """The two-level structure of split node ``i_act``'s input, when it has one: sparse when A1
+    or A2 is (convolutions: there the generic back-substitution is dense and slow), dense
+    otherwise (the generic pass would multiply identity rows through A2 and every column of
+    A1 for every domain)."""
     zname = net.wiring[i_act][0]
     chain2, s = _affine_chain(net, zname)
     if s is None or not chain2 or not isinstance(net.layers[s], _SIGN_NODES):
@@ -588,7 +608,10 @@ def _two_level(net: Network, i_act: int, dtype: torch.dtype, device: torch.devic
         return None
     (r2, c2i, v2, c2), (r1, c1i, v1, c1) = j2, j1
     if min(v2.numel() / (m * n_s), v1.numel() / (n_s * n_in)) > _SPARSE_DENSITY:
-        return None
+        a2 = torch.zeros(m, n_s, dtype=dtype, device=device)
+        a1 = torch.zeros(n_s, n_in, dtype=dtype, device=device)
+        a2[r2, c2i], a1[r1, c1i] = v2, v1
+        return _DenseTwoLevel(s, a2, c2, a1, c1)
     order = torch.argsort(r2, stable=True)
     r2, c2i, v2 = r2[order], c2i[order], v2[order]
     start = torch.searchsorted(r2, torch.arange(m + 1, device=device))
@@ -640,6 +663,44 @@ def _backsub_two_level(net: Network, tl: _TwoLevel, box: Bounds, s_box: Interval
     lam_lo, lam_up = lam_lo.reshape(d, sel, n_in), lam_up.reshape(d, sel, n_in)
     low = const_lo + (lam_lo.clamp(min=0) * bl + lam_lo.clamp(max=0) * bu).sum(2)
     high = const_up + (lam_up.clamp(min=0) * bu + lam_up.clamp(max=0) * bl).sum(2)
+    return low, high
+
+
+def _backsub_dense_two_level(net: Network, tl: _DenseTwoLevel, box: Bounds, s_box: Interval,
+                             sp: torch.Tensor | None, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_backsub_two_level`'s relaxation with dense A2, A1: the x coefficients of row r are
+    Λ_r = Σ_p A2[r,p]·s_p·A1[p,:] with s_p the chosen plane's slope. Columns p with one line in
+    every domain (stable neurons: slope 1 or a, no intercept) share one product P, computed
+    once per call; each domain adds only its own columns' (split or unstable neurons) rank-|U|
+    term, so a domain costs |U|/n_s of the dense product."""
+    d = box.lower.shape[0]
+    n_in = math.prod(net.input_shape)
+    node = net.layers[tl.s]
+    assert isinstance(node, _SIGN_NODES)
+    sl, il, su, iu = (t.reshape(d, -1) for t in _relu_planes(node, s_box[0], s_box[1], sp))
+    shared = ((sl == sl[:1]) & (su == sl[:1]) & (il == 0) & (iu == 0)).all(0)
+    own = (~shared).nonzero().flatten()
+    w, ws = tl.a2[idx][:, own], tl.a2[idx][:, shared] * sl[0, shared]  # (sel, |U|), (sel, n_s − |U|)
+    base, base_c = ws @ tl.a1[shared], tl.c2[idx] + ws @ tl.c1[shared]  # (sel, n_in), (sel,)
+    sl, il, su, iu = sl[:, own, None], il[:, own, None], su[:, own, None], iu[:, own, None]
+    pos = (w > 0).T  # (|U|, sel)
+    wt = w.T
+    # (D, |U|, sel): each own column's coefficient in the lower and the upper bound of row r
+    lo_s, up_s = torch.where(pos, sl, su) * wt, torch.where(pos, su, sl) * wt
+    c1 = tl.c1[own]
+    const_lo = base_c + ((torch.where(pos, il, iu) * wt).sum(1) + (lo_s * c1[:, None]).sum(1))
+    const_up = base_c + ((torch.where(pos, iu, il) * wt).sum(1) + (up_s * c1[:, None]).sum(1))
+    a1u = tl.a1[own].expand(d, own.numel(), n_in)
+    lam_lo = torch.baddbmm(base.expand(d, *base.shape), lo_s.transpose(1, 2), a1u)
+    lam_up = torch.baddbmm(base.expand(d, *base.shape), up_s.transpose(1, 2), a1u)
+    if box.lower.stride(0) == 0 and box.upper.stride(0) == 0:  # one box for every domain (neuron splits)
+        bl, bu = box.lower[0].reshape(n_in), box.upper[0].reshape(n_in)
+        low = const_lo + lam_lo.clamp(min=0) @ bl + lam_lo.clamp(max=0) @ bu
+        high = const_up + lam_up.clamp(min=0) @ bu + lam_up.clamp(max=0) @ bl
+        return low, high
+    bl, bu = box.lower.reshape(d, n_in, 1), box.upper.reshape(d, n_in, 1)
+    low = const_lo + (lam_lo.clamp(min=0) @ bl + lam_lo.clamp(max=0) @ bu)[:, :, 0]
+    high = const_up + (lam_up.clamp(min=0) @ bu + lam_up.clamp(max=0) @ bl)[:, :, 0]
     return low, high
 
 
@@ -726,13 +787,16 @@ def _grad_magnitude(net: Network, mag: dict[str, torch.Tensor], output: Output, 
 
 def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output,
                  splits: dict[int, torch.Tensor], backsub: bool = True, rnd: _Rounding | None = None,
-                 symbolic: bool = True) -> _Pass:
+                 symbolic: bool = True, root_pre: dict[int, Interval] | None = None) -> _Pass:
     """IBP over D domains at once: the box (D, *S); ``splits[i]`` for a sign-split node (relu,
     leaky relu, PReLU) is (D, *shape of its input) in {+1 active, −1 inactive, 0 free}, for a
     MaxPool (D, C, windows) in {t + 1: tap t is the window's first argmax, 0 free}. With
     ``backsub``, every split node's input behind another split node is also bounded by
     back-substitution (``_backsub``) and the two intersected; with ``symbolic``, the gradient
-    map is also bounded by :func:`_symbolic_grad` and the two intersected. Rigorous: every value bound and
+    map is also bounded by :func:`_symbolic_grad` and the two intersected; ``root_pre`` (the
+    split nodes' input boxes of a pass on the whole box, (1, *shape)) is intersected with each
+    domain's before back-substitution, so that only the coordinates still ambiguous after both
+    are back-substituted (a domain whose boxes cross has no point: it is empty). Rigorous: every value bound and
     the gradient are widened by their round-off allowances ``rnd`` (:func:`_rounding` of the
     box, computed here if not given), so no neuron is fixed by round-off and the map encloses
     the exact one; relu and MaxPool outputs are exact functions of their input's bounds (max
@@ -753,6 +817,10 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
         node, xs = nodes[i], [vals[m] for m in wiring[i]]
         if isinstance(node, (*_SIGN_NODES, MaxPool)):
             lo, up = xs[0]
+            if root_pre is not None and i in root_pre:
+                lo, up = torch.maximum(lo, root_pre[i][0]), torch.minimum(up, root_pre[i][1])
+                empty |= (lo > up).reshape(d, -1).any(1)
+                lo = torch.minimum(lo, up)
             if backsub and i in behind:
                 lo, up = round_outward(_backsub(net, box, i, pre, splits, (lo, up)), rnd.fwd[wiring[i][0]])
             s = splits.get(i)
@@ -1241,6 +1309,7 @@ class _Search:
         self.attack_s = 0.0  # time spent in attacks from domains
         self.attacks = 0
         self.attacked: set[int] = set()  # ids of the domains attacked from
+        self.root_pre: dict[int, Interval] | None = None  # the root domain's split-node input boxes
 
     # -- budget ---------------------------------------------------------------------------
     def out_of_budget(self) -> bool:
@@ -1259,7 +1328,8 @@ class _Search:
         box = Bounds(self.box.lower.expand(d, *self.box.lower.shape[1:]),
                      self.box.upper.expand(d, *self.box.upper.shape[1:]))
         splits = _stack_splits(self.net, splits_list, dev)
-        p = _neuron_pass(self.net, box, self.target.expand(d), self.output, splits, rnd=self.rounding)
+        p = _neuron_pass(self.net, box, self.target.expand(d), self.output, splits, rnd=self.rounding,
+                         root_pre=self.root_pre)
         lo = torch.maximum(p.grad[0], self.root.lower)
         up = torch.minimum(p.grad[1], self.root.upper)
         keep = (~p.empty).nonzero().flatten()
@@ -1539,6 +1609,8 @@ def search(net: Network, box: Bounds, target: torch.Tensor, output: Output, root
         first = s.bound_neurons([{}])[0] if mode == Mode.NEURONS else s.bound_boxes([box])[0]
         assert first is not None  # the root domain has no split to contradict
         if mode == Mode.NEURONS:
+            assert first.info is not None
+            s.root_pre = first.info[0].pre  # valid on every domain: each is a subset of the box
             _admit(s, first)
         else:
             s.settle(first)
