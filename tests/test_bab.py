@@ -368,3 +368,25 @@ def test_no_step_starts_that_would_end_past_the_budget(monkeypatch):
                  BabOptions(timeout_s=1.0, attack_share=0.0))
     assert res.status == "unknown" and sizes and sizes[0] == 1
     assert res.time_s <= 1.0 + 0.15, (res.time_s, sizes)
+
+
+def test_time_a_search_leaves_goes_to_the_inputs_later_searches(tmp_path, monkeypatch):
+    """Three properties CROWN leaves undecided (attacks skipped), timeout_s = 4: the first
+    search gets 4 s and (here) takes 1, the second gets (12 − 1) / 2 = 5.5 and takes 5.5, the
+    third gets max(4, 12 − 6.5) = 5.5; budgets are recorded in the search records."""
+    import verigrad.bounds.bab as bmod
+
+    given, took = [], iter([1.0, 5.5, 0.5])
+
+    def fake(net, box, target, output, root, objective, opts, *a, **k):
+        given.append(opts.timeout_s)
+        return bmod.BabResult("unknown", math.inf, root, 1, 0, 1, next(took), False, Mode.NEURONS, notes=("fake",))
+
+    monkeypatch.setattr(bmod, "search", fake)
+    strict = [{"name": f"l{i}", "kind": "untargeted", "metric": "linf", "threshold": 1e-9 * (i + 1)} for i in range(3)]
+    problem = vmod.prepare(load_spec(_spec(tmp_path, properties=strict, attack={"order": "skip"},
+                                           bounds={"bab": {"timeout_s": 4}})))
+    r = vmod.verify_instance(problem, 0)
+    assert given == [4.0, 5.5, 5.5]
+    bab = next(e for e in r.engines if e.method == "bab")
+    assert [bab.search[f"l{i}"]["budget_s"] for i in range(3)] == given

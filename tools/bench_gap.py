@@ -52,7 +52,7 @@ def run(model: str, eps: float, n: int, methods: list[str], steps: int, restarts
         "data": {"dataset": "mnist_sample", "start": 0, "end": n},
         "perturbation": {"input": {"epsilon": eps}},
         "properties": PROPERTIES,
-        # bab's budget is per input: split evenly over the properties it searches
+        # bab's budget is per input: a third per property (time one search leaves goes to the next)
         "bounds": {"methods": methods, "dtype": "float64", "bab": {"timeout_s": bab_timeout / len(PROPERTIES),
                                                                               "leaf": bab_leaf}},
         "attack": {"order": "both", "steps": steps, "restarts": restarts},

@@ -906,7 +906,9 @@ _BAB = BabOptions()  # branch and bound's defaults are its options
 class BabSpec:
     """Branch and bound (engine ``bab``): budget per input and property, and strategy."""
 
-    timeout_s: float = _opt(Num(gt=0, le=86_400), _BAB.timeout_s, "seconds per input and property")
+    timeout_s: float = _opt(Num(gt=0, le=86_400), _BAB.timeout_s,
+                               "seconds per input and property searched (time a search leaves unused goes "
+                               "to the input's later searches)")
     max_domains: int = _opt(Int(ge=1, le=100_000_000), _BAB.max_domains,
                             "domains bounded per input and property (tentative children counted)")
     batch: int = _opt(Int(ge=1, le=100_000), _BAB.batch, "domains split per step (children bounded in one call)")

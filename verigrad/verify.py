@@ -839,21 +839,30 @@ def _bab_run(problem: Problem, inst: Instance, v0: torch.Tensor, earlier: Sequen
     root_map = _explanation_map(problem, root.bounds, th.box, root.rigorous)
     dots, dot_notes = _functional_bounds(problem, th, Method(opts.root), v0, root, root_map)
     notes.extend(dot_notes)
-    for p in problem.properties:
-        base = props.evaluate(p, v0, root_map, dots.get(p.name))[0]
-        if p.name in certified_before or base.verdict == Verdict.CERTIFIED or (
-                p.name in attacked and attacked[p.name].violated):
+    bases = [props.evaluate(p, v0, root_map, dots.get(p.name))[0] for p in problem.properties]
+    settled = [p.name in certified_before or base.verdict == Verdict.CERTIFIED
+               or (p.name in attacked and attacked[p.name].violated)
+               for p, base in zip(problem.properties, bases, strict=True)]
+    pending = settled.count(False)
+    budget = opts.timeout_s * pending  # the time one search leaves goes to the searches after it
+    for p, base, done in zip(problem.properties, bases, settled, strict=True):
+        if done:
             results.append(base)
             continue
         if problem.attack_order == AttackOrder.AFTER:  # a witness from the whole box ends it before any split
             witnesses[p.name] = _run_attacks(problem, th, inst.index, [p])[p.name]
             if witnesses[p.name].violated:
+                pending -= 1
                 results.append(base)
                 notes.append(f"{p.name}: falsified by the {witnesses[p.name].attack} attack before any split")
                 continue
+        share = max(opts.timeout_s, budget / pending)
+        pending -= 1
         r = bab.search(problem.net, th.box, th.target_tensor, th.output, root.bounds,
-                       _bab_objective(problem, th, p, v0, root.rigorous, dots.get(p.name), inst.index), opts, engine,
+                       _bab_objective(problem, th, p, v0, root.rigorous, dots.get(p.name), inst.index),
+                       dataclasses.replace(opts, timeout_s=share), engine,
                        domain_engine(problem.net, th.output, problem.options))
+        budget -= r.time_s
         g = g.intersect(r.bounds)
         verdict = Verdict.CERTIFIED if r.status == "certified" else Verdict.UNKNOWN
         # both are sound worst cases: report the better (a leaf's worst case is not worse than
@@ -863,7 +872,8 @@ def _bab_run(problem: Problem, inst: Instance, v0: torch.Tensor, earlier: Sequen
         results.append(props.PropertyResult(p.name, verdict, worst, p.threshold, base.direction))
         notes.append(f"{p.name}: {r.status}; " + r.notes[0])
         search[p.name] = {"status": r.status, "domains": r.domains, "leaves": r.leaves, "open": r.open,
-                          "time_s": r.time_s, "complete": r.complete, "mode": r.mode.value, "attacks": r.attacks}
+                          "time_s": r.time_s, "budget_s": share, "complete": r.complete, "mode": r.mode.value,
+                          "attacks": r.attacks}
         if r.witness is not None:
             assert isinstance(r.witness, AttackOutcome)  # what the objective's check returns
             witnesses[p.name] = r.witness
