@@ -13,8 +13,8 @@ pytest.importorskip("scipy")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tests.graph_nets import concat_cnn, maxpool_cnn, prelu_mlp, residual_cnn, residual_mlp  # noqa: E402
-from tests.helpers import box_points, random_mlp  # noqa: E402
+from tests.graph_nets import concat_cnn, maxpool_cnn, prelu_cnn, prelu_mlp, residual_cnn, residual_mlp  # noqa: E402
+from tests.helpers import box_points, random_cnn, random_mlp  # noqa: E402
 from tests.test_bab_pool import _membership, random_domains, stacked  # noqa: E402
 from verigrad.bounds import compute_bounds  # noqa: E402
 from verigrad.bounds.bab import _neuron_pass, _stack_splits, _symbolic_grad  # noqa: E402
@@ -110,3 +110,44 @@ def test_symbolic_pass_is_skipped_where_one_domain_would_not_fit(monkeypatch):
     assert _symbolic_grad(net, (onehot, onehot), p.pre, {}) is None
     q = _neuron_pass(net, box, t, Output.LOGIT, {})
     assert torch.equal(q.grad[0], p.grad[0]) and torch.equal(q.grad[1], p.grad[1])
+
+
+SPARSE_NETS = [
+    ("cnn-relu", lambda: random_cnn(ActKind.RELU, seed=1), 0.3),
+    ("cnn-leaky", lambda: random_cnn(ActKind.LEAKY_RELU, 0.1, seed=2), 0.3),
+    ("cnn-prelu", lambda: prelu_cnn(3), 0.3),
+    ("cnn-prelu-neg", lambda: prelu_cnn(5, per_channel=False), 0.3),
+]
+
+
+@pytest.mark.parametrize("make, radius", [n[1:] for n in SPARSE_NETS], ids=[n[0] for n in SPARSE_NETS])
+def test_symbolic_pass_over_sparse_entries_equals_the_dense_forms(make, radius, monkeypatch):
+    """With the basis at a conv net's second activation (the last dense layer's units fixed by
+    the split domains), the pass over A2's entries gives the dense forms' bounds to 1e-10."""
+    import verigrad.bounds.bab as bab
+
+    net = make()
+    x = torch.rand(1, *net.input_shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    box, t = input_box(x, radius, None), torch.tensor([1])
+    doms = random_domains(net, box, t, 40, with_root=True)
+    d = len(doms)
+    splits = _stack_splits(net, doms, torch.device("cpu"))
+    p = _neuron_pass(net, stacked(box, d), t.expand(d), Output.LOGIT, splits, symbolic=False)
+    last = max(i for i in p.pre if isinstance(net.layers[i], bab._SIGN_NODES))
+    # fix the last activation as at the centre, so that the basis is the one below it
+    z = net.evaluate(x)[net.wiring[last][0]]
+    pre = dict(p.pre)
+    sign = torch.where(z > 0, 1.0, -1.0).expand_as(pre[last][0])
+    pre[last] = (torch.where(sign > 0, pre[last][0].abs() + 1, -pre[last][0].abs() - 1),) * 2
+    assert bab._sym_basis(net, pre, splits)[0] < last
+    calls = []
+    fast_fn = bab._symbolic_two_level
+    monkeypatch.setattr(bab, "_symbolic_two_level", lambda *a, **k: calls.append(1) or fast_fn(*a, **k))
+    onehot = F.one_hot(t.expand(d), net.num_classes).to(F64)
+    fast = _symbolic_grad(net, (onehot, onehot), pre, splits)
+    assert calls and fast is not None
+    monkeypatch.setattr(bab, "_two_level", lambda *a, **k: None)
+    slow = _symbolic_grad(make(), (onehot, onehot), pre, splits)
+    assert slow is not None
+    for a, b in zip(fast, slow, strict=True):
+        assert float((a - b).abs().max()) <= 1e-10 * (1 + float(b.abs().max()))

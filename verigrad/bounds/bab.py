@@ -625,6 +625,16 @@ def _two_level(net: Network, i_act: int, dtype: torch.dtype, device: torch.devic
     return _TwoLevel(s, start, c2i, v2, c2, a1_idx, a1_val, c1)
 
 
+def _row_entries(tl: _TwoLevel, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A2's nonzero entries in rows ``idx``: (the position of each entry's row in idx, its
+    column, its value)."""
+    counts = tl.start[idx + 1] - tl.start[idx]
+    ent = torch.repeat_interleave(tl.start[idx], counts) + (torch.arange(int(counts.sum()), device=idx.device)
+                                                            - torch.repeat_interleave(counts.cumsum(0) - counts, counts))
+    row = torch.repeat_interleave(torch.arange(idx.numel(), device=idx.device), counts)
+    return row, tl.col[ent], tl.val[ent]
+
+
 def _backsub_two_level(net: Network, tl: _TwoLevel, box: Bounds, s_box: Interval, sp: torch.Tensor | None,
                        idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower and upper bounds (D, |idx|) of z_r = Σ_p A2[r,p]·f(y_p) + c2_r, y = A1·x + c1, over
@@ -637,11 +647,7 @@ def _backsub_two_level(net: Network, tl: _TwoLevel, box: Bounds, s_box: Interval
     node = net.layers[tl.s]
     assert isinstance(node, _SIGN_NODES)
     sl, il, su, iu = (t.reshape(d, -1) for t in _relu_planes(node, s_box[0], s_box[1], sp))
-    counts = tl.start[idx + 1] - tl.start[idx]
-    ent = torch.repeat_interleave(tl.start[idx], counts) + (torch.arange(int(counts.sum()), device=idx.device)
-                                                            - torch.repeat_interleave(counts.cumsum(0) - counts, counts))
-    row = torch.repeat_interleave(torch.arange(idx.numel(), device=idx.device), counts)
-    col, w = tl.col[ent], tl.val[ent]
+    row, col, w = _row_entries(tl, idx)
     pos = w > 0
     lo_s = torch.where(pos, sl[:, col], su[:, col]) * w  # (D, E): coefficient of y_p in the lower bound
     up_s = torch.where(pos, su[:, col], sl[:, col]) * w
@@ -968,6 +974,23 @@ def _chord(lo_s: torch.Tensor, hi_s: torch.Tensor, p: torch.Tensor, q: torch.Ten
     return a, b
 
 
+def _basis_products(node: Activation | PReLU, f: _Form, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The basis node's f′ ⊙ g over the hull [w_l, w_u] of each product (g the interval
+    ``f``): (the constant c0 and radius r0, (D, *shape); the steps w_u − w_l (D, V) of the V
+    neurons ``idx`` (flat) free in some domain). A free neuron k is w_l + δ_k·step_k exactly
+    (c0 = w_l, r0 = 0); a fixed one is the interval [c0 − r0, c0 + r0] (its step 0)."""
+    assert f.mid.shape[1] == 1  # nothing below the basis node has introduced variables yet
+    dl, du = _deriv_bounds(node, lo, up, s)
+    wl, wu = mul_interval((dl, du), f.bounds())
+    free = dl != du
+    idx = free.reshape(free.shape[0], -1).any(0).nonzero().flatten()
+    c0 = torch.where(free, wl, (wl + wu) / 2)
+    r0 = torch.where(free, torch.zeros_like(wl), (wu - wl) / 2)
+    step = torch.where(free, wu - wl, torch.zeros_like(wl)).reshape(free.shape[0], -1)[:, idx]
+    return c0, r0, step, idx
+
+
 def _form_sign(node: Activation | PReLU, f: _Form, lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None,
                basis: bool) -> _Form:
     """f′(z) ⊙ g for f′ ∈ [dl, du] (exact where fixed). At the ``basis`` node g is an interval
@@ -977,20 +1000,15 @@ def _form_sign(node: Activation | PReLU, f: _Form, lo: torch.Tensor, up: torch.T
     evaluated at U(δ); the lower side is the concave dl·y⁺ + du·y⁻ at the lower form, above its
     chord (relaxations in the style of CROWN, Zhang et al. 2018). A fixed f′ = c scales
     exactly; a free one with dl < 0 (a negative PReLU slope) falls back to the interval product."""
+    if basis:
+        c0, r0, step, idx = _basis_products(node, f, lo, up, s)
+        d, shape = c0.shape[0], c0.shape[1:]
+        mid = torch.zeros(d, 1 + idx.numel(), math.prod(shape), dtype=c0.dtype, device=c0.device)
+        mid[:, 0] = c0.reshape(d, -1)
+        mid[:, 1 + torch.arange(idx.numel(), device=c0.device), idx] = step
+        return _Form(mid.reshape(d, -1, *shape), r0.unsqueeze(1))
     dl, du = (t.unsqueeze(1) for t in _deriv_bounds(node, lo, up, s))
     fixed = dl == du
-    if basis:
-        assert f.mid.shape[1] == 1  # nothing below the basis node has introduced variables yet
-        wl, wu = mul_interval((dl[:, 0], du[:, 0]), f.bounds())
-        free = ~fixed[:, 0]
-        idx = free.reshape(free.shape[0], -1).any(0).nonzero().flatten()
-        d, shape = free.shape[0], free.shape[1:]
-        mid = torch.zeros(d, 1 + idx.numel(), math.prod(shape), dtype=wl.dtype, device=wl.device)
-        mid[:, 0] = torch.where(free, wl, (wl + wu) / 2).reshape(d, -1)
-        step = torch.where(free, wu - wl, torch.zeros_like(wl)).reshape(d, -1)
-        mid[:, 1 + torch.arange(idx.numel(), device=wl.device), idx] = step[:, idx]
-        rad = torch.where(free, torch.zeros_like(wl), (wu - wl) / 2).reshape(d, 1, *shape)
-        return _Form(mid.reshape(d, -1, *shape), rad)
     ut, lt = _relaxed_product(*f.ends(), dl, du)
     mid, rad = (ut + lt) / 2, (ut - lt) / 2
     c = dl  # a fixed f′ scales exactly (any sign)
@@ -1081,6 +1099,8 @@ def _symbolic_grad(net: Network, seed: Interval, pre: dict[int, Interval], split
     if (v + 1) * width > BACKSUB_ELEMENTS:  # one domain's forms would not fit: intervals only
         return None
     per = max(1, BACKSUB_ELEMENTS // ((v + 1) * width))
+    dt, dev = seed[0].dtype, seed[0].device
+    tl = net.memo(("bab", "two-level", basis, dt, str(dev)), lambda: _two_level(net, basis, dt, dev))
     los, ups = [], []
     for c0 in range(0, d, per):
         sl = slice(c0, min(d, c0 + per))
@@ -1091,6 +1111,10 @@ def _symbolic_grad(net: Network, seed: Interval, pre: dict[int, Interval], split
             s = splits.get(i)
             s = None if s is None else s[sl]
             outs: Sequence[_Form | None]
+            if i == basis and isinstance(tl, _TwoLevel) and not grads:  # nothing reaches below but through it
+                lo, up = _symbolic_two_level(net, tl, basis, f, {j: (b[0][sl], b[1][sl]) for j, b in pre.items()},
+                                             {j: None if t is None else t[sl] for j, t in splits.items()})
+                break
             if isinstance(node, MaxPool):
                 outs = (_form_pool(node, f, pre[i][0][sl], pre[i][1][sl], s, net.in_shapes(i)[0]),)
             elif isinstance(node, _SIGN_NODES):
@@ -1100,10 +1124,79 @@ def _symbolic_grad(net: Network, seed: Interval, pre: dict[int, Interval], split
             for name, gi in zip(wiring[i], outs, strict=True):
                 if gi is not None:
                     grads[name] = grads[name] + gi if name in grads else gi
-        lo, up = grads[INPUT].bounds()
+        else:
+            lo, up = grads[INPUT].bounds()
         los.append(lo)
         ups.append(up)
     return torch.cat(los), torch.cat(ups)
+
+
+def _symbolic_two_level(net: Network, tl: _TwoLevel, basis: int, f: _Form, pre: dict[int, Interval],
+                        splits: dict[int, torch.Tensor | None]) -> Interval:
+    """The symbolic pass from the basis node down, where its input is z = A2·f(A1·x + c1) + c2
+    with sparse A1, A2 (:class:`_TwoLevel`; a conv net's second activation): the same forms
+    as the dense pass (:func:`_form_affine`, :func:`_form_sign`), with the V variable columns
+    kept as A2's entries in the basis rows (column k is step_k·A2[idx_k, :], a kernel's
+    support) instead of V dense maps — only the constant column and the radius go through
+    the layers densely. At the sign node s between them each entry is scaled by its neuron's
+    chord slopes (mid (a_u + a_l)/2, radius (a_u − a_l)/2; c for a fixed f′, 0 for a negative
+    slope, which takes the interval product), and A1's rows carry it to the input, where the
+    forms are minimised over δ column by column. ``f``: the interval gradient at the basis
+    node's output; ``pre`` and ``splits``: the domains' (already sliced)."""
+    nodes, wiring = net.layers, net.wiring
+    node_b, node_s = nodes[basis], nodes[tl.s]
+    assert isinstance(node_b, _SIGN_NODES) and isinstance(node_s, _SIGN_NODES)
+    c0, r0, step, idx = _basis_products(node_b, f, pre[basis][0], pre[basis][1], splits.get(basis))
+    d, n_in = c0.shape[0], math.prod(net.input_shape)
+    form = _Form(c0.unsqueeze(1), r0.unsqueeze(1))
+    chain2, _ = _affine_chain(net, wiring[basis][0])
+    for i in chain2:
+        out = _form_affine(nodes[i], form, net.in_shapes(i))[0]
+        assert out is not None  # an affine chain passes the gradient to its one input
+        form = out
+    row, col, a2 = _row_entries(tl, idx)
+    ent = a2 * step[:, row]  # (D, E): the δ coefficients at s's output
+    lo1, up1 = pre[tl.s]
+    dl, du = (t.reshape(d, -1) for t in _deriv_bounds(node_s, lo1, up1, splits.get(tl.s)))
+    mid0, rad0 = form.mid[:, 0].reshape(d, -1), form.rad[:, 0].reshape(d, -1)
+    c_up, c_lo = mid0 + rad0, mid0 - rad0
+    gain = torch.zeros_like(mid0).index_add_(1, col, ent.clamp(min=0))  # Σ_k max(0, coefficient)
+    loss = torch.zeros_like(mid0).index_add_(1, col, ent.clamp(max=0))
+    au, bu = _chord(dl, du, c_up + loss, c_up + gain)
+    al, bl = _chord(du, dl, c_lo + loss, c_lo + gain)
+    ut0, lt0 = au * c_up + bu, al * c_lo + bl
+    fixed, zero = dl == du, torch.zeros_like(dl)
+    neg = ~fixed & (dl < 0)
+    il, iu = mul_interval((dl, du), (c_lo + loss, c_up + gain))
+    mid0 = torch.where(fixed, dl * mid0, torch.where(neg, (il + iu) / 2, (ut0 + lt0) / 2))
+    rad0 = torch.where(fixed, dl.abs() * rad0, torch.where(neg, (iu - il) / 2, (ut0 - lt0) / 2))
+    alpha = torch.where(fixed, dl, torch.where(neg, zero, (au + al) / 2))
+    beta = torch.where(fixed | neg, zero, (au - al) / 2)
+    z1 = net.shape_of[wiring[tl.s][0]]
+    form = _Form(mid0.reshape(d, 1, *z1), rad0.reshape(d, 1, *z1))
+    chain1, _ = _affine_chain(net, wiring[tl.s][0])
+    for i in chain1:
+        out = _form_affine(nodes[i], form, net.in_shapes(i))[0]
+        assert out is not None
+        form = out
+    x_lo, x_up = (t[:, 0].reshape(d, n_in) for t in form.ends())
+    em, er = alpha[:, col] * ent, beta[:, col] * ent  # (D, E): mid and radius coefficients at s's input
+    a1i, a1v = tl.a1_idx[col], tl.a1_val[col]  # (E, K1)
+    target = (row.unsqueeze(1) * n_in + a1i).reshape(-1)
+    v = idx.numel()
+    per = max(1, BACKSUB_ELEMENTS // max(1, 2 * a1i.numel() + 2 * v * n_in))
+    los, ups = [], []
+    for c0_ in range(0, d, per):
+        sl = slice(c0_, min(d, c0_ + per))
+        k = sl.stop - sl.start
+        pm = (em[sl].unsqueeze(2) * a1v).reshape(k, -1)
+        pr = (er[sl].unsqueeze(2) * a1v.abs()).reshape(k, -1)
+        lo_c = torch.zeros(k, v * n_in, dtype=em.dtype, device=em.device).index_add_(1, target, pm - pr)
+        up_c = torch.zeros_like(lo_c).index_add_(1, target, pm + pr)
+        los.append(x_lo[sl] + lo_c.reshape(k, v, n_in).clamp(max=0).sum(1))
+        ups.append(x_up[sl] + up_c.reshape(k, v, n_in).clamp(min=0).sum(1))
+    shape = (d, *net.input_shape)
+    return torch.cat(los).reshape(shape), torch.cat(ups).reshape(shape)
 
 
 def _unstable(lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
