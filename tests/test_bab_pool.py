@@ -135,25 +135,8 @@ def test_interval_pass_encloses_every_domain(make, radius):
     splits = _stack_splits(net, doms, torch.device("cpu"))
     d = len(doms)
     p = _neuron_pass(net, stacked(box, d), t.expand(d), Output.LOGIT, splits)
-    pts = box_points(box, 3000, 1000, seed=7)
-    g = saliency(net, pts, t.expand(len(pts)))
-    vals = net.evaluate(pts)
-    checked = 0
-    for k, dm in enumerate(doms):
-        inside = _membership(net, pts, dm)
-        if bool(p.empty[k]):
-            assert not bool(inside.any()), k
-            continue
-        if not bool(inside.any()):
-            continue
-        checked += int(inside.sum())
-        gi = g[inside]
-        scale = 1e-9 * (1 + gi.abs())
-        assert bool(((gi >= p.grad[0][k] - scale) & (gi <= p.grad[1][k] + scale)).all()), k
-        for i, (lo, up) in p.pre.items():
-            z = (pts if net.wiring[i][0] == INPUT else vals[net.wiring[i][0]])[inside]
-            assert bool(((z >= lo[k] - 1e-9) & (z <= up[k] + 1e-9)).all()), (k, i)
-    assert checked > 500 and d >= 20
+    assert_pass_encloses(net, box, t, doms, p)
+    assert d >= 20
 
 
 # ------------------------------------------------------------------ exactness against the oracle
@@ -280,6 +263,31 @@ def random_domains(net: Network, box: Bounds, t: torch.Tensor, n: int, with_root
         frontier += [k for k in s.bound_neurons(kids) if k is not None]
     return doms
 
+
+
+def assert_pass_encloses(net: Network, box: Bounds, t: torch.Tensor, doms: list[dict[int, torch.Tensor]], p) -> None:
+    """Every sampled point of each domain of neuron pass ``p`` has its split nodes' inputs inside
+    the domain's boxes and its autograd gradient inside the domain's map; a domain flagged
+    empty has no sampled point; over 500 points are checked."""
+    pts = box_points(box, 3000, 1000, seed=7)
+    g = saliency(net, pts, t.expand(len(pts)))
+    vals = net.evaluate(pts)
+    checked = 0
+    for k, dm in enumerate(doms):
+        inside = _membership(net, pts, dm)
+        if bool(p.empty[k]):
+            assert not bool(inside.any()), k
+            continue
+        if not bool(inside.any()):
+            continue
+        checked += int(inside.sum())
+        gi = g[inside]
+        scale = 1e-9 * (1 + gi.abs())
+        assert bool(((gi >= p.grad[0][k] - scale) & (gi <= p.grad[1][k] + scale)).all()), k
+        for i, (lo, up) in p.pre.items():
+            z = (pts if net.wiring[i][0] == INPUT else vals[net.wiring[i][0]])[inside]
+            assert bool(((z >= lo[k] - 1e-9) & (z <= up[k] + 1e-9)).all()), (k, i)
+    assert checked > 500
 
 def stacked(box: Bounds, d: int) -> Bounds:
     """The box repeated for d domains."""
