@@ -686,7 +686,8 @@ def _backsub_dense_two_level(net: Network, tl: _DenseTwoLevel, box: Bounds, s_bo
     sl, il, su, iu = (t.reshape(d, -1) for t in _relu_planes(node, s_box[0], s_box[1], sp))
     shared = ((sl == sl[:1]) & (su == sl[:1]) & (il == 0) & (iu == 0)).all(0)
     own = (~shared).nonzero().flatten()
-    w, ws = tl.a2[idx][:, own], tl.a2[idx][:, shared] * sl[0, shared]  # (sel, |U|), (sel, n_s − |U|)
+    rows = tl.a2[idx]
+    w, ws = rows[:, own], rows[:, shared] * sl[0, shared]  # (sel, |U|), (sel, n_s − |U|)
     base, base_c = ws @ tl.a1[shared], tl.c2[idx] + ws @ tl.c1[shared]  # (sel, n_in), (sel,)
     sl, il, su, iu = sl[:, own, None], il[:, own, None], su[:, own, None], iu[:, own, None]
     pos = (w > 0).T  # (|U|, sel)
