@@ -314,7 +314,7 @@ def test_crown_leaves_are_inside_interval_leaves_and_contain_the_domains_gradien
 
     # the interval pass alone: on this two-layer MLP the symbolic pass equals CROWN's map
     # (tests/test_bab_symbolic.py), which would leave the CROWN leaf nothing to tighten
-    monkeypatch.setattr(bab, "_symbolic_grad", lambda *a, **k: None)
+    monkeypatch.setattr(bab, "_symbolic", lambda *a, **k: (None, None))
 
     net = random_mlp(ActKind.RELU, sizes=(6, 16, 16, 3), seed=21)
     x = torch.rand(1, 6, generator=torch.Generator().manual_seed(22), dtype=torch.float64)

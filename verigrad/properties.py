@@ -847,6 +847,22 @@ def functional(prop: Property, v0: torch.Tensor) -> tuple[torch.Tensor, bool] | 
     return None if f is None else f(prop, v0)
 
 
+def cosine_worst(prop: Property, cos_lower: torch.Tensor) -> torch.Tensor | None:
+    """The sound worst case (B,) of an untargeted property decided by the cosine, given a sound
+    lower bound c of cos(v0, v) over a set of maps: c itself for the cosine property, √(2 − 2c)
+    for ℓ2 between ℓ2-normalised maps (the chord identity; at v = 0, where cos = 0, the
+    distance ‖v̂0‖ = 1 ≤ √(2 − 2c) as c ≤ 0 there). None for other properties."""
+    if prop.kind != Kind.UNTARGETED:
+        return None
+    c = cos_lower.to(torch.float64).clamp(-1.0, 1.0)
+    if prop.metric == Metric.COSINE:
+        return c
+    if _unit_chord(prop):
+        # 2⁻⁵⁰ covers the roundings of 2 − 2c and of the square root
+        return (2.0 - 2.0 * c).clamp(min=0.0).sqrt() + 2.0 ** -50
+    return None
+
+
 def worst_case(prop: Property, v0: torch.Tensor, bounds: Bounds, dot: torch.Tensor | None = None) -> torch.Tensor:
     """The sound worst case (B,) of ``metric(prop, v0, v)`` over all v in ``bounds``,
     computed in float64 whatever the bounds' dtype (float32 rounding in sums of squares

@@ -807,9 +807,25 @@ def _bab_objective(problem: Problem, threat: Threat, prop: Property, v0: torch.T
         found = attack_property(sub, prop, opts, problem.attack_methods, start)
         return found if found.violated else None
 
+    sets = None
+    if (problem.explainer.method == ExplanationMethod.SALIENCY and rigorous
+            and props.cosine_worst(prop, torch.zeros(1, dtype=torch.float64)) is not None):
+        # saliency is the gradient itself: a domain's gradient zonotope bounds cos(v0, v) directly,
+        # once widened by the explanation's own roundings as its interval map is (_explanation_map)
+        a = v0.reshape(-1)
+        extra = _extra_roundings(problem.explainer)
+
+        def sets(z: bab.GradZonotope, g: Bounds) -> torch.Tensor:
+            if extra:
+                z = z.widened(rounding.allowance(g, extra, problem.dtype))
+            w = props.cosine_worst(prop, z.cos_lower(a))
+            assert w is not None  # checked above for this property
+            return w
+
     return bab.Objective(worst, lambda w: w <= prop.threshold if at_most else w >= prop.threshold,
                          1.0 if at_most else -1.0, check,
-                         attack=attack if problem.attack_order != AttackOrder.SKIP and threat.moves_input else None)
+                         attack=attack if problem.attack_order != AttackOrder.SKIP and threat.moves_input else None,
+                         sets=sets)
 
 
 def _bab_run(problem: Problem, inst: Instance, v0: torch.Tensor, earlier: Sequence[EngineRun],

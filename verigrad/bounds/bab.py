@@ -60,6 +60,7 @@ import torch
 from verigrad.bounds.base import Bounds, EngineResult, EngineUnsupported
 from verigrad.bounds.ibp import output_seed_bounds
 from verigrad.bounds.rounding import chain_length, gamma
+from verigrad.bounds.zonotope import GradZonotope, Lift
 from verigrad.graph.gradient_graph import Output
 from verigrad.models.network import INPUT, ActKind, Activation, MaxPool, Network, PReLU
 from verigrad.operators.affine import Conv2d, Linear
@@ -156,6 +157,10 @@ class Objective:
     # point of the domain, or None) → a witness (judged in float64) or None; the search runs it
     # from its worst open domains (BabOptions.attack_share)
     attack: Callable[[Bounds, torch.Tensor | None], object | None] | None = None
+    # sets(z, maps): a sound worst case (D,) from the domains' gradient sets as zonotopes
+    # (:class:`~verigrad.bounds.zonotope.GradZonotope`, where the network has them); each
+    # domain's worst case is the better of it and worst(maps, boxes)
+    sets: Callable[[GradZonotope, Bounds], torch.Tensor] | None = None
 
 
 @dataclass
@@ -225,10 +230,13 @@ class _Pass:
     pre: dict[int, Interval]  # split node index → its input box (clamped to the split side for sign splits)
     gout: dict[int, Interval]  # split node index → the gradient box at its output
     empty: torch.Tensor  # (D,) bool: the split pattern contradicts the boxes
+    zono: GradZonotope | None = None  # the gradient sets as zonotopes (``_neuron_pass(zonotope=True)``)
 
 
 # elements of the coefficient matrices one back-substitution chunk may hold (rows × input size)
 BACKSUB_ELEMENTS = 20_000_000
+# the largest first hidden layer whose gradient sets are kept as zonotopes (its Gram matrix is n²)
+ZONOTOPE_WIDTH = 2048
 _SIGN_NODES = (Activation, PReLU)  # split by the sign of their input (relu / leaky relu activations, PReLU)
 
 
@@ -794,7 +802,8 @@ def _grad_magnitude(net: Network, mag: dict[str, torch.Tensor], output: Output, 
 
 def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output,
                  splits: dict[int, torch.Tensor], backsub: bool = True, rnd: _Rounding | None = None,
-                 symbolic: bool = True, root_pre: dict[int, Interval] | None = None) -> _Pass:
+                 symbolic: bool = True, root_pre: dict[int, Interval] | None = None,
+                 zonotope: bool = False) -> _Pass:
     """IBP over D domains at once: the box (D, *S); ``splits[i]`` for a sign-split node (relu,
     leaky relu, PReLU) is (D, *shape of its input) in {+1 active, −1 inactive, 0 free}, for a
     MaxPool (D, C, windows) in {t + 1: tap t is the window's first argmax, 0 free}. With
@@ -803,7 +812,10 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
     map is also bounded by :func:`_symbolic_grad` and the two intersected; ``root_pre`` (the
     split nodes' input boxes of a pass on the whole box, (1, *shape)) is intersected with each
     domain's before back-substitution, so that only the coordinates still ambiguous after both
-    are back-substituted (a domain whose boxes cross has no point: it is empty). Rigorous: every value bound and
+    are back-substituted (a domain whose boxes cross has no point: it is empty). With
+    ``zonotope`` (and ``symbolic``), the pass also keeps each domain's gradient set as a
+    :class:`~verigrad.bounds.zonotope.GradZonotope` where :func:`_first_lift` applies (the
+    symbolic forms at the first sign node's input, the allowance ``rnd.sym``). Rigorous: every value bound and
     the gradient are widened by their round-off allowances ``rnd`` (:func:`_rounding` of the
     box, computed here if not given), so no neuron is fixed by round-off and the map encloses
     the exact one; relu and MaxPool outputs are exact functions of their input's bounds (max
@@ -872,12 +884,15 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
             if gi is not None:
                 grads[name] = add(grads[name], gi) if name in grads else gi
     glo, gup = round_outward(grads[INPUT], rnd.grad)
-    sym = _symbolic_grad(net, seed, pre, splits) if symbolic else None
+    sym, hid = _symbolic(net, seed, pre, splits, zonotope) if symbolic else (None, None)
     if sym is not None:
         slo, sup = round_outward(sym, rnd.sym)
         glo, gup = torch.maximum(glo, slo), torch.minimum(gup, sup)
         gup = torch.maximum(glo, gup)  # both sound: crossing only by round-off
-    return _Pass((glo, gup), pre, gout, empty)
+    zono = None
+    if hid is not None:
+        zono = GradZonotope.from_forms(hid[0], hid[1], rnd.sym.reshape(1, -1).expand(d, -1), hid[2])
+    return _Pass((glo, gup), pre, gout, empty, zono)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1090,19 +1105,54 @@ def _symbolic_grad(net: Network, seed: Interval, pre: dict[int, Interval], split
     correlation between coordinates that share a basis neuron's σ′ (on a two-layer ReLU MLP
     it equals CROWN's map of the gradient graph); never wider than the interval pass. None
     when no f′ is free or one domain's forms exceed BACKSUB_ELEMENTS; chunked over domains."""
+    return _symbolic(net, seed, pre, splits)[0]
+
+
+def _first_lift(net: Network, dtype: torch.dtype, device: torch.device) -> tuple[int, Lift] | None:
+    """(the first sign node, the dense Jacobian of the affine chain from the input to its
+    input) when that chain is all there is below it and small enough to hold as a Gram matrix
+    (≤ ZONOTOPE_WIDTH neurons): the gradient is then Jᵀ of the gradient at that node's input."""
+    acts = _acts(net)
+    if not acts:
+        return None
+    first = acts[0]
+    zname = net.wiring[first][0]
+    chain, src = _affine_chain(net, zname)
+    n, n_in = math.prod(net.shape_of[zname]), math.prod(net.input_shape)
+    if src is not None or not chain or n > ZONOTOPE_WIDTH or any(
+            isinstance(node, (*_SIGN_NODES, MaxPool)) for node in net.layers[:first]):
+        return None
+    j = _chain_jacobian(net, chain, zname, INPUT, dtype, device)
+    if j is None:
+        return None
+    row, col, val, _ = j
+    dense = torch.zeros(n, n_in, dtype=dtype, device=device)
+    dense[row, col] = val
+    return first, Lift.of(dense)
+
+
+def _symbolic(net: Network, seed: Interval, pre: dict[int, Interval], splits: dict[int, torch.Tensor],
+              hidden: bool = False) -> tuple[Interval | None, tuple[torch.Tensor, torch.Tensor, Lift] | None]:
+    """:func:`_symbolic_grad`'s bounds and, with ``hidden``, the forms (mid, rad) of the
+    gradient at the first sign node's input and that node's :func:`_first_lift`, when the
+    generic pass reaches it with nothing else pending, else None."""
     found = _sym_basis(net, pre, splits)
     if found is None:
-        return None
+        return None, None
     basis, v = found
     nodes, wiring = net.layers, net.wiring
     d = seed[0].shape[0]
     width = max(math.prod(net.input_shape), max(math.prod(sh) for sh in net.shapes))
     if (v + 1) * width > BACKSUB_ELEMENTS:  # one domain's forms would not fit: intervals only
-        return None
+        return None, None
     per = max(1, BACKSUB_ELEMENTS // ((v + 1) * width))
     dt, dev = seed[0].dtype, seed[0].device
     tl = net.memo(("bab", "two-level", basis, dt, str(dev)), lambda: _two_level(net, basis, dt, dev))
-    los, ups = [], []
+    first, lift = None, None
+    if hidden:
+        lift = net.memo(("bab", "first-lift", dt, str(dev)), lambda: _first_lift(net, dt, dev))
+        first = None if lift is None else lift[0]
+    los, ups, mids, rads = [], [], [], []
     for c0 in range(0, d, per):
         sl = slice(c0, min(d, c0 + per))
         grads: dict[str, _Form] = {nodes[-1].name: _Form.interval(seed[0][sl], seed[1][sl])}
@@ -1120,6 +1170,9 @@ def _symbolic_grad(net: Network, seed: Interval, pre: dict[int, Interval], split
                 outs = (_form_pool(node, f, pre[i][0][sl], pre[i][1][sl], s, net.in_shapes(i)[0]),)
             elif isinstance(node, _SIGN_NODES):
                 outs = (_form_sign(node, f, pre[i][0][sl], pre[i][1][sl], s, i == basis),)
+                if i == first and not grads and outs[0] is not None:
+                    mids.append(outs[0].mid)
+                    rads.append(outs[0].rad)
             else:
                 outs = _form_affine(node, f, net.in_shapes(i))
             for name, gi in zip(wiring[i], outs, strict=True):
@@ -1129,7 +1182,12 @@ def _symbolic_grad(net: Network, seed: Interval, pre: dict[int, Interval], split
             lo, up = grads[INPUT].bounds()
         los.append(lo)
         ups.append(up)
-    return torch.cat(los), torch.cat(ups)
+    bounds = torch.cat(los), torch.cat(ups)
+    if lift is None or len(mids) != len(los):
+        return bounds, None
+    k = max(m.shape[1] for m in mids)
+    kr = max(r.shape[1] for r in rads)
+    return bounds, (torch.cat([_padded(m, k) for m in mids]), torch.cat([_padded(r, kr) for r in rads]), lift[1])
 
 
 def _symbolic_two_level(net: Network, tl: _TwoLevel, basis: int, f: _Form, pre: dict[int, Interval],
@@ -1410,9 +1468,15 @@ class _Search:
         return (time.perf_counter() - self.start > self.opts.timeout_s) or self.domains >= self.opts.max_domains
 
     # -- bounding -------------------------------------------------------------------------
-    def _judge(self, lo: torch.Tensor, up: torch.Tensor, boxes: Bounds) -> torch.Tensor:
+    def _judge(self, lo: torch.Tensor, up: torch.Tensor, boxes: Bounds, zono: GradZonotope | None = None
+               ) -> torch.Tensor:
         w = self.obj.worst(Bounds(lo, up), boxes).to(torch.float64)
-        return torch.where(torch.isnan(w), torch.full_like(w, math.inf * self.obj.sign), w)
+        w = torch.where(torch.isnan(w), torch.full_like(w, math.inf * self.obj.sign), w)
+        if zono is not None and self.obj.sets is not None:
+            z = self.obj.sets(zono, Bounds(lo, up)).to(w)
+            z = torch.where(torch.isnan(z), torch.full_like(z, math.inf * self.obj.sign), z)
+            w = torch.minimum(w, z) if self.obj.sign > 0 else torch.maximum(w, z)
+        return w
 
     def bound_neurons(self, splits_list: Sequence[dict[int, torch.Tensor]]) -> list[_Domain | None]:
         """Bound neuron-split domains; None for an empty one."""
@@ -1423,7 +1487,7 @@ class _Search:
                      self.box.upper.expand(d, *self.box.upper.shape[1:]))
         splits = _stack_splits(self.net, splits_list, dev)
         p = _neuron_pass(self.net, box, self.target.expand(d), self.output, splits, rnd=self.rounding,
-                         root_pre=self.root_pre)
+                         root_pre=self.root_pre, zonotope=self.obj.sets is not None)
         lo = torch.maximum(p.grad[0], self.root.lower)
         up = torch.minimum(p.grad[1], self.root.upper)
         keep = (~p.empty).nonzero().flatten()
@@ -1431,7 +1495,7 @@ class _Search:
             lo_k, up_k = _leaf_bounds(self.net, self.leaf_engine, box, self.target, p, splits, keep)
             lo[keep], up[keep] = torch.maximum(lo[keep], lo_k), torch.minimum(up[keep], up_k)
         up = torch.maximum(lo, up)  # both sound: they meet (crossing only by round-off)
-        worst = self._judge(lo, up, box)
+        worst = self._judge(lo, up, box, p.zono)
         # some unstable neuron or ambiguous window left unsplit (else the domain is exact)
         free = torch.zeros(d, dtype=torch.bool, device=dev)
         for i, (zl, zu) in p.pre.items():
