@@ -235,8 +235,10 @@ class _Pass:
 
 # elements of the coefficient matrices one back-substitution chunk may hold (rows × input size)
 BACKSUB_ELEMENTS = 20_000_000
-# the largest first hidden layer whose gradient sets are kept as zonotopes (its Gram matrix is n²)
-ZONOTOPE_WIDTH = 2048
+# the largest first hidden layer whose gradient sets are kept as zonotopes (its |Gram| is n² floats:
+# 79 MB for the CNN's 3136), and the most generators a domain's zonotope keeps (the rest boxed)
+ZONOTOPE_WIDTH = 4096
+ZONOTOPE_GENERATORS = 128
 _SIGN_NODES = (Activation, PReLU)  # split by the sign of their input (relu / leaky relu activations, PReLU)
 
 
@@ -889,9 +891,7 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
         slo, sup = round_outward(sym, rnd.sym)
         glo, gup = torch.maximum(glo, slo), torch.minimum(gup, sup)
         gup = torch.maximum(glo, gup)  # both sound: crossing only by round-off
-    zono = None
-    if hid is not None:
-        zono = GradZonotope.from_forms(hid[0], hid[1], rnd.sym.reshape(1, -1).expand(d, -1), hid[2])
+    zono = None if hid is None else hid.widened(rnd.sym.reshape(1, -1).expand(d, -1))
     return _Pass((glo, gup), pre, gout, empty, zono)
 
 
@@ -1132,10 +1132,10 @@ def _first_lift(net: Network, dtype: torch.dtype, device: torch.device) -> tuple
 
 
 def _symbolic(net: Network, seed: Interval, pre: dict[int, Interval], splits: dict[int, torch.Tensor],
-              hidden: bool = False) -> tuple[Interval | None, tuple[torch.Tensor, torch.Tensor, Lift] | None]:
-    """:func:`_symbolic_grad`'s bounds and, with ``hidden``, the forms (mid, rad) of the
-    gradient at the first sign node's input and that node's :func:`_first_lift`, when the
-    generic pass reaches it with nothing else pending, else None."""
+              hidden: bool = False) -> tuple[Interval | None, GradZonotope | None]:
+    """:func:`_symbolic_grad`'s bounds and, with ``hidden``, the domains' gradient sets as
+    zonotopes at the first sign node's input (through its :func:`_first_lift`; no allowance
+    yet), when the pass reaches that node with nothing else pending, else None."""
     found = _sym_basis(net, pre, splits)
     if found is None:
         return None, None
@@ -1152,7 +1152,7 @@ def _symbolic(net: Network, seed: Interval, pre: dict[int, Interval], splits: di
     if hidden:
         lift = net.memo(("bab", "first-lift", dt, str(dev)), lambda: _first_lift(net, dt, dev))
         first = None if lift is None else lift[0]
-    los, ups, mids, rads = [], [], [], []
+    los, ups, zonos = [], [], []
     for c0 in range(0, d, per):
         sl = slice(c0, min(d, c0 + per))
         grads: dict[str, _Form] = {nodes[-1].name: _Form.interval(seed[0][sl], seed[1][sl])}
@@ -1163,16 +1163,18 @@ def _symbolic(net: Network, seed: Interval, pre: dict[int, Interval], splits: di
             s = None if s is None else s[sl]
             outs: Sequence[_Form | None]
             if i == basis and isinstance(tl, _TwoLevel) and not grads:  # nothing reaches below but through it
-                lo, up = _symbolic_two_level(net, tl, basis, f, {j: (b[0][sl], b[1][sl]) for j, b in pre.items()},
-                                             {j: None if t is None else t[sl] for j, t in splits.items()})
+                lo, up, z = _symbolic_two_level(net, tl, basis, f, {j: (b[0][sl], b[1][sl]) for j, b in pre.items()},
+                                                {j: None if t is None else t[sl] for j, t in splits.items()},
+                                                None if lift is None or tl.s != first else lift[1])
+                if z is not None:
+                    zonos.append(z)
                 break
             if isinstance(node, MaxPool):
                 outs = (_form_pool(node, f, pre[i][0][sl], pre[i][1][sl], s, net.in_shapes(i)[0]),)
             elif isinstance(node, _SIGN_NODES):
                 outs = (_form_sign(node, f, pre[i][0][sl], pre[i][1][sl], s, i == basis),)
-                if i == first and not grads and outs[0] is not None:
-                    mids.append(outs[0].mid)
-                    rads.append(outs[0].rad)
+                if i == first and not grads and outs[0] is not None and lift is not None:
+                    zonos.append(GradZonotope.from_forms(outs[0].mid, outs[0].rad, lift[1], ZONOTOPE_GENERATORS))
             else:
                 outs = _form_affine(node, f, net.in_shapes(i))
             for name, gi in zip(wiring[i], outs, strict=True):
@@ -1183,15 +1185,14 @@ def _symbolic(net: Network, seed: Interval, pre: dict[int, Interval], splits: di
         los.append(lo)
         ups.append(up)
     bounds = torch.cat(los), torch.cat(ups)
-    if lift is None or len(mids) != len(los):
+    if len(zonos) != len(los):
         return bounds, None
-    k = max(m.shape[1] for m in mids)
-    kr = max(r.shape[1] for r in rads)
-    return bounds, (torch.cat([_padded(m, k) for m in mids]), torch.cat([_padded(r, kr) for r in rads]), lift[1])
+    return bounds, GradZonotope.cat(zonos)
 
 
 def _symbolic_two_level(net: Network, tl: _TwoLevel, basis: int, f: _Form, pre: dict[int, Interval],
-                        splits: dict[int, torch.Tensor | None]) -> Interval:
+                        splits: dict[int, torch.Tensor | None], lift: Lift | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, GradZonotope | None]:
     """The symbolic pass from the basis node down, where its input is z = A2·f(A1·x + c1) + c2
     with sparse A1, A2 (:class:`_TwoLevel`; a conv net's second activation): the same forms
     as the dense pass (:func:`_form_affine`, :func:`_form_sign`), with the V variable columns
@@ -1201,7 +1202,9 @@ def _symbolic_two_level(net: Network, tl: _TwoLevel, basis: int, f: _Form, pre: 
     chord slopes (mid (a_u + a_l)/2, radius (a_u − a_l)/2; c for a fixed f′, 0 for a negative
     slope, which takes the interval product), and A1's rows carry it to the input, where the
     forms are minimised over δ column by column. ``f``: the interval gradient at the basis
-    node's output; ``pre`` and ``splits``: the domains' (already sliced)."""
+    node's output; ``pre`` and ``splits``: the domains' (already sliced). With ``lift`` (s is
+    the first sign node) the forms at s's input are also returned as zonotopes
+    (:meth:`GradZonotope.from_entries`), else None."""
     nodes, wiring = net.layers, net.wiring
     node_b, node_s = nodes[basis], nodes[tl.s]
     assert isinstance(node_b, _SIGN_NODES) and isinstance(node_s, _SIGN_NODES)
@@ -1240,6 +1243,8 @@ def _symbolic_two_level(net: Network, tl: _TwoLevel, basis: int, f: _Form, pre: 
         form = out
     x_lo, x_up = (t[:, 0].reshape(d, n_in) for t in form.ends())
     em, er = alpha[:, col] * ent, beta[:, col] * ent  # (D, E): mid and radius coefficients at s's input
+    zono = None if lift is None else GradZonotope.from_entries(mid0, rad0, row, col, em, er, idx.numel(), lift,
+                                                               ZONOTOPE_GENERATORS)
     a1i, a1v = tl.a1_idx[col], tl.a1_val[col]  # (E, K1)
     target = (row.unsqueeze(1) * n_in + a1i).reshape(-1)
     v = idx.numel()
@@ -1255,7 +1260,7 @@ def _symbolic_two_level(net: Network, tl: _TwoLevel, basis: int, f: _Form, pre: 
         los.append(x_lo[sl] + lo_c.reshape(k, v, n_in).clamp(max=0).sum(1))
         ups.append(x_up[sl] + up_c.reshape(k, v, n_in).clamp(min=0).sum(1))
     shape = (d, *net.input_shape)
-    return torch.cat(los).reshape(shape), torch.cat(ups).reshape(shape)
+    return torch.cat(los).reshape(shape), torch.cat(ups).reshape(shape), zono
 
 
 def _unstable(lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:

@@ -36,10 +36,11 @@ from verigrad.bounds.rounding import gamma
 
 @dataclass(frozen=True)
 class Lift:
-    """The first affine chain as a dense matrix: J (n, N), K = J Jᵀ and |K| (float64)."""
+    """The first affine chain as a dense matrix: J (n, N), |J|, |K| with K = J Jᵀ (float64), and
+    K itself where multiplying by it is cheaper than by J and Jᵀ in turn (n ≤ 2N; else None)."""
 
     jac: torch.Tensor
-    gram: torch.Tensor
+    gram: torch.Tensor | None
     abs_gram: torch.Tensor
     abs_jac: torch.Tensor
 
@@ -47,7 +48,28 @@ class Lift:
     def of(jac: torch.Tensor) -> "Lift":
         j = jac.to(torch.float64)
         k = j @ j.T
-        return Lift(j, k, k.abs(), j.abs())
+        return Lift(j, k if j.shape[0] <= 2 * j.shape[1] else None, k.abs(), j.abs())
+
+    def gram_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x K for x (..., n): one product with K, or (x J) Jᵀ (a conv layer's n = 4N); the
+        rounding magnitudes (:meth:`GradZonotope._reach`) are through |J| either way."""
+        if self.gram is not None:
+            return x @ self.gram
+        return (x @ self.jac) @ self.jac.T
+
+
+def _box_extra(gens: torch.Tensor, rad: torch.Tensor, max_gens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``max_gens`` generators of largest ℓ1 norm (the batch's max) and box the rest:
+    Σ_k ξ_k Γ_k ∈ [−Σ_k |Γ_k|, Σ_k |Γ_k|] per coordinate goes into ρ (order reduction, sound;
+    it loses only the dropped generators' correlation). The sum is rounded up by 2γ_{V+1}."""
+    v = gens.shape[1]
+    if v <= max_gens:
+        return gens, rad
+    keep = gens.abs().sum(2).amax(0).topk(max_gens).indices
+    drop = torch.ones(v, dtype=torch.bool, device=gens.device)
+    drop[keep] = False
+    rad = (rad + gens[:, drop].abs().sum(1)) * (1 + 2 * gamma(v + 1, torch.float64))
+    return gens[:, keep], rad
 
 
 @dataclass(frozen=True)
@@ -62,10 +84,11 @@ class GradZonotope:
     lift: Lift
 
     @staticmethod
-    def from_forms(mid: torch.Tensor, rad: torch.Tensor, allow: torch.Tensor, lift: Lift) -> "GradZonotope":
+    def from_forms(mid: torch.Tensor, rad: torch.Tensor, lift: Lift, max_gens: int) -> "GradZonotope":
         """From forms y ∈ [m(δ) − r(δ), m(δ) + r(δ)] (``mid`` (D, K, n), ``rad`` (D, Kr, n): slice 0
         the constant, slice k the coefficient of δ_k ∈ [0, 1]): m(δ) = c + Σ_k ξ_k·mid_k/2 with
-        c = mid_0 + Σ_k mid_k/2, and r(δ) ≤ r_0 + Σ_k max(0, r_k)."""
+        c = mid_0 + Σ_k mid_k/2, and r(δ) ≤ r_0 + Σ_k max(0, r_k); at most ``max_gens``
+        generators (:func:`_box_extra`); no allowance yet (:meth:`widened`)."""
         d = mid.shape[0]
         m = mid.reshape(d, mid.shape[1], -1).to(torch.float64)
         r = rad.reshape(d, rad.shape[1], -1).to(torch.float64)
@@ -76,7 +99,49 @@ class GradZonotope:
         n_sum = mid.shape[1] + rad.shape[1] + 2
         rho = rho + gamma(n_sum, torch.float64) * (m[:, 0].abs() + half.abs().sum(1) + r.abs().sum(1))
         keep = half.abs().amax((0, 2)) > 0  # drop generators no domain of the batch uses
-        return GradZonotope(centre, half[:, keep], rho, allow.reshape(d, -1).to(torch.float64), lift)
+        gens, rho = _box_extra(half[:, keep], rho, max_gens)
+        return GradZonotope(centre, gens, rho, torch.zeros(d, lift.jac.shape[1], dtype=torch.float64,
+                                                           device=centre.device), lift)
+
+    @staticmethod
+    def from_entries(mid0: torch.Tensor, rad0: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                     em: torch.Tensor, er: torch.Tensor, v: int, lift: Lift, max_gens: int) -> "GradZonotope":
+        """From sparse forms: m(δ) = mid0 + Σ_e δ_{row_e}·em_e·1_{col_e}, r(δ) likewise with
+        rad0, er (``mid0``, ``rad0`` (D, n); entries ``row``, ``col`` (E,), ``em``, ``er`` (D, E);
+        v variables): the same zonotope as :meth:`from_forms` of the dense slices, built without
+        them — only the ``max_gens`` largest generators are ever dense, the rest are boxed."""
+        d, n = mid0.shape[0], mid0.shape[1:].numel()
+        f64 = torch.float64
+        mid0, rad0 = mid0.reshape(d, n).to(f64), rad0.reshape(d, n).to(f64)
+        half, er = em.to(f64) / 2, er.to(f64)
+        score = torch.zeros(d, v, dtype=f64, device=mid0.device).index_add_(1, row, half.abs()).amax(0)
+        m = min(max_gens, int((score > 0).sum()))
+        keep = score.topk(m).indices
+        pos = torch.full((v,), -1, dtype=torch.long, device=mid0.device)
+        pos[keep] = torch.arange(m, device=mid0.device)
+        kept = pos[row] >= 0
+
+        def per_col(vals: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(d, n, dtype=f64, device=mid0.device).index_add_(1, cols, vals)
+
+        centre = mid0 + per_col(half, col)
+        rho = (rad0 + per_col(er.clamp(min=0), col)).clamp(min=0) + per_col(half[:, ~kept].abs(), col[~kept])
+        terms = int(torch.bincount(col, minlength=n).max()) if col.numel() else 0
+        rho = rho + 2 * gamma(2 * terms + 3, f64) * (mid0.abs() + rad0.abs() + per_col(half.abs() + er.abs(), col))
+        gens = torch.zeros(d, m * n, dtype=f64, device=mid0.device)
+        gens.index_add_(1, pos[row[kept]] * n + col[kept], half[:, kept])
+        return GradZonotope(centre, gens.reshape(d, m, n), rho, torch.zeros(d, lift.jac.shape[1], dtype=f64,
+                                                                             device=mid0.device), lift)
+
+    @staticmethod
+    def cat(parts: "list[GradZonotope]") -> "GradZonotope":
+        """The domains of every part, in order (generators padded with zero ones)."""
+        if len(parts) == 1:
+            return parts[0]
+        v = max(z.gens.shape[1] for z in parts)
+        gens = [torch.cat([z.gens, z.gens.new_zeros(len(z), v - z.gens.shape[1], z.gens.shape[2])], 1) for z in parts]
+        return GradZonotope(torch.cat([z.centre for z in parts]), torch.cat(gens),
+                            torch.cat([z.rad for z in parts]), torch.cat([z.allow for z in parts]), parts[0].lift)
 
     def widened(self, extra: torch.Tensor) -> "GradZonotope":
         """The same set ⊕ [−extra, extra] per input coordinate (``extra`` (D, *S) ≥ 0)."""
@@ -107,10 +172,10 @@ class GradZonotope:
     def _quadratic(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ΓK (D, V, n), Kc (D, n), Q (D,)): Q ≥ max over ξ, η of the quadratic part
         wᵀKw, w = Γξ + ρ⊙η: Σ_kl |Γ_kᵀKΓ_l| + 2 Σ_k Σ_j |(Γ_kᵀK)_j| ρ_j + ρᵀ|K|ρ."""
-        gk = self.gens @ self.lift.gram  # (D, V, n)
+        gk = self.lift.gram_mul(self.gens)  # (D, V, n)
         q = ((gk @ self.gens.transpose(1, 2)).abs().sum((1, 2)) + 2 * (gk.abs() * self.rad.unsqueeze(1)).sum((1, 2))
              + ((self.rad @ self.lift.abs_gram) * self.rad).sum(1))
-        return gk, self.centre @ self.lift.gram, q
+        return gk, self.lift.gram_mul(self.centre), q
 
     def norm_upper(self) -> torch.Tensor:
         """max ‖g‖ ≤ √(cᵀKc + 2 Σ_k |Γ_kᵀKc| + 2 |Kc|·ρ + Q) + ‖E‖."""
