@@ -144,9 +144,11 @@ def test_registry_and_applicability():
     unt = Property("u", "untargeted", "l2", 0.5)
     tgt = Property("t", "targeted", "l2", 0.5, target=torch.tensor([1.0, 0.0], dtype=F64))
     top = Property("k", "topk", None, 1.0, k=1)
-    assert applicable(unt, th_in) == [AttackMethod.PGD]
-    assert applicable(tgt, th_in) == [AttackMethod.PGD, AttackMethod.TARGETED]
-    assert set(applicable(top, th_in)) == {AttackMethod.PGD, AttackMethod.IFIA, AttackMethod.LEVINE_TOPK}
+    # the relu hinge is piecewise linear: the region walk applies to its input box (tests/test_region_walk.py)
+    assert applicable(unt, th_in) == [AttackMethod.PGD, AttackMethod.REGION]
+    assert applicable(tgt, th_in) == [AttackMethod.PGD, AttackMethod.TARGETED, AttackMethod.REGION]
+    assert set(applicable(top, th_in)) == {AttackMethod.PGD, AttackMethod.IFIA, AttackMethod.LEVINE_TOPK,
+                                           AttackMethod.REGION}
     assert applicable(unt, th_par) == [AttackMethod.PARAMS]  # no input box: input attacks do not apply
     with pytest.raises(ValueError, match="unknown attack"):
         run_attack("nope", th_in, unt, torch.zeros(1, 2, dtype=F64), FAST)

@@ -133,7 +133,7 @@ def test_symbolic_pass_over_sparse_entries_equals_the_dense_forms(make, radius, 
     d = len(doms)
     splits = _stack_splits(net, doms, torch.device("cpu"))
     p = _neuron_pass(net, stacked(box, d), t.expand(d), Output.LOGIT, splits, symbolic=False)
-    last = max(i for i in p.pre if isinstance(net.layers[i], bab._SIGN_NODES))
+    last = max(i for i in p.pre if isinstance(net.layers[i], bab.SIGN_NODES))
     # fix the last activation as at the centre, so that the basis is the one below it
     z = net.evaluate(x)[net.wiring[last][0]]
     pre = dict(p.pre)

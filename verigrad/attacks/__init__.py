@@ -69,7 +69,10 @@ def attack_property(threat: Threat, prop: Property, options: AttackOptions,
     for m in chosen:
         if v0 is None:
             v0 = explain(threat.explainer, threat.net, threat.x, threat.target_tensor, threat.output)
-        found = run_attack(m, threat, prop, v0, options, start)
+        first = start
+        if ATTACKS[m].chained and best is not None:
+            first = best[1].point.x  # refine the worst point so far
+        found = run_attack(m, threat, prop, v0, options, first)
         ev = evaluate_point(threat, prop, found.point)
         values[m.value] = ev.value
         # a violation found in float64 outranks a larger value that was not in the box

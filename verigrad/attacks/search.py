@@ -34,6 +34,7 @@ from verigrad.graph.gradient_graph import logits as net_logits
 from verigrad.explanations import explain
 from verigrad.properties import Direction, Kind, Property
 
+from verigrad.attacks.region import region_walk, region_walk_applies, region_walk_default
 from verigrad.attacks.threat import Point, Threat
 
 
@@ -54,6 +55,7 @@ class AttackMethod(str, Enum):
     IFIA = "ifia"  # Ghorbani et al.: top-k mass of the original map, signed steps
     LEVINE_TOPK = "levine_topk"  # Levine et al.: ℓ2 steps on top-k, backtracking on class change
     PARAMS = "params"  # Heo et al.-style weight manipulation inside the parameter box
+    REGION = "region"  # exact walk over the linear regions of a piecewise-linear network (attacks.region)
 
 
 @dataclass(frozen=True)
@@ -256,8 +258,15 @@ class AttackDef:
     """One attack: when it applies to a property and threat, and how it searches."""
 
     applies: Callable[[Property, Threat], bool]
-    search: Callable[[Threat], _Search]
+    search: Callable[[Threat], _Search] | None
     text: str
+    # a search of its own instead of the gradient steps of ``search``: (threat, prop, v0, opts,
+    # gen, start) → the worst point; ``chained``: it starts from the best point of the attacks
+    # that ran before it (a refinement, not a fresh search)
+    run: Callable[[Threat, Property, torch.Tensor, AttackOptions, torch.Generator, torch.Tensor | None], Point] | None = None
+    chained: bool = False
+    # whether it is among the attacks run when none are named (e.g. not where it is too slow)
+    default: Callable[[Threat], bool] = lambda th: True
 
 
 def _input_only(kinds: tuple[str, ...] | None) -> Callable[[Property, Threat], bool]:
@@ -279,16 +288,22 @@ ATTACKS: dict[AttackMethod, AttackDef] = {
     AttackMethod.PARAMS: AttackDef(lambda p, th: th.moves_params,
                                    lambda th: _Search(th.moves_input, True, penalty=True),
                                    "Heo et al.-style weight manipulation (joint with the input box)"),
+    AttackMethod.REGION: AttackDef(region_walk_applies, None,
+                                   "walk over linear regions: exact single-neuron flips, each realised by an LP",
+                                   run=lambda th, p, v0, o, gen, start: region_walk(th, p, v0, o.steps, o.restarts,
+                                                                                    gen, start)[0],
+                                   chained=True, default=region_walk_default),
 }
 
 
 def applicable(prop: Property, threat: Threat, methods: tuple[AttackMethod, ...] | None = None) -> list[AttackMethod]:
-    """The attacks to run on ``prop`` (``methods`` None = all that apply). None for a sampled
+    """The attacks to run on ``prop`` (``methods`` None = the default ones that apply). None for a sampled
     (smoothing) explanation: its value at a point is random, so no witness could be replayed."""
     if threat.explainer.probabilistic:
         return []
-    chosen = ATTACKS if methods is None else {m: ATTACKS[AttackMethod(m)] for m in methods}
-    return [m for m, d in chosen.items() if d.applies(prop, threat)]
+    if methods is None:
+        return [m for m, d in ATTACKS.items() if d.applies(prop, threat) and d.default(threat)]
+    return [AttackMethod(m) for m in methods if ATTACKS[AttackMethod(m)].applies(prop, threat)]
 
 
 def run_attack(method: AttackMethod | str, threat: Threat, prop: Property, v0: torch.Tensor,
@@ -300,4 +315,8 @@ def run_attack(method: AttackMethod | str, threat: Threat, prop: Property, v0: t
     except ValueError:
         raise ValueError(f"unknown attack {method!r} (available: {', '.join(m.value for m in ATTACKS)})") from None
     gen = torch.Generator().manual_seed(opts.seed)
+    if d.run is not None:
+        p = d.run(threat, prop, v0, opts, gen, start)
+        return Found(p, _real_value(threat, prop, v0, p))
+    assert d.search is not None
     return _run(threat, prop, v0, opts, d.search(threat), gen, start)

@@ -239,10 +239,10 @@ BACKSUB_ELEMENTS = 20_000_000
 # 79 MB for the CNN's 3136), and the most generators a domain's zonotope keeps (the rest boxed)
 ZONOTOPE_WIDTH = 4096
 ZONOTOPE_GENERATORS = 128
-_SIGN_NODES = (Activation, PReLU)  # split by the sign of their input (relu / leaky relu activations, PReLU)
+SIGN_NODES = (Activation, PReLU)  # split by the sign of their input (relu / leaky relu activations, PReLU)
 
 
-def _neg_slope(node: Activation | PReLU, like: torch.Tensor) -> torch.Tensor:
+def neg_slope(node: Activation | PReLU, like: torch.Tensor) -> torch.Tensor:
     """The slope a of f(z) = a·z on z ≤ 0, broadcast to ``like``: 0 (relu), α (leaky relu), or
     PReLU's per-channel / scalar slope (any sign, possibly > 1)."""
     if isinstance(node, PReLU):
@@ -258,7 +258,7 @@ def _relu_planes(node: Activation | PReLU, lo: torch.Tensor, up: torch.Tensor, s
     through (l, a·l) and (u, u) bounds the convex case above and the concave case below, and a
     line through the origin with slope 1 or a (the one nearer f, by |u| vs |l| — CROWN's choice)
     the other side (any slope between 1 and a is valid there)."""
-    a = _neg_slope(node, lo)
+    a = neg_slope(node, lo)
     one, zero = torch.ones_like(lo), torch.zeros_like(lo)
     active = lo >= 0 if s is None else (lo >= 0) | (s > 0)
     inactive = up <= 0 if s is None else (up <= 0) | (s < 0)
@@ -279,7 +279,7 @@ def _deriv_bounds(node: Activation | PReLU, lo: torch.Tensor, up: torch.Tensor, 
                   ) -> Interval:
     """f'(z) over z ∈ [lo, up] (f' = 1 on z > 0, a on z ≤ 0 as autograd has it): exact on stable
     and split neurons, [min(a, 1), max(a, 1)] on the others."""
-    a = _neg_slope(node, lo)
+    a = neg_slope(node, lo)
     one = torch.ones_like(lo)
     dl = torch.where(lo > 0, one, torch.where(up <= 0, a, torch.minimum(a, one)))
     du = torch.where(lo > 0, one, torch.where(up <= 0, a, torch.maximum(a, one)))
@@ -385,14 +385,14 @@ def _upstream(net: Network, name: str) -> Iterator[tuple[str, Any]]:
         seen.add(n)
         node = net.layers[index[n]]
         yield n, node
-        if not isinstance(node, (*_SIGN_NODES, MaxPool)):
+        if not isinstance(node, (*SIGN_NODES, MaxPool)):
             stack.extend(net.wiring[index[n]])
 
 
 def _has_activation_before(net: Network, name: str) -> bool:
     """Whether the node ``name`` depends on a nonlinear split node (its interval box is then
     not exact, and back-substitution can tighten it)."""
-    return any(isinstance(node, (*_SIGN_NODES, MaxPool)) for _, node in _upstream(net, name))
+    return any(isinstance(node, (*SIGN_NODES, MaxPool)) for _, node in _upstream(net, name))
 
 
 def _elementwise(node: Any) -> bool:
@@ -414,7 +414,7 @@ def _backsub_helps(net: Network, name: str) -> bool:
     nodes only, each coordinate's interval box is already that of one split node's output, and
     the relaxation back-substituted from it cannot beat that (its planes evaluated at the
     input's own back-substituted bounds)."""
-    return any(not isinstance(node, (*_SIGN_NODES, MaxPool)) and not _elementwise(node)
+    return any(not isinstance(node, (*SIGN_NODES, MaxPool)) and not _elementwise(node)
                and _has_activation_before(net, n) for n, node in _upstream(net, name))
 
 
@@ -483,7 +483,7 @@ def _backsub(net: Network, box: Bounds, i_act: int, pre: dict[int, Interval], sp
             sp = splits.get(j)
             spk = None if sp is None else sp[c0:c1]
             outs: Sequence[torch.Tensor | None]
-            if isinstance(node, _SIGN_NODES):
+            if isinstance(node, SIGN_NODES):
                 sl, il, su, iu = (t.unsqueeze(1) for t in _relu_planes(node, pre[j][0][c0:c1], pre[j][1][c0:c1], spk))
                 gk = g.reshape(k, rows, *g.shape[1:])
                 pos, neg = gk.clamp(min=0), gk.clamp(max=0)
@@ -605,7 +605,7 @@ def _two_level(net: Network, i_act: int, dtype: torch.dtype, device: torch.devic
     A1 for every domain)."""
     zname = net.wiring[i_act][0]
     chain2, s = _affine_chain(net, zname)
-    if s is None or not chain2 or not isinstance(net.layers[s], _SIGN_NODES):
+    if s is None or not chain2 or not isinstance(net.layers[s], SIGN_NODES):
         return None
     chain1, src = _affine_chain(net, net.wiring[s][0])
     if src is not None or not chain1:
@@ -655,7 +655,7 @@ def _backsub_two_level(net: Network, tl: _TwoLevel, box: Bounds, s_box: Interval
     d = box.lower.shape[0]
     n_in = math.prod(net.input_shape)
     node = net.layers[tl.s]
-    assert isinstance(node, _SIGN_NODES)
+    assert isinstance(node, SIGN_NODES)
     sl, il, su, iu = (t.reshape(d, -1) for t in _relu_planes(node, s_box[0], s_box[1], sp))
     row, col, w = _row_entries(tl, idx)
     pos = w > 0
@@ -692,7 +692,7 @@ def _backsub_dense_two_level(net: Network, tl: _DenseTwoLevel, box: Bounds, s_bo
     d = box.lower.shape[0]
     n_in = math.prod(net.input_shape)
     node = net.layers[tl.s]
-    assert isinstance(node, _SIGN_NODES)
+    assert isinstance(node, SIGN_NODES)
     sl, il, su, iu = (t.reshape(d, -1) for t in _relu_planes(node, s_box[0], s_box[1], sp))
     shared = ((sl == sl[:1]) & (su == sl[:1]) & (il == 0) & (iu == 0)).all(0)
     own = (~shared).nonzero().flatten()
@@ -756,7 +756,7 @@ def _rounding(net: Network, box: Bounds, output: Output) -> _Rounding:
     mag: dict[str, torch.Tensor] = {INPUT: torch.maximum(box.lower.abs(), box.upper.abs())}
     for i, node in enumerate(nodes):
         ms = [mag[m] for m in wiring[i]]
-        if isinstance(node, _SIGN_NODES):
+        if isinstance(node, SIGN_NODES):
             slope, icpt = _act_slope_max(node)
             mag[node.name] = (slope + icpt) * ms[0]
         elif isinstance(node, MaxPool):
@@ -765,7 +765,7 @@ def _rounding(net: Network, box: Bounds, output: Output) -> _Rounding:
             lo, up = node.ibp_forward([(-m, m) for m in ms], net.in_shapes(i), ctx)
             mag[node.name] = torch.maximum(lo.abs(), up.abs())
     # the symbolic pass's forms also sum over the V ≤ (largest sign node) basis variables
-    nsign = max((math.prod(net.in_shapes(i)[0]) for i, node in enumerate(nodes) if isinstance(node, _SIGN_NODES)),
+    nsign = max((math.prod(net.in_shapes(i)[0]) for i, node in enumerate(nodes) if isinstance(node, SIGN_NODES)),
             default=0)
     g_sym = gamma(chain_length(net) + extra + nsign, box.lower.dtype)
     grad = _grad_magnitude(net, mag, output, False)
@@ -785,7 +785,7 @@ def _grad_magnitude(net: Network, mag: dict[str, torch.Tensor], output: Output, 
         node = nodes[i]
         gm = grads.pop(node.name)
         outs: Sequence[torch.Tensor | None]
-        if isinstance(node, _SIGN_NODES):
+        if isinstance(node, SIGN_NODES):
             slope, icpt = _act_slope_max(node)
             outs = ((2 * slope + icpt if chords else slope) * gm,)
         elif isinstance(node, MaxPool):
@@ -836,7 +836,7 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
     stop = n if output != Output.LOGIT else n - 1
     for i in range(stop):
         node, xs = nodes[i], [vals[m] for m in wiring[i]]
-        if isinstance(node, (*_SIGN_NODES, MaxPool)):
+        if isinstance(node, (*SIGN_NODES, MaxPool)):
             lo, up = xs[0]
             if root_pre is not None and i in root_pre:
                 lo, up = torch.maximum(lo, root_pre[i][0]), torch.minimum(up, root_pre[i][1])
@@ -875,7 +875,7 @@ def _neuron_pass(net: Network, box: Bounds, target: torch.Tensor, output: Output
         if isinstance(node, MaxPool):
             gout[i] = g
             outs = (_pool_vjp(node, *pre[i], splits.get(i), g),)
-        elif isinstance(node, _SIGN_NODES):
+        elif isinstance(node, SIGN_NODES):
             gout[i] = g
             dv = _deriv_bounds(node, *pre[i], splits.get(i))
             # a PReLU slope may be negative: the general interval product
@@ -1088,7 +1088,7 @@ def _sym_basis(net: Network, pre: dict[int, Interval], splits: dict[int, torch.T
     some domain), or None when every f′ is fixed (the interval pass is then exact)."""
     for i in sorted(pre, reverse=True):
         node = net.layers[i]
-        if isinstance(node, _SIGN_NODES):
+        if isinstance(node, SIGN_NODES):
             dl, du = _deriv_bounds(node, *pre[i], splits.get(i))
             free = (dl != du).reshape(dl.shape[0], -1).any(0)
             if bool(free.any()):
@@ -1120,7 +1120,7 @@ def _first_lift(net: Network, dtype: torch.dtype, device: torch.device) -> tuple
     chain, src = _affine_chain(net, zname)
     n, n_in = math.prod(net.shape_of[zname]), math.prod(net.input_shape)
     if src is not None or not chain or n > ZONOTOPE_WIDTH or any(
-            isinstance(node, (*_SIGN_NODES, MaxPool)) for node in net.layers[:first]):
+            isinstance(node, (*SIGN_NODES, MaxPool)) for node in net.layers[:first]):
         return None
     j = _chain_jacobian(net, chain, zname, INPUT, dtype, device)
     if j is None:
@@ -1171,7 +1171,7 @@ def _symbolic(net: Network, seed: Interval, pre: dict[int, Interval], splits: di
                 break
             if isinstance(node, MaxPool):
                 outs = (_form_pool(node, f, pre[i][0][sl], pre[i][1][sl], s, net.in_shapes(i)[0]),)
-            elif isinstance(node, _SIGN_NODES):
+            elif isinstance(node, SIGN_NODES):
                 outs = (_form_sign(node, f, pre[i][0][sl], pre[i][1][sl], s, i == basis),)
                 if i == first and not grads and outs[0] is not None and lift is not None:
                     zonos.append(GradZonotope.from_forms(outs[0].mid, outs[0].rad, lift[1], ZONOTOPE_GENERATORS))
@@ -1207,7 +1207,7 @@ def _symbolic_two_level(net: Network, tl: _TwoLevel, basis: int, f: _Form, pre: 
     (:meth:`GradZonotope.from_entries`), else None."""
     nodes, wiring = net.layers, net.wiring
     node_b, node_s = nodes[basis], nodes[tl.s]
-    assert isinstance(node_b, _SIGN_NODES) and isinstance(node_s, _SIGN_NODES)
+    assert isinstance(node_b, SIGN_NODES) and isinstance(node_s, SIGN_NODES)
     c0, r0, step, idx = _basis_products(node_b, f, pre[basis][0], pre[basis][1], splits.get(basis))
     d, n_in = c0.shape[0], math.prod(net.input_shape)
     form = _Form(c0.unsqueeze(1), r0.unsqueeze(1))
@@ -1263,6 +1263,12 @@ def _symbolic_two_level(net: Network, tl: _TwoLevel, basis: int, f: _Form, pre: 
     return torch.cat(los).reshape(shape), torch.cat(ups).reshape(shape), zono
 
 
+def pre_activation_boxes(net: Network, box: Bounds, target: torch.Tensor, output: Output) -> dict[int, Interval]:
+    """Rigorous bounds of every split node's input over ``box`` (1, *S), by index: the neuron
+    pass of the whole box (interval propagation with back-substitution, widened for round-off)."""
+    return _neuron_pass(net, box, target, output, {}).pre
+
+
 def _unstable(lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
     free = (lo < 0) & (up > 0)
     return free if s is None else free & (s == 0)
@@ -1270,12 +1276,12 @@ def _unstable(lo: torch.Tensor, up: torch.Tensor, s: torch.Tensor | None) -> tor
 
 def _acts(net: Network) -> list[int]:
     """The sign-split nodes: relu / leaky relu activations and PReLUs."""
-    return [i for i, node in enumerate(net.layers) if isinstance(node, _SIGN_NODES)]
+    return [i for i, node in enumerate(net.layers) if isinstance(node, SIGN_NODES)]
 
 
 def _split_nodes(net: Network) -> list[int]:
     """Every split node in network order: the sign-split nodes and the MaxPools."""
-    return [i for i, node in enumerate(net.layers) if isinstance(node, (*_SIGN_NODES, MaxPool))]
+    return [i for i, node in enumerate(net.layers) if isinstance(node, (*SIGN_NODES, MaxPool))]
 
 
 def _split_shape(net: Network, i: int) -> tuple[tuple[int, ...], torch.dtype]:
@@ -1330,15 +1336,15 @@ def _fixed_slopes(net: Network, pre: dict[int, Interval], splits: dict[int, torc
             known = certain.any(dim=2, keepdim=True)
             out[i] = torch.where(known, certain.to(lo.dtype), torch.full_like(certain, math.nan, dtype=lo.dtype))[0]
             continue
-        assert isinstance(node, _SIGN_NODES)
+        assert isinstance(node, SIGN_NODES)
         slope = torch.full_like(lo, math.nan)
         slope = torch.where((s > 0) | ((s == 0) & (lo > 0)), torch.ones_like(lo), slope)
-        slope = torch.where((s < 0) | ((s == 0) & (up <= 0)), _neg_slope(node, lo), slope)
+        slope = torch.where((s < 0) | ((s == 0) & (up <= 0)), neg_slope(node, lo), slope)
         out[i] = slope
     return out
 
 
-def _affine_pre(net64: Network, x0: torch.Tensor, slopes: dict[int, torch.Tensor], last: int
+def affine_pre(net64: Network, x0: torch.Tensor, slopes: dict[int, torch.Tensor], last: int
                 ) -> dict[int, torch.Tensor]:
     """Inputs of the split nodes up to index ``last`` as affine maps of x, from the network with
     fixed slopes and fixed argmax taps (``_fixed_slopes``) evaluated at x0 and x0 + e_k (exact
@@ -1352,7 +1358,7 @@ def _affine_pre(net64: Network, x0: torch.Tensor, slopes: dict[int, torch.Tensor
         if i > last:
             break
         args = [vals[m] for m in ins]
-        if isinstance(node, (*_SIGN_NODES, MaxPool)):
+        if isinstance(node, (*SIGN_NODES, MaxPool)):
             z = args[0]
             zf = z.reshape(z.shape[0], -1)
             a = (zf[1:] - zf[0:1]).T  # (n_coords, n_in)
@@ -1389,7 +1395,7 @@ def _tap_rows(node: MaxPool, ac: torch.Tensor, in_shape: Sequence[int], idx: tor
     return diff[:, :-1], diff[:, -1], s_i < taps[w_i]
 
 
-def _lp_feasible(net64: Network, box: Bounds, cons: list[tuple[int, torch.Tensor, torch.Tensor]],
+def lp_deepest_point(net64: Network, box: Bounds, cons: list[tuple[int, torch.Tensor, torch.Tensor]],
                  slopes: dict[int, torch.Tensor]) -> tuple[float, torch.Tensor | None]:
     """max t s.t. x ∈ box, A_r x + c_r ≥ t·‖A_r‖ for every constraint row r (t ≤ 1): the distance
     of the deepest point of the domain from its split hyperplanes, and that point. Rows: s·z_j
@@ -1403,7 +1409,7 @@ def _lp_feasible(net64: Network, box: Bounds, cons: list[tuple[int, torch.Tensor
     lo = box.lower.to(torch.float64).reshape(-1)
     up = box.upper.to(torch.float64).reshape(-1)
     x0 = ((lo + up) / 2).reshape(1, *box.lower.shape[1:])
-    maps = _affine_pre(net64, x0, slopes, max(i for i, _, _ in cons))
+    maps = affine_pre(net64, x0, slopes, max(i for i, _, _ in cons))
     rows, rhs = [], []
     for i, idx, vals in cons:
         node = net64.layers[i]
@@ -1679,12 +1685,12 @@ def _step_neurons(search: _Search, batch: list[_Domain]) -> None:
 
 
 def _domain_lp(s: _Search, dom: _Domain) -> tuple[float, torch.Tensor | None]:
-    """The LP of ``dom``'s split constraints that are affine in x over the box (_lp_feasible)."""
+    """The LP of ``dom``'s split constraints that are affine in x over the box (lp_deepest_point)."""
     assert dom.info is not None
     p, j = dom.info
     pre = {i: (lo[j:j + 1], up[j:j + 1]) for i, (lo, up) in p.pre.items()}
     splits = _stack_splits(s.net, [dom.splits], s.box.lower.device)
-    return _lp_feasible(s.net64, s.box, _pattern_map(s.net, pre, splits, 0), _fixed_slopes(s.net, pre, splits, 0))
+    return lp_deepest_point(s.net64, s.box, _pattern_map(s.net, pre, splits, 0), _fixed_slopes(s.net, pre, splits, 0))
 
 
 def _admit(search: _Search, dom: _Domain) -> None:
@@ -1748,7 +1754,7 @@ def _leaf_bounds(net: Network, engine: LeafEngine, box: Bounds, target: torch.Te
     idx = torch.cat([keep, keep[:1].expand(size - k)])
     pre = {}
     for i, (lo, up) in p.pre.items():
-        if not isinstance(net.layers[i], _SIGN_NODES):
+        if not isinstance(net.layers[i], SIGN_NODES):
             continue
         lo, up = lo[idx], up[idx]
         s = splits[i][idx]
