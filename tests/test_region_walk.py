@@ -19,6 +19,7 @@ from verigrad import properties as props  # noqa: E402
 from verigrad.attacks import (AttackMethod, AttackOptions, Point, Threat, applicable, attack_property,  # noqa: E402
                               evaluate_point)
 from verigrad.attacks import region  # noqa: E402
+from verigrad.attacks.search import score, worse  # noqa: E402
 from verigrad.bounds.bab import SIGN_NODES  # noqa: E402
 from verigrad.graph.gradient_graph import Output, saliency  # noqa: E402
 from verigrad.models.network import ActKind, Network  # noqa: E402
@@ -94,7 +95,7 @@ def test_walk_reaches_the_worst_region_a_dense_grid_finds(seed, metric, threshol
     th = Threat.around(net, x, 0, Output.LOGIT, Perturbation(0.4, None))
     prop = Property("p", "untargeted", metric, threshold, normalize="none")
     v0 = saliency(net, th.x, th.target_tensor)
-    point, value = region.region_walk(th, prop, v0, steps=20, restarts=30, gen=torch.Generator().manual_seed(0))
+    point, value = region.region_walk(th, prop, v0, 20, 30, torch.Generator().manual_seed(0), None, score, worse)
     assert bool((point.x >= th.box.lower).all() and (point.x <= th.box.upper).all())
     real = float(props.metric(prop, v0, saliency(net, point.x, th.target_tensor))[0])
     assert real == pytest.approx(value, abs=1e-12)
@@ -136,9 +137,9 @@ def test_the_walk_starts_from_the_worst_point_of_the_attacks_before_it(monkeypat
     seen = {}
     walk = region.region_walk
 
-    def spy(threat, p, v0, steps, restarts, gen, start=None):
+    def spy(threat, p, v0, steps, restarts, gen, start, *rest):
         seen["start"] = start
-        return walk(threat, p, v0, steps, restarts, gen, start)
+        return walk(threat, p, v0, steps, restarts, gen, start, *rest)
 
     monkeypatch.setattr("verigrad.attacks.search.region_walk", spy)
     opts = AttackOptions(steps=10, restarts=2, seed=0)

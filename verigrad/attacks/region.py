@@ -25,8 +25,11 @@ import math
 
 import torch
 
+from typing import Callable
+
 from verigrad import properties as props
 from verigrad.attacks.threat import Point, Threat
+from verigrad.bounds.bab import SIGN_NODES, affine_pre, lp_deepest_point, neg_slope, neuron_split_reason, pre_activation_boxes
 from verigrad.bounds.base import Bounds
 from verigrad.explanations import ExplanationMethod
 from verigrad.graph.gradient_graph import Output
@@ -38,15 +41,13 @@ TRIES_PER_MOVE = 8
 # the most unstable sign neurons a walk scores at once (its Δg matrix is this × input size)
 MAX_CANDIDATES = 4096
 # the largest network (sign neurons in all) the walk runs on by default: its LPs grow with the
-# network (~0.05 s each on the 512-neuron FC net, ~0.6 s on the 8212-neuron CNN, where PGD
+# network (~0.05 s each on the 512-neuron FC net, ~0.6 s on the 8644-neuron CNN, where PGD
 # reaches further in the same time); naming the attack runs it on any size
 DEFAULT_MAX_NEURONS = 2048
 
 
 def region_walk_default(threat: Threat) -> bool:
     """Whether the walk is among the default attacks for ``threat``'s network (its size)."""
-    from verigrad.bounds.bab import SIGN_NODES
-
     net = threat.net
     return sum(math.prod(net.in_shapes(i)[0]) for i, n in enumerate(net.layers)
                if isinstance(n, SIGN_NODES)) <= DEFAULT_MAX_NEURONS
@@ -55,8 +56,6 @@ def region_walk_default(threat: Threat) -> bool:
 def region_walk_applies(prop: Property, threat: Threat) -> bool:
     """An input-only threat on the saliency of a logit of a network whose every nonlinearity is
     a sign node (relu, leaky relu, PReLU; MaxPool regions are not walked)."""
-    from verigrad.bounds.bab import neuron_split_reason
-
     net = threat.net
     return (threat.moves_input and not threat.moves_params and threat.output == Output.LOGIT
             and threat.explainer.method == ExplanationMethod.SALIENCY and neuron_split_reason(net) is None
@@ -84,8 +83,6 @@ def _gradient(net: Network, signs: list[int], x: torch.Tensor, target: int
 
 def _slopes(net: Network, active: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     """Each sign node's slope on the region: 1 where active, its negative-side slope elsewhere."""
-    from verigrad.bounds.bab import SIGN_NODES, neg_slope
-
     out = {}
     for i, a in active.items():
         node = net.layers[i]
@@ -100,8 +97,6 @@ def flip_deltas(net: Network, x: torch.Tensor, active: dict[int, torch.Tensor], 
     the region of x whose pattern is ``active`` (bool, each node's input shape): (node, j) and
     Δg_j = (s'_j − s_j)·(∂o/∂y_j)·∇ₓz_j (rows of a (J, n_in) tensor), the exact change of the
     gradient. ``signal``: ∂o/∂y at each sign node's output (:func:`_gradient`)."""
-    from verigrad.bounds.bab import affine_pre
-
     slopes = _slopes(net, active)
     flipped = _slopes(net, {i: ~a for i, a in active.items()})
     maps = affine_pre(net, x, slopes, max(neurons))
@@ -115,13 +110,14 @@ def flip_deltas(net: Network, x: torch.Tensor, active: dict[int, torch.Tensor], 
 
 
 def region_walk(threat: Threat, prop: Property, v0: torch.Tensor, steps: int, restarts: int,
-                gen: torch.Generator, start: torch.Tensor | None = None) -> tuple[Point, float]:
+                gen: torch.Generator, start: torch.Tensor | None,
+                score: Callable[[Property, torch.Tensor, torch.Tensor], torch.Tensor],
+                worse: Callable[[Property, float, float], bool]) -> tuple[Point, float]:
     """The worst point the walk reached and the property's metric there (float64). ``v0``: the
-    real map at the centre; ``start``: the first walk's starting point (default the centre).
-    Each of the ``restarts`` walks solves at most 2·``steps`` LPs."""
-    from verigrad.attacks.search import score, worse
-    from verigrad.bounds.bab import SIGN_NODES, lp_deepest_point, pre_activation_boxes
-
+    real map at the centre; ``start``: the first walk's starting point (None: the centre).
+    Each of the ``restarts`` walks solves at most 2·``steps`` LPs. ``score`` (higher = worse,
+    the attacks' objective) breaks ties of the metric; ``worse(prop, a, b)``: a is further
+    toward violation than b (the attacks' own, passed in: they import this module)."""
     f64 = torch.float64
     net = threat.net.memo(("region-walk", "float64"), lambda: threat.net.to(f64))
     box = Bounds(threat.box.lower.to(f64), threat.box.upper.to(f64))

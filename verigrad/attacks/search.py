@@ -291,7 +291,7 @@ ATTACKS: dict[AttackMethod, AttackDef] = {
     AttackMethod.REGION: AttackDef(region_walk_applies, None,
                                    "walk over linear regions: exact single-neuron flips, each realised by an LP",
                                    run=lambda th, p, v0, o, gen, start: region_walk(th, p, v0, o.steps, o.restarts,
-                                                                                    gen, start)[0],
+                                                                                    gen, start, score, worse)[0],
                                    chained=True, default=region_walk_default),
 }
 
