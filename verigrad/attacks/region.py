@@ -173,7 +173,7 @@ def region_walk(threat: Threat, prop: Property, v0: torch.Tensor, steps: int, re
                 depth, point = lp_deepest_point(net, box, cons, _slopes(net, want))
                 if point is None or not depth > 0:
                     continue  # that region does not meet the box
-                point = torch.minimum(torch.maximum(point, box.lower), box.upper)
+                point = torch.minimum(torch.maximum(point.to(box.lower.device), box.lower), box.upper)
                 gn, an, sn, val = at(point)
                 if better(val, cur):
                     x, g, active, sig, cur = point, gn, an, sn, val
